@@ -1,0 +1,71 @@
+"""The baselines users compare against: MAP and mean-field Gaussian VI (local reparameterisation)."""
+
+from __future__ import annotations
+
+from ..catalog import CatalogEntry, register
+from ..nets import Network, build_network
+from ..variational import VariationalPosterior
+
+
+def build_model(config: dict, prior_factory):
+    """The Pyro model (network, prior, likelihood) that a configuration describes."""
+    from bnnzoo.models import BayesianNeuralNetwork, make_likelihood
+
+    if "network_spec" in config:
+        net = Network.from_spec(config["network_spec"])
+    else:
+        spec = config["network"]
+        net = build_network(spec["arch"], tuple(config["input_shape"]), config["output_dim"], spec.get("hidden"),
+                            spec.get("activation", "relu"))
+        config["network_spec"] = net.spec()
+    lik_kwargs = {"noise_scale": config["model"]["noise_scale"]} if config["task"] == "regression" else {}
+    return BayesianNeuralNetwork(net, prior_factory(net), make_likelihood(config["task"], **lik_kwargs))
+
+
+def _create_meanfield(config: dict, device="cpu") -> VariationalPosterior:
+    from bnnzoo.guides import MeanFieldNormal
+    from bnnzoo.models import GaussianPrior
+
+    model = build_model(config, lambda net: GaussianPrior(net, config["model"]["prior_scale"]))
+    guide = MeanFieldNormal(model, init_scale=config["guide"]["init_scale"])
+    return VariationalPosterior(model, guide, name="meanfield-vi", config=config, device=device)
+
+
+def _create_map(config: dict, device="cpu") -> VariationalPosterior:
+    from bnnzoo.guides import PointMass
+    from bnnzoo.models import GaussianPrior
+
+    model = build_model(config, lambda net: GaussianPrior(net, config["model"]["prior_scale"]))
+    return VariationalPosterior(model, PointMass(model), name="map", config=config, device=device)
+
+
+_REGRESSION_TRAIN = {"epochs": 40, "batch_size": 32, "lr": 1e-2}
+_CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3}
+
+register(CatalogEntry(
+    name="meanfield-vi",
+    summary="Mean-field Gaussian VI (Bayes by backprop) with local reparameterisation and analytic KL",
+    paper="Blundell et al. 2015, Weight uncertainty in neural networks; Kingma, Salimans & Welling 2015, "
+          "Variational dropout and the local reparameterization trick",
+    tasks=("regression", "classification"),
+    create=_create_meanfield,
+    defaults={
+        "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5}, "guide": {"init_scale": 1e-3},
+                       "train": dict(_REGRESSION_TRAIN)},
+        "classification": {"model": {"prior_scale": 1.0}, "guide": {"init_scale": 1e-3},
+                           "train": dict(_CLASSIFICATION_TRAIN)},
+    },
+))
+
+register(CatalogEntry(
+    name="map",
+    summary="Maximum a posteriori weights under a Gaussian prior (weight decay), a point-mass guide",
+    paper="MacKay 1992, A practical Bayesian framework for backpropagation networks",
+    tasks=("regression", "classification"),
+    create=_create_map,
+    defaults={
+        "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5}, "guide": {},
+                       "train": dict(_REGRESSION_TRAIN)},
+        "classification": {"model": {"prior_scale": 1.0}, "guide": {}, "train": dict(_CLASSIFICATION_TRAIN)},
+    },
+))

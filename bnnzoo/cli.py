@@ -76,7 +76,10 @@ def fit(name, data, split, epochs, batch_size, lr, seed, device, num_samples, op
         get_entry(name)
     except KeyError as err:
         raise click.ClickException(err.args[0]) from None
-    dataset = load_dataset(data, split=split)
+    try:
+        dataset = load_dataset(data, split=split)
+    except ValueError as err:  # DataError: unknown name, missing or bad files
+        raise click.ClickException(str(err)) from None
     click.echo(f"fitting {name} on {dataset.name} (split {dataset.split}): {len(dataset.x_train)} training, "
                f"{len(dataset.x_test)} test examples")
     start = time.perf_counter()
@@ -105,9 +108,12 @@ def evaluate(run_dir, device, num_samples) -> None:
     from .api import load
     from .data import load_dataset
 
-    posterior = load(run_dir, device=device)
-    data = posterior.config.get("data", {})
-    dataset = load_dataset(data.get("source") or data.get("name"), split=data.get("split") or 0)
+    try:
+        posterior = load(run_dir, device=device)
+        data = posterior.config.get("data", {})
+        dataset = load_dataset(data.get("source") or data.get("name"), split=data.get("split") or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:  # not a run, bad format, data, device
+        raise click.ClickException(str(err)) from None
     click.echo(f"{posterior!r} on {dataset.name} split {dataset.split}:")
     _print_metrics(_test_metrics(posterior, dataset, num_samples))
 

@@ -9,8 +9,10 @@ how weights are drawn from it (:meth:`draw_weights`).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +60,14 @@ class Posterior(ABC):
         self.config = config
         self.device = resolve_device(device)
         self.standardizer: Standardizer | None = None
-        self.history: dict[str, list] = {"loss": []}
+        self.history: dict[str, list] = {"loss": [], "epoch_seconds": []}
         self.model.to(self.device)
 
     # ---- what subclasses provide ----------------------------------------------------------------
     @abstractmethod
-    def _fit(self, x: torch.Tensor, y: torch.Tensor, progress: bool) -> None:
-        """Fit on standardised training data already on the device."""
+    def _fit(self, x: torch.Tensor, y: torch.Tensor, progress: bool, callback=None) -> None:
+        """Fit on standardised training data already on the device; call ``callback(epoch, loss)``
+        after every epoch (or pass over the data) and record ``history["epoch_seconds"]``."""
 
     @abstractmethod
     def draw_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -117,13 +120,16 @@ class Posterior(ABC):
                              f"but the network {self.net.name} expects {expected}")
         return x, y
 
-    def fit(self, x, y, progress: bool = True) -> "Posterior":
-        """Fit the posterior on training inputs ``x`` and targets ``y`` (raw units)."""
+    def fit(self, x, y, progress: bool = True, callback=None) -> "Posterior":
+        """Fit the posterior on training inputs ``x`` and targets ``y`` (raw units).
+
+        ``callback(epoch, loss)``, if given, runs after every epoch (logging, early inspection).
+        """
         x, y = self._validate(x, y, "training data")
         self.standardizer = Standardizer.from_data(x, y, self.task).to(self.device)
         x = self.standardizer.x(x.to(self.device))
         y = self.standardizer.y(y.to(self.device))
-        self._fit(x, y, progress)
+        self._fit(x, y, progress, callback)
         return self
 
     # ---- predict --------------------------------------------------------------------------------
@@ -134,6 +140,9 @@ class Posterior(ABC):
 
         With a ``seed`` the draws are reproducible and the global random state is left untouched.
         """
+        for arg, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{arg} must be a positive integer, got {value!r}")
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
@@ -163,7 +172,7 @@ class Posterior(ABC):
                 first = f if first is None else first + f
                 second = f * f if second is None else second + f * f
             if return_samples:
-                kept.append(f.cpu() if self.task == "classification" else f.unsqueeze(-1).cpu())
+                kept.append(f if self.task == "classification" else f.unsqueeze(-1))
         samples = torch.stack(kept) if return_samples else None
         mean = first / num_samples
         if self.task == "classification":
@@ -193,8 +202,8 @@ class Posterior(ABC):
         """Test metrics. Regression: ``rmse`` and ``log_likelihood`` (mean per point, original units).
         Classification: ``accuracy``, ``nll``, ``ece`` (15 bins), ``brier``."""
         self._require_fitted()
+        _, y = self._validate(x, y, "test data")  # bad labels fail before any prediction is made
         pred = self.predict(x, num_samples, chunk_size, seed=seed)
-        _, y = self._validate(x, y, "test data")
         y = y.to(self.device)
         if self.task == "classification":
             return metrics.classification_metrics(pred.probs, y)
@@ -210,6 +219,29 @@ class Posterior(ABC):
     def sparsity(self) -> dict:
         """Fraction of weights and of groups pruned, per layer and overall, and the kept architecture."""
         return sparsity_report(self.net, self.masks())
+
+    def prune(self, **options) -> "Posterior":
+        """A pruned copy of this posterior, by the method's own rule (the original is untouched).
+
+        Methods with a pruning rule (shrinkage scales, inclusion probabilities, evidence changes)
+        implement :meth:`_prune`; see each catalog entry for its options and thresholds.
+        """
+        self._require_fitted()
+        pruned = copy.deepcopy(self)
+        pruned._prune(**options)
+        return pruned
+
+    def _prune(self, **options) -> None:
+        """Prune this (copied) posterior in place. Methods without a rule of their own raise."""
+        raise TypeError(f"{self.name} has no pruning rule of its own: reduce it with Bayesian model reduction "
+                        f"(bnnzoo prune / the bmr entries) instead")
+
+    def reduce(self, rule: str = "ss", **options) -> "Posterior":
+        """Bayesian model reduction: a sparser copy of a posterior with Gaussian weights (the original
+        is untouched); see :func:`bnnzoo.methods.bmr.reduce_posterior` for the options."""
+        from .methods.bmr import reduce_posterior
+
+        return reduce_posterior(self, rule=rule, **options)
 
     def to_torch(self, pruned: bool = True) -> torch.nn.Sequential:
         """A plain PyTorch network with the posterior-mean weights; with ``pruned``, pruned groups

@@ -22,15 +22,17 @@ class VariationalPosterior(Posterior):
         self.guide = guide.to(self.device)
         self.elbo = elbo
 
-    def _fit(self, x, y, progress: bool) -> None:
+    def _fit(self, x, y, progress: bool, callback=None) -> None:
         from bnnzoo.guides import LocalReparamELBO
 
         train = self.config["train"]
         elbo = self.elbo or LocalReparamELBO(num_particles=train.get("num_particles", 1))
-        self.history["loss"] += fit_svi(
+        run = fit_svi(
             self.model, self.guide, x, y, elbo=elbo, epochs=train["epochs"], batch_size=train["batch_size"],
-            lr=train["lr"], progress=progress, description=self.name,
+            lr=train["lr"], progress=progress, description=self.name, on_epoch_end=callback,
         )
+        for key, values in run.items():
+            self.history.setdefault(key, []).extend(values)
 
     def draw_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
         for _ in range(num_samples):

@@ -9,11 +9,13 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import kl_divergence
 
+from .local_reparam import local_reparam_dense
 from .sites import get_site, site_parameters
 from .weight_guide import WeightGuide
 
-# a pruned weight's guide scale (exactly-zero scales are not valid Normal distributions)
-_PRUNED_SCALE = 1e-30
+# a pruned weight's guide scale (exactly-zero scales are not valid Normal distributions; the
+# square of a smaller one underflows in float32)
+_PRUNED_SCALE = 1e-12
 
 
 def kl_normal_zero_mean(loc: torch.Tensor, var: torch.Tensor, log_scale: torch.Tensor,
@@ -48,12 +50,16 @@ class MeanFieldNormal(WeightGuide):
 
     # ---- the Pyro guide -----------------------------------------------------------------------
     def site_distribution(self, site: str) -> dist.Distribution:
+        """``q`` of one site. A pruned weight is a point mass at zero: its entries sample zero (up to
+        a negligible ``1e-12`` scale that keeps the distribution valid) and are masked out of the
+        guide's log density."""
         loc, scale = get_site(self.locs, site), get_site(self.log_scales, site).exp()
         keep = self.mask(site)
-        if keep is not None:
-            loc = loc * keep
-            scale = torch.where(keep, scale, torch.full_like(scale, _PRUNED_SCALE))
-        return dist.Normal(loc, scale).to_event(loc.dim())
+        if keep is None:
+            return dist.Normal(loc, scale).to_event(loc.dim())
+        loc = loc * keep
+        scale = torch.where(keep, scale, torch.full_like(scale, _PRUNED_SCALE))
+        return dist.Normal(loc, scale).mask(keep).to_event(loc.dim())
 
     def forward(self, x=None, y=None, num_data=None) -> dict[str, torch.Tensor]:
         return {site: pyro.sample(site, self.site_distribution(site)) for site in self.net.sites()}
@@ -77,9 +83,16 @@ class MeanFieldNormal(WeightGuide):
         """One local-reparameterised draw of the network outputs for ``x`` and ``KL(q || prior)``."""
         kl = torch.zeros((), device=x.device)
         prior = model.prior
+        fused_scale = getattr(prior, "scale_value", None)
 
         def linear(layer, h):
             nonlocal kl
+            if fused_scale is not None and layer.kind == "dense" and len(self.masks) == 0:
+                out, layer_kl = local_reparam_dense(
+                    h, self.locs[layer.name]["weight"], self.log_scales[layer.name]["weight"],
+                    self.locs[layer.name]["bias"], self.log_scales[layer.name]["bias"], fused_scale)
+                kl = kl + layer_kl
+                return out
             moments = []
             for param in ("weight", "bias"):
                 site = f"{layer.name}.{param}"

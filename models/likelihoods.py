@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 
 import pyro
@@ -44,8 +45,8 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, noise_scale: float = 0.5):
         super().__init__()
-        if not noise_scale > 0:
-            raise ValueError(f"noise scale must be positive, got {noise_scale}")
+        if isinstance(noise_scale, bool) or not isinstance(noise_scale, numbers.Real) or not 0 < noise_scale < math.inf:
+            raise ValueError(f"noise scale must be a positive finite number, got {noise_scale!r}")
         self.log_noise_scale = nn.Parameter(torch.tensor(math.log(noise_scale)))
 
     @property

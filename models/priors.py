@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -13,16 +16,19 @@ from bnnzoo.nets import Network
 class GaussianPrior(nn.Module):
     """``w ~ N(0, scale^2)`` independently for every weight of ``net``.
 
-    The scale lives in a registered buffer, so ``prior.to("cuda")`` moves it (Pyro's ``PyroSample``
-    priors would not move with the module).
+    The scale is a fixed hyperparameter (``scale_value``, a Python number, so reading it never
+    synchronises a device); ``scale`` is the same as a tensor on the prior's device, kept in a
+    non-persistent buffer so that ``prior.to("cuda")`` moves it (Pyro's ``PyroSample`` priors would
+    not move with the module).
     """
 
     def __init__(self, net: Network, scale: float = 1.0):
         super().__init__()
-        if not scale > 0:
-            raise ValueError(f"prior scale must be positive, got {scale}")
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
+            raise ValueError(f"prior scale must be a positive finite number, got {scale!r}")
         self.net = net
-        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.scale_value = float(scale)
+        self.register_buffer("scale", torch.tensor(float(scale)), persistent=False)
 
     def site_distribution(self, site: str) -> dist.Distribution:
         """The prior of one weight site (a batched ``Normal`` with the site's shape as event)."""
@@ -34,4 +40,4 @@ class GaussianPrior(nn.Module):
         return {site: pyro.sample(site, self.site_distribution(site)) for site in self.net.sites()}
 
     def extra_repr(self) -> str:
-        return f"scale={float(self.scale):g}"
+        return f"scale={self.scale_value:g}"

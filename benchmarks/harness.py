@@ -1,0 +1,169 @@
+"""The benchmark harness every method reuses.
+
+- :func:`uci_protocol`: the UCI regression protocol (Hernandez-Lobato & Adams 2015) over all splits
+  of a set: mean +- standard error of test RMSE and log-likelihood, seconds per epoch.
+- :func:`mnist_protocol`: MNIST train5k -> t10k: accuracy, NLL, ECE, Brier, seconds per epoch.
+- :class:`PlainTorch`: plain PyTorch training of the *same* network on batches of the same size,
+  run interleaved with the method (one plain epoch after each of the method's epochs, inside the
+  same process), so both see the same machine load and the epoch-time ratio is stable.
+- :func:`write_result`: results as JSON under ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bnnzoo
+from bnnzoo import metrics
+from bnnzoo.data import load_dataset, load_uci, uci_num_splits
+from bnnzoo.standardizer import Standardizer
+from bnnzoo.training import minibatches, set_seed
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class PlainTorch:
+    """Plain PyTorch training of ``net`` (a :class:`~bnnzoo.nets.Network`) with ``optimizer``
+    ("adam" with PyTorch defaults, or "sgd" with momentum 0.9), one epoch per :meth:`epoch` call,
+    on batches of ``batch_size`` from the same standardised data the method sees."""
+
+    def __init__(self, net, x, y, task: str, batch_size: int, lr: float = 1e-3, optimizer: str = "adam",
+                 seed: int = 0):
+        torch.manual_seed(seed)
+        self.module = net.to_torch().to(x.device)
+        self.x, self.y, self.task, self.batch_size = x, y, task, batch_size
+        if optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
+        elif optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.module.parameters(), lr=lr, momentum=0.9)
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
+        self.epoch_seconds: list[float] = []
+
+    def loss(self, out, y):
+        return F.cross_entropy(out, y) if self.task == "classification" else F.mse_loss(out.squeeze(-1), y)
+
+    def epoch(self, *_):
+        if self.x.device.type == "cuda":
+            torch.cuda.synchronize(self.x.device)
+        start = time.perf_counter()
+        for idx in minibatches(len(self.x), self.batch_size, self.x.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss(self.module(self.x[idx]), self.y[idx]).backward()
+            self.optimizer.step()
+        if self.x.device.type == "cuda":
+            torch.cuda.synchronize(self.x.device)
+        self.epoch_seconds.append(time.perf_counter() - start)
+
+    @torch.no_grad()
+    def probs(self, x):
+        return torch.cat([torch.softmax(self.module(x[i:i + 4096]), -1) for i in range(0, len(x), 4096)])
+
+
+def epoch_ratio(method_seconds: list[float], plain_seconds: list[float], skip: int = 1) -> float:
+    """Ratio of median epoch times, skipping the first ``skip`` epochs of each (warm-up)."""
+    a = method_seconds[skip:] or method_seconds
+    b = plain_seconds[skip:] or plain_seconds
+    return statistics.median(a) / statistics.median(b)
+
+
+def mean_se(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "se": se, "n": n}
+
+
+def fit_with_baseline(name: str, dataset, *, device, seed: int = 0, baseline: str | None = "adam",
+                      baseline_lr: float = 1e-3, progress: bool = False, **options):
+    """Fit catalog model ``name`` on ``dataset`` with a plain PyTorch run of the same network
+    interleaved epoch by epoch. Returns ``(posterior, plain or None)``."""
+    posterior = bnnzoo.create(name, dataset.task, dataset.input_shape, dataset.output_dim, dataset=dataset.name,
+                              device=device, seed=seed, **options)
+    plain = None
+    if baseline is not None:
+        std = Standardizer.from_data(dataset.x_train, dataset.y_train, dataset.task).to(posterior.device)
+        x = std.x(dataset.x_train.to(posterior.device))
+        y = std.y(dataset.y_train.to(posterior.device))
+        plain = PlainTorch(posterior.net, x, y, dataset.task, posterior.config["train"]["batch_size"], baseline_lr,
+                           baseline, seed)
+    set_seed(seed)
+    posterior.fit(dataset.x_train, dataset.y_train, progress=progress, callback=plain.epoch if plain else None)
+    return posterior, plain
+
+
+def uci_protocol(name: str, dataset: str = "boston", splits: list[int] | None = None, *, device="cpu",
+                 num_samples: int = 100, baseline: str | None = "adam", progress: bool = True, **options) -> dict:
+    """Fit ``name`` on every split of a UCI set; mean +- standard error of the test metrics."""
+    n_splits = uci_num_splits(dataset)
+    splits = list(range(n_splits)) if splits is None else splits
+    rows = []
+    for split in splits:
+        data = load_uci(dataset, split=split)
+        posterior, plain = fit_with_baseline(name, data, device=device, seed=split, baseline=baseline, **options)
+        m = posterior.evaluate(data.x_test, data.y_test, num_samples=num_samples)
+        sp = posterior.sparsity()
+        var_y = float(data.y_test.var())
+        row = {"split": split, **m, "nmse": m["rmse"] ** 2 / var_y,
+               "weights_pruned_fraction": sp["weights_pruned_fraction"],
+               "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"],
+               "architecture": sp["architecture"],
+               "seconds_per_epoch": statistics.median(posterior.history["epoch_seconds"])}
+        if plain is not None:
+            row["epoch_time_ratio"] = epoch_ratio(posterior.history["epoch_seconds"], plain.epoch_seconds)
+        rows.append(row)
+        if progress:
+            print(f"  {name} {dataset} split {split}: rmse {m['rmse']:.3f} ll {m['log_likelihood']:.3f} "
+                  f"pruned {sp['weights_pruned_fraction']:.2f}", flush=True)
+    summary = {k: mean_se([r[k] for r in rows]) for k in rows[0]
+               if k not in ("split", "architecture")}
+    return {"model": name, "dataset": dataset, "splits": splits, "options": options, "summary": summary,
+            "per_split": rows, "config": posterior.config}
+
+
+def mnist_protocol(name: str, *, arch: str = "lenet-300-100", device="cpu", seed: int = 0, num_samples: int = 100,
+                   baseline: str | None = "adam", progress: bool = True, root: str | None = None, **options) -> dict:
+    """Fit ``name`` on MNIST train5k (or the full set under ``root``), test on t10k; the plain
+    PyTorch network is trained on the same batches in the same run and evaluated alike."""
+    data = load_dataset("mnist", root=root) if root else load_dataset("mnist")
+    posterior, plain = fit_with_baseline(name, data, device=device, seed=seed, baseline=baseline,
+                                         network={"arch": arch}, progress=progress, **options)
+    m = posterior.evaluate(data.x_test, data.y_test, num_samples=num_samples)
+    sp = posterior.sparsity()
+    out = {"model": name, "dataset": "mnist-train5k-t10k", "arch": arch, "options": options, "metrics": m,
+           "weights_pruned_fraction": sp["weights_pruned_fraction"],
+           "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"],
+           "compression_ratio": sp["compression_ratio"], "architecture": sp["architecture"],
+           "seconds_per_epoch": statistics.median(posterior.history["epoch_seconds"]),
+           "epochs": len(posterior.history["epoch_seconds"]), "config": posterior.config}
+    if plain is not None:
+        y_test = data.y_test.to(posterior.device)
+        x_test = posterior.standardizer.x(data.x_test.to(posterior.device))
+        out[f"plain_{baseline}"] = {**metrics.classification_metrics(plain.probs(x_test), y_test),
+                                    "seconds_per_epoch": statistics.median(plain.epoch_seconds)}
+        out["epoch_time_ratio"] = epoch_ratio(posterior.history["epoch_seconds"], plain.epoch_seconds)
+    return out
+
+
+def write_result(key: str, result: dict, device) -> Path:
+    """Write ``result`` to ``benchmarks/results/<key>.json`` with the device and versions."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": key, "device": device_name(torch.device(device)), "torch": torch.__version__,
+              "bnnzoo": bnnzoo.__version__, "date": time.strftime("%Y-%m-%d"), **result}
+    path = RESULTS / f"{key}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path

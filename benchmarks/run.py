@@ -1,0 +1,55 @@
+"""Run benchmark suites: ``python -m benchmarks.run [SUITE ...] [--device DEV]``.
+
+Every module ``benchmarks/bench_*.py`` exposes ``SUITES = {name: function(device) -> {key: result}}``;
+each result is written to ``benchmarks/results/<key>.json`` and the README's results table is
+regenerated from all result files. ``--list`` shows the suites; no suite name runs them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import time
+from pathlib import Path
+
+from bnnzoo.devices import resolve_device
+
+from .harness import write_result
+from .report import update_readme
+
+
+def all_suites() -> dict:
+    suites = {}
+    here = Path(__file__).resolve().parent
+    for info in pkgutil.iter_modules([str(here)]):
+        if info.name.startswith("bench_"):
+            suites.update(importlib.import_module(f"benchmarks.{info.name}").SUITES)
+    return suites
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("suites", nargs="*", help="suite names (default: all)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args(argv)
+    suites = all_suites()
+    if args.list:
+        print("\n".join(sorted(suites)))
+        return
+    unknown = [s for s in args.suites if s not in suites]
+    if unknown:
+        parser.error(f"unknown suites {unknown}; available: {sorted(suites)}")
+    device = resolve_device(args.device)
+    for name in args.suites or sorted(suites):
+        start = time.perf_counter()
+        print(f"== {name} on {device}", flush=True)
+        for key, result in suites[name](device).items():
+            print(f"   wrote {write_result(key, result, device)}", flush=True)
+        print(f"   {name} took {time.perf_counter() - start:.0f} s", flush=True)
+    update_readme()
+
+
+if __name__ == "__main__":
+    main()

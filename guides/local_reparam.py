@@ -1,0 +1,54 @@
+"""A fused dense layer for mean-field Gaussian weights: local reparameterisation and the KL to a
+zero-mean Gaussian prior in one autograd function.
+
+For weights ``w_ij ~ N(mu_ij, exp(2 rho_ij))`` and input ``h``, the pre-activation of example ``n``
+and unit ``i`` is ``N(m_ni, v_ni)`` with ``m = h mu^T + b_mu`` and ``v = h^2 exp(2 rho)^T + exp(2 b_rho)``;
+one draw ``m + sqrt(v) * eps`` per example replaces a weight draw. The function also returns
+``KL(q || N(0, s^2))`` summed over the layer. Its backward pass folds the KL's gradient into the
+matrix products (``addmm``) so that a training step costs two matrix products forward and two
+backward per layer, with few extra passes over the weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class LocalReparamDense(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, mu, rho, b_mu, b_rho, eps, prior_scale: float):
+        inv_pv = 1.0 / (prior_scale * prior_scale)
+        var, b_var = torch.exp(2 * rho), torch.exp(2 * b_rho)
+        h2 = h * h
+        m = torch.addmm(b_mu, h, mu.t())
+        sd = torch.addmm(b_var, h2, var.t()).sqrt_()
+        out = torch.addcmul(m, sd, eps)
+        n = mu.numel() + b_mu.numel()
+        kl = (0.5 * inv_pv * (var.sum() + b_var.sum() + torch.dot(mu.flatten(), mu.flatten()) + b_mu.dot(b_mu))
+              - rho.sum() - b_rho.sum() + n * (math.log(prior_scale) - 0.5))
+        ctx.save_for_backward(h, h2, mu, var, b_mu, b_var, sd, eps)
+        ctx.inv_pv = inv_pv
+        return out, kl
+
+    @staticmethod
+    def backward(ctx, g_out, g_kl):
+        h, h2, mu, var, b_mu, b_var, sd, eps = ctx.saved_tensors
+        c = ctx.inv_pv * g_kl  # the KL's weight in the loss times 1/s^2
+        g_v = g_out * eps / (2 * sd)  # d loss / d v
+        d_mu = torch.addmm(mu * c, g_out.t(), h)
+        d_b_mu = g_out.sum(0) + c * b_mu
+        # d/d rho of [v-path + KL] = 2 var (g_v^T h^2 + c/2) - g_kl
+        d_rho = torch.addmm(torch.zeros_like(var).add_(0.5 * c), g_v.t(), h2).mul_(var).mul_(2).sub_(g_kl)
+        d_b_rho = (g_v.sum(0) + 0.5 * c).mul_(b_var).mul_(2).sub_(g_kl)
+        d_h = None
+        if ctx.needs_input_grad[0]:
+            d_h = torch.addcmul(g_out @ mu, 2 * h, g_v @ var)
+        return d_h, d_mu, d_rho, d_b_mu, d_b_rho, None, None
+
+
+def local_reparam_dense(h, mu, rho, b_mu, b_rho, prior_scale: float):
+    """One local-reparameterised draw of a dense layer's pre-activations and the layer's KL."""
+    eps = torch.randn(h.shape[0], mu.shape[0], device=h.device, dtype=h.dtype)
+    return LocalReparamDense.apply(h, mu, rho, b_mu, b_rho, eps, prior_scale)

@@ -1,0 +1,72 @@
+"""Shared small fixtures: data subsets, tiny models, and posteriors fitted once per session.
+
+Tests marked ``@pytest.mark.cuda`` are skipped on machines without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnnzoo
+from bnnzoo.data import load_dataset, load_mnist
+from bnnzoo.models import BayesianNeuralNetwork, GaussianPrior, make_likelihood
+
+# The test networks are tiny: one thread is faster than two, and on a busy machine a second
+# OpenMP thread spin-waits for a core (tiny fits then run 10-40 times slower).
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_model(net, prior_scale: float = 1.0, task: str = "regression", noise_scale: float = 0.5):
+    """A Bayesian network over ``net`` with a ``N(0, prior_scale^2)`` prior."""
+    kwargs = {"noise_scale": noise_scale} if task == "regression" else {}
+    return BayesianNeuralNetwork(net, GaussianPrior(net, prior_scale), make_likelihood(task, **kwargs))
+
+
+def randomise_guide(guide, loc_scale: float = 0.5, log_scale_range: tuple[float, float] = (-2.0, -0.5), seed: int = 0):
+    """Give a mean-field guide spread-out means and scales, so that its KL and variances are not trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = log_scale_range
+    with torch.no_grad():
+        for name, p in guide.named_parameters():
+            if name.startswith("locs."):
+                p.copy_(loc_scale * torch.randn(p.shape, generator=gen))
+            elif name.startswith("log_scales."):
+                p.copy_(lo + (hi - lo) * torch.rand(p.shape, generator=gen))
+    return guide
+
+
+@pytest.fixture(scope="session")
+def boston():
+    """The bundled Boston split 0, training part cut to 200 rows."""
+    return load_dataset(None).subset(200, None, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mnist_small():
+    return load_mnist().subset(500, 200, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fitted_meanfield(boston):
+    return bnnzoo.fit("meanfield-vi", boston, epochs=8, device="cpu", progress=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fitted_map(boston):
+    return bnnzoo.fit("map", boston, epochs=8, device="cpu", progress=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fitted_classifier(mnist_small):
+    return bnnzoo.fit("meanfield-vi", mnist_small, network={"arch": "mlp", "hidden": [50]}, epochs=5,
+                      batch_size=50, lr=1e-2, device="cpu", progress=False, seed=0)

@@ -13,6 +13,8 @@ import pkgutil
 import time
 from pathlib import Path
 
+import torch
+
 from bnnzoo.devices import resolve_device
 
 from .harness import write_result
@@ -32,6 +34,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("suites", nargs="*", help="suite names (default: all)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice); one is best for small networks")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args(argv)
     suites = all_suites()
@@ -42,6 +46,8 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown suites {unknown}; available: {sorted(suites)}")
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for name in args.suites or sorted(suites):
         start = time.perf_counter()
         print(f"== {name} on {device}", flush=True)

@@ -181,9 +181,10 @@ class Posterior(ABC):
         var = (second / num_samples - mean**2).clamp_min(0) + noise**2
         return Prediction("regression", mean, var.sqrt(), samples)
 
-    def noise_scale(self) -> float:
-        """The likelihood's noise scale in standardised units (regression)."""
-        return float(self.model.likelihood.noise_scale.detach())
+    def noise_scale(self, original_units: bool = False) -> float:
+        """The likelihood's noise scale (regression): in standardised units, or in the units of ``y``."""
+        scale = float(self.model.likelihood.noise_scale.detach())
+        return scale * self.standardizer.y_scale if original_units else scale
 
     @torch.no_grad()
     def log_likelihood(self, x, y, num_samples: int = 100, chunk_size: int = 4096, seed: int | None = 0) -> torch.Tensor:
@@ -248,6 +249,33 @@ class Posterior(ABC):
         are removed so the module is smaller. Its inputs are *standardised* (see ``standardizer``)."""
         keep = self.sparsity()["keep"] if pruned else None
         return self.net.to_torch(self.posterior_mean(), keep)
+
+    # ---- ArviZ --------------------------------------------------------------------------------
+    def to_arviz(self, data=None, *, num_samples: int = 100, sites="auto", seed: int | None = 0,
+                 chunk_size: int = 4096):
+        """The posterior as ArviZ data; ``data = (x, y)`` adds the pointwise log-likelihood (for
+        ``az.loo``) and the posterior predictive. See :func:`bnnzoo.diagnostics.to_arviz`."""
+        from .diagnostics import to_arviz
+
+        return to_arviz(self, data, num_samples=num_samples, sites=sites, seed=seed, chunk_size=chunk_size)
+
+    @property
+    def num_chains(self) -> int:
+        """Chains of posterior draws: a guide gives one chain of independent draws."""
+        return 1
+
+    def _arviz_draws_per_chain(self, num_samples: int) -> int:
+        """Draws per chain for ArviZ; ``draw_weights(num_chains * n)`` yields them chain by chain."""
+        return num_samples
+
+    def _arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:
+        """Hyperparameter and scale-variable draws ``{name: (chain, draw, ...)}`` (none by default);
+        ``"<layer>.<var>"`` of shape ``(chain, draw, groups)`` is indexed by the layer's groups."""
+        return {}
+
+    def _arviz_sample_stats(self) -> dict[str, torch.Tensor]:
+        """Per-draw sampler statistics ``{name: (chain, draw)}`` (none for a guide)."""
+        return {}
 
     # ---- device -------------------------------------------------------------------------------
     def to(self, device) -> "Posterior":

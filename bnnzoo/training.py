@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pyro
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 def set_seed(seed: int) -> None:

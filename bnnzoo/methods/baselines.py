@@ -39,7 +39,7 @@ def _create_map(config: dict, device="cpu") -> VariationalPosterior:
     return VariationalPosterior(model, PointMass(model), name="map", config=config, device=device)
 
 
-_REGRESSION_TRAIN = {"epochs": 40, "batch_size": 32, "lr": 1e-2}
+_REGRESSION_TRAIN = {"epochs": 100, "batch_size": 32, "lr": 3e-3}
 _CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3}
 
 register(CatalogEntry(

@@ -3,9 +3,16 @@
 Import as ``bnnzoo.guides``.
 """
 
+from . import bmr, closed_form_kl  # closed_form_kl registers the closed-form KLs with torch
 from .delta import PointMass
 from .elbo import LocalReparamELBO
+from .horseshoe import HorseshoeGuide
 from .meanfield import MeanFieldNormal, kl_normal_zero_mean
+from .tempered_elbo import TemperedLocalReparamELBO
+from .sghmc import SGHMC
+from .spike_slab_em import SpikeSlabEM
+from .tdamp import TDAMPGuide
 from .weight_guide import WeightGuide
 
-__all__ = ["LocalReparamELBO", "MeanFieldNormal", "PointMass", "WeightGuide", "kl_normal_zero_mean"]
+__all__ = ["bmr", "HorseshoeGuide", "LocalReparamELBO", "MeanFieldNormal", "PointMass", "SGHMC", "SpikeSlabEM", "TDAMPGuide", "TemperedLocalReparamELBO",
+           "WeightGuide", "kl_normal_zero_mean"]

@@ -1,0 +1,255 @@
+"""``bnnzoo diagnose RUN_DIR``: ArviZ diagnostics of a saved run, as tables and PNG plots."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import click
+
+#: a forest plot shows at most this many groups (neurons, filters) per layer
+MAX_FOREST_GROUPS = 40
+
+
+def _dataset(posterior, data: str | None):
+    """``--data`` if given, else the data the run recorded (its source, then its name)."""
+    from bnnzoo.data import DataError, load_dataset
+
+    saved = posterior.config.get("data", {})
+    split = saved.get("split") or 0
+    candidates = [data] if data is not None else [saved.get("source"), saved.get("name")]
+    errors = []
+    for candidate in filter(None, candidates):
+        try:
+            return load_dataset(candidate, split=split)
+        except DataError as err:
+            errors.append(str(err))
+    detail = f": {errors[-1]}" if errors else ""
+    raise click.ClickException(f"no usable data for this run (pass --data NAME_OR_DIR){detail}")
+
+
+def _save(fig, path: Path, written: list[Path]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+
+
+# ---- sections ---------------------------------------------------------------------------------------
+def summary_table(idata, chains: int) -> None:
+    import arviz as az
+
+    from bnnzoo.diagnostics import summary_variables
+
+    names = summary_variables(idata)
+    click.echo("\nhyperparameters and per-layer scales (<layer>.rms: root mean square of its weights):")
+    if chains > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # R-hat of a constant (pruned) variable
+            table = az.summary(idata, var_names=names, kind="all", round_to=4)
+    else:  # R-hat needs two chains: ArviZ would only warn; the ESS of one chain is still meaningful
+        one_chain = {"mcse_mean": lambda v: float(az.mcse(v[None], method="mean")),
+                     "ess_bulk": lambda v: float(az.ess(v[None], method="bulk")),
+                     "ess_tail": lambda v: float(az.ess(v[None], method="tail"))}
+        table = az.summary(idata, var_names=names, kind="stats", stat_funcs=one_chain, extend=True, round_to=4)
+    click.echo(table.to_string())
+    if chains < 2:
+        click.echo("(one chain of independent draws: no R-hat, which needs two chains or more; the ESS measures "
+                   "the Monte Carlo precision of the draws)")
+
+
+def loo_section(idata) -> dict:
+    import arviz as az
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reported below, per point
+        loo = az.loo(idata, pointwise=True)
+    n = int(loo.n_data_points)
+    k = loo.pareto_k.values
+    good = float(loo.good_k)
+    counts = {"good": int((k <= good).sum()), "bad": int(((k > good) & (k <= 1)).sum()), "very bad": int((k > 1).sum())}
+    click.echo(f"\nPSIS-LOO on the {n} training points ({int(loo.n_samples)} draws): elpd_loo {loo.elpd_loo:.2f} "
+               f"+- {loo.se:.2f} ({loo.elpd_loo / n:.4f} +- {loo.se / n:.4f} per point), p_loo {loo.p_loo:.2f}")
+    click.echo(f"  Pareto k: {counts['good']} good (<= {good:.2f}), {counts['bad']} bad (<= 1), "
+               f"{counts['very bad']} very bad (> 1)")
+    if counts["bad"] or counts["very bad"]:
+        worst = sorted(range(n), key=lambda i: -k[i])[:5]
+        click.echo(f"  warning: {counts['bad'] + counts['very bad']} points have Pareto k > {good:.2f}: their LOO "
+                   f"terms are unreliable (worst: {', '.join(f'#{i} k={k[i]:.2f}' for i in worst)}); use more draws, "
+                   f"or K-fold cross-validation")
+        if int(loo.n_samples) < 100:
+            click.echo(f"  (only {int(loo.n_samples)} draws: Pareto smoothing needs a hundred or more)")
+    return {"elpd_loo": float(loo.elpd_loo), "se": float(loo.se), "n": n, "pareto_k": counts}
+
+
+def calibration_section(posterior, dataset, num_samples: int, out: Path, written: list[Path]) -> None:
+    """Classification: test accuracy, NLL, ECE and a reliability diagram. Regression: the held-out
+    log-likelihood and the coverage of central predictive intervals from posterior predictive draws."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from bnnzoo import metrics
+
+    click.echo(f"\ncalibration on the {len(dataset.x_test)} test points:")
+    if posterior.task == "classification":
+        probs = posterior.predict(dataset.x_test, num_samples=num_samples).probs
+        y = dataset.y_test.to(probs.device)
+        m = metrics.classification_metrics(probs, y)
+        click.echo(f"  accuracy {m['accuracy']:.4f}, nll {m['nll']:.4f}, ECE (15 bins) {m['ece']:.4f}, "
+                   f"brier {m['brier']:.4f}")
+        curve = metrics.reliability_curve(probs, y)
+        bins = len(curve["count"])
+        centres = (np.arange(bins) + 0.5) / bins
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        used = np.asarray(curve["count"]) > 0
+        ax.bar(centres[used], np.asarray(curve["accuracy"])[used], width=1 / bins, edgecolor="k", alpha=0.7,
+               label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        ax.plot(np.asarray(curve["confidence"])[used], np.asarray(curve["accuracy"])[used], "o", color="C3",
+                label="(confidence, accuracy)")
+        ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+               title=f"reliability diagram (ECE {m['ece']:.3f})")
+        ax.legend(loc="upper left")
+        _save(fig, out / "reliability.png", written)
+        return
+    test = posterior.to_arviz((dataset.x_test, dataset.y_test), num_samples=num_samples, sites=None)
+    ll = test.log_likelihood["obs"].values.reshape(-1, len(dataset.y_test))
+    lpd = np.logaddexp.reduce(ll, axis=0) - math.log(ll.shape[0])
+    click.echo(f"  held-out log-likelihood {lpd.mean():.4f} +- {lpd.std(ddof=1) / math.sqrt(len(lpd)):.4f} per point")
+    reps = test.posterior_predictive["obs"].values.reshape(-1, len(dataset.y_test))
+    y = test.observed_data["obs"].values
+    for level in (0.5, 0.9):
+        lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        click.echo(f"  {level:.0%} central predictive interval covers {((y >= lo) & (y <= hi)).mean():.1%} "
+                   f"of the test targets")
+
+
+def plots(idata, posterior, out: Path, written: list[Path]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # ArviZ 0.x calls an API Matplotlib 3.11 deprecates
+        warnings.simplefilter("ignore", RuntimeWarning)  # R-hat of a pruned (constant) group divides by zero
+        _plots(idata, posterior, out, written)
+
+
+def _plots(idata, posterior, out: Path, written: list[Path]) -> None:
+    import arviz as az
+
+    from bnnzoo.diagnostics import group_variable, summary_variables
+
+    chains = int(idata.posterior.sizes["chain"])
+    net = posterior.net
+    layers = [layer.name for layer in (net.hidden_layers() or net.param_layers)]
+    names = [group_variable(idata, layer) for layer in layers]
+    coords, rows, total = {}, 0, 0
+    for name in names:
+        for dim in idata.posterior[name].dims[2:]:
+            size = int(idata.posterior.sizes[dim])
+            if size > MAX_FOREST_GROUPS:
+                coords[dim] = list(range(MAX_FOREST_GROUPS))
+            rows, total = rows + min(size, MAX_FOREST_GROUPS), total + size
+    axes = az.plot_forest(idata, var_names=names, coords=coords, combined=True, r_hat=chains > 1, ess=True,
+                          figsize=(9, max(3.0, 0.3 * rows)))
+    fig = axes.ravel()[0].figure
+    note = f"; first {MAX_FOREST_GROUPS} groups per layer" if rows < total else ""
+    fig.suptitle("per-group (neuron / filter) posterior: " + ", ".join(names) + note, fontsize=9)
+    _save(fig, out / "forest.png", written)
+
+    _training_traces(idata, out, written)
+
+    axes = az.plot_trace(idata, var_names=summary_variables(idata), compact=True)
+    fig = axes.ravel()[0].figure
+    fig.tight_layout()
+    _save(fig, out / "trace_posterior.png", written)
+
+    draws = int(idata.posterior_predictive.sizes["chain"] * idata.posterior_predictive.sizes["draw"])
+    ax = az.plot_ppc(idata, num_pp_samples=min(50, draws), random_seed=0)
+    ax = ax.ravel()[0] if hasattr(ax, "ravel") else ax
+    _save(ax.figure, out / "ppc.png", written)
+    if posterior.task == "regression":
+        ax = az.plot_loo_pit(idata, y="obs")
+        ax.set_title("LOO-PIT: uniform when the predictive is calibrated")
+        _save(ax.figure, out / "loo_pit.png", written)
+
+
+def _training_traces(idata, out: Path, written: list[Path]) -> None:
+    """The loss (negative ELBO per example for SVI) per epoch and the pruned fraction and step size
+    over time, from the ``training`` group."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if "training" not in idata.groups():
+        return
+    training = idata["training"]
+    panels = [v for v in training.data_vars
+              if v == "loss" or "pruned_fraction" in v or v.endswith("step_size") or v.endswith("potential")]
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), squeeze=False)
+    for ax, name in zip(axes[:, 0], panels):
+        var = training[name]
+        values = np.atleast_2d(var.values) if "chain" in var.dims else var.values[None]
+        for c, row in enumerate(values):
+            ax.plot(np.arange(len(row)), row, label=f"chain {c}" if len(values) > 1 else None)
+        ax.set_xlabel(var.dims[-1])
+        ax.set_title(name, fontsize=9)
+        if name == "loss" and np.all(values > 0) and values.max() / values.min() > 20:
+            ax.set_yscale("log")
+        if len(values) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle("training trace")
+    fig.tight_layout()
+    _save(fig, out / "trace.png", written)
+
+
+@click.command("diagnose")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="where to write the plots and posterior.nc (default RUN_DIR/diagnostics)")
+@click.option("--num-samples", default=100, show_default=True, type=click.IntRange(min=2),
+              help="draws from a guide (a sampler's stored draws are all used)")
+@click.option("--data", "data", default=None, help="the data (default: what the run was fitted on)")
+@click.option("--device", default="cpu", show_default=True)
+def command(run_dir, out, num_samples, data, device) -> None:
+    """ArviZ diagnostics of the saved run RUN_DIR: a summary table of the hyperparameters and per-layer
+    scales (ESS, R-hat with chains), PSIS-LOO with Pareto-k warnings, calibration on the test data, and
+    PNG plots (forest plot of per-neuron scales or inclusion probabilities, training trace of the loss
+    and pruned fraction, posterior trace, posterior predictive check, LOO-PIT or reliability diagram).
+    The ArviZ data is saved as posterior.nc."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with warnings.catch_warnings():  # ArviZ 0.x announces its 1.0 refactor on import: not news to a user here
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz  # noqa: F401
+
+    from bnnzoo.api import load
+    from bnnzoo.diagnostics import save
+
+    try:
+        posterior = load(run_dir, device=device)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+        raise click.ClickException(str(err.args[0] if err.args else err)) from None
+    dataset = _dataset(posterior, data)
+    out = Path(out or Path(run_dir) / "diagnostics")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    try:
+        idata = posterior.to_arviz((dataset.x_train, dataset.y_train), num_samples=num_samples)
+    except (TypeError, ValueError, FloatingPointError) as err:
+        raise click.ClickException(str(err)) from None
+    chains, draws = int(idata.posterior.sizes["chain"]), int(idata.posterior.sizes["draw"])
+    sp = posterior.sparsity()
+    click.echo(f"{posterior!r} on {dataset.name} split {dataset.split}")
+    click.echo(f"  {idata.attrs['inference']}: {chains} chain(s) x {draws} draws; posterior group holds "
+               f"{idata.attrs['weights']}")
+    click.echo(f"  pruned: {sp['weights_pruned_fraction']:.1%} of the weights, "
+               f"{sp['hidden_groups_pruned_fraction']:.1%} of the hidden groups ({sp['architecture']})")
+    summary_table(idata, chains)
+    loo_section(idata)
+    calibration_section(posterior, dataset, num_samples, out, written)
+    plots(idata, posterior, out, written)
+    written.append(save(idata, out / "posterior.nc"))
+    click.echo("\nwrote " + ", ".join(str(p) for p in written))

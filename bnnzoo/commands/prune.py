@@ -1,0 +1,102 @@
+"""``bnnzoo prune RUN_DIR``: Bayesian model reduction of a saved run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+
+def _layer_fractions(sparsity: dict) -> dict:
+    return {name: layer["weights_pruned_fraction"] for name, layer in sparsity["layers"].items()}
+
+
+def _test_data(posterior, data: str | None):
+    """The test data: ``--data`` if given, else what the run recorded (its source, then its name)."""
+    from bnnzoo.data import DataError, load_dataset
+
+    saved = posterior.config.get("data", {})
+    split = saved.get("split") or 0
+    if data is not None:
+        try:
+            return load_dataset(data, split=split)
+        except DataError as err:
+            raise click.ClickException(str(err)) from None
+    for candidate in (saved.get("source"), saved.get("name")):
+        if candidate:
+            try:
+                return load_dataset(candidate, split=split)
+            except DataError:
+                continue
+    return None
+
+
+@click.command("prune")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="where to write the reduced run (default RUN_DIR-bmr-RULE)")
+@click.option("--rule", type=click.Choice(["ss", "plain"]), default="ss", show_default=True,
+              help="ss: spike-and-slab threshold with a per-layer Beta(1,1) prior; plain: prune when dF > 0")
+@click.option("--level", type=click.Choice(["weight", "group"]), default="weight", show_default=True,
+              help="prune single weights or whole neurons/filters")
+@click.option("--prune-last", is_flag=True, help="also prune the output layer")
+@click.option("--data", "data", default=None, help="test data (default: the data the run was fitted on)")
+@click.option("--num-samples", default=100, show_default=True, help="posterior draws for the test metrics")
+@click.option("--device", default="cpu", show_default=True)
+def command(run_dir, out, rule, level, prune_last, data, num_samples, device) -> None:
+    """Prune the saved run RUN_DIR by Bayesian model reduction (no refitting) and save the reduced
+    run with a report: per-layer pruned fraction and test metrics before and after."""
+    from bnnzoo.api import load
+    from bnnzoo.cli import _print_metrics, _test_metrics
+
+    try:
+        posterior = load(run_dir, device=device)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise click.ClickException(str(err.args[0] if err.args else err)) from None
+    dataset = _test_data(posterior, data)
+
+    start = time.perf_counter()
+    try:
+        reduced = posterior.reduce(rule=rule, level=level, prune_last=prune_last)
+    except (TypeError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    seconds = time.perf_counter() - start
+
+    before_sp, after_sp = posterior.sparsity(), reduced.sparsity()
+    report = {
+        "run": str(run_dir), "model": posterior.name, "rule": rule, "level": level, "prune_last": prune_last,
+        "reduce_seconds": seconds,
+        "weights_pruned_fraction": {"before": before_sp["weights_pruned_fraction"],
+                                    "after": after_sp["weights_pruned_fraction"]},
+        "architecture": {"before": before_sp["architecture"], "after": after_sp["architecture"]},
+        "layers": {name: {"before": b, "after": _layer_fractions(after_sp)[name]}
+                   for name, b in _layer_fractions(before_sp).items()},
+        "thresholds": {k: v["threshold"] for k, v in reduced.history["bmr"][-1]["layers"].items()},
+    }
+    if dataset is not None:
+        report["data"] = {"name": dataset.name, "split": dataset.split}
+        report["test_before"] = _test_metrics(posterior, dataset, num_samples)
+        report["test_after"] = _test_metrics(reduced, dataset, num_samples)
+
+    run = Path(out or f"{str(run_dir).rstrip('/')}-bmr-{rule}")
+    reduced.save(run)
+    if dataset is not None:
+        (run / "metrics.json").write_text(json.dumps(report["test_after"], indent=2))
+    (run / "bmr_report.json").write_text(json.dumps(report, indent=2))
+
+    click.echo(f"{posterior!r}: Bayesian model reduction ({rule}, {level}) in {seconds:.3f} s")
+    click.echo(f"  {'layer':>10s}  pruned before -> after")
+    for name, layer in report["layers"].items():
+        click.echo(f"  {name:>10s}  {layer['before']:>12.1%} -> {layer['after']:.1%}")
+    click.echo(f"  {'all':>10s}  {report['weights_pruned_fraction']['before']:>12.1%} -> "
+               f"{report['weights_pruned_fraction']['after']:.1%}  ({report['architecture']['after']})")
+    if dataset is None:
+        click.echo("no test data recorded with this run (pass --data): test metrics skipped")
+    else:
+        for when in ("before", "after"):
+            click.echo(f"test metrics {when}:")
+            _print_metrics({k: v for k, v in report[f"test_{when}"].items()
+                            if k not in ("weights_pruned_fraction", "hidden_groups_pruned_fraction", "architecture")})
+    click.echo(f"saved to {run} (report: {run / 'bmr_report.json'})")

@@ -1,0 +1,157 @@
+"""The group spike-and-slab prior sampled by EM-SGHMC (issue 4; Ke & Fan 2022): structured pruning
+at the cost of SGD.
+
+Model :class:`~bnnzoo.models.SpikeSlabPrior`; kernel :class:`~bnnzoo.guides.SGHMC` with a diagonal
+preconditioner and a cyclical step size, run by ``pyro.infer.MCMC``; EM
+(:class:`~bnnzoo.guides.SpikeSlabEM`) updates the inclusion probabilities, the per-group weight
+decays and the inclusion rate once per ``em_every`` epochs from epoch ``em_start``, and prunes the
+groups whose inclusion probability falls below ``prune_threshold`` (from epoch ``prune_start``).
+
+Schedule (``train`` options): ``epochs`` are cut into ``cycles`` cosine cycles of ``epochs //
+cycles`` epochs; the first ``warmup_cycles`` are warm-up (the preconditioner adapts, nothing is
+kept); every later cycle contributes its last ``samples_per_cycle`` states, ``thinning`` epochs
+apart. The stored posterior thus holds ``num_chains * (cycles - warmup_cycles) * samples_per_cycle``
+weight samples.
+
+Defaults. EM starts almost at once (``em_start`` 2 epochs for regression, 2 for classification),
+while the weights are still near PyTorch's initialisation and inside the spike: the groups that the
+likelihood grows leave it for the slab, the others are held by the spike's strong decay and pruned
+from ``prune_start``. Once a group sits in the slab at temperature 1 its weights spread to the slab's
+scale and EM cannot move it back, so the decision is made early.
+Regression (tuned on Boston, 13-50-1): absolute scales ``s1 = 1``, ``s0 = 0.2``, temperature 1, the
+noise scale learned by its M-step. Classification (tuned on LeNet-5, MNIST train5k): scales divided
+by the square root of each layer's fan-in (``s1 = 3``, ``s0 = 0.15``) and a cold posterior,
+temperature 0.005: at temperature 1 the fan-in-scaled slab spreads the weights of wide layers so far
+that few groups are ever pruned and the samples reach about 95% test accuracy against 98% for SGD;
+cold, unsupported neurons shrink into the spike and get pruned, and accuracy matches SGD's.
+
+One-shot pruning after the fit (:meth:`SpikeSlabPosterior.prune`): the posterior inclusion
+probability of a group is estimated by the E-step averaged over the stored draws of its chain
+(with that chain's final ``pi``); groups whose estimate is below ``threshold`` in every chain
+(default 0.5: the median probability model) are removed from every draw.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..catalog import CatalogEntry, register
+from ..sampling import SamplePosterior
+from .baselines import build_model
+
+NAME = "spike-slab-sghmc"
+
+
+class SpikeSlabPosterior(SamplePosterior):
+    """EM-SGHMC samples under the group spike-and-slab prior (see the module docstring)."""
+
+    def schedule(self, num_data: int) -> dict:
+        """The run in minibatch steps and kernel samples for ``num_data`` training examples."""
+        t = self.config["train"]
+        spe = math.ceil(num_data / t["batch_size"])
+        cycles, warm = int(t["cycles"]), int(t["warmup_cycles"])
+        if not 0 <= warm < cycles:
+            raise ValueError(f"warmup_cycles must be in [0, cycles), got {warm} with cycles={cycles}")
+        cycle_epochs = int(t["epochs"]) // cycles
+        if cycle_epochs < 1:
+            raise ValueError(f"{t['epochs']} epochs cannot hold {cycles} cycles")
+        s, thin = int(t["samples_per_cycle"]), int(t["thinning"])
+        if (s - 1) * thin >= cycle_epochs:
+            raise ValueError(f"{s} samples {thin} epochs apart do not fit in cycles of {cycle_epochs} epochs")
+        return {"steps_per_epoch": spe, "cycle_length": cycle_epochs * spe, "samples_per_cycle": s,
+                "thinning": thin * spe, "warmup_steps": warm * s, "num_samples": (cycles - warm) * s,
+                "em_start": int(round(t["em_start"] * spe)), "em_every": max(1, int(round(t["em_every"] * spe))),
+                "prune_start": int(round(t["prune_start"] * spe))}
+
+    def _make_kernel(self, num_data: int):
+        from bnnzoo.guides import SGHMC, SpikeSlabEM
+
+        t, g = self.config["train"], self.config["guide"]
+        plan = self.schedule(num_data)
+        em = SpikeSlabEM(self.model.prior, start=plan["em_start"], every=plan["em_every"],
+                         prune_threshold=t["prune_threshold"], prune_start=plan["prune_start"])
+        kernel = SGHMC(self.model, step_size=t["lr"], friction=g["friction"], temperature=g["temperature"],
+                       batch_size=t["batch_size"], precondition=g["precondition"], precond_decay=g["precond_decay"],
+                       precond_eps=g["precond_eps"], cycle_length=plan["cycle_length"],
+                       samples_per_cycle=plan["samples_per_cycle"], thinning=plan["thinning"], em=em,
+                       learn_noise=t.get("learn_noise", True))
+        return kernel, plan["warmup_steps"], plan["num_samples"]
+
+    # ---- inclusion probabilities and one-shot pruning -----------------------------------------------
+    @torch.no_grad()
+    def inclusion_probabilities(self, per_draw: bool = False) -> dict[str, torch.Tensor]:
+        """Per grouped layer, the E-step averaged over each chain's stored draws (with the chain's
+        final ``pi``): shape ``(chain, G)``; with ``per_draw``, at every draw: ``(chain, draw, G)``."""
+        from bnnzoo.guides.spike_slab_em import inclusion_probability
+
+        self._require_fitted()
+        prior = self.model.prior
+        out = {}
+        for lay in prior.layouts:
+            per_chain = []
+            for c, state in enumerate(self.chain_state):
+                draws = {s: v[c] for s, v in self.samples.items()}
+                pi = state["pi"].to(self.device)
+                p = inclusion_probability(lay.squared_norms(draws), lay.size, pi, *prior.scales(lay.layer))
+                per_chain.append(p if per_draw else p.mean(0))
+            out[lay.layer] = torch.stack(per_chain)
+        return out
+
+    def _arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:
+        """ArviZ's per-draw inclusion probabilities, ``"<layer>.inclusion_probability"``."""
+        return {f"{layer}.inclusion_probability": p for layer, p in self.inclusion_probabilities(True).items()}
+
+    @torch.no_grad()
+    def _prune(self, threshold: float = 0.5) -> None:
+        """Remove the groups whose estimated posterior inclusion probability is below ``threshold``
+        in every chain (zeroed in all draws, masked)."""
+        threshold = float(threshold)
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        probs = self.inclusion_probabilities()
+        for lay in self.model.prior.layouts:
+            keep = (probs[lay.layer] >= threshold).any(0)
+            for site in lay.sites():
+                view = lay.view(site, keep.to(self.samples[site].dtype))
+                self.samples[site] = self.samples[site] * view
+                self.chain_masks[site] = self.chain_masks[site] & lay.expand(site, keep)
+        self.config["train"]["pruned_threshold"] = threshold
+
+
+def _create(config: dict, device="cpu") -> SpikeSlabPosterior:
+    from bnnzoo.models import SpikeSlabPrior
+
+    m = config["model"]
+    model = build_model(config, lambda net: SpikeSlabPrior(net, m["slab_scale"], m["spike_scale"], m["a"], m["b"],
+                                                           m["output_scale"], m["first_layer"], m["scaling"]))
+    return SpikeSlabPosterior(model, name=NAME, config=config, device=device)
+
+
+_MODEL = {"slab_scale": 1.0, "spike_scale": 0.2, "a": 1.0, "b": 1.0, "output_scale": None, "first_layer": "neurons",
+          "scaling": "absolute"}
+_GUIDE = {"friction": 0.1, "temperature": 1.0, "precondition": "always", "precond_decay": 0.99, "precond_eps": 1e-5}
+_CHAINS = {"num_chains": 1, "mp_context": None}
+
+register(CatalogEntry(
+    name=NAME,
+    summary="Group spike-and-slab prior, EM-SGHMC (preconditioned, cyclical), one-shot neuron/filter pruning",
+    paper="Ke & Fan 2022, On the optimization and pruning for Bayesian deep learning (EM-MCMC); "
+          "Chen, Fox & Guestrin 2014, Stochastic gradient Hamiltonian Monte Carlo",
+    tasks=("regression", "classification"),
+    create=_create,
+    defaults={
+        "regression": {
+            "model": {**_MODEL, "noise_scale": 0.5}, "guide": dict(_GUIDE),
+            "train": {"epochs": 600, "batch_size": 32, "lr": 3e-3, "cycles": 6, "warmup_cycles": 1,
+                      "samples_per_cycle": 5, "thinning": 10, "em_start": 2, "em_every": 1, "prune_start": 30,
+                      "prune_threshold": 1e-3, "learn_noise": True, **_CHAINS}},
+        "classification": {
+            "model": {**_MODEL, "slab_scale": 3.0, "spike_scale": 0.15, "scaling": "fan_in"},
+            "guide": {**_GUIDE, "temperature": 0.005},
+            "train": {"epochs": 20, "batch_size": 128, "lr": 5e-4, "cycles": 4, "warmup_cycles": 1,
+                      "samples_per_cycle": 2, "thinning": 1, "em_start": 2, "em_every": 1, "prune_start": 4,
+                      "prune_threshold": 1e-3, **_CHAINS}},
+    },
+))

@@ -1,0 +1,380 @@
+"""Bayesian model reduction (BMR) of a fitted Gaussian posterior over weights.
+
+Full model: prior ``N(0, s^2)`` and (approximate) posterior ``q = N(mu, sigma^2)``, precision
+``p = 1 / sigma^2``. A reduced model differs only in its prior, ``N(0, r^2)``. BMR gives, without
+refitting (Friston & Penny 2011; Markovic, Friston & Kiebel 2023):
+
+    p_r     = p + 1/r^2 - 1/s^2,   sigma_r^2 = 1/p_r,   mu_r = sigma_r^2 p mu
+    dF      = ln p(y | reduced) - ln p(y | full)
+            = 0.5 ln(s^2 / (sigma^2 r^2 p_r)) - 0.5 p mu^2 + 0.5 p_r mu_r^2
+
+``dF > 0`` favours the reduced model. Written with ``t = r^2 p_r = 1 + r^2 (p - 1/s^2)`` the same
+formulas are finite at ``r = 0`` (the Savage-Dickey ratio ``ln N(0; mu, sigma^2) - ln N(0; 0, s^2)``,
+reduced posterior a point mass at 0), so one code path serves both.
+
+Under a mean-field posterior a group's ``dF`` is the sum of its weights'; :func:`delta_f_multivariate`
+is the general form for full covariances (SPM's ``spm_log_evidence``). Which weights to prune:
+:func:`spike_and_slab_threshold` (a per-layer Beta(1, 1) prior on the keep probability, "BMR-S&S")
+or the plain rule ``dF > 0``. :func:`reduce` applies all this to a fitted
+:class:`~bnnzoo.guides.MeanFieldNormal` guide and returns a reduced copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from .meanfield import _PRUNED_SCALE, MeanFieldNormal
+from .sites import get_site, split_site
+
+RULES = ("ss", "plain")
+LEVELS = ("weight", "group")
+
+
+# ---- one weight (elementwise over tensors) ----------------------------------------------------
+def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
+def _t(var: torch.Tensor, prior_var: torch.Tensor, reduced_var: torch.Tensor) -> torch.Tensor:
+    """``t = r^2 p_r = 1 + r^2 (1/sigma^2 - 1/s^2)``; positive exactly when the reduced posterior exists."""
+    t = 1 + reduced_var * (1 / var - 1 / prior_var)
+    if not bool(torch.all(t > 0)):
+        raise ValueError("the reduced prior is too wide for this posterior (p + 1/r^2 - 1/s^2 <= 0): "
+                         "use a reduced prior variance r^2 <= s^2")
+    return t
+
+
+def _check(mu, var, prior_var, reduced_var):
+    mu = torch.as_tensor(mu)
+    if not mu.is_floating_point():
+        mu = mu.double()
+    var, prior_var, reduced_var = (_as_tensor(v, mu) for v in (var, prior_var, reduced_var))
+    if not bool(torch.all(var > 0)):
+        raise ValueError("posterior variances must be positive")
+    if not bool(torch.all(prior_var > 0)):
+        raise ValueError("prior variances must be positive")
+    if not bool(torch.all(reduced_var >= 0)):
+        raise ValueError("reduced prior variances must be >= 0 (0 = the weight is removed)")
+    return mu, var, prior_var, reduced_var
+
+
+def _reduce_normal(mu, var, prior_var, reduced_var):
+    """The formulas without input checks (internal: the guide's variances are positive)."""
+    if isinstance(reduced_var, (int, float)) and reduced_var == 0:  # the common case, in few passes
+        d_f = torch.addcdiv(torch.log(prior_var / var), mu * mu, var, value=-1).mul_(0.5)
+        return d_f, torch.zeros((), dtype=mu.dtype, device=mu.device), torch.zeros((), dtype=mu.dtype, device=mu.device)
+    p = 1 / var
+    t = 1 + reduced_var * (p - 1 / prior_var)
+    d_f = 0.5 * (torch.log(prior_var / var) - torch.log(t)) - 0.5 * p * mu * mu * (1 - reduced_var / prior_var) / t
+    var_r = reduced_var / t
+    return d_f, var_r * p * mu, var_r
+
+
+def reduce_normal(mu, var, prior_var, reduced_var=0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dF, mu_r, var_r)`` for each weight: the change in log evidence when the prior
+    ``N(0, prior_var)`` is replaced by ``N(0, reduced_var)``, and the reduced posterior ``N(mu_r, var_r)``.
+
+    All arguments broadcast; ``reduced_var = 0`` is the Savage-Dickey limit (``mu_r = var_r = 0``).
+    """
+    mu, var, prior_var, reduced_var = _check(mu, var, prior_var, reduced_var)
+    t = _t(var, prior_var, reduced_var)
+    d_f, mu_r, var_r = _reduce_normal(mu, var, prior_var, reduced_var)
+    return d_f, mu_r.expand_as(d_f), var_r.expand_as(d_f)
+
+
+def delta_f(mu, var, prior_var, reduced_var=0.0) -> torch.Tensor:
+    """``dF = ln p(y | reduced) - ln p(y | full)`` per weight (see :func:`reduce_normal`)."""
+    return reduce_normal(mu, var, prior_var, reduced_var)[0]
+
+
+def reduced_posterior(mu, var, prior_var, reduced_var=0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reduced posterior's mean and variance per weight (see :func:`reduce_normal`)."""
+    _, mu_r, var_r = reduce_normal(mu, var, prior_var, reduced_var)
+    return mu_r, var_r
+
+
+def savage_dickey(mu, var, prior_var) -> torch.Tensor:
+    """``dF`` for removing a weight (``r -> 0``): ``ln N(0; mu, var) - ln N(0; 0, prior_var)``."""
+    mu, var, prior_var, _ = _check(mu, var, prior_var, 0.0)
+    return 0.5 * (torch.log(prior_var) - torch.log(var)) - 0.5 * mu * mu / var
+
+
+def group_delta_f(d_f_weight: torch.Tensor, d_f_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A group's ``dF`` under a mean-field posterior: the sum over its weights (a row of the weight
+    tensor, i.e. an output neuron or filter, plus its bias entry)."""
+    out = d_f_weight.reshape(d_f_weight.shape[0], -1).sum(1)
+    return out if d_f_bias is None else out + d_f_bias
+
+
+# ---- the multivariate (full covariance) form ----------------------------------------------------
+def delta_f_multivariate(q_mean, q_cov, p_mean, p_cov, r_mean, r_cov):
+    """BMR for Gaussian prior ``N(pE, pC)``, posterior ``N(qE, qC)`` and reduced prior ``N(rE, rC)``
+    (SPM's ``spm_log_evidence``). Returns ``(dF, mean, cov)`` of the reduced model; batch
+    dimensions lead (means ``(..., d)``, covariances ``(..., d, d)``), all positive definite.
+
+        P = inv(C);  sP = qP + rP - pP;  sC = inv(sP);  sE = sC (qP qE + rP rE - pP pE)
+        dF = 0.5 [ln|rP| + ln|qP| + ln|sC| + ln|pC| - (qE'qP qE + rE'rP rE - pE'pP pE - sE'sP sE)]
+    """
+    q_mean, q_cov, p_mean, p_cov, r_mean, r_cov = (torch.as_tensor(v) for v in
+                                                   (q_mean, q_cov, p_mean, p_cov, r_mean, r_cov))
+    inv = torch.linalg.inv
+    q_prec, p_prec, r_prec = inv(q_cov), inv(p_cov), inv(r_cov)
+    s_prec = q_prec + r_prec - p_prec
+    sign, logdet_s = torch.linalg.slogdet(s_prec)
+    if not bool(torch.all(sign > 0)):
+        raise ValueError("the reduced posterior precision qP + rP - pP is not positive definite")
+    s_cov = inv(s_prec)
+
+    def mv(m, v):
+        return (m @ v.unsqueeze(-1)).squeeze(-1)
+
+    def quad(v, m):
+        return (v * mv(m, v)).sum(-1)
+
+    s_mean = mv(s_cov, mv(q_prec, q_mean) + mv(r_prec, r_mean) - mv(p_prec, p_mean))
+    logdet = (torch.linalg.slogdet(r_prec)[1] + torch.linalg.slogdet(q_prec)[1] - logdet_s
+              + torch.linalg.slogdet(p_cov)[1])
+    d_f = 0.5 * (logdet - (quad(q_mean, q_prec) + quad(r_mean, r_prec) - quad(p_mean, p_prec)
+                           - quad(s_mean, s_prec)))
+    return d_f, s_mean, s_cov
+
+
+# ---- which weights to prune ----------------------------------------------------------------------
+def spike_and_slab_threshold(d_f: torch.Tensor, num_iters: int = 4, alpha: float = 1.0,
+                             beta: float = 1.0) -> torch.Tensor:
+    """The S&S pruning threshold ``zeta`` for one layer's evidence changes ``d_f`` (any shape).
+
+    A ``Beta(alpha, beta)`` prior on the layer's keep probability ``pi``; each weight is kept with
+    posterior probability ``q_i = sigmoid(zeta - dF_i)``, ``zeta = E[ln pi] - E[ln(1 - pi)]``.
+    Starting from the prior, iterate ``num_iters`` times: ``a = alpha + sum q``,
+    ``b = beta + sum (1 - q)``, ``zeta = digamma(a) - digamma(b)``. Prune weight ``i`` when
+    ``dF_i > zeta``. Entries ``+inf`` (weights already pruned) count as pruned. Stays on the device.
+    """
+    d_f = d_f.reshape(-1)
+    n = d_f.numel()
+    a0 = torch.tensor(alpha, dtype=d_f.dtype, device=d_f.device)
+    b0 = torch.tensor(beta, dtype=d_f.dtype, device=d_f.device)
+    zeta = torch.digamma(a0) - torch.digamma(b0)
+    for _ in range(num_iters):
+        kept = torch.sub(zeta, d_f).sigmoid_().sum()
+        zeta = torch.digamma(a0 + kept) - torch.digamma(b0 + (n - kept))
+    return zeta
+
+
+def prune_decision(d_f: torch.Tensor, rule: str = "ss", num_iters: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prune, threshold)`` for one layer: prune where ``dF > threshold``; the threshold is the
+    S&S ``zeta`` (``rule="ss"``) or 0 (``rule="plain"``)."""
+    if rule == "ss":
+        zeta = spike_and_slab_threshold(d_f, num_iters)
+    elif rule == "plain":
+        zeta = torch.zeros((), dtype=d_f.dtype, device=d_f.device)
+    else:
+        raise ValueError(f"unknown BMR rule {rule!r}; choose one of {RULES}")
+    return d_f > zeta, zeta
+
+
+# ---- reducing a set of Gaussian weight sites -------------------------------------------------------
+@dataclass
+class Reduction:
+    """What a reduction decided, per site: ``masks`` (kept = ``True``; weights pruned before stay
+    pruned), ``accepted`` (where the reduced prior was accepted: these entries take the reduced
+    posterior; with ``reduced_var = 0`` that is the point mass at 0, otherwise ``locs`` /
+    ``variances`` hold it) and ``delta_f`` (per-weight dF, ``+inf`` where the weight was pruned
+    before); per layer, the ``threshold`` applied."""
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    accepted: dict[str, torch.Tensor] = field(default_factory=dict)
+    locs: dict[str, torch.Tensor] = field(default_factory=dict)
+    variances: dict[str, torch.Tensor] = field(default_factory=dict)
+    delta_f: dict[str, torch.Tensor] = field(default_factory=dict)
+    threshold: dict[str, torch.Tensor] = field(default_factory=dict)
+    reduced_var: float = 0.0
+
+    def summary(self) -> dict:
+        """Plain numbers for reports and JSON: per layer, the threshold and the fraction of its
+        weights where the reduced prior is accepted (pruned, when ``reduced_var = 0``)."""
+        layers = {}
+        for layer, zeta in self.threshold.items():
+            sites = [s for s in self.accepted if split_site(s)[0] == layer]
+            n = sum(self.accepted[s].numel() for s in sites)
+            acc = sum(int(self.accepted[s].sum()) for s in sites)
+            layers[layer] = {"threshold": float(zeta), "weights": n, "reduced_fraction": acc / n}
+        return {"reduced_var": self.reduced_var, "layers": layers}
+
+
+def _split_like(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for s, t in like.items():
+        out[s] = flat[start:start + t.numel()].view_as(t)
+        start += t.numel()
+    return out
+
+
+def reduce_sites(weights: Mapping[str, tuple], masks: Mapping[str, torch.Tensor] | None = None, *,
+                 rule: str = "ss", level: str = "weight", reduced_var: float = 0.0,
+                 num_iters: int = 4) -> Reduction:
+    """Decide a reduction for Gaussian weight sites ``{site: (mu, var, prior_var)}``.
+
+    Sites named ``<layer>.<param>`` of one layer share a threshold (the per-layer Beta prior of
+    the S&S rule). ``masks`` holds weights pruned already: they stay pruned and count as pruned.
+    ``level="group"`` decides per output group (weight row + bias entry, ``dF`` summed over the
+    group's kept weights) instead of per weight. ``reduced_var = 0`` removes the accepted weights;
+    ``reduced_var > 0`` instead shrinks them to their reduced posterior under ``N(0, reduced_var)``.
+    Vectorised per layer; nothing leaves the device.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown BMR rule {rule!r}; choose one of {RULES}")
+    if level not in LEVELS:
+        raise ValueError(f"unknown BMR level {level!r}; choose one of {LEVELS}")
+    if not reduced_var >= 0:
+        raise ValueError(f"reduced_var must be >= 0, got {reduced_var}")
+    masks = dict(masks or {})
+    out = Reduction(reduced_var=float(reduced_var))
+    by_layer: dict[str, list[str]] = {}
+    for site in weights:
+        by_layer.setdefault(split_site(site)[0], []).append(site)
+    for layer, sites in by_layer.items():
+        d_fs, reduced = {}, {}
+        for site in sites:
+            mu, var, prior_var = weights[site]
+            if reduced_var > 0:  # t > 0 is automatic for r = 0; check it otherwise
+                _t(var, _as_tensor(prior_var, var), _as_tensor(reduced_var, var))
+            d_f, mu_r, var_r = _reduce_normal(mu, var, prior_var, reduced_var)
+            if site in masks:
+                d_f = d_f.masked_fill(~masks[site], math.inf)
+            d_fs[site], reduced[site] = d_f, (mu_r, var_r)
+        if level == "weight":
+            prune_flat, zeta = prune_decision(torch.cat([d.reshape(-1) for d in d_fs.values()]), rule, num_iters)
+            prune = _split_like(prune_flat, d_fs)
+        else:
+            kinds = {split_site(s)[1]: s for s in sites}
+            if set(kinds) - {"weight", "bias"} or "weight" not in kinds:
+                raise ValueError(f"group-level BMR needs a layer's weight (and bias) sites, got {sites}")
+            w, b = kinds["weight"], kinds.get("bias")
+            # a group's dF over its still-kept weights; a fully pruned group counts as pruned
+            parts = [d_fs[w].reshape(d_fs[w].shape[0], -1)] + ([d_fs[b].unsqueeze(1)] if b else [])
+            rows = torch.cat(parts, 1)
+            finite = torch.isfinite(rows)
+            g = torch.where(finite, rows, torch.zeros_like(rows)).sum(1).masked_fill(~finite.any(1), math.inf)
+            prune_g, zeta = prune_decision(g, rule, num_iters)
+            prune = {w: prune_g.view(-1, *([1] * (d_fs[w].dim() - 1))).expand_as(d_fs[w])}
+            if b:
+                prune[b] = prune_g
+        out.threshold[layer] = zeta
+        for s in sites:
+            keep_before = masks.get(s)
+            # weights pruned before have dF = +inf, so the rule has pruned them again
+            accept = prune[s]
+            out.delta_f[s], out.accepted[s] = d_fs[s], accept
+            if reduced_var == 0:
+                out.masks[s] = ~accept
+            else:
+                if keep_before is not None:
+                    out.masks[s] = keep_before
+                mu, var, _ = weights[s]
+                mu_r, var_r = reduced[s]
+                out.locs[s] = torch.where(accept, mu_r, mu)
+                out.variances[s] = torch.where(accept, var_r, var)
+    return out
+
+
+# ---- a mean-field Normal guide ---------------------------------------------------------------------
+def reducible_sites(net, prune_last: bool = False, layers=None) -> list[str]:
+    """The weight sites BMR considers: every layer but the output layer (unless ``prune_last``),
+    or the named ``layers``."""
+    names = [l.name for l in (net.param_layers if prune_last else net.hidden_layers())]
+    if layers is not None:
+        unknown = [l for l in layers if l not in [p.name for p in net.param_layers]]
+        if unknown:
+            raise KeyError(f"unknown layers {unknown}; layers are {[p.name for p in net.param_layers]}")
+        names = list(layers)
+    return [s for s in net.sites() if split_site(s)[0] in names]
+
+
+def prior_variance(prior, site: str):
+    """The prior variance of a site: ``scale^2`` of a :class:`~bnnzoo.models.GaussianPrior` (a
+    number), or the variance of any zero-mean Normal site prior (a tensor)."""
+    scale = getattr(prior, "scale_value", None)
+    if scale is not None:
+        return scale * scale
+    d = prior.site_distribution(site)
+    base = getattr(d, "base_dist", d)
+    if not isinstance(base, torch.distributions.Normal) or not bool(torch.all(base.loc == 0)):
+        raise TypeError(f"BMR needs a zero-mean Gaussian prior on {site}, the model has {type(base).__name__}")
+    return base.scale.pow(2)
+
+
+def meanfield_gaussian_weights(guide: MeanFieldNormal, model, sites=None) -> dict[str, tuple]:
+    """``{site: (mu, sigma^2, prior_var)}`` of a mean-field Normal guide (detached)."""
+    if not isinstance(guide, MeanFieldNormal):
+        raise TypeError(f"expected a MeanFieldNormal guide, got {type(guide).__name__}")
+    sites = list(guide.net.sites()) if sites is None else sites
+    out = {}
+    for site in sites:
+        mu = get_site(guide.locs, site).detach()
+        var = torch.exp(2 * get_site(guide.log_scales, site).detach())
+        out[site] = (mu, var, prior_variance(model.prior, site))
+    return out
+
+
+@torch.no_grad()
+def apply_reduction(guide: MeanFieldNormal, reduction: Reduction) -> None:
+    """Write a reduction into a mean-field guide in place: masks set (they only shrink), and the
+    guide entries replaced by the reduced posterior where the reduction was accepted (pruned
+    weights: loc 0 and the pruned scale, so they are frozen there)."""
+    guide.set_masks(reduction.masks)
+    log_pruned = math.log(_PRUNED_SCALE)
+    for site, accept in reduction.accepted.items():
+        p_loc, p_log_scale = get_site(guide.locs, site), get_site(guide.log_scales, site)
+        if reduction.reduced_var == 0:
+            p_loc.masked_fill_(accept, 0.0)
+            p_log_scale.masked_fill_(accept, log_pruned)
+        else:
+            var = reduction.variances[site]
+            p_loc.copy_(torch.where(accept, reduction.locs[site].to(p_loc.dtype), p_loc))
+            p_log_scale.copy_(torch.where(accept, 0.5 * torch.log(var.to(p_log_scale.dtype)), p_log_scale))
+
+
+def evidence_changes(guide: MeanFieldNormal, model, *, prune_last: bool = False, layers=None,
+                     reduced_var: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per-weight ``dF`` of every reducible site of a fitted mean-field guide (``+inf`` where pruned)."""
+    weights = meanfield_gaussian_weights(guide, model, reducible_sites(guide.net, prune_last, layers))
+    out = {}
+    for site, (mu, var, prior_var) in weights.items():
+        d_f = _reduce_normal(mu, var, prior_var, reduced_var)[0]
+        keep = guide.mask(site)
+        out[site] = d_f if keep is None else d_f.masked_fill(~keep, math.inf)
+    return out
+
+
+def reduce_(guide: MeanFieldNormal, model, *, rule: str = "ss", level: str = "weight", prune_last: bool = False,
+            layers=None, reduced_var: float = 0.0, num_iters: int = 4) -> Reduction:
+    """Reduce a mean-field guide in place (used between training epochs); returns the decision."""
+    sites = reducible_sites(guide.net, prune_last, layers)
+    weights = meanfield_gaussian_weights(guide, model, sites)
+    masks = {s: guide.mask(s) for s in sites if guide.mask(s) is not None}
+    reduction = reduce_sites(weights, masks, rule=rule, level=level, reduced_var=reduced_var, num_iters=num_iters)
+    apply_reduction(guide, reduction)
+    return reduction
+
+
+def reduce(guide: MeanFieldNormal, model, *, rule: str = "ss", level: str = "weight", prune_last: bool = False,
+           layers=None, reduced_var: float = 0.0, num_iters: int = 4) -> MeanFieldNormal:
+    """A reduced copy of a fitted mean-field guide; ``guide`` itself is left untouched.
+
+    ``rule``: ``"ss"`` (spike-and-slab threshold, per-layer Beta(1, 1) prior, ``num_iters``
+    iterations) or ``"plain"`` (``dF > 0``). ``level``: ``"weight"`` or ``"group"`` (neurons /
+    filters). The output layer is left alone unless ``prune_last`` (or ``layers`` names the layers).
+    Pruned weights are masked (exact zeros in every draw) with their entries set to the reduced
+    posterior, a point mass at 0; with ``reduced_var > 0`` accepted weights are shrunk to the
+    reduced posterior under ``N(0, reduced_var)`` instead.
+    """
+    reduced = copy.deepcopy(guide)
+    reduce_(reduced, model, rule=rule, level=level, prune_last=prune_last, layers=layers,
+            reduced_var=reduced_var, num_iters=num_iters)
+    return reduced

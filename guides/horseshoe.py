@@ -1,0 +1,314 @@
+"""The structured guide of the node-wise horseshoe: Gaussian decentred weights, LogNormal scales.
+
+    q(beta_kj) = N(mu_kj, sigma_kj^2)                     every weight of hidden layers (decentred)
+    q(v)       = LogNormal(m_v, r_v^2)                    v in tau_a, tau_b, lambda_a[k], lambda_b[k], c2
+    q(w_out)   = N(mu, sigma^2)                           output layer (plain Gaussian prior)
+
+Every KL term is closed form (Normal-Normal, LogNormal-Gamma, LogNormal-InverseGamma; see
+:mod:`bnnzoo.guides.closed_form_kl`), so Pyro's ``TraceMeanField_ELBO`` uses no Monte Carlo KL.
+
+Training (:meth:`HorseshoeGuide.sample_outputs_and_kl`) uses local reparameterisation: the
+pre-activation of group ``k`` of a dense layer is ``s_k * (h beta_k + beta_bias_k)``; the bracket is
+Gaussian given ``h`` (mean ``h mu_k``, variance ``h^2 sigma_k^2``: two matrix products), drawn once
+per example, and the scales ``s_k`` are drawn once per minibatch from their LogNormal factors (a
+per-example draw costs more than it saves: the regularised scale is a few transcendental functions
+over a batch-by-neurons array). Conv layers draw their (few, shared) weights once per minibatch.
+Every example thus sees an exact joint draw of all weights, so the loss is an unbiased estimate of
+the negative ELBO that ``TraceMeanField_ELBO`` estimates by sampling weights.
+
+Parameterisation: the decentred weights of a layer with fan-in ``n`` start as PyTorch's initial
+weights times ``sqrt(n)`` and the layer's scale at ``1/sqrt(n)`` (local scales at 1, the global
+scale carrying the layer's size), so the effective weights start where PyTorch starts them and
+every variational parameter lives on a scale of order one: a single Adam learning rate then suits
+the weights and the log-scales, which must travel several units for a neuron to be switched off.
+The output layer's Gaussian parameters are stored in the same units (``w = mu / sqrt(n)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from bnnzoo.models.horseshoe import SCALE_VARIABLES, HorseshoePrior, regularised_log_scale
+
+from . import closed_form_kl  # noqa: F401  (registers the LogNormal-Gamma / -InverseGamma KLs with torch)
+from .scaled_dense import scaled_local_reparam_dense
+from .sites import get_site, site_parameters
+from .weight_guide import WeightGuide
+
+_PRUNED_SCALE = 1e-30  # a pruned weight's guide scale (exactly-zero scales are not valid Normals)
+_QUADRATURE_POINTS = 40  # Gauss-Hermite points per Gaussian dimension for E_q[f(s_k)]
+
+
+def gaussian_kl(loc: torch.Tensor, log_scale: torch.Tensor, prior_scale: float,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum KL(N(loc, exp(log_scale)^2) || N(0, prior_scale^2))`` over the kept entries."""
+    kl = (0.5 * (torch.exp(2 * log_scale) + loc * loc) / prior_scale**2 - log_scale
+          + (math.log(prior_scale) - 0.5))
+    return (kl * keep).sum() if keep is not None else kl.sum()
+
+
+class HorseshoeGuide(WeightGuide):
+    """Mean-field guide over a :class:`~bnnzoo.models.HorseshoePrior` model (module docstring).
+
+    Parameters: ``locs.<site>`` / ``log_scales.<site>``, the Gaussian over each network site's
+    decentred weights (the output layer's weights in units of ``1/sqrt(fan_in)``), and
+    the mean (divided by ``scale_gain``) and log standard deviation of ``ln v`` for every scale
+    variable ``v`` of every hidden layer, packed so that the closed-form KL and the draws of all
+    scales take a handful of tensor operations per step: ``pair_loc_raw`` / ``pair_log_sd`` of shape
+    ``(2, L + sum K)`` hold the Half-Cauchy auxiliaries (row 0: ``tau_a``, ``lambda_a``; row 1:
+    ``tau_b``, ``lambda_b``; columns: the ``L`` hidden layers' ``tau``, then every group's
+    ``lambda``), ``slab_loc_raw`` / ``slab_log_sd`` of shape ``(L,)`` the slabs ``c^2``;
+    :meth:`scale_parameters` gives one site's. ``init_scale`` is the initial
+    standard deviation of every Gaussian (decentred units), ``init_log_scale_sd`` that of every ``ln v``.
+
+    ``scale_gain``: Adam moves every stored parameter by about the learning rate per step, but a
+    group is only switched off once its log-scale has travelled several units; storing the log-scale
+    means divided by ``scale_gain`` makes them move ``scale_gain`` times faster than the weights, so
+    one learning rate serves both (the model and the optimum are unchanged).
+    """
+
+    def __init__(self, model, init_scale: float = 1e-2, init_log_scale_sd: float = 0.1, scale_gain: float = 10.0,
+                 init_locs: dict | None = None):
+        super().__init__(model)
+        prior = model.prior
+        if not isinstance(prior, HorseshoePrior):
+            raise TypeError(f"HorseshoeGuide needs a model with a HorseshoePrior, got {type(prior).__name__}")
+        for name, value in (("init_scale", init_scale), ("init_log_scale_sd", init_log_scale_sd),
+                            ("scale_gain", scale_gain)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        self.hidden = list(prior.hidden)
+        self.output = prior.output
+        self.output_unit = 1.0 / math.sqrt(self.net.layer(self.output).fan_in)
+        self.output_prior_scale = prior.output_scale_value / self.output_unit  # in stored units
+        init = init_locs if init_locs is not None else self.net.init_params()
+        locs = {site: v * math.sqrt(self.net.layer(site.rpartition(".")[0]).fan_in) for site, v in init.items()}
+        self.locs = site_parameters(locs)
+        self.log_scales = site_parameters({s: torch.full_like(v, math.log(init_scale)) for s, v in locs.items()})
+        self._prior = [prior]  # kept out of the module tree: the model owns it
+        self.register_buffer("output_units", torch.full((self.net.layer(self.output).num_groups,), self.output_unit),
+                             persistent=False)
+        self.scale_gain = float(scale_gain)
+        self._init_scales(prior, init_log_scale_sd)
+
+    def _init_scales(self, prior: HorseshoePrior, init_log_scale_sd: float) -> None:
+        sizes = [self.net.layer(name).num_groups for name in self.hidden]
+        n_layers, n_groups = len(sizes), sum(sizes)
+        self.group_offsets = [0] + [int(v) for v in np.cumsum(sizes)]
+        # the Half-Cauchy pairs, one column each: [tau (L) | lambda (G)]; row 0 the Gamma factor
+        # (rate tau0^-2 for tau, 1 for lambda), row 1 the InverseGamma(1/2, 1) factor
+        tau0, slab_a, slab_b = float(prior.tau0), float(prior.slab_shape), float(prior.slab_scale)
+        width = n_layers + n_groups
+        rate = torch.ones(2, width)
+        rate[0, :n_layers] = tau0**-2
+        sign = torch.tensor([[-1.0], [1.0]]).expand(2, width).clone()
+        const = ((-0.5 * rate.log() + math.lgamma(0.5)).sum()
+                 + n_layers * (math.lgamma(slab_a) - slab_a * math.log(slab_b)))
+        const = const - (2 * width + n_layers) * 0.5 * math.log(2 * math.pi * math.e)
+        self.register_buffer("pair_sign", sign, persistent=False)
+        self.register_buffer("half_pair_sign", 0.5 * sign, persistent=False)
+        self.register_buffer("gain", torch.tensor(self.scale_gain), persistent=False)
+        # (2L, 2G) block-diagonal indicator of each group's layer: spreads the per-layer draws of
+        # ln tau^2 and ln c^2 over the groups with one matrix product
+        spread = torch.repeat_interleave(torch.eye(n_layers), torch.tensor(sizes), dim=1)
+        self.register_buffer("spread", torch.block_diag(spread, spread), persistent=False)
+        self.register_buffer("pair_rate", rate, persistent=False)
+        self.register_buffer("kl_const", const, persistent=False)
+        self.slab_shape, self.slab_scale = slab_a, slab_b
+        # start the effective weights at PyTorch's scale s = 1/sqrt(fan_in), with s^2 = c^2 u / (c^2 + u):
+        # local scales at 1, the global scale carrying the layer's size, c^2 at 1 / E_p[1/c^2]
+        c2 = slab_b / slab_a
+        pair = torch.zeros(2, width)
+        for i, name in enumerate(self.hidden):
+            s2 = 1.0 / self.net.layer(name).fan_in
+            pair[:, i] = 0.5 * (math.log(s2 * c2 / (c2 - s2)) if c2 > 2 * s2 else math.log(s2))
+        self.pair_loc_raw = nn.Parameter(pair / self.scale_gain)
+        self.pair_log_sd = nn.Parameter(torch.full_like(pair, math.log(init_log_scale_sd)))
+        self.slab_loc_raw = nn.Parameter(torch.full((n_layers,), math.log(c2) / self.scale_gain))
+        self.slab_log_sd = nn.Parameter(torch.full((n_layers,), math.log(init_log_scale_sd)))
+
+    @property
+    def prior(self) -> HorseshoePrior:
+        return self._prior[0]
+
+    # ---- scale variables ----------------------------------------------------------------------
+    def scale_parameters(self, layer: str, var: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log standard deviation of ``ln v`` under q for scale variable ``var`` of ``layer``."""
+        i, n = self.hidden.index(layer), len(self.hidden)
+        if var == "c2":
+            return self.scale_gain * self.slab_loc_raw[i], self.slab_log_sd[i]
+        row = 0 if var.endswith("_a") else 1
+        where = i if var.startswith("tau") else slice(n + self.group_offsets[i], n + self.group_offsets[i + 1])
+        return self.scale_gain * self.pair_loc_raw[row, where], self.pair_log_sd[row, where]
+
+    def _log_moments(self, pair_var: torch.Tensor | None = None):
+        """Means and standard deviations under q of ``ln tau^2`` and ``ln lambda_k^2`` (one vector:
+        ``L`` layers, then the groups of all layers) and of ``ln c^2`` (per layer)."""
+        pair_var = torch.exp(2 * self.pair_log_sd) if pair_var is None else pair_var
+        return ((self.gain * self.pair_loc_raw.sum(0), pair_var.sum(0).sqrt()),
+                (self.gain * self.slab_loc_raw, self.slab_log_sd.exp()))
+
+    def sample_log_scales(self, batch_shape: tuple[int, ...] = (), pair_var: torch.Tensor | None = None
+                          ) -> dict[str, torch.Tensor]:
+        """Draws of ``ln s_k`` for every hidden layer, each of shape ``batch_shape + (K,)``: one draw of a
+        layer's ``tau`` and ``c`` per batch entry, shared by its groups, and one ``lambda_k`` per group."""
+        (m, sd), (m_c, sd_c) = self._log_moments(pair_var)
+        n = len(self.hidden)
+        eps = torch.randn(batch_shape + (len(m) + n,), device=m.device, dtype=m.dtype)
+        z = torch.addcmul(m, sd, eps[..., :len(m)])
+        per_layer = torch.cat([z[..., :n], torch.addcmul(m_c, sd_c, eps[..., len(m):])], -1)
+        spread = per_layer @ self.spread
+        groups = self.group_offsets[-1]
+        log_s = regularised_log_scale(z[..., n:] + spread[..., :groups], spread[..., groups:])
+        sizes = [b - a for a, b in zip(self.group_offsets[:-1], self.group_offsets[1:])]
+        return dict(zip(self.hidden, log_s.split(sizes, dim=-1)))
+
+    def expect_scale(self, layer: str, fn) -> torch.Tensor:
+        """``E_q[fn(ln s_k)]`` for every group ``k`` of ``layer`` by Gauss-Hermite quadrature over
+        ``ln(tau^2 lambda_k^2)`` and ``ln c^2`` (independent Gaussians under q)."""
+        (m, sd), (m_c, sd_c) = self._log_moments()
+        i, n = self.hidden.index(layer), len(self.hidden)
+        groups = slice(n + self.group_offsets[i], n + self.group_offsets[i + 1])
+        nodes, weights = np.polynomial.hermite_e.hermegauss(_QUADRATURE_POINTS)
+        x = torch.as_tensor(nodes, dtype=m.dtype, device=m.device)
+        w = torch.as_tensor(weights / weights.sum(), dtype=m.dtype, device=m.device)
+        m_u, sd_u = m[i] + m[groups], (sd[i] ** 2 + sd[groups] ** 2).sqrt()
+        log_u = m_u[:, None, None] + sd_u[:, None, None] * x[None, :, None]
+        log_c2 = m_c[i] + sd_c[i] * x[None, None, :]
+        values = fn(regularised_log_scale(log_u, log_c2))
+        return (values * (w[:, None] * w[None, :])).sum((-2, -1))
+
+    def scale_mean(self, layer: str) -> torch.Tensor:
+        """``E_q[s_k]`` for every group of hidden ``layer``."""
+        return self.expect_scale(layer, torch.exp)
+
+    def log_scale_mean(self, layer: str) -> torch.Tensor:
+        """``E_q[ln s_k]`` for every group of hidden ``layer``."""
+        return self.expect_scale(layer, lambda v: v)
+
+    # ---- closed-form KL ---------------------------------------------------------------------
+    def scale_kl(self, pair_var: torch.Tensor | None = None) -> torch.Tensor:
+        """``KL(q || p)`` of every scale variable, vectorised: ``KL(LogNormal(m, r^2) || Gamma(1/2, rate b))``
+        ``= -m/2 + b E[x] + ...`` and ``KL(LogNormal || InverseGamma(a, scale b)) = a m + b E[1/x] + ...``
+        with ``E[x^(-+1)] = exp(-+m + r^2/2)`` (see :mod:`~bnnzoo.guides.closed_form_kl`);
+        ``pair_var = exp(2 pair_log_sd)`` if already at hand."""
+        pair_var = torch.exp(2 * self.pair_log_sd) if pair_var is None else pair_var
+        m = self.gain * self.pair_loc_raw
+        moment = torch.exp(torch.addcmul(0.5 * pair_var, self.pair_sign, m, value=-1.0))
+        kl = (self.half_pair_sign * m + self.pair_rate * moment - self.pair_log_sd).sum()
+        m_c, ls_c = self.gain * self.slab_loc_raw, self.slab_log_sd
+        inv_moment = torch.exp(0.5 * torch.exp(2 * ls_c) - m_c)
+        return kl + (self.slab_shape * m_c + self.slab_scale * inv_moment - ls_c).sum() + self.kl_const
+
+    def _prior_scale(self, layer: str) -> float:
+        return self.output_prior_scale if layer == self.output else 1.0
+
+    def kl_divergence(self, model=None) -> torch.Tensor:
+        """``KL(q || p)`` over every latent site (pruned weights carry none: they are not in the
+        reduced model)."""
+        total = self.scale_kl()
+        for site in self.net.sites():
+            layer = site.rpartition(".")[0]
+            total = total + gaussian_kl(get_site(self.locs, site), get_site(self.log_scales, site),
+                                        self._prior_scale(layer), self.mask(site))
+        return total
+
+    # ---- the Pyro guide -----------------------------------------------------------------------
+    def site_distribution(self, site: str) -> dist.Distribution:
+        """The guide's distribution at Pyro site ``site`` (a site of the model's prior)."""
+        layer, _, var = site.rpartition(".")
+        if var in SCALE_VARIABLES:
+            loc, log_sd = self.scale_parameters(layer, var)
+            return dist.LogNormal(loc, log_sd.exp()).to_event(loc.dim())
+        net_site = site.removesuffix("_decentered")
+        loc, scale = get_site(self.locs, net_site), get_site(self.log_scales, net_site).exp()
+        if layer == self.output:
+            loc, scale = loc * self.output_unit, scale * self.output_unit
+        keep = self.mask(net_site)
+        if keep is not None:
+            loc = loc * keep
+            scale = torch.where(keep, scale, torch.full_like(scale, _PRUNED_SCALE))
+        return dist.Normal(loc, scale).to_event(loc.dim())
+
+    def forward(self, x=None, y=None, num_data=None) -> dict[str, torch.Tensor]:
+        """Sample every latent site of the model; returns the effective weights."""
+        values = {site: pyro.sample(site, self.site_distribution(site)) for site in self.prior.sites()}
+        return self.apply_masks(self.prior.weights(values))
+
+    # ---- plain-torch access -------------------------------------------------------------------
+    def draw(self) -> dict[str, torch.Tensor]:
+        """One posterior draw of the effective weights ``w = s * beta`` (pruned weights zero)."""
+        scales = {layer: v.exp() for layer, v in self.sample_log_scales().items()}
+        out = {}
+        for site in self.net.sites():
+            layer = site.rpartition(".")[0]
+            loc = get_site(self.locs, site)
+            value = loc + get_site(self.log_scales, site).exp() * torch.randn_like(loc)
+            out[site] = self._to_weights(layer, value, scales.get(layer))
+        return self.apply_masks(out)
+
+    def posterior_mean(self) -> dict[str, torch.Tensor]:
+        """``E_q[w] = E_q[s_k] * mu`` (scales and decentred weights are independent under q)."""
+        scales = {layer: self.scale_mean(layer) for layer in self.hidden}
+        out = {site: self._to_weights(site.rpartition(".")[0], get_site(self.locs, site),
+                                      scales.get(site.rpartition(".")[0])) for site in self.net.sites()}
+        return self.apply_masks(out)
+
+    def _to_weights(self, layer: str, value: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        if layer == self.output:
+            return value * self.output_unit
+        return scale.reshape(scale.shape + (1,) * (value.dim() - 1)) * value
+
+    # ---- training -----------------------------------------------------------------------------
+    def _gaussian_layer(self, layer, h: torch.Tensor, prior_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h beta + beta_bias`` for one draw and the Gaussian KL of the kept weights, for layers off
+        the fused dense path: a masked dense layer by local reparameterisation (one draw per example
+        from the Gaussian moments), a conv layer with one draw of its (few, shared) weights per batch,
+        which costs one convolution and no per-position noise instead of two convolutions."""
+        values, kl = [], 0.0
+        for param in ("weight", "bias"):
+            loc, log_scale = self.locs[layer.name][param], self.log_scales[layer.name][param]
+            var, keep = torch.exp(2 * log_scale), self.mask(f"{layer.name}.{param}")
+            term = 0.5 * (var + loc * loc) / prior_scale**2 - log_scale + (math.log(prior_scale) - 0.5)
+            if keep is not None:
+                loc, var, term = loc * keep, var * keep, term * keep
+            kl = kl + term.sum()
+            values.append((loc, var, log_scale))
+        (w_loc, w_var, w_ls), (b_loc, b_var, b_ls) = values
+        if layer.kind == "conv2d":
+            w = torch.addcmul(w_loc, w_ls.exp(), torch.randn_like(w_loc))
+            b = torch.addcmul(b_loc, b_ls.exp(), torch.randn_like(b_loc))
+            keep_w, keep_b = self.mask(f"{layer.name}.weight"), self.mask(f"{layer.name}.bias")
+            return layer.op(h, w if keep_w is None else w * keep_w, b if keep_b is None else b * keep_b), kl
+        mean = layer.op(h, w_loc, b_loc)
+        sd = layer.op(h * h, w_var, b_var + 1e-16).sqrt()
+        return torch.addcmul(mean, sd, torch.randn_like(mean)), kl
+
+    def sample_outputs_and_kl(self, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One local-reparameterised draw of the network outputs for ``x`` and ``KL(q || p)``."""
+        pair_var = torch.exp(2 * self.pair_log_sd)
+        kl = self.scale_kl(pair_var)
+        scales = {layer: v.exp() for layer, v in self.sample_log_scales((), pair_var).items()}
+        fused = len(self.masks) == 0
+
+        def linear(layer, h):
+            nonlocal kl
+            name = layer.name
+            mu, rho = self.locs[name]["weight"], self.log_scales[name]["weight"]
+            b_mu, b_rho = self.locs[name]["bias"], self.log_scales[name]["bias"]
+            s = self.output_units if name == self.output else scales[name]
+            if fused and layer.kind == "dense":
+                out, layer_kl = scaled_local_reparam_dense(h, mu, rho, b_mu, b_rho, s, self._prior_scale(name))
+                kl = kl + layer_kl
+                return out
+            z, layer_kl = self._gaussian_layer(layer, h, self._prior_scale(name))
+            kl = kl + layer_kl
+            return z * s.reshape(s.shape + (1,) * (z.dim() - 2))  # (K,) against (B, K) or (B, K, H, W)
+
+        return self.net.apply(x, linear), kl

@@ -1,0 +1,487 @@
+"""The TDAMP guide: turbo deep approximate message passing (Xu, Liu, Zhang & Lau 2024) as a Pyro guide.
+
+The posterior over the weights of a dense ReLU network under the group-sparse Bernoulli-Gaussian
+prior (:class:`~bnnzoo.models.BernoulliGaussianPrior`) is found by message passing, not gradients:
+
+* **State**: for every weight, the Gaussian likelihood message of the data seen so far, in natural
+  parameters (precision x mean ``eta``, precision ``lam``), held per layer as a ``(K, I + 1)``
+  tensor whose last column is the bias (``messages.<layer>.eta`` / ``.precision``): a neuron's
+  group is one row.
+* **Module B** (:mod:`~bnnzoo.guides.group_sparse_messages`): exact sum-product on each group's
+  spike-and-slab prior with these messages: inclusion probability ``pi_g`` of every neuron, the
+  extrinsic (leave-one-out) Bernoulli-Gaussian prior of every weight and its posterior moments.
+* **Module A** (:mod:`~bnnzoo.guides.moment_propagation`): with every weight's belief the
+  moment-matched Bernoulli-Gaussian posterior ``N(M, V)`` (Module B's extrinsic prior times Module
+  A's own message), a forward pass propagates activation means and variances and a backward pass
+  returns the minibatch's Gaussian message to every weight.
+* **Turbo iterations**: Module A and Module B exchange messages ``turbo_iterations`` times per
+  minibatch.
+* **Minibatches, posterior as prior**: after a batch of ``B`` of the ``N`` examples, the state
+  becomes ``(1 - beta B / (N T)) state + beta message``: the posterior after a batch is the prior of
+  the next; the forgetting factor ``1 - beta B / (N T)`` keeps the state at ``T = memory`` passes'
+  worth of data (each batch replaces its share; ``T = 1`` counts every example once, a larger ``T``
+  tempers the posterior like repeated assumed-density-filtering passes do), and ``beta``
+  (``damping``) smooths the updates. Each neuron's step is controlled by an exact line search on
+  the batch's quadratic model (:meth:`TDAMPGuide._absorb`).
+
+Called as a Pyro guide, ``guide(x, y, num_data)`` samples every weight site of the model from the
+Bernoulli-Gaussian posterior (each neuron on or off with probability ``pi_g``, then its weights from
+the slab posterior), so ``pyro.infer.Predictive`` works unchanged. The state is plain tensors:
+:meth:`TDAMPGuide.state` returns them and :meth:`TDAMPGuide.set_state` sets them (a federated
+server aggregates them); :meth:`TDAMPGuide.set_posterior` sets the state from posterior moments.
+
+Initialisation: symmetry between neurons is broken by a pseudo-message centred on a draw from the
+slab (``N(0, sigma^2)``) with precision ``init_precision / sigma^2``, so the slab posterior starts at
+that draw with variance ``sigma^2 / (1 + init_precision)``; the forgetting factor wipes it out.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import pyro
+import torch
+from torch import nn
+
+from bnnzoo.models.bernoulli_gaussian import BernoulliGaussianPrior, GroupBernoulliGaussian, bias_given_weight
+from bnnzoo.models.likelihoods import GaussianLikelihood
+from bnnzoo.models.probit_product import ProbitProductLikelihood
+
+from .group_sparse_messages import GroupPosterior, group_posterior, make_workspace
+from .moment_propagation import (LayerRecord, WeightMessage, check_finite, check_network, gaussian_log_evidence,
+                                 linear_moments, propagate, weight_messages)
+from .weight_guide import WeightGuide
+
+LINE_SEARCH_EXAMPLES = 32  # examples of a batch behind each neuron's step control
+
+
+def _check_positive(name: str, value, upper: float = math.inf, closed: bool = False) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value
+    ok = ok and (value <= upper if closed else value < upper)
+    if not ok:
+        if upper == math.inf:
+            raise ValueError(f"{name} must be positive and finite, got {value!r}")
+        raise ValueError(f"{name} must lie in (0, {upper:g}{']' if closed else ')'}, got {value!r}")
+    return float(value)
+
+
+def _split(layer_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias parts (views) of a layer tensor whose last column is the bias."""
+    return layer_tensor[:, :-1], layer_tensor[:, -1]
+
+
+class TDAMPGuide(WeightGuide):
+    """Bernoulli-Gaussian posterior over a dense ReLU network, fitted by TDAMP (module docstring).
+
+    ``model`` is a :class:`~bnnzoo.models.BayesianNeuralNetwork` with a
+    :class:`~bnnzoo.models.BernoulliGaussianPrior` and a
+    :class:`~bnnzoo.models.GaussianLikelihood` (regression, noise variance ``v = noise_scale^2``)
+    or :class:`~bnnzoo.models.ProbitProductLikelihood` (classification). ``init_locs`` (site ->
+    tensor) replaces the random initial slab means.
+    """
+
+    def __init__(self, model, damping: float = 0.8, turbo_iterations: int = 1, init_precision: float = 1.0,
+                 memory: float = 1.0, init_locs: dict | None = None):
+        super().__init__(model)
+        check_network(self.net)
+        if not isinstance(model.prior, BernoulliGaussianPrior):
+            raise TypeError(f"TDAMPGuide needs a BernoulliGaussianPrior, got {type(model.prior).__name__}")
+        if not isinstance(model.likelihood, (GaussianLikelihood, ProbitProductLikelihood)):
+            raise TypeError("TDAMPGuide needs a GaussianLikelihood (regression) or a ProbitProductLikelihood "
+                            f"(classification), got {type(model.likelihood).__name__}")
+        self.damping = _check_positive("damping", damping, 1.0, closed=True)
+        if isinstance(turbo_iterations, bool) or not isinstance(turbo_iterations, numbers.Integral) \
+                or turbo_iterations < 1:
+            raise ValueError(f"turbo_iterations must be a positive integer, got {turbo_iterations!r}")
+        self.turbo_iterations = int(turbo_iterations)
+        self.init_precision = _check_positive("init_precision", init_precision)
+        self.memory = _check_positive("memory", memory)
+        if self.memory < 1:
+            raise ValueError(f"memory must be at least one pass, got {memory!r}")
+        self.model = [model]  # a plain list: the guide reads the model's prior and likelihood, it does not own them
+        self.messages = nn.ModuleDict()
+        for layer in self.net.param_layers:
+            s2 = model.prior.slab_var(layer.name)
+            k, i = layer.weight_shape
+            if init_locs is None:
+                w0 = torch.randn(k, i + 1, device=s2.device) * s2.sqrt().unsqueeze(1)
+            else:
+                w0 = torch.cat([init_locs[f"{layer.name}.weight"], init_locs[f"{layer.name}.bias"].unsqueeze(1)], 1)
+            lam = (self.init_precision / s2).unsqueeze(1).expand(k, i + 1).clone()
+            mod = nn.Module()
+            mod.register_buffer("eta", w0 * ((1.0 + self.init_precision) / s2).unsqueeze(1))  # slab mean = w0
+            mod.register_buffer("precision", lam)
+            self.messages[layer.name] = mod
+        # statistics of the current pass (sums over examples): sum of (y - E z)^2 + Var z, log evidence
+        self.register_buffer("noise_sum", torch.zeros(()))
+        self.register_buffer("log_evidence_sum", torch.zeros(()))
+        self.register_buffer("num_seen", torch.zeros(()))
+        self._workspace: dict[str, dict[str, torch.Tensor]] = {}  # Module B's buffers in the training loop
+
+    # ---- model parts ----------------------------------------------------------------------------
+    @property
+    def prior(self) -> BernoulliGaussianPrior:
+        return self.model[0].prior
+
+    @property
+    def likelihood(self):
+        return self.model[0].likelihood
+
+    @property
+    def task(self) -> str:
+        return self.likelihood.task
+
+    def noise_var(self) -> torch.Tensor:
+        """The likelihood's noise variance ``v`` (a tensor on the device)."""
+        lik = self.likelihood
+        return lik.noise_var if isinstance(lik, ProbitProductLikelihood) else torch.exp(2 * lik.log_noise_scale.detach())
+
+    def message(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The data's message to a weight site in natural parameters ``(eta, precision)`` (views)."""
+        layer, _, param = site.rpartition(".")
+        mod = self.messages[layer]
+        pick = 0 if param == "weight" else 1
+        return _split(mod.eta)[pick], _split(mod.precision)[pick]
+
+    # ---- Module B -------------------------------------------------------------------------------
+    def _layer_posteriors(self, reuse_workspace: bool = False) -> dict[str, GroupPosterior]:
+        """Module B per layer on the ``(K, I + 1)`` tensors (weights and bias of a neuron together)."""
+        out = {}
+        for layer in self.net.param_layers:
+            mod = self.messages[layer.name]
+            workspace = None
+            if reuse_workspace:
+                workspace = self._workspace.get(layer.name)
+                if workspace is None or workspace["mean"].device != mod.eta.device:
+                    workspace = self._workspace[layer.name] = make_workspace(mod.eta)
+            out[layer.name] = group_posterior(self.prior.logit_rho(layer.name), self.prior.slab_var(layer.name),
+                                              mod.eta, mod.precision, keep=self.mask(f"{layer.name}.bias"),
+                                              workspace=workspace)
+        return out
+
+    def group_posteriors(self) -> dict[str, GroupPosterior]:
+        """Module B on every layer: each neuron's inclusion log-odds, and the slab posterior and
+        Bernoulli-Gaussian posterior moments of its weights and of its bias."""
+        out = {}
+        for name, p in self._layer_posteriors().items():
+            (w_sm, b_sm), (w_sv, b_sv) = _split(p.weight_slab[0]), _split(p.weight_slab[1])
+            (w_m, b_m), (w_v, b_v) = _split(p.weight_moments[0]), _split(p.weight_moments[1])
+            out[name] = GroupPosterior(p.log_odds, (w_sm, w_sv), (b_sm, b_sv), (w_m, w_v), (b_m, b_v))
+        return out
+
+    def inclusion(self) -> dict[str, torch.Tensor]:
+        """``P(s_g = 1 | data)`` of every neuron, per hidden layer."""
+        posts = self._layer_posteriors()
+        return {layer.name: posts[layer.name].inclusion for layer in self.net.hidden_layers()}
+
+    # ---- Module A and the turbo exchange ----------------------------------------------------------
+    def log_evidence(self, f_mean: torch.Tensor, f_var: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``log E[p(y_n | z_n)]`` per example for Gaussian outputs ``z_n ~ N(f_mean, diag f_var)``."""
+        if isinstance(self.likelihood, ProbitProductLikelihood):
+            return self.likelihood.log_evidence(f_mean, f_var, y)
+        return gaussian_log_evidence(y, f_mean, f_var, self.noise_var())
+
+    def propagate(self, x: torch.Tensor, posts: dict[str, GroupPosterior] | None = None):
+        """Forward moment propagation with the current beliefs: output mean, variance and records."""
+        posts = self._layer_posteriors() if posts is None else posts
+        return propagate(self.net, x, {name: p.weight_moments for name, p in posts.items()})
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, y: torch.Tensor, num_data: int) -> torch.Tensor:
+        """Process one minibatch: ``turbo_iterations`` exchanges between Module A and Module B, each
+        followed by the posterior-as-prior update of the state (:meth:`_absorb`). Returns the
+        batch's summed log evidence under the beliefs it was given (before its own update)."""
+        if not 0 < len(x) <= num_data:
+            raise ValueError(f"a batch of {len(x)} examples cannot come from {num_data} training examples")
+        rate = self.damping * len(x) / (num_data * self.memory)
+        first = None
+        for _ in range(self.turbo_iterations):
+            posts = self._layer_posteriors(reuse_workspace=True)
+            with torch.enable_grad():
+                f_mean, f_var, records = self.propagate(x, posts)
+                log_z = self.log_evidence(f_mean, f_var, y)
+                messages = weight_messages(records, log_z, {n: p.weight_moments[0] for n, p in posts.items()})
+            if first is None:
+                first = log_z.detach().sum()
+                self.log_evidence_sum += first
+                self.num_seen += len(x)
+                if self.task == "regression":
+                    self.noise_sum += ((y - f_mean.detach().squeeze(-1)) ** 2 + f_var.detach().squeeze(-1)).sum()
+            for name, msg in messages.items():
+                self._absorb(name, posts[name], msg, rate)
+        return first
+
+    def _absorb(self, name: str, post: GroupPosterior, msg: WeightMessage, rate: float) -> None:
+        """Fold the batch's message into layer ``name``'s state, with a per-neuron step control.
+
+        The state becomes ``(1 - rate) state + beta message`` (``beta = damping``), which moves each
+        slab mean by ``Delta = m_new - m_old`` (the diagonal-Newton step of Module A's message). That
+        step treats the weights of a neuron as independent, while the batch couples them through
+        shared inputs: the batch's curvature along ``Delta`` is ``sum_n G_n (h_n . Delta)^2``, not
+        ``sum_i c_i Delta_i^2``. An exact line search on the batch's quadratic model along ``Delta``
+        gives each neuron the step fraction
+
+            t = D / (D - beta sum_i c_i Delta_i^2 + beta sum_n G_n (pi h_n . Delta)^2),   D = sum_i P_new,i Delta_i^2
+
+        (clamped to ``[0, 1]``), and the slab mean moves by ``t Delta`` (precision unchanged). Without
+        it, the summed messages of a batch of correlated examples overshoot and diverge. The coupled
+        sum over examples is estimated on the first ``LINE_SEARCH_EXAMPLES`` examples of the (shuffled)
+        batch, scaled to the batch: an unbiased estimate at a fraction of a matrix product's cost.
+        """
+        beta = self.damping
+        mod = self.messages[name]
+        eta, lam = mod.eta, mod.precision
+        inv_s2 = self.prior.slab_var(name).reciprocal().unsqueeze(1)
+        pi = post.inclusion
+        # the new state: precision (1 - rate) lam + beta c, precision-mean (1 - rate) eta + beta (c M + g)
+        lam.mul_(1.0 - rate).add_(msg.curv, alpha=beta)
+        eta.mul_(1.0 - rate).add_(msg.grad, alpha=beta).addcmul_(msg.curv, post.weight_moments[0], value=beta)
+        workspace = self._workspace.get(name)
+        m_old = post.weight_slab[0]
+        if workspace is not None and workspace["mean"] is m_old:
+            precision, delta, sq = workspace["precision"], workspace["terms"], workspace["var"]
+            torch.add(lam, inv_s2, out=precision)
+            torch.div(eta, precision, out=delta)
+            delta.sub_(m_old)
+            torch.mul(delta, delta, out=sq)
+        else:
+            precision = lam + inv_s2
+            delta = eta / precision - m_old
+            sq = delta * delta
+        d_new = torch.linalg.vecdot(sq, precision)  # sum_i P_new Delta^2, per neuron
+        d_msg = torch.linalg.vecdot(sq, msg.curv)  # sum_i c Delta^2
+        # the coupled curvature, estimated on at most LINE_SEARCH_EXAMPLES examples of the batch
+        n = min(len(msg.inputs), LINE_SEARCH_EXAMPLES)
+        change = (msg.inputs[:n] @ delta.t()) * pi  # (n, K): pi (h_n . Delta + Delta_bias)
+        coupled = (msg.example_curv[:n] * change * change).sum(0) * (len(msg.inputs) / n)
+        denom = d_new - beta * d_msg + beta * coupled
+        t = torch.where(denom > 0, d_new / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.ones_like(denom))
+        shrink = 1.0 - t.clamp(0.0, 1.0)  # the part of the step taken back
+        # eta_final = P_new (m_old + t Delta) = eta_new - (1 - t) P_new Delta
+        torch.mul(precision, delta, out=sq)
+        eta.addcmul_(sq, shrink.unsqueeze(1), value=-1.0)
+
+    def reset_statistics(self) -> None:
+        """Start a new pass: zero the sums behind the noise M-step and the pass's log evidence."""
+        self.noise_sum.zero_()
+        self.log_evidence_sum.zero_()
+        self.num_seen.zero_()
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` if any message holds a NaN or infinity (never replaced)."""
+        for layer in self.net.param_layers:
+            mod = self.messages[layer.name]
+            check_finite(f"the messages of {layer.name}", mod.eta, mod.precision)
+        check_finite("the log evidence", self.log_evidence_sum)
+
+    # ---- the Pyro guide and draws -----------------------------------------------------------------
+    def _site_distributions(self, post: GroupPosterior):
+        (w_m, b_m), (w_v, b_v) = _split(post.weight_slab[0]), _split(post.weight_slab[1])
+        weight = GroupBernoulliGaussian(post.inclusion, w_m, w_v.sqrt())
+        return weight, lambda w: bias_given_weight(w, b_m, b_v.sqrt(), 1)
+
+    def forward(self, x=None, y=None, num_data=None) -> dict[str, torch.Tensor]:
+        """Sample every weight site from the Bernoulli-Gaussian posterior (a Pyro guide)."""
+        with torch.no_grad():
+            posts = self._layer_posteriors()
+        out = {}
+        for layer in self.net.param_layers:
+            weight, bias = self._site_distributions(posts[layer.name])
+            w = pyro.sample(f"{layer.name}.weight", weight)
+            out[f"{layer.name}.weight"] = w
+            out[f"{layer.name}.bias"] = pyro.sample(f"{layer.name}.bias", bias(w))
+        return out
+
+    @torch.no_grad()
+    def draws(self, num_samples: int):
+        """Yield ``num_samples`` joint posterior draws of every weight site (Module B run once)."""
+        posts = self._layer_posteriors()
+        dists = {name: self._site_distributions(p) for name, p in posts.items()}
+        for _ in range(num_samples):
+            out = {}
+            for name, (weight, bias) in dists.items():
+                w = weight.sample()
+                out[f"{name}.weight"], out[f"{name}.bias"] = w, bias(w).sample()
+            yield self.apply_masks(out)
+
+    def draw(self) -> dict[str, torch.Tensor]:
+        return next(self.draws(1))
+
+    @torch.no_grad()
+    def posterior_mean(self) -> dict[str, torch.Tensor]:
+        return self.apply_masks(self._sites(self._layer_posteriors(), "mean"))
+
+    @torch.no_grad()
+    def posterior_var(self) -> dict[str, torch.Tensor]:
+        return self.apply_masks(self._sites(self._layer_posteriors(), "var"))
+
+    @staticmethod
+    def _sites(posts: dict[str, GroupPosterior], what: str) -> dict[str, torch.Tensor]:
+        pick = {"mean": lambda p: p.weight_moments[0], "var": lambda p: p.weight_moments[1],
+                "slab_mean": lambda p: p.weight_slab[0], "slab_var": lambda p: p.weight_slab[1]}[what]
+        out = {}
+        for name, p in posts.items():
+            w, b = _split(pick(p))
+            out[f"{name}.weight"], out[f"{name}.bias"] = w.contiguous(), b.contiguous()
+        return out
+
+    # ---- state as plain tensors (federated aggregation) -------------------------------------------
+    @torch.no_grad()
+    def state(self) -> dict[str, dict | torch.Tensor]:
+        """Every quantity of the fitted posterior as plain tensors (copies, per weight site):
+
+        ``message_eta`` / ``message_precision`` (site -> tensor): the data's Gaussian message to each
+        weight; ``mean`` / ``var``: posterior moments; ``slab_mean`` / ``slab_var``: the slab
+        posterior; ``inclusion`` (layer -> per-neuron ``P(s_g = 1)``); ``logit_rho`` / ``prior_var``
+        (layer -> per-group prior, ``logit_rho = +inf`` for the output layer); ``noise_var``;
+        ``noise_sum``, ``log_evidence_sum``, ``num_seen`` (the current pass's sums, behind the noise
+        M-step).
+        """
+        posts = self._layer_posteriors()
+        sites = list(self.net.sites())
+        layers = [layer.name for layer in self.net.param_layers]
+        return {
+            "message_eta": {s: self.message(s)[0].clone() for s in sites},
+            "message_precision": {s: self.message(s)[1].clone() for s in sites},
+            **{what: self._sites(posts, what) for what in ("mean", "var", "slab_mean", "slab_var")},
+            "inclusion": {n: posts[n].inclusion for n in layers},
+            "logit_rho": {n: self.prior.logit_rho(n).clone() for n in layers},
+            "prior_var": {n: self.prior.slab_var(n).clone() for n in layers},
+            "noise_var": self.noise_var().clone(),
+            "noise_sum": self.noise_sum.clone(),
+            "log_evidence_sum": self.log_evidence_sum.clone(),
+            "num_seen": self.num_seen.clone(),
+        }
+
+    @torch.no_grad()
+    def set_state(self, state: dict) -> None:
+        """Set the messages (``message_eta``, ``message_precision``), and, when given, the prior
+        (``logit_rho`` of hidden layers, ``prior_var``), the noise variance and the pass statistics,
+        from tensors shaped as :meth:`state` returns them. Derived entries (``mean``, ``inclusion``...)
+        are ignored."""
+        sites = self.net.sites()
+        for key, pick in (("message_eta", 0), ("message_precision", 1)):
+            for site, value in state.get(key, {}).items():
+                if site not in sites:
+                    raise KeyError(f"unknown site {site!r} in {key}; sites are {list(sites)}")
+                if tuple(value.shape) != tuple(sites[site]):
+                    raise ValueError(f"{key}[{site}] has shape {tuple(value.shape)}, expected {sites[site]}")
+                if key == "message_precision" and bool((value < 0).any()):
+                    raise ValueError(f"message_precision[{site}] must be non-negative")
+                self.message(site)[pick].copy_(value)
+        hidden = [layer.name for layer in self.net.hidden_layers()]
+        for layer in self.net.param_layers:
+            logit = state.get("logit_rho", {}).get(layer.name) if layer.name in hidden else None
+            self.prior.set_group_parameters(layer.name, logit_rho=logit,
+                                            slab_var=state.get("prior_var", {}).get(layer.name))
+        if "noise_var" in state:
+            self.set_noise_var(state["noise_var"])
+        for key in ("noise_sum", "log_evidence_sum", "num_seen"):
+            if key in state:
+                getattr(self, key).copy_(state[key])
+
+    @torch.no_grad()
+    def set_posterior(self, slab_mean: dict, slab_var: dict, inclusion: dict | None = None) -> None:
+        """Set the messages so that the slab posterior of every weight is ``N(slab_mean, slab_var)``
+        (``slab_var`` must not exceed the prior's ``sigma^2``) and, when ``inclusion`` is given, set
+        each hidden group's ``rho`` so that its posterior inclusion probability is ``inclusion`` (in
+        ``(0, 1)``)."""
+        for site in self.net.sites():
+            layer = site.rpartition(".")[0]
+            m, v = slab_mean[site], slab_var[site]
+            s2 = self.prior.slab_var(layer).reshape((-1,) + (1,) * (m.dim() - 1))
+            lam = 1.0 / v - 1.0 / s2
+            if bool((lam < -1e-6 / s2).any()):
+                raise ValueError(f"slab_var[{site}] exceeds the prior variance sigma^2: no Gaussian message gives it")
+            eta_view, lam_view = self.message(site)
+            lam_view.copy_(lam.clamp_min(0.0).expand_as(m))
+            eta_view.copy_(m / v)
+        if inclusion is not None:
+            posts = self._layer_posteriors()
+            for layer in self.net.hidden_layers():
+                target = inclusion[layer.name]
+                if not bool(((target > 0) & (target < 1)).all()):
+                    raise ValueError(f"inclusion[{layer.name}] must lie strictly between 0 and 1")
+                llr_sum = posts[layer.name].log_odds - self.prior.logit_rho(layer.name)
+                self.prior.set_group_parameters(layer.name, logit_rho=torch.logit(target) - llr_sum)
+
+    @torch.no_grad()
+    def set_noise_var(self, value: torch.Tensor | float) -> None:
+        """Set the likelihood's noise variance ``v`` (the EM M-step, or a federated server)."""
+        value = torch.as_tensor(value, dtype=torch.float32, device=self._device())
+        check_finite("the noise variance", value)
+        if not bool(value > 0):
+            raise ValueError("the noise variance must be positive")
+        lik = self.likelihood
+        if isinstance(lik, ProbitProductLikelihood):
+            lik.noise_var.copy_(value)
+        else:
+            lik.log_noise_scale.copy_(0.5 * torch.log(value))
+
+    def extra_repr(self) -> str:
+        return (f"damping={self.damping:g}, turbo_iterations={self.turbo_iterations}, "
+                f"init_precision={self.init_precision:g}, memory={self.memory:g}")
+
+
+# ---- one linear layer: Bernoulli-Gaussian turbo GAMP ----------------------------------------------
+@torch.no_grad()
+def linear_tdamp(A: torch.Tensor, y: torch.Tensor, rho: float, slab_var: float, noise_var: float,
+                 iterations: int = 500, damping: float = 0.5, tol: float = 1e-7, learn_rho: bool = False,
+                 learn_noise: bool = False) -> dict[str, torch.Tensor]:
+    """TDAMP with a single linear layer: ``y = A x + N(0, v I)``, ``x_i ~ rho N(0, s^2) + (1 - rho) delta``.
+
+    Every unknown is its own group, so the exchange is Bernoulli-Gaussian turbo GAMP: Module A
+    (:func:`~bnnzoo.guides.moment_propagation.linear_moments`, the Gaussian log evidence and
+    :func:`~bnnzoo.guides.moment_propagation.weight_messages`) sends each ``x_i`` the Gaussian message
+    ``N(mu_i, 1/c_i)`` with ``c_i = sum_n A_ni^2 / (v + tau_n)`` and ``mu_i = M_i + (1/c_i) sum_n A_ni
+    (y_n - p_n) / (v + tau_n)``; Module B (:func:`~bnnzoo.guides.group_sparse_messages.group_posterior`)
+    returns the Bernoulli-Gaussian posterior. The data are one batch and the messages are damped
+    (``damping``) until the posterior means change by less than ``tol`` (relative). With
+    ``learn_rho`` / ``learn_noise`` the EM M-step updates ``rho`` and ``v`` after each iteration.
+
+    Returns ``mean``, ``var``, ``inclusion`` (each ``(n,)``), ``rho``, ``noise_var`` and ``iterations``.
+    """
+    if A.dim() != 2 or y.shape != (A.shape[0],):
+        raise ValueError(f"A must be (m, n) and y (m,), got {tuple(A.shape)} and {tuple(y.shape)}")
+    _check_positive("damping", damping, 1.0, closed=True)
+    rho_t = torch.tensor(_check_positive("rho", rho, 1.0), dtype=A.dtype, device=A.device)
+    v = torch.tensor(_check_positive("noise_var", noise_var), dtype=A.dtype, device=A.device)
+    n = A.shape[1]
+    s2 = torch.full((n,), _check_positive("slab_var", slab_var), dtype=A.dtype, device=A.device)
+    eta = torch.zeros(n, 1, dtype=A.dtype, device=A.device)
+    lam = torch.zeros_like(eta)
+    zero = torch.zeros(1, dtype=A.dtype, device=A.device)
+    previous = None
+    for it in range(1, iterations + 1):
+        post = group_posterior(torch.logit(rho_t).expand(n), s2, eta, lam)
+        mean, var = post.weight_moments  # (n, 1): one group per unknown
+        with torch.enable_grad():
+            p, tau, records = propagate_linear(A, mean.t(), var.t(), zero)
+            log_z = gaussian_log_evidence(y, p, tau, v)
+            msg = weight_messages(records, log_z, {"x": mean.t()})["x"]
+        curv, grad = msg.curv.t(), msg.grad.t()
+        eta = (1 - damping) * eta + damping * (curv * mean + grad)
+        lam = (1 - damping) * lam + damping * curv
+        if learn_rho:
+            rho_t = post.inclusion.mean().clamp(1e-6, 1 - 1e-6)
+        if learn_noise:
+            v = (((y - p.detach().squeeze(-1)) ** 2 + tau.detach().squeeze(-1)).mean()).clamp_min(1e-10)
+        current = mean.squeeze(-1)
+        if previous is not None and float((current - previous).norm()) <= tol * max(float(current.norm()), 1e-30):
+            break
+        previous = current
+    post = group_posterior(torch.logit(rho_t).expand(n), s2, eta, lam)
+    mean, var = post.weight_moments
+    check_finite("the linear TDAMP posterior", mean, var)
+    return {"mean": mean.squeeze(-1), "var": var.squeeze(-1), "inclusion": post.inclusion, "rho": rho_t,
+            "noise_var": v, "iterations": torch.tensor(it)}
+
+
+def propagate_linear(A: torch.Tensor, w_mean: torch.Tensor, w_var: torch.Tensor, bias: torch.Tensor):
+    """Module A's forward pass for one linear layer with known inputs ``A`` and a known ``bias``:
+    output moments and the layer record that :func:`weight_messages` reads."""
+    mean, var = linear_moments(A, None, w_mean, w_var, bias, torch.zeros_like(bias))
+    mean.requires_grad_()
+    var.requires_grad_()
+    return mean, var, [LayerRecord("x", A, None, mean, var, bias=False)]

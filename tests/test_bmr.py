@@ -1,0 +1,361 @@
+"""Bayesian model reduction: the formulas against exact conjugate answers and quadrature, the
+spike-and-slab threshold, reducing fitted posteriors, iterative BMR, and ``bnnzoo prune``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy import integrate, special
+
+import bnnzoo
+from bnnzoo.cli import main as cli
+from bnnzoo.guides import MeanFieldNormal, bmr
+from bnnzoo.guides.meanfield import _PRUNED_SCALE
+from bnnzoo.guides.sites import get_site
+from bnnzoo.methods.bmr import GaussianWeights, reduce_posterior
+from bnnzoo.nets import mlp
+from bnnzoo.variational import VariationalPosterior
+
+from conftest import make_model, randomise_guide
+
+F64 = torch.float64
+
+
+# ---- a conjugate model: linear-Gaussian regression with exact evidence ------------------------------
+def log_evidence(x, y, noise_var, prior_mean, prior_cov):
+    """``ln N(y; X m, X C X' + noise I)``: the exact evidence of ``y = X w + e`` under ``w ~ N(m, C)``."""
+    cov = x @ prior_cov @ x.T + noise_var * torch.eye(len(y), dtype=F64)
+    return torch.distributions.MultivariateNormal(x @ prior_mean, cov).log_prob(y)
+
+
+def exact_posterior(x, y, noise_var, prior_mean, prior_cov):
+    prec = x.T @ x / noise_var + torch.linalg.inv(prior_cov)
+    cov = torch.linalg.inv(prec)
+    return cov @ (x.T @ y / noise_var + torch.linalg.solve(prior_cov, prior_mean)), cov
+
+
+def regression(n=40, d=5, orthogonal=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=F64)
+    if orthogonal:  # X'X diagonal: the exact posterior factorises, so mean-field BMR is exact too
+        q, _ = torch.linalg.qr(x)
+        x = q * torch.linspace(1.0, 4.0, d, dtype=F64)
+    w = torch.tensor([1.5, 0.0, -0.8, 0.0, 0.05][:d], dtype=F64)
+    y = x @ w + 0.5 * torch.randn(n, generator=gen, dtype=F64)
+    return x, y, 0.25
+
+
+def test_multivariate_matches_exact_evidence_and_posterior():
+    x, y, noise = regression()
+    d = x.shape[1]
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(d, d, generator=gen, dtype=F64)
+    p_mean, p_cov = 0.3 * torch.randn(d, generator=gen, dtype=F64), a @ a.T / d + torch.eye(d, dtype=F64)
+    q_mean, q_cov = exact_posterior(x, y, noise, p_mean, p_cov)
+    # reduced priors: shrink some weights, move a mean, correlate, all at once
+    b = 0.3 * torch.randn(d, d, generator=gen, dtype=F64)
+    for r_mean, r_cov in [
+        (torch.zeros(d, dtype=F64), torch.diag(torch.tensor([1.0, 1e-3, 1.0, 1e-4, 1.0], dtype=F64))),
+        (0.1 * torch.ones(d, dtype=F64), b @ b.T + 0.05 * torch.eye(d, dtype=F64)),
+    ]:
+        d_f, s_mean, s_cov = bmr.delta_f_multivariate(q_mean, q_cov, p_mean, p_cov, r_mean, r_cov)
+        exact = log_evidence(x, y, noise, r_mean, r_cov) - log_evidence(x, y, noise, p_mean, p_cov)
+        assert abs(float(d_f - exact)) < 1e-6, (d_f, exact)
+        e_mean, e_cov = exact_posterior(x, y, noise, r_mean, r_cov)
+        torch.testing.assert_close(s_mean, e_mean, atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(s_cov, e_cov, atol=1e-9, rtol=1e-7)
+
+
+def test_meanfield_matches_exact_evidence_and_posterior_when_posterior_factorises():
+    x, y, noise = regression(orthogonal=True)
+    d, s2 = x.shape[1], 2.0
+    p_cov = s2 * torch.eye(d, dtype=F64)
+    q_mean, q_cov = exact_posterior(x, y, noise, torch.zeros(d, dtype=F64), p_cov)
+    assert torch.allclose(q_cov, torch.diag(torch.diag(q_cov)), atol=1e-12)
+    q_var = torch.diag(q_cov)
+    r2 = torch.tensor([s2, 1e-2, 0.5, 1e-6, s2], dtype=F64)
+    d_f, mu_r, var_r = bmr.reduce_normal(q_mean, q_var, s2, r2)
+    exact = (log_evidence(x, y, noise, torch.zeros(d, dtype=F64), torch.diag(r2))
+             - log_evidence(x, y, noise, torch.zeros(d, dtype=F64), p_cov))
+    # a group of weights (here: all of them) changes the evidence by the sum of its weights' dF
+    assert abs(float(bmr.group_delta_f(d_f.unsqueeze(0)) - exact)) < 1e-6
+    assert abs(float(d_f[0])) < 1e-12  # an unchanged prior changes nothing
+    e_mean, e_cov = exact_posterior(x, y, noise, torch.zeros(d, dtype=F64), torch.diag(r2))
+    torch.testing.assert_close(mu_r, e_mean, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(var_r, torch.diag(e_cov), atol=1e-10, rtol=1e-8)
+
+
+def test_savage_dickey_is_exact_for_removing_one_weight():
+    """Removing weight j is exact with its marginal posterior, even for a correlated posterior."""
+    x, y, noise = regression(orthogonal=False, seed=3)
+    d, s2 = x.shape[1], 1.5
+    q_mean, q_cov = exact_posterior(x, y, noise, torch.zeros(d, dtype=F64), s2 * torch.eye(d, dtype=F64))
+    full = log_evidence(x, y, noise, torch.zeros(d, dtype=F64), s2 * torch.eye(d, dtype=F64))
+    for j in range(d):
+        keep = [i for i in range(d) if i != j]
+        xr = x[:, keep]
+        reduced = log_evidence(xr, y, noise, torch.zeros(d - 1, dtype=F64), s2 * torch.eye(d - 1, dtype=F64))
+        sd = bmr.savage_dickey(q_mean[j], q_cov[j, j], s2)
+        assert abs(float(sd - (reduced - full))) < 1e-6
+        # the r -> 0 limit of the general formula, and r = 0 itself
+        d_f0, mu0, var0 = bmr.reduce_normal(q_mean[j], q_cov[j, j], s2, 0.0)
+        assert float(d_f0) == pytest.approx(float(sd), abs=1e-12) and float(mu0) == 0 and float(var0) == 0
+        d_small = bmr.delta_f(q_mean[j], q_cov[j, j], s2, 1e-12)
+        assert abs(float(d_small - sd)) < 1e-6
+
+
+# ---- one weight: quadrature -----------------------------------------------------------------------
+def _normal_pdf(w, mean, var):
+    return math.exp(-0.5 * (w - mean) ** 2 / var) / math.sqrt(2 * math.pi * var)
+
+
+@pytest.mark.parametrize("mu,sigma,s,r", [
+    (0.3, 0.2, 1.0, 0.1), (-1.2, 0.5, 2.0, 0.7), (0.05, 0.8, 1.0, 0.01), (2.0, 0.1, 1.0, 0.5), (0.0, 1.0, 1.0, 1.0),
+])
+def test_delta_f_and_reduced_posterior_against_quadrature(mu, sigma, s, r):
+    def integrand(w, power=0):
+        return w**power * _normal_pdf(w, mu, sigma**2) * _normal_pdf(w, 0, r**2) / _normal_pdf(w, 0, s**2)
+
+    lo, hi = mu - 12 * sigma, mu + 12 * sigma
+    z = integrate.quad(integrand, lo, hi, points=[0.0] if lo < 0 < hi else None, epsabs=1e-14, epsrel=1e-12,
+                       limit=200)[0]
+    m1 = integrate.quad(integrand, lo, hi, args=(1,), epsabs=1e-14, epsrel=1e-12, limit=200)[0] / z
+    m2 = integrate.quad(integrand, lo, hi, args=(2,), epsabs=1e-14, epsrel=1e-12, limit=200)[0] / z
+    d_f, mu_r, var_r = bmr.reduce_normal(torch.tensor(mu, dtype=F64), sigma**2, s**2, r**2)
+    assert float(d_f) == pytest.approx(math.log(z), abs=1e-7)
+    assert float(mu_r) == pytest.approx(m1, abs=1e-7)
+    assert float(var_r) == pytest.approx(m2 - m1**2, rel=1e-6, abs=1e-10)
+
+
+def test_formulas_broadcast_and_reject_bad_input():
+    mu = torch.randn(4, 3, dtype=F64)
+    d_f = bmr.delta_f(mu, torch.full((4, 3), 0.1, dtype=F64), 1.0, torch.tensor([0.0, 0.01, 0.5], dtype=F64))
+    assert d_f.shape == (4, 3)
+    with pytest.raises(ValueError, match="too wide"):  # p + 1/r^2 - 1/s^2 = 0.25 + 0.5 - 1 < 0
+        bmr.delta_f(0.1, 4.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match="posterior variances"):
+        bmr.delta_f(0.0, -1.0, 1.0)
+    with pytest.raises(ValueError, match="reduced prior variances"):
+        bmr.delta_f(0.0, 1.0, 1.0, -0.5)
+
+
+def test_multivariate_reduces_to_diagonal_form():
+    gen = torch.Generator().manual_seed(5)
+    d = 6
+    mu = torch.randn(d, generator=gen, dtype=F64)
+    var = torch.rand(d, generator=gen, dtype=F64) * 0.5 + 0.05
+    s2 = torch.rand(d, generator=gen, dtype=F64) + 1.0
+    r2 = s2 * torch.rand(d, generator=gen, dtype=F64) * 0.9 + 1e-3
+    d_f, mu_r, var_r = bmr.reduce_normal(mu, var, s2, r2)
+    zero = torch.zeros(d, dtype=F64)
+    mv, m_mean, m_cov = bmr.delta_f_multivariate(mu, torch.diag(var), zero, torch.diag(s2), zero, torch.diag(r2))
+    assert float(mv) == pytest.approx(float(d_f.sum()), abs=1e-10)
+    torch.testing.assert_close(m_mean, mu_r)
+    torch.testing.assert_close(torch.diag(m_cov), var_r)
+    torch.testing.assert_close(m_cov, torch.diag(var_r))
+
+
+# ---- spike-and-slab threshold ------------------------------------------------------------------------
+def reference_zeta(d_f: np.ndarray, iters: int = 4) -> float:
+    zeta = special.digamma(1.0) - special.digamma(1.0)
+    for _ in range(iters):
+        q = special.expit(zeta - d_f)
+        zeta = special.digamma(1 + q.sum()) - special.digamma(1 + (1 - q).sum())
+    return zeta
+
+
+def test_spike_and_slab_threshold_against_reference():
+    gen = np.random.default_rng(0)
+    for d_f in [gen.normal(0, 3, 500), gen.normal(4, 2, 1000), gen.normal(-6, 1, 50), np.array([0.5])]:
+        zeta = bmr.spike_and_slab_threshold(torch.tensor(d_f, dtype=F64))
+        assert float(zeta) == pytest.approx(reference_zeta(d_f), abs=1e-10)
+    # mostly prunable weights push the threshold down (prune more), mostly kept ones push it up
+    assert float(bmr.spike_and_slab_threshold(torch.full((100,), 30.0))) < -3
+    assert float(bmr.spike_and_slab_threshold(torch.full((100,), -30.0))) > 3
+    # weights pruned already (+inf) count as pruned
+    d_f = torch.tensor([-1.0, 2.0, math.inf, math.inf], dtype=F64)
+    assert float(bmr.spike_and_slab_threshold(d_f)) == pytest.approx(
+        reference_zeta(np.array([-1.0, 2.0, 1e300, 1e300])), abs=1e-10)
+    prune, zeta = bmr.prune_decision(d_f, "ss")
+    assert prune.tolist() == (d_f > zeta).tolist()
+    prune, zeta = bmr.prune_decision(torch.tensor([-0.1, 0.1]), "plain")
+    assert prune.tolist() == [False, True] and float(zeta) == 0
+    with pytest.raises(ValueError, match="unknown BMR rule"):
+        bmr.prune_decision(d_f, "lasso")
+
+
+# ---- reducing fitted posteriors ----------------------------------------------------------------------
+def test_reduce_guide_copy_masks_and_freezes():
+    torch.manual_seed(0)
+    model = make_model(mlp(13, [20, 10], 1), prior_scale=1.0)
+    guide = randomise_guide(MeanFieldNormal(model), loc_scale=0.3, log_scale_range=(-3.0, -0.5))
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    reduced = bmr.reduce(guide, model, rule="plain")
+    for k, v in guide.state_dict().items():  # the original is untouched
+        assert torch.equal(v, before[k])
+    assert len(guide.masks) == 0
+    d_f = bmr.evidence_changes(guide, model)
+    assert set(d_f) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}  # not the output layer
+    for site, values in d_f.items():
+        keep = reduced.mask(site)
+        assert torch.equal(keep, ~(values > 0))
+        assert (get_site(reduced.locs, site)[~keep] == 0).all()
+        assert torch.equal(get_site(reduced.locs, site)[keep], get_site(guide.locs, site)[keep])
+        assert torch.equal(get_site(reduced.log_scales, site)[keep], get_site(guide.log_scales, site)[keep])
+        draws = torch.stack([reduced.draw()[site] for _ in range(5)])
+        assert (draws[:, ~keep] == 0).all() and (draws[:, keep] != 0).all()
+    assert reduced.mask("fc3.weight") is None
+    # reducing again changes nothing; masks only ever shrink
+    again = bmr.reduce(reduced, model, rule="plain")
+    for site in d_f:
+        assert torch.equal(again.mask(site), reduced.mask(site))
+
+
+def test_reduce_with_a_wide_reduced_prior_shrinks_instead():
+    model = make_model(mlp(4, [6], 2), prior_scale=1.0)
+    guide = randomise_guide(MeanFieldNormal(model), seed=2)
+    reduced = bmr.reduce(guide, model, rule="plain", reduced_var=0.05)
+    assert len(reduced.masks) == 0
+    mu, var, s2 = bmr.meanfield_gaussian_weights(guide, model)["fc1.weight"]
+    d_f, mu_r, var_r = bmr.reduce_normal(mu.double(), var.double(), s2, 0.05)
+    accept = d_f > 0
+    assert 0 < int(accept.sum()) < accept.numel()
+    new_loc = get_site(reduced.locs, "fc1.weight").double()
+    new_var = torch.exp(2 * get_site(reduced.log_scales, "fc1.weight")).double()
+    torch.testing.assert_close(new_loc[accept], mu_r[accept], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(new_var[accept], var_r[accept], rtol=1e-5, atol=1e-9)
+    assert torch.equal(new_loc[~accept], mu.double()[~accept])
+
+
+def test_group_level_prunes_whole_neurons():
+    model = make_model(mlp(5, [8], 1), prior_scale=1.0)
+    guide = randomise_guide(MeanFieldNormal(model), loc_scale=0.05, log_scale_range=(-3.0, -1.0), seed=1)
+    with torch.no_grad():  # two neurons carry strong evidence
+        get_site(guide.locs, "fc1.weight")[:2] = 3.0
+    reduced = bmr.reduce(guide, model, rule="plain", level="group")
+    d_f = bmr.evidence_changes(guide, model)
+    group = bmr.group_delta_f(d_f["fc1.weight"], d_f["fc1.bias"])
+    rows = reduced.mask("fc1.weight").all(1)
+    assert torch.equal(rows, ~(group > 0)) and torch.equal(reduced.mask("fc1.bias"), rows)
+    assert (reduced.mask("fc1.weight").all(1) | ~reduced.mask("fc1.weight").any(1)).all()
+    assert rows[:2].all() and not rows.all()
+
+
+def test_reduce_posterior_evaluates_saves_and_loads(fitted_meanfield, boston, tmp_path):
+    before = {k: v.clone() for k, v in fitted_meanfield.guide.state_dict().items()}
+    reduced = fitted_meanfield.reduce(rule="ss")
+    for k, v in fitted_meanfield.guide.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert fitted_meanfield.sparsity()["weights_pruned_fraction"] == 0
+    sp = reduced.sparsity()
+    assert 0 < sp["weights_pruned_fraction"] < 1
+    assert sp["layers"]["fc2"]["weights_pruned_fraction"] == pytest.approx(
+        1 - sp["layers"]["fc2"]["weights_kept"] / sp["layers"]["fc2"]["weights"])
+    keep = reduced.masks()["fc1.weight"]
+    for params in reduced.draw_weights(3):
+        assert (params["fc1.weight"][~keep] == 0).all()
+    m = reduced.evaluate(boston.x_test, boston.y_test, num_samples=20)
+    assert math.isfinite(m["log_likelihood"]) and m["rmse"] > 0
+    summary = reduced.history["bmr"][-1]
+    assert summary["rule"] == "ss" and "fc1" in summary["layers"] and "fc2" not in summary["layers"]
+    reduced.save(tmp_path / "run")
+    loaded = bnnzoo.load(tmp_path / "run")
+    assert torch.equal(loaded.masks()["fc1.weight"], keep)
+    a = reduced.predict(boston.x_test, num_samples=10, seed=3)
+    b = loaded.predict(boston.x_test, num_samples=10, seed=3)
+    torch.testing.assert_close(a.mean, b.mean)
+    exported = reduced.to_torch(pruned=True)
+    assert exported[0].out_features == int(reduced.sparsity()["keep"]["fc1"].sum())
+
+
+def test_reduce_needs_gaussian_weights(fitted_map):
+    with pytest.raises(TypeError, match="Gaussian weights"):
+        fitted_map.reduce()
+
+
+def test_posteriors_plug_in_through_the_protocol(fitted_meanfield):
+    """A posterior that offers gaussian_weights()/apply_reduction() is reduced through them."""
+
+    class Custom(VariationalPosterior):
+        applied = None
+
+        def gaussian_weights(self):
+            # the same posterior under a much narrower prior: little to gain from pruning
+            w = bmr.meanfield_gaussian_weights(self.guide, self.model)
+            return {s: (mu, var, 1e-6 + 0 * var) for s, (mu, var, _) in w.items()}
+
+        def apply_reduction(self, reduction):
+            Custom.applied = reduction
+            bmr.apply_reduction(self.guide, reduction)
+
+    post = Custom(fitted_meanfield.model, fitted_meanfield.guide, name="meanfield-vi",
+                  config=fitted_meanfield.config)
+    post.standardizer = fitted_meanfield.standardizer
+    assert isinstance(post, GaussianWeights)
+    reduced = reduce_posterior(post, rule="plain")
+    assert Custom.applied is not None
+    mu, var, _ = bmr.meanfield_gaussian_weights(post.guide, post.model)["fc1.weight"]
+    expected = bmr.delta_f(mu, var, 1e-6 + 0 * var) > 0
+    assert torch.equal(~reduced.masks()["fc1.weight"], expected)
+
+
+def test_iterative_bmr_masks_permanently_and_freezes(boston):
+    calls = []
+    post = bnnzoo.create("bmr-iterative", "regression", (13,), 1, device="cpu", seed=0, epochs=6, lr=1e-2,
+                         init_scale=0.05)
+    post.fit(boston.x_train, boston.y_train, progress=False, callback=lambda e, l: calls.append(e))
+    assert calls == list(range(6))
+    fractions = post.history["weights_pruned_fraction"]
+    assert len(fractions) == 6 and len(post.history["bmr_seconds"]) == 6
+    assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] > 0.2
+    for site, keep in post.masks().items():
+        assert site.startswith("fc1.")
+        assert (get_site(post.guide.locs, site)[~keep] == 0).all()
+        assert (get_site(post.guide.log_scales, site)[~keep] == math.log(_PRUNED_SCALE)).all()
+    with pytest.raises(ValueError, match="rule"):
+        bnnzoo.create("bmr-iterative", "regression", (13,), 1, rule="lasso")
+
+
+def test_posthoc_entry_fits_then_reduces(boston):
+    post = bnnzoo.fit("bmr", boston, epochs=3, device="cpu", progress=False, seed=0, rule="plain")
+    assert post.sparsity()["weights_pruned_fraction"] > 0 and len(post.history["bmr_seconds"]) == 1
+
+
+# ---- the command line ----------------------------------------------------------------------------------
+def test_prune_command_end_to_end(fitted_meanfield, tmp_path):
+    run = tmp_path / "run"
+    fitted_meanfield.save(run)
+    out = tmp_path / "reduced"
+    result = CliRunner().invoke(cli, ["prune", str(run), "--out", str(out), "--rule", "plain",
+                                      "--num-samples", "10"])
+    assert result.exit_code == 0, result.output
+    assert "test metrics after" in result.output and "fc1" in result.output
+    report = json.loads((out / "bmr_report.json").read_text())
+    assert report["rule"] == "plain" and report["weights_pruned_fraction"]["before"] == 0
+    assert 0 < report["weights_pruned_fraction"]["after"] < 1
+    assert set(report["layers"]) == {"fc1", "fc2"} and report["layers"]["fc1"]["after"] > 0
+    assert {"rmse", "log_likelihood"} <= set(report["test_before"]) and "log_likelihood" in report["test_after"]
+    loaded = bnnzoo.load(out)
+    assert loaded.sparsity()["weights_pruned_fraction"] == pytest.approx(report["weights_pruned_fraction"]["after"])
+    bad = CliRunner().invoke(cli, ["prune", str(tmp_path)])
+    assert bad.exit_code != 0 and "not a saved bnnzoo posterior" in bad.output
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_reduce_on_cuda(fitted_meanfield, boston):
+    cpu = fitted_meanfield.reduce(rule="ss")
+    reduced = copy.deepcopy(fitted_meanfield).to("cuda").reduce(rule="ss")
+    assert all(m.device.type == "cuda" for m in reduced.masks().values())
+    d_f = bmr.evidence_changes(reduced.guide, reduced.model)
+    assert all(v.device.type == "cuda" for v in d_f.values())
+    for site, keep in reduced.masks().items():
+        assert torch.equal(keep.cpu(), cpu.masks()[site])
+    m = reduced.evaluate(boston.x_test, boston.y_test, num_samples=10)
+    assert math.isfinite(m["log_likelihood"])

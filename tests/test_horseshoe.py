@@ -1,0 +1,379 @@
+"""The node-wise horseshoe (issue 3): closed-form KLs, the auxiliary Half-Cauchy construction, the
+guide's fast loss against Pyro's TraceMeanField_ELBO, pruning and export, the catalog entry."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Predictive, TraceMeanField_ELBO
+from scipy import stats
+from torch.distributions import kl_divergence
+
+import bnnzoo
+from bnnzoo.guides import HorseshoeGuide, LocalReparamELBO
+from bnnzoo.guides.closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
+from bnnzoo.models import BayesianNeuralNetwork, GaussianPrior, HorseshoePrior, make_likelihood
+from bnnzoo.models.horseshoe import regularised_log_scale
+from bnnzoo.nets import Activation, Conv2d, Dense, Flatten, Network, Pool2d, mlp
+
+
+def tiny_convnet() -> Network:
+    return Network([
+        Conv2d("conv1", 1, 4, 3), Activation("relu"), Pool2d(2),
+        Flatten(),
+        Dense("fc1", 4 * 3 * 3, 5), Activation("relu"),
+        Dense("fc2", 5, 3),
+    ], (1, 8, 8), name="tiny-conv")
+
+
+def horseshoe_model(net, task="regression", **prior):
+    kwargs = {"noise_scale": 0.7} if task == "regression" else {}
+    return BayesianNeuralNetwork(net, HorseshoePrior(net, **prior), make_likelihood(task, **kwargs))
+
+
+def spread_guide(guide, seed=0):
+    """Move the guide away from its initialisation so every term of the loss is non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in guide.named_parameters():
+            if name.startswith("locs."):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+            elif name.startswith("log_scales."):
+                p.copy_(-1.5 + torch.rand(p.shape, generator=gen))
+            elif name.endswith("loc_raw"):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("log_sd"):
+                p.copy_(-1.2 + 0.8 * torch.rand(p.shape, generator=gen))
+    return guide
+
+
+def switch_off(guide, layer, groups):
+    """Put the local scales of ``groups`` of ``layer`` far below everything else."""
+    first = len(guide.hidden) + guide.group_offsets[guide.hidden.index(layer)]
+    guide.pair_loc_raw[0, first + torch.tensor(groups)] = -30.0 / guide.scale_gain
+
+
+# ------------------------------------------------------------------------------------------ KLs
+@pytest.mark.parametrize("a,b", [(0.5, 1.0), (0.5, 1e4), (2.0, 6.0)])
+def test_closed_form_kls_match_monte_carlo(a, b):
+    torch.manual_seed(0)
+    m = torch.tensor([-3.0, -0.5, 0.0, 1.2])
+    log_s = torch.tensor([-1.0, 0.2, -2.5, -0.3])
+    q = dist.LogNormal(m, log_s.exp())
+    x = q.sample((200_000,))
+    for p, closed in ((dist.Gamma(a, b), kl_lognormal_gamma(m, log_s, a, b)),
+                      (dist.InverseGamma(a, b), kl_lognormal_inverse_gamma(m, log_s, a, b))):
+        terms = q.log_prob(x) - p.log_prob(x)
+        mc, se = terms.mean(0), terms.std(0) / math.sqrt(len(x))
+        assert torch.all((mc - closed).abs() < 5 * se + 1e-4), (mc, closed, se)
+        # registered with torch: kl_divergence finds them, also through Pyro's expand/to_event
+        assert torch.allclose(kl_divergence(q, p), closed)
+        batched = kl_divergence(q.to_event(1), p.expand([4]).to_event(1))
+        assert torch.allclose(batched, closed.sum())
+
+
+def test_closed_form_kl_gradients_match_autograd_of_the_formula():
+    # d KL / d m at the optimum of KL(LogNormal || Gamma(a, rate r)) in m: -a + r E[x] = 0
+    a, r, log_s = 0.5, 2.0, torch.tensor(-1.0)
+    m = (torch.log(torch.tensor(a / r)) - 0.5 * torch.exp(2 * log_s)).requires_grad_()
+    kl_lognormal_gamma(m, log_s, a, r).backward()
+    assert abs(float(m.grad)) < 1e-6
+
+
+# ------------------------------------------------------------------------- the prior's construction
+def _prior_draws(prior, layer, n=20_000, seed=0):
+    pyro.set_rng_seed(seed)
+    return {var: prior.site_distribution(f"{layer}.{var}").sample((n,))
+            for var in ("tau_a", "tau_b", "lambda_a", "lambda_b", "c2")}
+
+
+@pytest.mark.parametrize("tau0", [1.0, 0.05])
+def test_auxiliary_half_cauchy_marginals_ks(tau0):
+    net = mlp(3, [4], 1)
+    prior = HorseshoePrior(net, tau0=tau0)
+    d = _prior_draws(prior, "fc1")
+    tau = (d["tau_a"] * d["tau_b"]).sqrt().numpy()
+    lam = (d["lambda_a"] * d["lambda_b"]).sqrt()[:, 0].numpy()
+    assert stats.kstest(tau, stats.halfcauchy(scale=tau0).cdf).pvalue > 1e-3
+    assert stats.kstest(lam, stats.halfcauchy().cdf).pvalue > 1e-3
+    # the test has power: one auxiliary alone is not Half-Cauchy
+    assert stats.kstest(np.sqrt(d["tau_a"].numpy()), stats.halfcauchy(scale=tau0).cdf).pvalue < 1e-6
+
+
+def test_noncentred_weight_marginal_matches_direct_construction():
+    """w = s * beta from the model's sites against the regularised horseshoe built from scipy's
+    Half-Cauchy, inverse-gamma and normal samplers (two-sample KS on s and on w)."""
+    net = mlp(3, [4], 1)
+    prior = HorseshoePrior(net, tau0=0.3)
+    n = 20_000
+    pyro.set_rng_seed(1)
+    with torch.no_grad():
+        values = {site: prior.site_distribution(site).sample((n,)) for site in prior.sites()}
+        weights = prior.weights(values)
+        s = prior.log_scale("fc1", values).exp()[:, 0].numpy()
+    w = weights["fc1.weight"][:, 0, 0].numpy()
+    rng = np.random.default_rng(2)
+    tau = stats.halfcauchy(scale=0.3).rvs(n, random_state=rng)
+    lam = stats.halfcauchy().rvs(n, random_state=rng)
+    c2 = stats.invgamma(2.0, scale=6.0).rvs(n, random_state=rng)
+    s_ref = np.sqrt(c2 * tau**2 * lam**2 / (c2 + tau**2 * lam**2))
+    w_ref = s_ref * rng.standard_normal(n)
+    assert stats.ks_2samp(s, s_ref).pvalue > 1e-3
+    assert stats.ks_2samp(w, w_ref).pvalue > 1e-3
+    # the slab caps the scale: s < c always, and s -> c as tau * lambda -> infinity
+    assert np.all(s <= np.sqrt(values["fc1.c2"].numpy()) + 1e-6)
+    # a Gaussian with the same median absolute value is rejected (the test tells shapes apart)
+    gauss = rng.standard_normal(n) * np.median(np.abs(w_ref)) / 0.6745
+    assert stats.ks_2samp(w, gauss).pvalue < 1e-6
+
+
+def test_regularised_log_scale_formula():
+    log_u = torch.linspace(-20, 20, 41)
+    log_c2 = torch.tensor(math.log(3.0))
+    s2 = regularised_log_scale(log_u, log_c2).mul(2).exp()
+    u, c2 = log_u.double().exp(), 3.0
+    assert torch.allclose(s2.double(), c2 * u / (c2 + u), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ the Pyro guide
+@pytest.mark.parametrize("net_fn,task", [(lambda: mlp(5, [7, 4], 1), "regression"),
+                                         (tiny_convnet, "classification")])
+def test_every_site_has_a_closed_form_kl(net_fn, task):
+    net = net_fn()
+    model = horseshoe_model(net, task)
+    guide = spread_guide(HorseshoeGuide(model))
+    x = torch.randn(6, *net.input_shape)
+    y = torch.randn(6) if task == "regression" else torch.randint(0, 3, (6,))
+    guide_trace = pyro.poutine.trace(guide).get_trace(x, y, 50)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(model, guide_trace)).get_trace(x, y, 50)
+    latent = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"]
+    assert latent == list(model.prior.sites())
+    total = 0.0
+    for name in latent:
+        q, p = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
+        assert q.event_shape == p.event_shape and q.batch_shape == p.batch_shape, name
+        total = total + kl_divergence(q, p)  # raises NotImplementedError if any is missing
+    assert torch.allclose(total, guide.kl_divergence(), rtol=1e-5)
+    # the model records the effective weights as deterministic sites
+    for site in net.sites():
+        assert model_trace.nodes[site]["value"].shape == net.sites()[site]
+
+
+@pytest.mark.parametrize("net_fn,task", [(lambda: mlp(5, [7, 4], 1), "regression"),
+                                         (tiny_convnet, "classification")])
+def test_fast_loss_agrees_with_trace_meanfield_elbo(net_fn, task):
+    torch.manual_seed(0)
+    net = net_fn()
+    model = horseshoe_model(net, task)
+    guide = spread_guide(HorseshoeGuide(model), seed=1)
+    x = torch.randn(8, *net.input_shape)
+    y = torch.randn(8) if task == "regression" else torch.randint(0, 3, (8,))
+    reps = 150
+    with torch.no_grad():
+        pyro_loss = torch.stack([TraceMeanField_ELBO().differentiable_loss(model, guide, x, y, 200)
+                                 for _ in range(reps)])
+        fast = torch.stack([LocalReparamELBO().differentiable_loss(model, guide, x, y, 200) for _ in range(reps)])
+    se = math.sqrt(pyro_loss.var() / reps + fast.var() / reps)
+    assert abs(float(pyro_loss.mean() - fast.mean())) < 4 * se, (pyro_loss.mean(), fast.mean(), se)
+
+
+def test_fused_scaled_dense_gradients():
+    from bnnzoo.guides.scaled_dense import ScaledLocalReparamDense
+
+    gen = torch.Generator().manual_seed(0)
+    d = dict(dtype=torch.float64)
+    h = torch.randn(5, 4, generator=gen, **d).requires_grad_()
+    mu, b_mu = torch.randn(3, 4, generator=gen, **d), torch.randn(3, generator=gen, **d)
+    rho, b_rho = -1 + 0.3 * torch.randn(3, 4, generator=gen, **d), -1 + 0.3 * torch.randn(3, generator=gen, **d)
+    mu, b_mu, rho, b_rho = (t.requires_grad_() for t in (mu, b_mu, rho, b_rho))
+    s = (0.5 + torch.rand(3, generator=gen, **d)).requires_grad_()
+    eps = torch.randn(5, 3, generator=gen, **d)
+
+    def fn(*args):
+        return ScaledLocalReparamDense.apply(*args, eps, 0.7)
+
+    assert torch.autograd.gradcheck(fn, (h, mu, rho, b_mu, b_rho, s))
+    # the forward pass against the plain formula
+    out, kl = fn(h, mu, rho, b_mu, b_rho, s)
+    var, b_var = torch.exp(2 * rho), torch.exp(2 * b_rho)
+    expected = s * (h @ mu.T + b_mu + (h**2 @ var.T + b_var).sqrt() * eps)
+    assert torch.allclose(out, expected)
+    ref = kl_divergence(dist.Normal(torch.cat([mu.flatten(), b_mu]), torch.cat([var.flatten(), b_var]).sqrt()),
+                        dist.Normal(0.0, 0.7)).sum()
+    assert torch.allclose(kl, ref)
+
+
+def test_tempered_elbo_weights_the_kl_only():
+    from bnnzoo.guides import TemperedLocalReparamELBO
+
+    net = mlp(5, [7], 1)
+    model = horseshoe_model(net)
+    guide = spread_guide(HorseshoeGuide(model))
+    x, y = torch.randn(10, 5), torch.randn(10)
+    losses = []
+    for elbo in (LocalReparamELBO(), TemperedLocalReparamELBO(1.0), TemperedLocalReparamELBO(0.25)):
+        torch.manual_seed(3)
+        losses.append(elbo.differentiable_loss(model, guide, x, y, 100).detach())
+    kl = guide.kl_divergence().detach()
+    assert torch.allclose(losses[0], losses[1])
+    assert torch.allclose(losses[0] - losses[2], 0.75 * kl, rtol=1e-5)
+    with pytest.raises(ValueError, match="kl_weight"):
+        TemperedLocalReparamELBO(0.0)
+
+
+def test_draw_posterior_mean_and_pyro_guide_agree():
+    torch.manual_seed(0)
+    net = mlp(4, [6], 2)
+    model = horseshoe_model(net, "classification")
+    guide = spread_guide(HorseshoeGuide(model), seed=2)
+    n, m = 2000, 300
+    with torch.no_grad():
+        draws = [guide.draw() for _ in range(n)]
+        mc = {s: torch.stack([d[s] for d in draws]) for s in net.sites()}
+        mean = guide.posterior_mean()
+        pyro_draws = Predictive(model, guide=guide, num_samples=m, return_sites=["fc1.weight"])(torch.zeros(1, 4))
+        log_s = guide.sample_log_scales((200_000,))["fc1"]
+        log_mean = guide.log_scale_mean("fc1")
+    for site, values in mc.items():
+        se = values.std(0) / math.sqrt(n)
+        assert torch.all((values.mean(0) - mean[site]).abs() < 5 * se + 1e-6), site
+    # the Pyro guide (replayed through the model) and draw() give the same effective weights
+    pw = pyro_draws["fc1.weight"].reshape(m, 6, 4)
+    for a, b in ((pw, mc["fc1.weight"]), (pw.abs(), mc["fc1.weight"].abs())):
+        se = (a.var(0) / m + b.var(0) / n).sqrt()
+        assert torch.all((a.mean(0) - b.mean(0)).abs() < 5 * se + 1e-6)
+    # Gauss-Hermite E_q[ln s] against Monte Carlo
+    assert torch.all((log_mean - log_s.mean(0)).abs() < 5 * log_s.std(0) / math.sqrt(len(log_s)))
+
+
+def test_guide_starts_at_pytorch_scale_and_rejects_other_priors():
+    net = mlp(100, [50], 1)
+    model = horseshoe_model(net)
+    guide = HorseshoeGuide(model)
+    mean = guide.scale_mean("fc1")
+    assert torch.allclose(mean, torch.full_like(mean, 0.1), rtol=0.02)  # s ~ 1/sqrt(fan_in)
+    with pytest.raises(TypeError, match="HorseshoePrior"):
+        HorseshoeGuide(BayesianNeuralNetwork(net, GaussianPrior(net), make_likelihood("regression")))
+    with pytest.raises(ValueError, match="hidden layer"):
+        HorseshoePrior(mlp(3, [], 1))
+    with pytest.raises(ValueError, match="tau0"):
+        HorseshoePrior(net, tau0=0.0)
+    with pytest.raises(ValueError, match="init_scale"):
+        HorseshoeGuide(model, init_scale=-1.0)
+
+
+def test_prior_buffers_move_with_the_module():
+    prior = HorseshoePrior(mlp(3, [4], 1), tau0=0.2)
+    names = dict(prior.named_buffers())
+    assert {"tau0", "slab_shape", "slab_scale", "output_scale"} <= set(names)
+    half = prior.to(torch.float64)
+    assert half.site_distribution("fc1.tau_a").rate.dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------ pruning and export
+@pytest.fixture(scope="module")
+def fitted_dense(boston):
+    return bnnzoo.fit("horseshoe-svi", boston, epochs=30, prune=False, device="cpu", progress=False, seed=0)
+
+
+def test_prune_removes_exactly_the_groups_below_the_threshold(fitted_dense, boston):
+    post = fitted_dense
+    assert post.sparsity()["weights_pruned_fraction"] == 0.0
+    # force three neurons off and check the rule removes them (and whatever else it decides) exactly
+    with torch.no_grad():
+        switch_off(post.guide, "fc1", [3, 7, 11])
+    signal = post.log_signal()["fc1"]
+    expected = signal < math.log(post.config["train"]["prune_threshold"])
+    assert expected[[3, 7, 11]].all()
+    pruned = post.prune()
+    assert post.sparsity()["weights_pruned_fraction"] == 0.0  # the original is untouched
+    sp = pruned.sparsity()
+    assert torch.equal(sp["keep"]["fc1"], ~expected)
+    assert sp["layers"]["fc1"]["groups_kept"] == int((~expected).sum())
+    assert sp["architecture"] == f"13-{int((~expected).sum())}-1"
+    # pruned groups are zero in every draw and in the mean
+    for params in [pruned.posterior_mean(), next(iter(pruned.draw_weights(1)))]:
+        assert torch.all(params["fc1.weight"][expected] == 0) and torch.all(params["fc1.bias"][expected] == 0)
+    # the exported smaller module computes what the masked full network computes
+    module = pruned.to_torch(pruned=True)
+    assert module[0].out_features == int((~expected).sum())
+    x = pruned.standardizer.x(boston.x_test)
+    with torch.no_grad():
+        assert torch.allclose(module(x), pruned.net(x, pruned.posterior_mean()), atol=1e-5)
+    # the pruned network is measured, not assumed: its metrics are finite and differ from the dense
+    assert math.isfinite(pruned.evaluate(boston.x_test, boston.y_test)["rmse"])
+    with pytest.raises(ValueError, match="threshold"):
+        post.prune(threshold=0.0)
+
+
+def test_prune_conv_filters_and_export():
+    torch.manual_seed(0)
+    x = torch.randn(40, 1, 8, 8)
+    y = torch.randint(0, 3, (40,))
+    # a tiny conv net through the entry's own create (the configuration carries the network spec)
+    entry = bnnzoo.get_entry("horseshoe-svi")
+    config = entry.configure("classification", (1, 8, 8), 3, epochs=1, batch_size=20, prune=False)
+    config["network_spec"] = tiny_convnet().spec()
+    post = entry.create(config, device="cpu")
+    post.fit(x, y, progress=False)
+    with torch.no_grad():
+        switch_off(post.guide, "conv1", [0, 2])
+        switch_off(post.guide, "fc1", [1])
+    pruned = post.prune()
+    keep = pruned.sparsity()["keep"]
+    assert not keep["conv1"][0] and not keep["conv1"][2] and not keep["fc1"][1]
+    module = pruned.to_torch(pruned=True)
+    xs = pruned.standardizer.x(x)
+    with torch.no_grad():
+        assert torch.allclose(module(xs), pruned.net(xs, pruned.posterior_mean()), atol=1e-5)
+    assert module[0].out_channels == int(keep["conv1"].sum())
+
+
+def test_scales_summary(fitted_dense):
+    scales = fitted_dense.scales()
+    assert list(scales) == ["fc1"] and scales["fc1"].shape == (50,) and torch.all(scales["fc1"] > 0)
+    log_mean = fitted_dense.scales("log_mean")["fc1"]
+    assert torch.all(log_mean <= scales["fc1"].log() + 1e-5)  # Jensen
+    with pytest.raises(ValueError, match="statistic"):
+        fitted_dense.scales("median")
+
+
+# ------------------------------------------------------------------------------ the catalog entry
+def test_catalog_fit_predict_save_load_regression(boston, tmp_path):
+    post = bnnzoo.fit("horseshoe-svi", boston, epochs=30, device="cpu", progress=False, seed=0)
+    assert "horseshoe-svi" in bnnzoo.list_models("regression")
+    m = post.evaluate(boston.x_test, boston.y_test)
+    assert m["rmse"] < 6.0 and m["log_likelihood"] > -4.0
+    post.save(tmp_path / "run")
+    back = bnnzoo.load(tmp_path / "run")
+    assert back.sparsity()["architecture"] == post.sparsity()["architecture"]
+    for site, keep in post.masks().items():
+        assert torch.equal(back.masks()[site], keep)
+    a = post.predict(boston.x_test, num_samples=20, seed=3)
+    b = back.predict(boston.x_test, num_samples=20, seed=3)
+    assert torch.allclose(a.mean, b.mean) and torch.allclose(a.std, b.std)
+
+
+def test_catalog_fit_classification(mnist_small):
+    post = bnnzoo.fit("horseshoe-svi", mnist_small, network={"arch": "mlp", "hidden": [50]}, epochs=5,
+                      batch_size=50, device="cpu", progress=False, seed=0)
+    m = post.evaluate(mnist_small.x_test, mnist_small.y_test, num_samples=20)
+    assert m["accuracy"] > 0.6 and set(m) == {"accuracy", "nll", "ece", "brier"}
+    with pytest.raises(TypeError, match="no option"):
+        bnnzoo.create("horseshoe-svi", "classification", (784,), 10, tau_zero=1.0)
+
+
+@pytest.mark.cuda
+def test_fit_and_predict_on_cuda(boston):
+    post = bnnzoo.fit("horseshoe-svi", boston, epochs=5, device="cuda", progress=False, seed=0)
+    assert post.model.prior.tau0.device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in post.guide.parameters())
+    pred = post.predict(boston.x_test, num_samples=10)
+    assert pred.mean.device.type == "cuda"
+    cpu = post.to("cpu").predict(boston.x_test, num_samples=10)
+    assert cpu.mean.device.type == "cpu"

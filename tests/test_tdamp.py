@@ -1,0 +1,467 @@
+"""EM-TDAMP (issue 5): moment propagation against Monte Carlo, Module B against direct enumeration,
+the spike-and-slab and probit-product model parts, the guide's samples, the one-layer reduction to
+Bernoulli-Gaussian turbo GAMP, numerical safety, and the catalog entry."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import Predictive
+from scipy import stats
+
+import bnnzoo
+from bnnzoo.guides import TDAMPGuide
+from bnnzoo.guides.group_sparse_messages import (bernoulli_gaussian_posterior, extrinsic_log_odds, group_posterior,
+                                                 log_likelihood_ratio)
+from bnnzoo.guides.moment_propagation import (inverse_mills_ratio, linear_moments, propagate, relu_moments,
+                                              weight_messages)
+from bnnzoo.guides.tdamp import linear_tdamp
+from bnnzoo.methods.tdamp import m_step
+from bnnzoo.models import (BayesianNeuralNetwork, BernoulliGaussianPrior, GaussianLikelihood, GaussianPrior,
+                           GroupBernoulliGaussian, ProbitProduct, ProbitProductLikelihood)
+from bnnzoo.models.probit_product import log_normal_cdf
+from bnnzoo.nets import Activation, Conv2d, Dense, Flatten, Network, mlp
+
+
+def tdamp_model(net, task="regression"):
+    lik = GaussianLikelihood(0.5) if task == "regression" else ProbitProductLikelihood(1.0)
+    return BayesianNeuralNetwork(net, BernoulliGaussianPrior(net, rho=0.5), lik)
+
+
+def spread_state(guide, seed=0):
+    """Give the guide's messages spread-out values so posteriors are neither prior nor point masses."""
+    gen = torch.Generator().manual_seed(seed)
+    for site, shape in guide.net.sites().items():
+        layer = site.rpartition(".")[0]
+        s2 = guide.prior.slab_var(layer).reshape((-1,) + (1,) * (len(shape) - 1))
+        lam = torch.rand(shape, generator=gen) * 3 / s2
+        mu = torch.randn(shape, generator=gen) * s2.sqrt()
+        eta, precision = guide.message(site)
+        precision.copy_(lam)
+        eta.copy_(lam * mu)
+    for layer in guide.net.hidden_layers():
+        guide.prior.set_group_parameters(layer.name, logit_rho=torch.randn(layer.num_groups, generator=gen))
+    return guide
+
+
+# ------------------------------------------------------------------------- Module A: moments
+@pytest.mark.parametrize("mean,var", [(-1.5, 0.3), (-1.0, 1.0), (0.0, 2.0), (0.5, 0.1), (2.0, 4.0), (5.0, 1.0)])
+def test_relu_moments_match_monte_carlo(mean, var):
+    gen = torch.Generator().manual_seed(0)
+    z = mean + math.sqrt(var) * torch.randn(1_000_000, generator=gen, dtype=torch.float64)
+    r = z.clamp_min(0)
+    m, v = relu_moments(torch.tensor([mean], dtype=torch.float64), torch.tensor([var], dtype=torch.float64))
+    se_m = float(r.std()) / 1000
+    se_v = float(((r - r.mean()) ** 2).std()) / 1000
+    assert abs(float(m) - float(r.mean())) < 5 * se_m + 1e-12
+    assert abs(float(v) - float(r.var())) < 5 * se_v + 1e-12
+
+
+def test_relu_moments_are_exact_in_the_tails():
+    """Against the closed form in float64 (scipy): mean sd [alpha Phi + phi], second moment
+    (m^2 + s) Phi + m sd phi, down to Phi(alpha) ~ 1e-100."""
+    m = np.array([-20.0, -8.0, -3.0, 0.0, 3.0, 30.0])
+    s = np.array([1.0, 0.5, 2.0, 1.0, 0.01, 1.0])
+    sd = np.sqrt(s)
+    a = m / sd
+    mean = m * stats.norm.cdf(a) + sd * stats.norm.pdf(a)
+    second = (m**2 + s) * stats.norm.cdf(a) + m * sd * stats.norm.pdf(a)
+    out_m, out_v = relu_moments(torch.tensor(m), torch.tensor(s))
+    np.testing.assert_allclose(out_m.numpy(), mean, rtol=1e-6, atol=1e-300)
+    ref_var = second - mean**2
+    ok = ref_var > 1e-12 * s  # where the float64 reference itself does not cancel
+    np.testing.assert_allclose(out_v.numpy()[ok], ref_var[ok], rtol=1e-5)
+    assert (out_v.numpy() >= 0).all()
+
+
+def test_inverse_mills_ratio_matches_scipy_far_in_the_tail():
+    a = np.array([-1e4, -100.0, -31.0, -10.5, -9.5, -5.0, 0.0, 5.0])
+    ref = np.exp(stats.norm.logpdf(a) - stats.norm.logcdf(a))
+    np.testing.assert_allclose(inverse_mills_ratio(torch.tensor(a, dtype=torch.float32)).numpy(), ref, rtol=2e-5)
+
+
+def test_relu_moment_gradients_are_the_closed_forms():
+    gen = torch.Generator().manual_seed(1)
+    m = (3 * torch.randn(25, generator=gen, dtype=torch.float64)).requires_grad_()
+    v = (0.05 + 4 * torch.rand(25, generator=gen, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(relu_moments, (m, v))
+
+
+def test_linear_moments_match_monte_carlo():
+    gen = torch.Generator().manual_seed(2)
+    n_in, n_out = 4, 3
+    m_in, v_in = torch.randn(1, n_in, generator=gen), torch.rand(1, n_in, generator=gen)
+    w_m, w_v = torch.randn(n_out, n_in, generator=gen), 0.3 * torch.rand(n_out, n_in, generator=gen)
+    b_m, b_v = torch.randn(n_out, generator=gen), 0.2 * torch.rand(n_out, generator=gen)
+    mean, var = linear_moments(m_in, v_in, w_m, w_v, b_m, b_v)
+    s = 400_000
+    h = m_in + v_in.sqrt() * torch.randn(s, n_in, generator=gen)
+    w = w_m + w_v.sqrt() * torch.randn(s, n_out, n_in, generator=gen)
+    b = b_m + b_v.sqrt() * torch.randn(s, n_out, generator=gen)
+    z = (w @ h.unsqueeze(-1)).squeeze(-1) + b
+    torch.testing.assert_close(mean.squeeze(0), z.mean(0), atol=0.02, rtol=0.01)
+    torch.testing.assert_close(var.squeeze(0), z.var(0), atol=0.03, rtol=0.02)
+    # deterministic inputs: the input-variance terms vanish
+    mean0, var0 = linear_moments(m_in, None, w_m, w_v, b_m, b_v)
+    torch.testing.assert_close(var0, (m_in**2) @ w_v.t() + b_v)
+
+
+def test_network_propagation_matches_monte_carlo_through_relu():
+    """Two dense layers with a ReLU between, random Gaussian weights: output moments vs sampling
+    (the moment-matched hidden layer is an approximation; with many hidden units it is accurate)."""
+    net = mlp(3, [40], 2)
+    gen = torch.Generator().manual_seed(3)
+    moments = {}
+    for layer in net.param_layers:
+        k, i = layer.weight_shape
+        moments[layer.name] = (torch.randn(k, i, generator=gen) / math.sqrt(i), 0.1 * torch.rand(k, i, generator=gen) / i,
+                               0.1 * torch.randn(k, generator=gen), 0.01 * torch.rand(k, generator=gen))
+    x = torch.randn(2, 3, generator=gen)
+    augmented = {name: (torch.cat([w_m, b_m.unsqueeze(1)], 1), torch.cat([w_v, b_v.unsqueeze(1)], 1))
+                 for name, (w_m, w_v, b_m, b_v) in moments.items()}  # the bias as the last column
+    with torch.no_grad():
+        mean, var, _ = propagate(net, x, augmented)
+    s = 100_000
+    params = {}
+    for layer in net.param_layers:
+        w_m, w_v, b_m, b_v = moments[layer.name]
+        params[f"{layer.name}.weight"] = w_m + w_v.sqrt() * torch.randn(s, *w_m.shape, generator=gen)
+        params[f"{layer.name}.bias"] = b_m + b_v.sqrt() * torch.randn(s, *b_m.shape, generator=gen)
+    h = torch.relu(torch.einsum("ski,ni->snk", params["fc1.weight"], x) + params["fc1.bias"].unsqueeze(1))
+    f = torch.einsum("ski,sni->snk", params["fc2.weight"], h) + params["fc2.bias"].unsqueeze(1)
+    torch.testing.assert_close(mean, f.mean(0), atol=0.02, rtol=0.03)
+    torch.testing.assert_close(var, f.var(0), atol=0.02, rtol=0.08)
+
+
+def test_weight_message_is_the_exact_gaussian_update_for_a_linear_output():
+    """One linear layer, one example, Gaussian likelihood: the message curvature is a^2 / (v + tau)
+    and its mean M + (a r / s) / (a^2 / s): the exact Kalman (ADF) quantities."""
+    a = torch.tensor([[0.5, -1.0, 2.0]])
+    w_m, w_v = torch.tensor([[0.1, 0.2, -0.3]]), torch.tensor([[0.5, 0.1, 0.2]])
+    y, v = torch.tensor([1.0]), torch.tensor(0.3)
+    from bnnzoo.guides.moment_propagation import gaussian_log_evidence
+    from bnnzoo.guides.tdamp import propagate_linear
+
+    with torch.enable_grad():
+        p, tau, records = propagate_linear(a, w_m, w_v, torch.zeros(1))
+        msg = weight_messages(records, gaussian_log_evidence(y, p, tau, v), {"x": w_m})["x"]
+    s = v + (a**2 * w_v).sum()
+    r = y - (a * w_m).sum()
+    torch.testing.assert_close(msg.curv, a**2 / s)
+    torch.testing.assert_close(msg.grad, a * r / s)
+
+
+# ------------------------------------------------------------------- numerical safety
+@pytest.mark.parametrize("scale", [1e4, 1e8, 1e15])
+def test_no_nan_on_saturated_units(scale):
+    m = torch.tensor([scale, -scale, scale, -scale, 0.0], requires_grad=True)
+    v = torch.tensor([0.0, 0.0, 1e6, 1e-30, 0.0], requires_grad=True)
+    out_m, out_v = relu_moments(m, v)
+    (out_m.sum() + out_v.sum()).backward()
+    for t in (out_m, out_v, m.grad, v.grad):
+        assert torch.isfinite(t).all()
+    assert float(out_m[0].detach()) == pytest.approx(scale) and float(out_m[1].detach()) == 0.0
+    assert torch.isfinite(log_normal_cdf(torch.tensor([-1e5, -50.0, 0.0, 1e5]))).all()
+
+
+def test_guide_messages_are_finite_with_huge_inputs():
+    net = mlp(5, [8], 3)
+    model = tdamp_model(net, "classification")
+    guide = TDAMPGuide(model, memory=1.0)
+    x = torch.randn(16, 5) * 1e6
+    y = torch.randint(0, 3, (16,))
+    guide.update(x, y, 16)
+    guide.check_finite()
+
+
+def test_nan_is_an_error_not_replaced(boston):
+    guide = TDAMPGuide(tdamp_model(mlp(13, [4], 1)))
+    guide.message("fc1.weight")[0][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="fc1"):
+        guide.check_finite()
+
+
+# ------------------------------------------------------------------ Module B: enumeration
+def _enumerate_group(rho, s2, mu, t):
+    """Exact posterior of one group by enumerating s in {0, 1} with joint Gaussian marginals
+    (MultivariateNormal) and Gaussian conditioning: an independent code path."""
+    n = len(mu)
+    on = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=torch.float64),
+                                                torch.diag(t + s2)).log_prob(mu) + math.log(rho)
+    off = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=torch.float64),
+                                                 torch.diag(t)).log_prob(mu) + math.log(1 - rho)
+    p_on = torch.sigmoid(on - off)
+    cov = torch.linalg.inv(torch.eye(n, dtype=torch.float64) / s2 + torch.diag(1 / t))
+    m_on = cov @ (mu / t)
+    mean = p_on * m_on
+    second = p_on * (torch.diagonal(cov) + m_on**2)
+    return p_on, mean, second - mean**2
+
+
+def test_group_posterior_matches_direct_enumeration():
+    gen = torch.Generator().manual_seed(4)
+    k, n = 5, 3
+    s2 = torch.tensor([0.5, 1.0, 2.0, 0.7, 1.3], dtype=torch.float64)
+    rho = torch.tensor([0.1, 0.3, 0.5, 0.8, 0.95], dtype=torch.float64)
+    mu = torch.randn(k, n + 1, generator=gen, dtype=torch.float64) * 1.5
+    t = 0.2 + torch.rand(k, n + 1, generator=gen, dtype=torch.float64)
+    lam, eta = 1 / t, mu / t
+    post = group_posterior(torch.logit(rho), s2, eta[:, :n], lam[:, :n], eta[:, n], lam[:, n])
+    for g in range(k):
+        p_on, mean, var = _enumerate_group(float(rho[g]), float(s2[g]), mu[g], t[g])
+        assert float(post.inclusion[g]) == pytest.approx(float(p_on), rel=1e-9)
+        got_mean = torch.cat([post.weight_moments[0][g], post.bias_moments[0][g:g + 1]])
+        got_var = torch.cat([post.weight_moments[1][g], post.bias_moments[1][g:g + 1]])
+        torch.testing.assert_close(got_mean, mean)
+        torch.testing.assert_close(got_var, var)
+
+
+def test_extrinsic_messages_are_leave_one_out():
+    """The weight posterior from its extrinsic (leave-one-out) prior and its own message has the
+    group's inclusion probability and the group posterior's moments."""
+    gen = torch.Generator().manual_seed(5)
+    eta, lam = torch.randn(3, 6, generator=gen, dtype=torch.float64), torch.rand(3, 6, generator=gen, dtype=torch.float64)
+    s2 = torch.tensor([0.3, 1.0, 3.0], dtype=torch.float64)
+    logit_rho = torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64)
+    post = group_posterior(logit_rho, s2, eta, lam)
+    llr = log_likelihood_ratio(eta, lam, s2)
+    ext = extrinsic_log_odds(post.log_odds, llr)
+    # leave-one-out by brute force
+    for i in range(6):
+        others = [j for j in range(6) if j != i]
+        torch.testing.assert_close(ext[:, i], logit_rho + llr[:, others].sum(1))
+    log_odds, mean, var = bernoulli_gaussian_posterior(ext, eta, lam, s2)
+    torch.testing.assert_close(log_odds, post.log_odds.unsqueeze(1).expand_as(log_odds))
+    torch.testing.assert_close(mean, post.weight_moments[0])
+    torch.testing.assert_close(var, post.weight_moments[1])
+
+
+def test_single_weight_posterior_matches_importance_sampling():
+    gen = torch.Generator().manual_seed(6)
+    pi, s2, mu, t = 0.4, 1.5, 0.8, 0.3
+    s = 2_000_000
+    on = torch.rand(s, generator=gen, dtype=torch.float64) < pi
+    w = on * math.sqrt(s2) * torch.randn(s, generator=gen, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (w - mu) ** 2 / t)
+    weights = weights / weights.sum()
+    lam, eta = torch.tensor(1 / t, dtype=torch.float64), torch.tensor(mu / t, dtype=torch.float64)
+    log_odds, mean, var = bernoulli_gaussian_posterior(torch.logit(torch.tensor(pi, dtype=torch.float64)), eta, lam,
+                                                       torch.tensor(s2, dtype=torch.float64))
+    assert float(torch.sigmoid(log_odds)) == pytest.approx(float((weights * on).sum()), abs=3e-3)
+    assert float(mean) == pytest.approx(float((weights * w).sum()), abs=3e-3)
+    assert float(var) == pytest.approx(float((weights * w**2).sum() - (weights * w).sum() ** 2), abs=5e-3)
+
+
+# ------------------------------------------------------------------------- the model parts
+def test_group_bernoulli_gaussian_distribution():
+    probs = torch.tensor([0.2, 0.7, 1.0])
+    loc, scale = torch.tensor([[1.0, -1.0], [0.5, 2.0], [0.0, 0.0]]), torch.tensor([[0.5, 1.0], [0.2, 0.3], [1.0, 1.0]])
+    d = GroupBernoulliGaussian(probs, loc, scale)
+    torch.manual_seed(0)
+    x = d.sample((100_000,))
+    assert x.shape == (100_000, 3, 2)
+    rows_on = (x != 0).any(-1).float().mean(0)
+    torch.testing.assert_close(rows_on, probs, atol=0.01, rtol=0)
+    assert ((x == 0).all(-1) | (x != 0).all(-1)).all()  # a row is off or on as a whole
+    torch.testing.assert_close(x.mean(0), d.mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(x.var(0), d.variance, atol=0.03, rtol=0.02)
+    v = torch.tensor([[0.0, 0.0], [0.4, 1.0], [0.3, -0.2]])
+    expected = (math.log(0.8) + math.log(0.7) + torch.distributions.Normal(loc[1], scale[1]).log_prob(v[1]).sum()
+                + torch.distributions.Normal(loc[2], scale[2]).log_prob(v[2]).sum())
+    assert float(d.log_prob(v)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(GroupBernoulliGaussian(torch.tensor([0.0]), loc[:1], scale[:1]).log_prob(v[1:2])) == -math.inf
+
+
+def test_prior_samples_groups_under_pyro():
+    net = mlp(4, [6], 2)
+    prior = BernoulliGaussianPrior(net, rho=0.5)
+    torch.manual_seed(1)
+    for _ in range(20):
+        trace = poutine.trace(prior).get_trace()
+        w, b = trace.nodes["fc1.weight"]["value"], trace.nodes["fc1.bias"]["value"]
+        assert ((w != 0).any(1) == (b != 0)).all()  # the bias is on exactly with its row
+        assert (trace.nodes["fc2.weight"]["value"] != 0).all()  # output neurons are always kept
+        assert torch.isfinite(trace.log_prob_sum())
+    with pytest.raises(ValueError, match="rho"):
+        BernoulliGaussianPrior(net, rho=0.0)
+
+
+def test_probit_product_likelihood():
+    f = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
+    lik = ProbitProductLikelihood(noise_var=0.5)
+    y = torch.tensor([0, 2])
+    manual = torch.stack([
+        torch.log(torch.tensor(stats.norm.cdf((2.0 - 0.5) / math.sqrt(0.5)) * stats.norm.cdf(3.0 / math.sqrt(0.5)))),
+        torch.log(torch.tensor(0.25)),
+    ]).float()
+    torch.testing.assert_close(lik.log_prob(f, y), manual)
+    torch.testing.assert_close(lik.class_probs(f).sum(-1), torch.ones(2))
+    two = ProbitProduct(torch.tensor([[0.3, -0.4]]), 1.0)
+    torch.testing.assert_close(two.log_prob(torch.tensor([0])).exp() + two.log_prob(torch.tensor([1])).exp(),
+                               torch.ones(1))  # normalised for two classes
+
+
+def test_probit_log_evidence_matches_monte_carlo():
+    gen = torch.Generator().manual_seed(7)
+    lik = ProbitProductLikelihood(noise_var=0.7)
+    mean = torch.tensor([[1.0, -0.5, 0.3, 0.0], [3.0, 1.0, -2.0, 0.5]])
+    var = torch.tensor([[0.5, 1.0, 0.2, 2.0], [4.0, 0.1, 1.0, 0.3]])
+    y = torch.tensor([2, 0])
+    z = mean + var.sqrt() * torch.randn(400_000, 2, 4, generator=gen)
+    mc = ProbitProduct(z, 0.7).log_prob(y.expand(400_000, 2)).exp().mean(0).log()
+    torch.testing.assert_close(lik.log_evidence(mean, var, y), mc, atol=0.01, rtol=0.01)
+
+
+# ------------------------------------------------------------------------------- the guide
+def test_guide_samples_have_the_posterior_moments():
+    net = mlp(3, [4], 2)
+    model = tdamp_model(net)
+    guide = spread_state(TDAMPGuide(model))
+    mean, var = guide.posterior_mean(), guide.posterior_var()
+    torch.manual_seed(0)
+    draws = list(guide.draws(40_000))
+    for site in net.sites():
+        d = torch.stack([p[site] for p in draws])
+        torch.testing.assert_close(d.mean(0), mean[site], atol=0.01, rtol=0.02)
+        torch.testing.assert_close(d.var(0), var[site], atol=0.01, rtol=0.03)
+    # the Pyro guide draws from the same posterior
+    traced = torch.stack([poutine.trace(guide).get_trace().nodes["fc1.weight"]["value"] for _ in range(4000)])
+    torch.testing.assert_close(traced.mean(0), mean["fc1.weight"], atol=0.05, rtol=0.05)
+    inclusion = guide.inclusion()["fc1"]
+    torch.testing.assert_close((traced != 0).any(-1).float().mean(0), inclusion, atol=0.03, rtol=0)
+
+
+def test_predictive_works_with_the_guide():
+    net = mlp(3, [4], 1)
+    model = tdamp_model(net)
+    guide = spread_state(TDAMPGuide(model))
+    x = torch.randn(7, 3)
+    out = Predictive(model, guide=guide, num_samples=5, return_sites=["obs", "f", "fc1.weight"])(x)
+    # "f" and the weights lie outside the data plate: Pyro pads them with one plate dimension
+    assert out["obs"].shape == (5, 7) and out["f"].shape == (5, 1, 7, 1) and out["fc1.weight"].shape == (5, 1, 4, 3)
+    elbo = pyro.infer.Trace_ELBO().loss(model, guide, x, torch.randn(7))
+    assert math.isfinite(elbo)
+
+
+def test_state_round_trip_and_set_posterior():
+    net = mlp(3, [4], 2)
+    a = spread_state(TDAMPGuide(tdamp_model(net)), seed=1)
+    b = TDAMPGuide(tdamp_model(net))
+    b.set_state(a.state())
+    for site in net.sites():
+        torch.testing.assert_close(b.posterior_mean()[site], a.posterior_mean()[site])
+    # a posterior given by its slab moments and inclusion probabilities (a federated server's product)
+    st = a.state()
+    c = TDAMPGuide(tdamp_model(net))
+    c.set_posterior(st["slab_mean"], st["slab_var"], {"fc1": st["inclusion"]["fc1"].clamp(0.01, 0.99)})
+    torch.testing.assert_close(c.state()["slab_mean"]["fc1.weight"], st["slab_mean"]["fc1.weight"])
+    torch.testing.assert_close(c.inclusion()["fc1"], st["inclusion"]["fc1"].clamp(0.01, 0.99))
+    with pytest.raises(ValueError, match="shape"):
+        b.set_state({"message_eta": {"fc1.weight": torch.zeros(2, 2)}})
+
+
+def test_guide_rejects_what_it_cannot_handle():
+    net = mlp(3, [4], 1)
+    with pytest.raises(TypeError, match="BernoulliGaussianPrior"):
+        TDAMPGuide(BayesianNeuralNetwork(net, GaussianPrior(net), GaussianLikelihood()))
+    conv = Network([Conv2d("c", 1, 2, 3), Activation("relu"), Flatten(), Dense("fc", 2 * 4 * 4, 2)], (1, 6, 6))
+    with pytest.raises(ValueError, match="dense networks"):
+        TDAMPGuide(tdamp_model(conv, "classification"))
+    with pytest.raises(ValueError, match="damping"):
+        TDAMPGuide(tdamp_model(net), damping=1.5)
+    with pytest.raises(ValueError, match="batch"):
+        TDAMPGuide(tdamp_model(net)).update(torch.randn(5, 3), torch.randn(5), 3)
+
+
+def test_constrained_m_step_keeps_the_target_fraction():
+    net = mlp(3, [10], 1)
+    guide = spread_state(TDAMPGuide(tdamp_model(net)), seed=2)
+    m_step(guide, keep=0.3, learn_noise=False)
+    assert int((guide.inclusion()["fc1"] > 0.5).sum()) == 3
+
+
+# --------------------------------------------------------- one linear layer: turbo GAMP
+def _exact_bg_mean(A, y, rho, s2, v):
+    m, n = A.shape
+    logw, means = [], []
+    for support in itertools.product([0, 1], repeat=n):
+        idx = [i for i in range(n) if support[i]]
+        k = len(idx)
+        cols = A[:, idx]
+        cov = v * torch.eye(m, dtype=A.dtype) + s2 * cols @ cols.t()
+        logw.append(k * math.log(rho) + (n - k) * math.log(1 - rho)
+                    + float(torch.distributions.MultivariateNormal(torch.zeros(m, dtype=A.dtype), cov).log_prob(y)))
+        mu = torch.zeros(n, dtype=A.dtype)
+        if k:
+            mu[idx] = torch.linalg.solve(cols.t() @ cols / v + torch.eye(k, dtype=A.dtype) / s2, cols.t() @ y / v)
+        means.append(mu)
+    w = torch.softmax(torch.tensor(logw, dtype=A.dtype), 0)
+    return (w[:, None] * torch.stack(means)).sum(0), w, means
+
+
+def test_one_linear_layer_recovers_a_sparse_vector_like_exact_inference():
+    gen = torch.Generator().manual_seed(11)
+    n, m, rho, s2, v = 8, 16, 0.3, 1.0, 0.01
+    A = torch.randn(m, n, generator=gen, dtype=torch.float64) / math.sqrt(m)
+    x = torch.zeros(n, dtype=torch.float64)
+    x[[1, 4, 6]] = torch.tensor([1.2, -0.9, 0.7], dtype=torch.float64)
+    y = A @ x + math.sqrt(v) * torch.randn(m, generator=gen, dtype=torch.float64)
+    exact, _, _ = _exact_bg_mean(A, y, rho, s2, v)
+    out = linear_tdamp(A, y, rho, s2, v, damping=0.5)
+    nmse = float(((out["mean"] - exact) ** 2).sum() / (exact**2).sum())
+    assert nmse < 0.05
+    assert ((out["inclusion"] > 0.5) == (x != 0)).all()
+
+
+# ---------------------------------------------------------------------- the catalog entry
+def test_catalog_entry_regression_fit_predict_save_load(boston, tmp_path):
+    post = bnnzoo.fit("em-tdamp", boston, epochs=4, keep=0.5, device="cpu", progress=False, seed=0,
+                      network={"arch": "mlp", "hidden": [10]})
+    assert len(post.history["epoch_seconds"]) == 4 and all(s > 0 for s in post.history["epoch_seconds"])
+    assert all(math.isfinite(v) for v in post.history["loss"])
+    sp = post.sparsity()
+    assert sp["architecture"] == "13-5-1"
+    m = post.evaluate(boston.x_test, boston.y_test, num_samples=20)
+    assert m["rmse"] < 1.2 * float(boston.y_test.std())
+    loaded = bnnzoo.load(post.save(tmp_path / "run"))
+    a = post.predict(boston.x_test[:10], num_samples=5, seed=3)
+    b = loaded.predict(boston.x_test[:10], num_samples=5, seed=3)
+    torch.testing.assert_close(a.mean, b.mean)
+    torch.testing.assert_close(a.std, b.std)
+    assert loaded.sparsity()["architecture"] == "13-5-1"
+    assert post.to_torch()(loaded.standardizer.x(boston.x_test[:3])).shape == (3, 1)
+
+
+def test_catalog_entry_classification(mnist_small):
+    post = bnnzoo.fit("em-tdamp", mnist_small, epochs=2, batch_size=100, device="cpu", progress=False, seed=0,
+                      network={"arch": "mlp", "hidden": [30]})
+    pred = post.predict(mnist_small.x_test[:50], num_samples=10)
+    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(50))
+    m = post.evaluate(mnist_small.x_test, mnist_small.y_test, num_samples=10)
+    assert m["accuracy"] > 0.5
+    ll = post.log_likelihood(mnist_small.x_test[:20], mnist_small.y_test[:20], num_samples=5)
+    assert torch.isfinite(ll).all() and (ll <= 0).all()
+
+
+def test_catalog_entry_rejects_bad_options(boston):
+    with pytest.raises(ValueError, match="keep"):
+        bnnzoo.create("em-tdamp", "regression", (13,), 1, keep=1.5)
+    with pytest.raises(ValueError, match="dense ReLU"):
+        bnnzoo.create("em-tdamp", "classification", (1, 28, 28), 10, network={"arch": "lenet5"})
+
+
+@pytest.mark.cuda
+def test_tdamp_on_cuda(boston):
+    post = bnnzoo.fit("em-tdamp", boston, epochs=2, keep=0.5, device="cuda", progress=False, seed=0,
+                      network={"arch": "mlp", "hidden": [8]})
+    assert post.guide.message("fc1.weight")[0].device.type == "cuda"
+    m = post.evaluate(boston.x_test, boston.y_test, num_samples=5)
+    assert math.isfinite(m["rmse"])
+    cpu = post.to("cpu")
+    assert cpu.guide.posterior_mean()["fc1.weight"].device.type == "cpu"

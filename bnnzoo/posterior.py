@@ -267,8 +267,8 @@ class Posterior(ABC):
     def _arviz_draws_per_chain(self, num_samples: int) -> int:
         """Draws per chain for ArviZ; ``draw_weights(num_chains * n)`` yields them chain by chain."""
         if self.num_chains != 1:
-            raise NotImplementedError(f"{type(self).__name__} has {self.num_chains} chains: it must say how "
-                                      f"many draws each holds (_arviz_draws_per_chain)")
+            raise TypeError(f"{type(self).__name__} has {self.num_chains} chains: it must say how "
+                            f"many draws each holds (_arviz_draws_per_chain)")
         return num_samples
 
     def _arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:

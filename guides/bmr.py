@@ -82,7 +82,7 @@ def reduce_normal(mu, var, prior_var, reduced_var=0.0) -> tuple[torch.Tensor, to
     All arguments broadcast; ``reduced_var = 0`` is the Savage-Dickey limit (``mu_r = var_r = 0``).
     """
     mu, var, prior_var, reduced_var = _check(mu, var, prior_var, reduced_var)
-    t = _t(var, prior_var, reduced_var)
+    _t(var, prior_var, reduced_var)  # the reduced posterior must exist
     d_f, mu_r, var_r = _reduce_normal(mu, var, prior_var, reduced_var)
     return d_f, mu_r.expand_as(d_f), var_r.expand_as(d_f)
 

@@ -37,19 +37,21 @@ each sample of the sites in ``save_params`` (default: the weight sites).
 Fast path. The gradient is plain torch: ``Network.forward`` and the likelihood's ``log_prob`` on the
 weight tensors, ``torch.autograd.grad``, and the prior term added analytically; the update is a
 handful of fused ``torch._foreach_*`` calls. For a Gaussian likelihood the minibatch term is the sum
-of squared residuals over ``2 sigma^2`` (``log_prob`` up to a constant in ``theta``, one fused op
-instead of seven; the tests check the two against each other and against Pyro's log joint). Tracing the Pyro model each step instead (the
-conditioned model's ``poutine.trace(...).log_prob_sum()`` and a backward pass) measured, on this
-project's 2-core CPU machine, 1.6 ms against 0.36 ms per gradient for the 13-50-1 network at batch
-32 (4.5x) and 32 ms against 29 ms for LeNet-5 at batch 128 (1.1x): Pyro's bookkeeping dominates
-small networks (``benchmarks/bench_spike_slab.py``, suite ``spike-slab-speed``). The Pyro model
-remains the statement of what is believed: it is ``kernel.model``, ``Predictive`` runs on the
-samples, and the tests check the potential against its log joint.
+of squared residuals over ``2 sigma^2`` (``log_prob`` up to a constant in ``theta``: one fused op
+instead of seven; the tests check its gradient against ``log_prob``'s and Pyro's log joint).
+Tracing the Pyro model for every gradient instead (the conditioned model's
+``poutine.trace(...).log_prob_sum()`` and a backward pass) was measured on this project's shared
+2-core CPU machine (``benchmarks/bench_spike_slab.py``, suite ``spike-slab-speed``, the two paths
+timed alternately): 6.1 ms against 0.23 ms per gradient for the 13-50-1 network at batch 32 (26x;
+Pyro's per-site bookkeeping dominates small networks), 159 ms against 124 ms for LeNet-5 at batch
+128 (1.3x). The Pyro model remains the statement of what is believed: it is ``kernel.model``,
+``Predictive`` runs on the samples, and the tests check the potential against its log joint.
 
 Memory: between steps the kernel keeps the weights, the momentum and one preconditioner tensor
-(the RMSprop statistics ``S`` while adapting, ``sqrt(S)`` once frozen): three times the parameter count,
-plus a few per-group vectors for EM and the damping. Nothing is copied to the host inside the step loop; the
-per-sample diagnostics stay on the device until :meth:`diagnostics`.
+(the RMSprop statistics ``S`` while adapting, ``sqrt(S)`` once frozen): three times the parameters,
+plus three small per-group vectors for EM (decay, preconditioner offset, mask; see
+:meth:`state_bytes`). Nothing is copied to the host inside the step loop; the per-sample
+diagnostics stay on the device until :meth:`diagnostics`.
 
 Several chains: ``MCMC(kernel, ..., num_chains=C)`` runs chains in processes when the machine has
 the cores (the kernel pickles without its data or callback; use ``mp_context="spawn"`` with CUDA)

@@ -254,7 +254,7 @@ def test_bad_hooks_and_chains_are_named(fitted_map):
 
     post = NoDraws(fitted_map.model, fitted_map.guide, name="map", config=fitted_map.config)
     post.standardizer = fitted_map.standardizer
-    with pytest.raises(NotImplementedError, match="2 chains"):
+    with pytest.raises(TypeError, match="2 chains"):
         post.to_arviz()
 
 

@@ -124,7 +124,9 @@ class PostHocBMR(VariationalPosterior):
 
 
 class IterativeBMR(VariationalPosterior):
-    """BMR-S&S during training: ``warmup_epochs`` of SVI, then after every epoch a reduction.
+    """BMR-S&S during training (Markovic et al.'s schedule): ``warmup_epochs`` of SVI, then
+    {reduce; train one epoch} until ``epochs`` are done, so the last epoch trains the final
+    reduced model (there is no reduction after it).
 
     A pruned weight stays pruned (its mask is permanent) and its guide entries are frozen at the
     reduced posterior, a point mass at zero: the masked guide gives them no gradient, and every
@@ -136,11 +138,13 @@ class IterativeBMR(VariationalPosterior):
     def _fit(self, x, y, progress: bool, callback=None) -> None:
         train = self.config["train"]
         options = _options(train)
-        warmup = int(train["warmup_epochs"])
+        warmup, epochs = int(train["warmup_epochs"]), int(train["epochs"])
+        if not 1 <= warmup < epochs:
+            raise ValueError(f"{self.name}: need 1 <= warmup_epochs < epochs, got {warmup} and {epochs}")
         sync = self.device.type == "cuda"
 
         def hook(epoch: int, loss: float) -> None:
-            if epoch + 1 >= warmup:
+            if warmup <= epoch + 1 < epochs:
                 if sync:
                     torch.cuda.synchronize(self.device)
                 start = time.perf_counter()
@@ -154,6 +158,15 @@ class IterativeBMR(VariationalPosterior):
                 callback(epoch, loss)
 
         super()._fit(x, y, progress, hook)
+        self._freeze_pruned()
+
+    def _freeze_pruned(self) -> None:
+        """Write the reduced posterior (a point mass at 0) into the pruned weights' guide entries
+        again: the optimiser's momentum may have moved them (without effect: they are masked)."""
+        from bnnzoo.guides.bmr import Reduction
+
+        masks = self.masks()
+        _apply(self, Reduction(masks=masks, accepted={s: ~keep for s, keep in masks.items()}))
 
 
 def _creator(cls, name: str):
@@ -171,6 +184,9 @@ def _creator(cls, name: str):
     return create
 
 
+# A small initial guide scale keeps the first reductions (after one warm-up epoch, when the posterior
+# is still close to its initialisation) from removing weights that have not had time to grow; the
+# scales then grow towards their fitted values and the pruning follows them over the epochs.
 _BMR = {"rule": "ss", "level": "weight", "prune_last": False}
 _PAPER = "Markovic, Friston & Kiebel 2023, Bayesian sparsification for deep neural networks with Bayesian model reduction"
 
@@ -181,10 +197,10 @@ register(CatalogEntry(
     tasks=("regression", "classification"),
     create=_creator(PostHocBMR, "bmr"),
     defaults={
-        "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5}, "guide": {"init_scale": 1e-3},
-                       "train": {"epochs": 40, "batch_size": 32, "lr": 1e-2, **_BMR}},
-        "classification": {"model": {"prior_scale": 1.0}, "guide": {"init_scale": 3e-3},
-                           "train": {"epochs": 15, "batch_size": 128, "lr": 3e-3, **_BMR}},
+        "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5}, "guide": {"init_scale": 1e-4},
+                       "train": {"epochs": 100, "batch_size": 32, "lr": 1e-2, **_BMR}},
+        "classification": {"model": {"prior_scale": 1.0}, "guide": {"init_scale": 1e-3},
+                           "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, **_BMR}},
     },
 ))
 
@@ -195,9 +211,9 @@ register(CatalogEntry(
     tasks=("regression", "classification"),
     create=_creator(IterativeBMR, "bmr-iterative"),
     defaults={
-        "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5}, "guide": {"init_scale": 1e-3},
-                       "train": {"epochs": 40, "batch_size": 32, "lr": 1e-2, "warmup_epochs": 1, **_BMR}},
-        "classification": {"model": {"prior_scale": 1.0}, "guide": {"init_scale": 3e-3},
-                           "train": {"epochs": 15, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 1, **_BMR}},
+        "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5}, "guide": {"init_scale": 1e-4},
+                       "train": {"epochs": 100, "batch_size": 32, "lr": 1e-2, "warmup_epochs": 1, **_BMR}},
+        "classification": {"model": {"prior_scale": 1.0}, "guide": {"init_scale": 1e-3},
+                           "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 1, **_BMR}},
     },
 ))

@@ -8,22 +8,25 @@ decays and the inclusion rate once per ``em_every`` epochs from epoch ``em_start
 groups whose inclusion probability falls below ``prune_threshold`` (from epoch ``prune_start``).
 
 Schedule (``train`` options): ``epochs`` are cut into ``cycles`` cosine cycles of ``epochs //
-cycles`` epochs; the first ``warmup_cycles`` are warm-up (the preconditioner adapts, nothing is
-kept); every later cycle contributes its last ``samples_per_cycle`` states, ``thinning`` epochs
+cycles`` epochs; the first ``warmup_cycles`` are warm-up (nothing is kept); every later cycle contributes its last ``samples_per_cycle`` states, ``thinning`` epochs
 apart. The stored posterior thus holds ``num_chains * (cycles - warmup_cycles) * samples_per_cycle``
 weight samples.
 
-Defaults. EM starts almost at once (``em_start`` 2 epochs for regression, 2 for classification),
+Defaults. EM starts almost at once (``em_start``: 2 epochs),
 while the weights are still near PyTorch's initialisation and inside the spike: the groups that the
 likelihood grows leave it for the slab, the others are held by the spike's strong decay and pruned
 from ``prune_start``. Once a group sits in the slab at temperature 1 its weights spread to the slab's
 scale and EM cannot move it back, so the decision is made early.
 Regression (tuned on Boston, 13-50-1): absolute scales ``s1 = 1``, ``s0 = 0.2``, temperature 1, the
-noise scale learned by its M-step. Classification (tuned on LeNet-5, MNIST train5k): scales divided
-by the square root of each layer's fan-in (``s1 = 3``, ``s0 = 0.15``) and a cold posterior,
-temperature 0.005: at temperature 1 the fan-in-scaled slab spreads the weights of wide layers so far
-that few groups are ever pruned and the samples reach about 95% test accuracy against 98% for SGD;
-cold, unsupported neurons shrink into the spike and get pruned, and accuracy matches SGD's.
+noise scale learned by its M-step, 25 samples spread over the last 40 epochs of 5 cycles.
+Classification (tuned on LeNet-5, MNIST train5k): scales divided by the square root of each layer's
+fan-in (``s1 = 3``, ``s0 = 0.15``) and a cold posterior, temperature 0.005. In trials at temperature 1
+(6-12 epochs) the samples reached 93-95% test accuracy against 98% for Adam, and pruning
+was either light (``s0 = 0.5``, ``s1 = 1-2``: 20-68% of the weights) or collapsed the network (``s0 = 0.55-0.6``, ``s1 = 1``): the
+slab spreads the weights of wide layers to its own scale, where EM cannot tell used from unused
+groups. Cold, unsupported groups shrink into the spike and are pruned, supported ones stay, and the
+benchmark (``spike-slab-mnist``) comes within 0.3 points of Adam's accuracy with 96% of the weights
+pruned.
 
 One-shot pruning after the fit (:meth:`SpikeSlabPosterior.prune`): the posterior inclusion
 probability of a group is estimated by the E-step averaged over the stored draws of its chain

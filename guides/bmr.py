@@ -323,12 +323,14 @@ def meanfield_gaussian_weights(guide: MeanFieldNormal, model, sites=None) -> dic
 
 
 @torch.no_grad()
-def apply_reduction(guide: MeanFieldNormal, reduction: Reduction) -> None:
-    """Write a reduction into a mean-field guide in place: masks set (they only shrink), and the
-    guide entries replaced by the reduced posterior where the reduction was accepted (pruned
-    weights: loc 0 and the pruned scale, so they are frozen there)."""
+def apply_reduction(guide, reduction: Reduction, pruned_scale: float = _PRUNED_SCALE) -> None:
+    """Write a reduction into a mean-field Gaussian guide in place (a
+    :class:`~bnnzoo.guides.MeanFieldNormal`, or any weight guide keeping per-site ``locs`` and
+    ``log_scales`` such as the horseshoe guide's decentred weights): masks set (they only shrink),
+    and the guide entries replaced by the reduced posterior where the reduction was accepted (pruned
+    weights: loc 0 and ``pruned_scale``, so they are frozen there)."""
     guide.set_masks(reduction.masks)
-    log_pruned = math.log(_PRUNED_SCALE)
+    log_pruned = math.log(pruned_scale)
     for site, accept in reduction.accepted.items():
         p_loc, p_log_scale = get_site(guide.locs, site), get_site(guide.log_scales, site)
         if reduction.reduced_var == 0:

@@ -35,28 +35,26 @@ def _per_group(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.reshape(value.shape + (1,) * (like.dim() - value.dim()))
 
 
-def _slab_terms(eta: torch.Tensor, lam: torch.Tensor, slab_var: torch.Tensor,
-                out: dict[str, torch.Tensor] | None = None):
+def _slab_terms(eta: torch.Tensor, lam: torch.Tensor, slab_var: torch.Tensor):
     """Slab posterior mean ``m`` and variance ``v`` and ``eta m - log P``, sharing their terms: with
     the slab precision ``P = lam + 1/s^2``, ``v = 1/P``, ``m = eta / P`` and
-    ``log LR = (eta m - log P - log s^2) / 2`` (as ``log(1 + s^2 lam) = log s^2 + log P``).
+    ``log LR = (eta m - log P - log s^2) / 2`` (as ``log(1 + s^2 lam) = log s^2 + log P``)."""
+    precision = lam + _per_group(slab_var.reciprocal(), eta)
+    var = precision.reciprocal()
+    mean = var * eta
+    return mean, var, eta * mean - torch.log(precision)
 
-    ``out``, if given, holds preallocated tensors ``precision``, ``var``, ``mean``, ``terms`` shaped
-    like ``eta``: the results are written there (no allocation in the training loop).
-    """
-    inv_s2 = _per_group(slab_var.reciprocal(), eta)
-    if out is None:
-        precision = lam + inv_s2
-        var = precision.reciprocal()
-        mean = var * eta
-        return mean, var, eta * mean - torch.log(precision)
-    precision, var, mean, terms = out["precision"], out["var"], out["mean"], out["terms"]
-    torch.add(lam, inv_s2, out=precision)
+
+def _slab_terms_into(eta: torch.Tensor, lam: torch.Tensor, slab_var: torch.Tensor, out: dict[str, torch.Tensor]):
+    """:func:`_slab_terms` for a ``(K, n)`` layer written into the preallocated tensors of ``out``
+    (:func:`make_workspace`), returning the per-group sums ``sum_i (eta_i m_i - log P_i)`` instead
+    of the elementwise terms (row sums as matrix-vector products with ``out["ones"]``)."""
+    precision, var, mean, scratch, ones = out["precision"], out["var"], out["mean"], out["terms"], out["ones"]
+    torch.add(lam, _per_group(slab_var.reciprocal(), eta), out=precision)
     torch.reciprocal(precision, out=var)
     torch.mul(var, eta, out=mean)
-    torch.mul(eta, mean, out=terms)
-    terms.sub_(precision.log_())
-    return mean, var, terms
+    log_sum = torch.mv(torch.log(precision, out=scratch), ones)
+    return mean, var, torch.mv(torch.mul(eta, mean, out=scratch), ones) - log_sum
 
 
 def log_likelihood_ratio(eta: torch.Tensor, lam: torch.Tensor, slab_var: torch.Tensor) -> torch.Tensor:
@@ -120,8 +118,7 @@ def _moments(pi: torch.Tensor, slab: tuple[torch.Tensor, torch.Tensor],
         return pi * m, pi * torch.addcmul(v, m * m, 1.0 - pi)
     mean, var = out["post_mean"], out["post_var"]
     torch.mul(m, pi, out=mean)
-    torch.mul(m, m, out=var)
-    var.mul_(1.0 - pi).add_(v).mul_(pi)
+    torch.mul(m, 1.0 - pi, out=var).mul_(mean).addcmul_(v, pi)  # (1 - pi) m (pi m) + pi v
     return mean, var
 
 
@@ -137,9 +134,12 @@ def group_posterior(logit_rho: torch.Tensor, slab_var: torch.Tensor, weight_eta:
     :func:`make_workspace`), if given, receives the weight tensors of the result, which are then
     overwritten by the next call with the same workspace.
     """
-    w_m, w_v, w_terms = _slab_terms(weight_eta, weight_lam, slab_var, workspace)
-    terms = w_terms.reshape(len(logit_rho), -1).sum(1)
-    size = w_terms[0].numel()  # weights per group
+    if workspace is None:
+        w_m, w_v, w_terms = _slab_terms(weight_eta, weight_lam, slab_var)
+        terms = w_terms.reshape(len(logit_rho), -1).sum(1)
+    else:
+        w_m, w_v, terms = _slab_terms_into(weight_eta, weight_lam, slab_var, workspace)
+    size = w_m[0].numel()  # weights per group
     if bias_eta is not None:
         b_m, b_v, b_terms = _slab_terms(bias_eta, bias_lam, slab_var)
         terms = terms + b_terms
@@ -156,5 +156,8 @@ def group_posterior(logit_rho: torch.Tensor, slab_var: torch.Tensor, weight_eta:
 
 
 def make_workspace(like: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Preallocated tensors for :func:`group_posterior` on weights shaped like ``like``."""
-    return {k: torch.empty_like(like) for k in ("precision", "var", "mean", "terms", "post_mean", "post_var")}
+    """Preallocated tensors for :func:`group_posterior` on ``(K, n)`` weights shaped like ``like``
+    (and scratch space for the guide's state update), with ``ones`` (``(n,)``) for row sums."""
+    out = {k: torch.empty_like(like) for k in ("precision", "var", "mean", "terms", "post_mean", "post_var", "curv")}
+    out["ones"] = like.new_ones(like.shape[1])
+    return out

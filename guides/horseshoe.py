@@ -14,7 +14,11 @@ per example, and the scales ``s_k`` are drawn once per minibatch from their LogN
 per-example draw costs more than it saves: the regularised scale is a few transcendental functions
 over a batch-by-neurons array). Conv layers draw their (few, shared) weights once per minibatch.
 Every example thus sees an exact joint draw of all weights, so the loss is an unbiased estimate of
-the negative ELBO that ``TraceMeanField_ELBO`` estimates by sampling weights.
+the negative ELBO that ``TraceMeanField_ELBO`` estimates by sampling weights. A small network's step
+is dominated by per-operation overhead, so the step is a handful of autograd nodes with hand-written
+backward passes: the scale block (every scale variable's KL and the draw of every ``s_k``,
+:mod:`~bnnzoo.guides.horseshoe_scales`), one per dense layer (:mod:`~bnnzoo.guides.scaled_dense`)
+and, in :class:`~bnnzoo.guides.TemperedLocalReparamELBO`, the Gaussian likelihood term.
 
 Parameterisation: the decentred weights of a layer with fan-in ``n`` start as PyTorch's initial
 weights times ``sqrt(n)`` and the layer's scale at ``1/sqrt(n)`` (local scales at 1, the global
@@ -27,6 +31,7 @@ The output layer's Gaussian parameters are stored in the same units (``w = mu / 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pyro
@@ -37,6 +42,7 @@ from torch import nn
 from bnnzoo.models.horseshoe import SCALE_VARIABLES, HorseshoePrior, regularised_log_scale
 
 from . import closed_form_kl  # noqa: F401  (registers the LogNormal-Gamma / -InverseGamma KLs with torch)
+from .horseshoe_scales import HorseshoeScales
 from .scaled_dense import scaled_local_reparam_dense
 from .sites import get_site, site_parameters
 from .weight_guide import WeightGuide
@@ -119,8 +125,13 @@ class HorseshoeGuide(WeightGuide):
         spread = torch.repeat_interleave(torch.eye(n_layers), torch.tensor(sizes), dim=1)
         self.register_buffer("spread", torch.block_diag(spread, spread), persistent=False)
         self.register_buffer("pair_rate", rate, persistent=False)
+        self.register_buffer("group_layer", torch.repeat_interleave(torch.arange(n_layers), torch.tensor(sizes)),
+                             persistent=False)
         self.register_buffer("kl_const", const, persistent=False)
         self.slab_shape, self.slab_scale = slab_a, slab_b
+        for name, value in (("slab_shape_t", slab_a), ("slab_scale_t", slab_b), ("minus_one", -1.0)):
+            self.register_buffer(name, torch.tensor(value), persistent=False)
+        self.register_buffer("layer_zeros", torch.zeros(n_layers), persistent=False)
         # start the effective weights at PyTorch's scale s = 1/sqrt(fan_in), with s^2 = c^2 u / (c^2 + u):
         # local scales at 1, the global scale carrying the layer's size, c^2 at 1 / E_p[1/c^2]
         c2 = slab_b / slab_a
@@ -290,25 +301,59 @@ class HorseshoeGuide(WeightGuide):
         sd = layer.op(h * h, w_var, b_var + 1e-16).sqrt()
         return torch.addcmul(mean, sd, torch.randn_like(mean)), kl
 
+    def _apply(self, fn, recurse=True):
+        self._fast = None  # buffers are replaced by .to(): rebuild the cached references
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._fast = None  # ``assign=True`` replaces the parameters
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _fast_path(self) -> SimpleNamespace:
+        """References used by every training step, gathered once (module attribute lookups are slow
+        next to the small tensor operations of a small network's step)."""
+        if getattr(self, "_fast", None) is None:
+            scales = SimpleNamespace(num_layers=len(self.hidden), gain=self.gain, sign=self.pair_sign,
+                                     half_sign=self.half_pair_sign, rate=self.pair_rate, group_layer=self.group_layer,
+                                     slab_shape=self.slab_shape_t, slab_scale=self.slab_scale_t,
+                                     kl_const=self.kl_const, minus_one=self.minus_one, zeros=self.layer_zeros)
+            layers = {name: (self.locs[name]["weight"], self.log_scales[name]["weight"], self.locs[name]["bias"],
+                             self.log_scales[name]["bias"], self._prior_scale(name))
+                      for name in [layer.name for layer in self.net.param_layers]}
+            params = (self.pair_loc_raw, self.pair_log_sd, self.slab_loc_raw, self.slab_log_sd)
+            self._fast = SimpleNamespace(scales=scales, layers=layers, params=params, output_units=self.output_units,
+                                         sizes=[b - a for a, b in zip(self.group_offsets[:-1], self.group_offsets[1:])])
+        return self._fast
+
+    def sample_scales_and_kl(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One draw of every hidden layer's ``s_k`` (layer -> ``(K,)``) and ``KL(q || p)`` of every
+        scale variable (the same quantities as :meth:`sample_log_scales` and :meth:`scale_kl`, in one
+        autograd node: :class:`~bnnzoo.guides.horseshoe_scales.HorseshoeScales`)."""
+        fast = self._fast_path()
+        loc = fast.params[0]
+        eps = torch.randn(loc.shape[1] + len(self.hidden), device=loc.device, dtype=loc.dtype)
+        s, kl = HorseshoeScales.apply(*fast.params, eps, fast.scales)
+        if len(self.hidden) == 1:
+            return {self.hidden[0]: s}, kl
+        return dict(zip(self.hidden, s.split(fast.sizes))), kl
+
     def sample_outputs_and_kl(self, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One local-reparameterised draw of the network outputs for ``x`` and ``KL(q || p)``."""
-        pair_var = torch.exp(2 * self.pair_log_sd)
-        kl = self.scale_kl(pair_var)
-        scales = {layer: v.exp() for layer, v in self.sample_log_scales((), pair_var).items()}
+        fast = self._fast_path()
+        scales, kl = self.sample_scales_and_kl()
+        scales[self.output] = fast.output_units
         fused = len(self.masks) == 0
 
         def linear(layer, h):
             nonlocal kl
-            name = layer.name
-            mu, rho = self.locs[name]["weight"], self.log_scales[name]["weight"]
-            b_mu, b_rho = self.locs[name]["bias"], self.log_scales[name]["bias"]
-            s = self.output_units if name == self.output else scales[name]
+            s = scales[layer.name]
             if fused and layer.kind == "dense":
-                out, layer_kl = scaled_local_reparam_dense(h, mu, rho, b_mu, b_rho, s, self._prior_scale(name))
-                kl = kl + layer_kl
-                return out
-            z, layer_kl = self._gaussian_layer(layer, h, self._prior_scale(name))
+                mu, rho, b_mu, b_rho, prior_scale = fast.layers[layer.name]
+                out, layer_kl = scaled_local_reparam_dense(h, mu, rho, b_mu, b_rho, s, prior_scale)
+            else:
+                out, layer_kl = self._gaussian_layer(layer, h, self._prior_scale(layer.name))
+                out = out * s.reshape(s.shape + (1,) * (out.dim() - 2))  # (K,) against (B, K) or (B, K, H, W)
             kl = kl + layer_kl
-            return z * s.reshape(s.shape + (1,) * (z.dim() - 2))  # (K,) against (B, K) or (B, K, H, W)
+            return out
 
         return self.net.apply(x, linear), kl

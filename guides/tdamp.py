@@ -50,10 +50,12 @@ from bnnzoo.models.probit_product import ProbitProductLikelihood
 
 from .group_sparse_messages import GroupPosterior, group_posterior, make_workspace
 from .moment_propagation import (LayerRecord, WeightMessage, check_finite, check_network, gaussian_log_evidence,
-                                 linear_moments, propagate, weight_messages)
+                                 gaussian_log_evidence_and_grads, linear_moments, message_pass, propagate,
+                                 weight_messages)
 from .weight_guide import WeightGuide
 
 LINE_SEARCH_EXAMPLES = 32  # examples of a batch behind each neuron's step control
+TRUST_RADIUS = 1.0  # a batch moves a pre-activation mean by at most this many predictive standard deviations
 
 
 def _check_positive(name: str, value, upper: float = math.inf, closed: bool = False) -> float:
@@ -153,7 +155,8 @@ class TDAMPGuide(WeightGuide):
             workspace = None
             if reuse_workspace:
                 workspace = self._workspace.get(layer.name)
-                if workspace is None or workspace["mean"].device != mod.eta.device:
+                if workspace is None or workspace["mean"].device != mod.eta.device \
+                        or workspace["mean"].dtype != mod.eta.dtype:
                     workspace = self._workspace[layer.name] = make_workspace(mod.eta)
             out[layer.name] = group_posterior(self.prior.logit_rho(layer.name), self.prior.slab_var(layer.name),
                                               mod.eta, mod.precision, keep=self.mask(f"{layer.name}.bias"),
@@ -182,6 +185,13 @@ class TDAMPGuide(WeightGuide):
             return self.likelihood.log_evidence(f_mean, f_var, y)
         return gaussian_log_evidence(y, f_mean, f_var, self.noise_var())
 
+    def log_evidence_and_grads(self, f_mean: torch.Tensor, f_var: torch.Tensor, y: torch.Tensor):
+        """:meth:`log_evidence` and its derivatives with respect to ``f_mean`` and ``f_var``, in
+        closed form: ``(log_z, d log_z / d f_mean, d log_z / d f_var)``."""
+        if isinstance(self.likelihood, ProbitProductLikelihood):
+            return self.likelihood.log_evidence_and_grads(f_mean, f_var, y)
+        return gaussian_log_evidence_and_grads(y, f_mean, f_var, self.noise_var())
+
     def propagate(self, x: torch.Tensor, posts: dict[str, GroupPosterior] | None = None):
         """Forward moment propagation with the current beliefs: output mean, variance and records."""
         posts = self._layer_posteriors() if posts is None else posts
@@ -198,16 +208,17 @@ class TDAMPGuide(WeightGuide):
         first = None
         for _ in range(self.turbo_iterations):
             posts = self._layer_posteriors(reuse_workspace=True)
-            with torch.enable_grad():
-                f_mean, f_var, records = self.propagate(x, posts)
-                log_z = self.log_evidence(f_mean, f_var, y)
-                messages = weight_messages(records, log_z, {n: p.weight_moments[0] for n, p in posts.items()})
+            log_z, f_mean, f_var, messages = message_pass(
+                self.net, x, {name: p.weight_moments for name, p in posts.items()},
+                lambda mean, var: self.log_evidence_and_grads(mean, var, y),
+                curv_out={name: w["curv"] for name, w in self._workspace.items()})
             if first is None:
-                first = log_z.detach().sum()
+                first = log_z.sum()
                 self.log_evidence_sum += first
                 self.num_seen += len(x)
                 if self.task == "regression":
-                    self.noise_sum += ((y - f_mean.detach().squeeze(-1)) ** 2 + f_var.detach().squeeze(-1)).sum()
+                    residual = y - f_mean.squeeze(-1)
+                    self.noise_sum += torch.addcmul(f_var.squeeze(-1), residual, residual).sum()
             for name, msg in messages.items():
                 self._absorb(name, posts[name], msg, rate)
         return first
@@ -225,42 +236,57 @@ class TDAMPGuide(WeightGuide):
             t = D / (D - beta sum_i c_i Delta_i^2 + beta sum_n G_n (pi h_n . Delta)^2),   D = sum_i P_new,i Delta_i^2
 
         (clamped to ``[0, 1]``), and the slab mean moves by ``t Delta`` (precision unchanged). Without
-        it, the summed messages of a batch of correlated examples overshoot and diverge. The coupled
+        it, the summed messages of a batch of correlated examples overshoot and diverge. As the
+        quadratic model holds only near the beliefs, ``t`` is also capped so that the neuron's
+        pre-activation means move by at most ``TRUST_RADIUS`` predictive standard deviations (root
+        mean square over the examples): layers are updated together, and a large move of one layer
+        invalidates the model of the next. The coupled
         sum over examples is estimated on the first ``LINE_SEARCH_EXAMPLES`` examples of the (shuffled)
         batch, scaled to the batch: an unbiased estimate at a fraction of a matrix product's cost.
+
+        Implementation: the message's gradient ``g^T h`` is folded into the state by one in-place
+        matrix product (``eta <- (1 - rate) eta + beta g^T h``), and in the training loop every
+        elementwise step writes into Module B's workspace, whose tensors are free once the state is
+        updated (no allocation per batch).
         """
         beta = self.damping
         mod = self.messages[name]
         eta, lam = mod.eta, mod.precision
         inv_s2 = self.prior.slab_var(name).reciprocal().unsqueeze(1)
         pi = post.inclusion
-        # the new state: precision (1 - rate) lam + beta c, precision-mean (1 - rate) eta + beta (c M + g)
+        m_old, w_mean = post.weight_slab[0], post.weight_moments[0]
+        # the new state: precision (1 - rate) lam + beta c, precision-mean (1 - rate) eta + beta (g^T h + c M)
         lam.mul_(1.0 - rate).add_(msg.curv, alpha=beta)
-        eta.mul_(1.0 - rate).add_(msg.grad, alpha=beta).addcmul_(msg.curv, post.weight_moments[0], value=beta)
+        eta.addmm_(msg.pre_grad.t(), msg.inputs, beta=1.0 - rate, alpha=beta)
+        if msg.var_grad_term is not None:
+            eta.add_(msg.var_grad_term, alpha=beta)
+        eta.addcmul_(msg.curv, w_mean, value=beta)
         workspace = self._workspace.get(name)
-        m_old = post.weight_slab[0]
-        if workspace is not None and workspace["mean"] is m_old:
-            precision, delta, sq = workspace["precision"], workspace["terms"], workspace["var"]
-            torch.add(lam, inv_s2, out=precision)
-            torch.div(eta, precision, out=delta)
-            delta.sub_(m_old)
-            torch.mul(delta, delta, out=sq)
+        if workspace is not None and workspace["mean"] is m_old:  # scratch space: Module B's tensors
+            precision, neg_delta, sq, tmp = workspace["precision"], workspace["terms"], workspace["var"], \
+                workspace["post_var"]
+            ones = workspace["ones"]
         else:
-            precision = lam + inv_s2
-            delta = eta / precision - m_old
-            sq = delta * delta
-        d_new = torch.linalg.vecdot(sq, precision)  # sum_i P_new Delta^2, per neuron
-        d_msg = torch.linalg.vecdot(sq, msg.curv)  # sum_i c Delta^2
+            precision, neg_delta, sq, tmp = (torch.empty_like(eta) for _ in range(4))
+            ones = eta.new_ones(eta.shape[1])
+        torch.add(lam, inv_s2, out=precision)
+        torch.addcdiv(m_old, eta, precision, value=-1.0, out=neg_delta)  # -Delta = m_old - eta / P
+        torch.mul(neg_delta, neg_delta, out=sq)
+        d_new = torch.mv(torch.mul(sq, precision, out=tmp), ones)  # sum_i P_new Delta^2, per neuron
+        d_msg = torch.mv(sq.mul_(msg.curv), ones)  # sum_i c Delta^2
         # the coupled curvature, estimated on at most LINE_SEARCH_EXAMPLES examples of the batch
         n = min(len(msg.inputs), LINE_SEARCH_EXAMPLES)
-        change = (msg.inputs[:n] @ delta.t()) * pi  # (n, K): pi (h_n . Delta + Delta_bias)
-        coupled = (msg.example_curv[:n] * change * change).sum(0) * (len(msg.inputs) / n)
+        change_sq = (msg.inputs[:n] @ neg_delta.t()).mul_(pi).square_()  # (n, K): (pi (h_n . Delta + Delta_bias))^2
+        coupled = (msg.example_curv[:n] * change_sq).sum(0).mul_(len(msg.inputs) / n)
         denom = d_new - beta * d_msg + beta * coupled
-        t = torch.where(denom > 0, d_new / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.ones_like(denom))
-        shrink = 1.0 - t.clamp(0.0, 1.0)  # the part of the step taken back
-        # eta_final = P_new (m_old + t Delta) = eta_new - (1 - t) P_new Delta
-        torch.mul(precision, delta, out=sq)
-        eta.addcmul_(sq, shrink.unsqueeze(1), value=-1.0)
+        tiny = torch.finfo(denom.dtype).tiny
+        t = torch.where(denom > 0, d_new / denom.clamp_min(tiny), torch.ones_like(denom))
+        # trust region: the mean change of the neuron's pre-activation stays within TRUST_RADIUS of
+        # its predictive standard deviations (root mean squares over the examples)
+        limit = torch.sqrt(msg.pre_var[:n].sum(0) / change_sq.sum(0).clamp_min(tiny)).mul_(TRUST_RADIUS)
+        shrink = 1.0 - torch.minimum(t, limit).clamp_(0.0, 1.0)  # the part of the step taken back
+        # eta_final = P_new (m_old + t Delta) = eta_new - (1 - t) P_new Delta = eta_new + shrink P_new (-Delta)
+        eta.addcmul_(torch.mul(precision, neg_delta, out=tmp), shrink.unsqueeze(1))
 
     def reset_statistics(self) -> None:
         """Start a new pass: zero the sums behind the noise M-step and the pass's log evidence."""
@@ -294,16 +320,29 @@ class TDAMPGuide(WeightGuide):
         return out
 
     @torch.no_grad()
-    def draws(self, num_samples: int):
-        """Yield ``num_samples`` joint posterior draws of every weight site (Module B run once)."""
-        posts = self._layer_posteriors()
-        dists = {name: self._site_distributions(p) for name, p in posts.items()}
-        for _ in range(num_samples):
-            out = {}
-            for name, (weight, bias) in dists.items():
-                w = weight.sample()
-                out[f"{name}.weight"], out[f"{name}.bias"] = w, bias(w).sample()
-            yield self.apply_masks(out)
+    def sample_sites(self, num_samples: int) -> dict[str, torch.Tensor]:
+        """``num_samples`` joint posterior draws of every weight site, stacked on a leading axis
+        (Module B run once, masks applied)."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        out = {}
+        for name, p in self._layer_posteriors().items():
+            weight, bias = self._site_distributions(p)
+            w = weight.sample((int(num_samples),))
+            out[f"{name}.weight"], out[f"{name}.bias"] = w, bias(w).sample()
+        return self.apply_masks(out)
+
+    @torch.no_grad()
+    def draws(self, num_samples: int, chunk_size: int = 256):
+        """Yield ``num_samples`` joint posterior draws of every weight site (drawn ``chunk_size`` at a
+        time by :meth:`sample_sites`)."""
+        done = 0
+        while done < num_samples:
+            n = min(chunk_size, num_samples - done)
+            chunk = self.sample_sites(n)
+            for i in range(n):
+                yield {site: value[i] for site, value in chunk.items()}
+            done += n
 
     def draw(self) -> dict[str, torch.Tensor]:
         return next(self.draws(1))
@@ -431,14 +470,19 @@ def linear_tdamp(A: torch.Tensor, y: torch.Tensor, rho: float, slab_var: float, 
                  learn_noise: bool = False) -> dict[str, torch.Tensor]:
     """TDAMP with a single linear layer: ``y = A x + N(0, v I)``, ``x_i ~ rho N(0, s^2) + (1 - rho) delta``.
 
-    Every unknown is its own group, so the exchange is Bernoulli-Gaussian turbo GAMP: Module A
-    (:func:`~bnnzoo.guides.moment_propagation.linear_moments`, the Gaussian log evidence and
-    :func:`~bnnzoo.guides.moment_propagation.weight_messages`) sends each ``x_i`` the Gaussian message
-    ``N(mu_i, 1/c_i)`` with ``c_i = sum_n A_ni^2 / (v + tau_n)`` and ``mu_i = M_i + (1/c_i) sum_n A_ni
-    (y_n - p_n) / (v + tau_n)``; Module B (:func:`~bnnzoo.guides.group_sparse_messages.group_posterior`)
-    returns the Bernoulli-Gaussian posterior. The data are one batch and the messages are damped
-    (``damping``) until the posterior means change by less than ``tol`` (relative). With
-    ``learn_rho`` / ``learn_noise`` the EM M-step updates ``rho`` and ``v`` after each iteration.
+    Every unknown is its own group, so the exchange is Bernoulli-Gaussian turbo GAMP (Rangan 2011):
+    Module A (:func:`~bnnzoo.guides.moment_propagation.linear_moments`, the Gaussian log evidence and
+    :func:`~bnnzoo.guides.moment_propagation.weight_messages`) evaluates the output at the
+    Onsager-corrected mean ``p_n = (A M)_n - tau_n s_n`` (``tau_n = sum_i A_ni^2 V_i``, ``s_n`` the
+    previous iteration's score ``d log Z_n / d p_n = (y_n - p_n) / (v + tau_n)``) and sends each ``x_i``
+    the Gaussian message ``N(mu_i, 1/c_i)`` with ``c_i = sum_n A_ni^2 / (v + tau_n)`` and ``mu_i = M_i +
+    (1/c_i) sum_n A_ni s_n``; Module B (:func:`~bnnzoo.guides.group_sparse_messages.group_posterior`)
+    returns the Bernoulli-Gaussian posterior moments ``M``, ``V``. The Onsager term removes each
+    unknown's own contribution from the residual it sees; without it the fixed point is a ridge
+    regression weighted by ``1 / (v + tau_n)`` rather than the GAMP fixed point (which, for a Gaussian
+    prior, is the exact posterior mean). The data are one batch and the messages are damped
+    (``damping``) until the posterior means change by less than ``tol`` (relative). With ``learn_rho``
+    / ``learn_noise`` the EM M-step updates ``rho`` and ``v`` after each iteration.
 
     Returns ``mean``, ``var``, ``inclusion`` (each ``(n,)``), ``rho``, ``noise_var`` and ``iterations``.
     """
@@ -452,21 +496,23 @@ def linear_tdamp(A: torch.Tensor, y: torch.Tensor, rho: float, slab_var: float, 
     eta = torch.zeros(n, 1, dtype=A.dtype, device=A.device)
     lam = torch.zeros_like(eta)
     zero = torch.zeros(1, dtype=A.dtype, device=A.device)
+    score = torch.zeros(A.shape[0], 1, dtype=A.dtype, device=A.device)  # s_n of the previous iteration
     previous = None
     for it in range(1, iterations + 1):
         post = group_posterior(torch.logit(rho_t).expand(n), s2, eta, lam)
         mean, var = post.weight_moments  # (n, 1): one group per unknown
         with torch.enable_grad():
-            p, tau, records = propagate_linear(A, mean.t(), var.t(), zero)
+            p, tau, records = propagate_linear(A, mean.t(), var.t(), zero, score=score)
             log_z = gaussian_log_evidence(y, p, tau, v)
             msg = weight_messages(records, log_z, {"x": mean.t()})["x"]
+        score = msg.pre_grad
         curv, grad = msg.curv.t(), msg.grad.t()
         eta = (1 - damping) * eta + damping * (curv * mean + grad)
         lam = (1 - damping) * lam + damping * curv
         if learn_rho:
             rho_t = post.inclusion.mean().clamp(1e-6, 1 - 1e-6)
         if learn_noise:
-            v = (((y - p.detach().squeeze(-1)) ** 2 + tau.detach().squeeze(-1)).mean()).clamp_min(1e-10)
+            v = (((y - (A @ mean).squeeze(-1)) ** 2 + tau.detach().squeeze(-1)).mean()).clamp_min(1e-10)
         current = mean.squeeze(-1)
         if previous is not None and float((current - previous).norm()) <= tol * max(float(current.norm()), 1e-30):
             break
@@ -478,10 +524,14 @@ def linear_tdamp(A: torch.Tensor, y: torch.Tensor, rho: float, slab_var: float, 
             "noise_var": v, "iterations": torch.tensor(it)}
 
 
-def propagate_linear(A: torch.Tensor, w_mean: torch.Tensor, w_var: torch.Tensor, bias: torch.Tensor):
+def propagate_linear(A: torch.Tensor, w_mean: torch.Tensor, w_var: torch.Tensor, bias: torch.Tensor,
+                     score: torch.Tensor | None = None):
     """Module A's forward pass for one linear layer with known inputs ``A`` and a known ``bias``:
-    output moments and the layer record that :func:`weight_messages` reads."""
+    output moments and the layer record that :func:`weight_messages` reads. ``score`` (``(m, K)``),
+    if given, is GAMP's Onsager correction: the output means become ``A M + b - tau * score``."""
     mean, var = linear_moments(A, None, w_mean, w_var, bias, torch.zeros_like(bias))
+    if score is not None:
+        mean = mean - var * score
     mean.requires_grad_()
     var.requires_grad_()
-    return mean, var, [LayerRecord("x", A, None, mean, var, bias=False)]
+    return mean, var, [LayerRecord("x", A, A * A, None, mean, var)]

@@ -179,7 +179,8 @@ class BernoulliGaussianPrior(nn.Module):
         if param == "bias":
             if weight is None:
                 raise ValueError(f"the prior of {site} is conditional on the sampled {layer}.weight")
-            return bias_given_weight(weight, torch.zeros_like(scale), scale, len(self.net.sites()[f"{layer}.weight"]) - 1)
+            row_dims = len(self.net.sites()[f"{layer}.weight"]) - 1
+            return bias_given_weight(weight, torch.zeros_like(scale), scale, row_dims)
         rows = scale.reshape((-1,) + (1,) * (len(shape) - 1)).expand(shape)
         return GroupBernoulliGaussian(self.rho(layer), torch.zeros_like(rows), rows)
 

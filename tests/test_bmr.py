@@ -330,6 +330,84 @@ def test_posthoc_entry_fits_then_reduces(boston):
     assert post.sparsity()["weights_pruned_fraction"] > 0 and len(post.history["bmr_seconds"]) == 1
 
 
+# ---- the other guides with Gaussian weights -------------------------------------------------------
+def test_horseshoe_guide_weights_are_reduced_as_standardised_gaussians(boston):
+    """The horseshoe guide's decentred weights beta (prior N(0, 1)) are what BMR reduces; the
+    guide's own group pruning stays, and the scales are untouched."""
+    post = bnnzoo.fit("horseshoe-svi", boston, epochs=4, device="cpu", progress=False, seed=0, prune=False)
+    guide = post.guide
+    rows = torch.arange(50) >= 5  # a few neurons pruned by the method itself
+    guide.set_masks({"fc1.weight": rows.unsqueeze(1).expand(50, 13).clone(), "fc1.bias": rows})
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    reduced = post.reduce(rule="plain")
+    for k, v in guide.state_dict().items():
+        assert torch.equal(v, before[k])
+    mu = get_site(guide.locs, "fc1.weight").detach()
+    var = torch.exp(2 * get_site(guide.log_scales, "fc1.weight").detach())
+    expected = bmr.delta_f(mu, var, 1.0) > 0
+    keep = reduced.masks()["fc1.weight"]
+    assert torch.equal(keep, ~expected & rows.unsqueeze(1)) and 0 < expected[5:].float().mean() < 1
+    assert not reduced.masks()["fc1.bias"][:5].any()  # pruned before: stays pruned
+    assert "fc2.weight" not in reduced.masks()  # the output layer is left alone
+    for name, value in reduced.guide.state_dict().items():
+        if "pair_" in name or "slab_" in name:
+            assert torch.equal(value, before[name])
+    assert (get_site(reduced.guide.locs, "fc1.weight")[~keep] == 0).all()
+    for params in reduced.draw_weights(3):
+        assert (params["fc1.weight"][~keep] == 0).all()
+    assert math.isfinite(reduced.evaluate(boston.x_test, boston.y_test, num_samples=10)["log_likelihood"])
+
+
+@pytest.fixture(scope="module")
+def fitted_tdamp(boston):
+    return bnnzoo.fit("em-tdamp", boston, epochs=3, device="cpu", progress=False, seed=0, prune=False)
+
+
+def test_tdamp_slab_posteriors_are_reduced(fitted_tdamp, boston):
+    """TDAMP's Gaussian part: the slab posterior of each weight under the slab prior N(0, sigma_l^2)."""
+    post = fitted_tdamp
+    state = post.guide.state()
+    reduced = post.reduce(rule="plain")
+    mu, var = state["slab_mean"]["fc1.weight"], state["slab_var"]["fc1.weight"]
+    expected = bmr.delta_f(mu, var, state["prior_var"]["fc1"].unsqueeze(1)) > 0
+    keep = reduced.masks()["fc1.weight"]
+    assert torch.equal(keep, ~expected) and 0 < expected.float().mean() < 1
+    # per weight a bias goes only with its whole neuron (TDAMP ties a bias to its neuron's state)
+    assert torch.equal(reduced.masks()["fc1.bias"], keep.any(1))
+    assert post.masks() == {} and "fc2.weight" not in reduced.masks()
+    for params in reduced.draw_weights(3):
+        assert (params["fc1.weight"][~keep] == 0).all()
+    assert math.isfinite(reduced.evaluate(boston.x_test, boston.y_test, num_samples=10)["log_likelihood"])
+
+    grouped = post.reduce(rule="plain", level="group")
+    b_mu, b_var = state["slab_mean"]["fc1.bias"], state["slab_var"]["fc1.bias"]
+    group = bmr.group_delta_f(bmr.delta_f(mu, var, state["prior_var"]["fc1"].unsqueeze(1)),
+                              bmr.delta_f(b_mu, b_var, state["prior_var"]["fc1"]))
+    assert torch.equal(grouped.masks()["fc1.bias"], ~(group > 0))
+    assert torch.equal(grouped.masks()["fc1.weight"], (~(group > 0)).unsqueeze(1).expand_as(mu))
+
+
+def test_tdamp_shrinking_reduction_sets_the_reduced_slab_posterior(fitted_tdamp, tmp_path):
+    post = fitted_tdamp
+    state = post.guide.state()
+    r2 = 1e-3
+    reduced = post.reduce(rule="plain", reduced_var=r2)
+    after = reduced.guide.state()
+    s2 = state["prior_var"]["fc1"].unsqueeze(1)
+    mu, var = state["slab_mean"]["fc1.weight"], state["slab_var"]["fc1.weight"]
+    accept = bmr.delta_f(mu, var, s2, r2) > 0
+    mu_r, var_r = bmr.reduced_posterior(mu, var, s2, r2)
+    assert 0 < accept.float().mean() < 1 and reduced.masks() == {}
+    torch.testing.assert_close(after["slab_mean"]["fc1.weight"], torch.where(accept, mu_r, mu), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(after["slab_var"]["fc1.weight"], torch.where(accept, var_r, var), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(after["inclusion"]["fc1"], state["inclusion"]["fc1"], rtol=1e-4, atol=1e-6)
+    reduced.save(tmp_path / "run")
+    loaded = bnnzoo.load(tmp_path / "run").guide.state()
+    for key in ("slab_mean", "slab_var"):
+        torch.testing.assert_close(loaded[key]["fc1.weight"], after[key]["fc1.weight"])
+    torch.testing.assert_close(loaded["inclusion"]["fc1"], after["inclusion"]["fc1"])
+
+
 # ---- the command line ----------------------------------------------------------------------------------
 def test_prune_command_end_to_end(fitted_meanfield, tmp_path):
     run = tmp_path / "run"

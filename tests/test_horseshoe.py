@@ -208,6 +208,51 @@ def test_fused_scaled_dense_gradients():
     assert torch.allclose(kl, ref)
 
 
+def test_fused_scale_block_matches_the_elementwise_formulas():
+    """HorseshoeScales (one autograd node) against scale_kl + sample_log_scales (autograd of the
+    formulas) with the same noise: values and gradients, and gradcheck in double precision."""
+    from bnnzoo.guides.horseshoe_scales import HorseshoeScales
+
+    net = mlp(5, [7, 4], 1)
+    guide = spread_guide(HorseshoeGuide(horseshoe_model(net)), seed=3)
+    torch.manual_seed(0)
+    guide.sample_outputs_and_kl(guide.prior, torch.randn(3, 5))  # builds the cached references in float32
+    guide = guide.double()  # .to() must rebuild them
+    params = (guide.pair_loc_raw, guide.pair_log_sd, guide.slab_loc_raw, guide.slab_log_sd)
+    eps = torch.randn(guide.pair_loc_raw.shape[1] + 2, dtype=torch.float64)
+    const = guide._fast_path().scales
+    assert const.sign.dtype == const.zeros.dtype == torch.float64
+    s, kl = HorseshoeScales.apply(*params, eps, const)
+    # the same draw through the autograd path: sample_log_scales reads its noise from torch.randn
+    original = torch.randn
+    try:
+        torch.randn = lambda *args, **kwargs: eps.clone()
+        log_s = guide.sample_log_scales(())
+    finally:
+        torch.randn = original
+    ref_s, ref_kl = torch.cat([log_s["fc1"], log_s["fc2"]]).exp(), guide.scale_kl()
+    assert torch.allclose(s, ref_s) and torch.allclose(kl, ref_kl)
+    weights = torch.randn_like(s)
+    grads = torch.autograd.grad((s * weights).sum() + 0.3 * kl, params)
+    ref = torch.autograd.grad((ref_s * weights).sum() + 0.3 * ref_kl, params)
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b)
+    assert torch.autograd.gradcheck(lambda *p: HorseshoeScales.apply(*p, eps, const), params)
+
+
+def test_gaussian_likelihood_term_of_the_tempered_elbo():
+    from bnnzoo.guides.tempered_elbo import _ScaledGaussianNLL
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(6, 1, generator=gen, dtype=torch.float64).requires_grad_()
+    y = torch.randn(6, generator=gen, dtype=torch.float64)
+    log_noise = torch.tensor(-0.4, dtype=torch.float64, requires_grad=True)
+    nll = _ScaledGaussianNLL.apply(f, y, log_noise, 2.5)
+    ref = -2.5 * dist.Normal(f.squeeze(-1), log_noise.exp()).log_prob(y).sum()
+    assert torch.allclose(nll, ref)
+    assert torch.autograd.gradcheck(lambda a, b: _ScaledGaussianNLL.apply(a, y, b, 2.5), (f, log_noise))
+
+
 def test_tempered_elbo_weights_the_kl_only():
     from bnnzoo.guides import TemperedLocalReparamELBO
 

@@ -60,28 +60,39 @@ def summary_table(idata, chains: int) -> None:
                    "the Monte Carlo precision of the draws)")
 
 
-def loo_section(idata) -> dict:
-    import arviz as az
+def loo_section(idata, posterior=None, data=None, reloo: bool = False, num_samples: int = 100) -> dict:
+    """PSIS-LOO with the Pareto-k counts; with ``reloo`` the points of k > 0.7 are refitted
+    (``bnnzoo.loo``: ``az.reloo``, one full fit each) and the refitted estimate is printed too."""
+    from bnnzoo.loo import K_THRESHOLD, loo
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # reported below, per point
-        loo = az.loo(idata, pointwise=True)
-    n = int(loo.n_data_points)
-    k = loo.pareto_k.values
-    good = float(loo.good_k)
+    x, y = data if data is not None else (None, None)
+    result = loo(posterior, x, y, idata=idata)
+    n = int(result.n_data_points)
+    k = result.pareto_k.values
+    good = float(result.good_k)
     counts = {"good": int((k <= good).sum()), "bad": int(((k > good) & (k <= 1)).sum()), "very bad": int((k > 1).sum())}
-    click.echo(f"\nPSIS-LOO on the {n} training points ({int(loo.n_samples)} draws): elpd_loo {loo.elpd_loo:.2f} "
-               f"+- {loo.se:.2f} ({loo.elpd_loo / n:.4f} +- {loo.se / n:.4f} per point), p_loo {loo.p_loo:.2f}")
+    click.echo(f"\nPSIS-LOO on the {n} training points ({int(result.n_samples)} draws): elpd_loo "
+               f"{result.elpd_loo:.2f} +- {result.se:.2f} ({result.elpd_loo / n:.4f} +- {result.se / n:.4f} per point), "
+               f"p_loo {result.p_loo:.2f}")
     click.echo(f"  Pareto k: {counts['good']} good (<= {good:.2f}), {counts['bad']} bad (<= 1), "
                f"{counts['very bad']} very bad (> 1)")
+    out = {"elpd_loo": float(result.elpd_loo), "se": float(result.se), "n": n, "pareto_k": counts}
     if counts["bad"] or counts["very bad"]:
         worst = sorted(range(n), key=lambda i: -k[i])[:5]
         click.echo(f"  warning: {counts['bad'] + counts['very bad']} points have Pareto k > {good:.2f}: their LOO "
-                   f"terms are unreliable (worst: {', '.join(f'#{i} k={k[i]:.2f}' for i in worst)}); use more draws, "
-                   f"or K-fold cross-validation")
-        if int(loo.n_samples) < 100:
-            click.echo(f"  (only {int(loo.n_samples)} draws: Pareto smoothing needs a hundred or more)")
-    return {"elpd_loo": float(loo.elpd_loo), "se": float(loo.se), "n": n, "pareto_k": counts}
+                   f"terms are unreliable (worst: {', '.join(f'#{i} k={k[i]:.2f}' for i in worst)}); "
+                   + ("refitting those above 0.7 below" if reloo else
+                      "`--reloo` refits the model without each point of k > 0.7 (exact LOO terms), or use "
+                      "K-fold cross-validation"))
+        if int(result.n_samples) < 100:
+            click.echo(f"  (only {int(result.n_samples)} draws: Pareto smoothing needs a hundred or more)")
+    if reloo and (k > K_THRESHOLD).any():
+        refitted = loo(posterior, x, y, reloo=True, k_threshold=K_THRESHOLD, num_samples=num_samples, idata=idata)
+        click.echo(f"  with exact refits for the {int(refitted['refits'])} points of k > {K_THRESHOLD}: elpd_loo "
+                   f"{refitted.elpd_loo:.2f} +- {refitted.se:.2f} ({refitted.elpd_loo / n:.4f} +- "
+                   f"{refitted.se / n:.4f} per point), p_loo {refitted.p_loo:.2f}")
+        out.update(elpd_reloo=float(refitted.elpd_loo), se_reloo=float(refitted.se), refits=int(refitted["refits"]))
+    return out
 
 
 def calibration_section(posterior, dataset, num_samples: int, out: Path, written: list[Path]) -> None:
@@ -211,7 +222,9 @@ def _training_traces(idata, out: Path, written: list[Path]) -> None:
               help="draws from a guide (a sampler's stored draws are all used)")
 @click.option("--data", "data", default=None, help="the data (default: what the run was fitted on)")
 @click.option("--device", default="cpu", show_default=True)
-def command(run_dir, out, num_samples, data, device) -> None:
+@click.option("--reloo", is_flag=True, help="refit without each training point whose Pareto k exceeds 0.7 and "
+              "report the exact-LOO-corrected estimate (one fit per such point: for small data sets)")
+def command(run_dir, out, num_samples, data, device, reloo) -> None:
     """ArviZ diagnostics of the saved run RUN_DIR: a summary table of the hyperparameters and per-layer
     scales (ESS, R-hat with chains), PSIS-LOO with Pareto-k warnings, calibration on the test data, and
     PNG plots (forest plot of per-neuron scales or inclusion probabilities, training trace of the loss
@@ -248,7 +261,7 @@ def command(run_dir, out, num_samples, data, device) -> None:
     click.echo(f"  pruned: {sp['weights_pruned_fraction']:.1%} of the weights, "
                f"{sp['hidden_groups_pruned_fraction']:.1%} of the hidden groups ({sp['architecture']})")
     summary_table(idata, chains)
-    loo_section(idata)
+    loo_section(idata, posterior, (dataset.x_train, dataset.y_train), reloo=reloo, num_samples=num_samples)
     calibration_section(posterior, dataset, num_samples, out, written)
     plots(idata, posterior, out, written)
     written.append(save(idata, out / "posterior.nc"))

@@ -14,6 +14,34 @@ log-odds are shifted by the one constant that puts exactly ``round(keep * K)`` o
 above inclusion probability 1/2 (the midpoint between the k-th and (k+1)-th group log-odds), as
 the paper's sparsity sweeps fix the fraction of neurons kept. After the last pass the neurons below
 1/2 (or outside the top ``keep`` fraction) are pruned.
+
+Departures from the reference notes (``methods.md``, section 3), as implemented:
+
+* **Module A** is the batch form of PBP's assumed-density update (a second-order expansion of
+  ``sum_n log Z_n`` around the beliefs, per-example curvature taken at the pre-activations, a
+  negative summed curvature floored at zero), not DeepMP's AMP form with Onsager terms. With a
+  single linear layer (:func:`~bnnzoo.guides.tdamp.linear_tdamp`) the Onsager correction is applied:
+  that is Bernoulli-Gaussian turbo GAMP, whose fixed point is exact for a Gaussian prior.
+* **Messages are kept for several passes**: the state is the data's summed message with a forgetting
+  factor ``1 - beta B / (N T)`` per batch of ``B`` of ``N`` examples, ``T = memory = 10`` passes by
+  default (``memory=1`` counts every example once, as the notes describe); a longer memory tempers
+  the posterior like repeated assumed-density passes and stabilises the minibatch updates.
+* **Damping** ``beta = 0.8`` scales each batch's message as it enters the state (rather than
+  averaging messages between turbo iterations), and **one turbo iteration** per minibatch by default.
+* **Line search and trust region** (not in the notes): each neuron's step is the exact minimiser of the
+  batch's quadratic model along the update direction (the diagonal message ignores the coupling of a
+  neuron's weights through shared inputs and overshoots otherwise), estimated on 32 examples of the
+  batch, and capped so that the neuron's pre-activation means move by at most one predictive standard
+  deviation per batch (:meth:`~bnnzoo.guides.TDAMPGuide._absorb`).
+* **Classification**: the probit-product noise variance is fixed at ``v = 1`` (the M-step learns ``v``
+  for regression only); ``log E[p(y | z)]`` is a 16-node Gauss-Hermite integral; predictions
+  normalise the probit product over the classes (it sums to one only for two classes).
+* **EM**: one ``rho`` per hidden layer (the mean inclusion probability) and the slab variance fixed
+  at ``slab_scale^2 / fan_in`` unless ``learn_slab_var``; the output layer's neurons are always kept
+  (``rho = 1``); a neuron's bias belongs to its group. The ``keep`` option's constrained M-step is this
+  module's construction (the paper's mechanism for its sweeps is not known here).
+* **Initialisation**: a pseudo-message centred on a draw from the slab (``init_precision``) breaks the
+  symmetry between neurons; the forgetting factor wipes it out over the first ``memory`` passes.
 """
 
 from __future__ import annotations

@@ -1,0 +1,22 @@
+"""Federated EM-TDAMP on Flower (Xu, Liu, Zhang & Lau 2024; methods.md section 3, "Federated").
+
+- :mod:`.aggregation`: Gaussian product / weighted geometric mean, product of odds (pure torch);
+- :mod:`.partition`: IID and label-skewed (Dirichlet) client partitions;
+- :mod:`.standardize`: the statistics round (training statistics from the clients' sums);
+- :mod:`.client`: the Flower client (TDAMP passes on local data from the global posterior);
+- :mod:`.strategy`: the Flower strategy (aggregation, EM step, broadcast);
+- :mod:`.fedavg`: the FedAvg-of-Adam baseline on Flower's ``FedAvg``;
+- :mod:`.run`: one-machine runs, server plus client processes on loopback.
+"""
+
+from .aggregation import gaussian_product, product_of_odds
+from .partition import iid, label_skew, partition
+
+__all__ = ["gaussian_product", "product_of_odds", "iid", "label_skew", "partition", "run_federated"]
+
+
+def run_federated(*args, **kwargs):
+    """See :func:`bnnzoo.federated.run.run_federated` (imported lazily: it pulls in Flower's server)."""
+    from .run import run_federated as run
+
+    return run(*args, **kwargs)

@@ -1,0 +1,76 @@
+"""The Flower client of federated EM-TDAMP: TDAMP passes on the local data, the global posterior as prior.
+
+Each round the client receives the global posterior (:mod:`.codec`), sets it as its guide's state
+(the global posterior is the prior of its local passes: :meth:`~bnnzoo.guides.TDAMPGuide.set_state`),
+runs ``epochs`` TDAMP passes over its own examples and returns its local posterior: slab means and
+variances, inclusion probabilities and the noise statistics of its passes. The EM step is the
+server's. Round 1 of a run is the statistics round (:mod:`.standardize`).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.client import NumPyClient
+
+from bnnzoo.training import minibatches
+
+from . import codec
+from .standardize import STAGE_KEY, STANDARDIZER_KEY, STATISTICS, decode, moments
+
+
+class StandardizedClient(NumPyClient):
+    """Base of the clients: holds the raw local data, answers the statistics round and keeps the
+    local data standardised with the server's statistics (on ``device``, converted once)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, task: str, device):
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"a client needs matching, non-empty inputs and targets, got {len(x)} and {len(y)}")
+        self.x_raw, self.y_raw, self.task, self.device = x, y, task, torch.device(device)
+        self._blob, self.x, self.y = None, None, None
+
+    def local_data(self, config) -> tuple[torch.Tensor, torch.Tensor]:
+        blob = config[STANDARDIZER_KEY]
+        if blob != self._blob:
+            std = decode(blob, self.device)
+            self.x = std.x(self.x_raw.to(self.device))
+            self.y = std.y(self.y_raw.to(self.device))
+            self._blob = blob
+        return self.x, self.y
+
+    def fit(self, parameters, config):
+        if config.get(STAGE_KEY) == STATISTICS:
+            return moments(self.x_raw, self.y_raw, self.task), len(self.x_raw), {}
+        return self.local_fit(parameters, config)
+
+    def local_fit(self, parameters, config):
+        raise NotImplementedError
+
+
+class TDAMPClient(StandardizedClient):
+    """A client of federated EM-TDAMP (module docstring). ``posterior`` is a
+    :class:`~bnnzoo.methods.tdamp.TDAMPPosterior` of the same configuration as the server's; its
+    guide's state is replaced by the global posterior every round."""
+
+    def __init__(self, posterior, x: torch.Tensor, y: torch.Tensor, seed: int = 0):
+        super().__init__(x, y, posterior.task, posterior.device)
+        self.guide = posterior.guide
+        self.batch_size = posterior.config["train"]["batch_size"]
+        self.global_layout = codec.global_layout(posterior.net)
+        self.reply_layout = codec.reply_layout(posterior.net)
+        self.generator_seed = seed
+
+    def local_fit(self, parameters, config):
+        x, y = self.local_data(config)
+        n = len(x)
+        num_data = int(config.get("num_data", 0)) or n
+        self.guide.set_state(codec.from_ndarrays(parameters, self.global_layout, self.device))
+        self.guide.reset_statistics()
+        torch.manual_seed(self.generator_seed + int(config.get("round", 0)))
+        for _ in range(int(config.get("epochs", 1))):
+            for idx in minibatches(n, self.batch_size, self.device):
+                self.guide.update(x[idx], y[idx], num_data)
+        self.guide.check_finite()
+        state = self.guide.state()
+        seen = float(state["num_seen"])
+        return (codec.to_ndarrays(state, self.reply_layout), n,
+                {"log_evidence": float(state["log_evidence_sum"]) / max(seen, 1.0)})

@@ -1,0 +1,231 @@
+"""Federated EM-TDAMP on Flower (issue 8): the aggregation formulas against closed forms, the
+partitions and the statistics round, and real runs on loopback (server here, client processes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bnnzoo.data import load_dataset
+from bnnzoo.federated import gaussian_product, iid, label_skew, partition, product_of_odds
+from bnnzoo.federated.standardize import decode, encode, moments, standardizer_from_moments
+from bnnzoo.standardizer import Standardizer
+
+
+def _grid_moments(log_density: torch.Tensor, grid: torch.Tensor) -> tuple[float, float]:
+    """Mean and variance of a density known up to a constant on a uniform grid (quadrature)."""
+    w = torch.softmax(log_density, 0)
+    mean = (w * grid).sum()
+    return float(mean), float((w * (grid - mean) ** 2).sum())
+
+
+def _log_normal(x, m, v):
+    return -0.5 * (x - m) ** 2 / v - 0.5 * math.log(2 * math.pi * v)
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 0.3, 0.2], [2.0, 0.25, 0.7]])
+def test_gaussian_product_matches_the_normalised_product_by_quadrature(weights):
+    means = torch.tensor([[0.3], [-1.2], [2.0]], dtype=torch.float64)
+    variances = torch.tensor([[0.5], [2.0], [0.8]], dtype=torch.float64)
+    mean, var = gaussian_product(means, variances, weights)
+    grid = torch.linspace(-15, 15, 300001, dtype=torch.float64)
+    logp = sum(w * _log_normal(grid, float(m), float(v)) for w, m, v in zip(weights, means, variances))
+    m_q, v_q = _grid_moments(logp, grid)
+    assert float(mean) == pytest.approx(m_q, abs=1e-6)
+    assert float(var) == pytest.approx(v_q, rel=1e-5)
+    # the closed form of the plain product of two Gaussians
+    m2, v2 = gaussian_product(means[:2], variances[:2], [1.0, 1.0])
+    v_exact = 1 / (1 / 0.5 + 1 / 2.0)
+    assert float(v2) == pytest.approx(v_exact)
+    assert float(m2) == pytest.approx(v_exact * (0.3 / 0.5 - 1.2 / 2.0))
+
+
+def test_gaussian_product_with_a_shared_prior_is_prior_times_every_likelihood():
+    """Clients that each multiplied the shared prior by their own Gaussian likelihood: the product
+    with weights 1 and the prior at weight 1 - K is the prior times all the likelihoods."""
+    gen = torch.Generator().manual_seed(0)
+    m0, v0 = torch.randn(5, generator=gen, dtype=torch.float64), torch.rand(5, generator=gen, dtype=torch.float64) + 0.5
+    lik_m = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    lik_v = torch.rand(3, 5, generator=gen, dtype=torch.float64) + 0.2
+    post_v = 1 / (1 / v0 + 1 / lik_v)
+    post_m = post_v * (m0 / v0 + lik_m / lik_v)
+    mean, var = gaussian_product(post_m, post_v, [1.0, 1.0, 1.0], m0, v0)
+    exact_v = 1 / (1 / v0 + (1 / lik_v).sum(0))
+    exact_m = exact_v * (m0 / v0 + (lik_m / lik_v).sum(0))
+    torch.testing.assert_close(var, exact_v)
+    torch.testing.assert_close(mean, exact_m)
+    # a product whose precision would not be positive stays proper at the floor
+    _, floored = gaussian_product(post_m, post_v, [0.0, 0.0, 0.0], m0, -v0, min_precision=0.25)
+    assert bool((floored == 4.0).all())
+
+
+def test_gaussian_product_rejects_bad_input():
+    with pytest.raises(ValueError, match="one weight per client"):
+        gaussian_product(torch.zeros(2, 3), torch.ones(2, 3), [1.0])
+    with pytest.raises(ValueError, match="variances must be positive"):
+        gaussian_product(torch.zeros(2, 3), torch.zeros(2, 3), [1.0, 1.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        gaussian_product(torch.zeros(2, 3), torch.ones(2, 3), [1.0, -1.0])
+
+
+def test_product_of_odds_is_bayes_rule_with_independent_evidence():
+    """Binary s with prior p0 and evidence e_k independent given s: each client's posterior uses its
+    own evidence; their product of odds over the prior is the exact joint posterior."""
+    p0 = 0.3
+    lik = [(0.9, 0.2), (0.4, 0.7), (0.6, 0.5)]  # (P(e_k | s=1), P(e_k | s=0))
+    client = torch.tensor([p0 * a / (p0 * a + (1 - p0) * b) for a, b in lik], dtype=torch.float64)
+    joint1 = p0 * math.prod(a for a, _ in lik)
+    joint0 = (1 - p0) * math.prod(b for _, b in lik)
+    combined = product_of_odds(client, [1.0, 1.0, 1.0], torch.tensor(p0, dtype=torch.float64))
+    assert float(combined) == pytest.approx(joint1 / (joint1 + joint0), rel=1e-9)
+    # weights that sum to one: the weighted geometric mean of the odds
+    geo = product_of_odds(client, [0.5, 0.25, 0.25])
+    odds = client / (1 - client)
+    expected = odds[0] ** 0.5 * odds[1] ** 0.25 * odds[2] ** 0.25
+    assert float(geo) == pytest.approx(float(expected / (1 + expected)), rel=1e-9)
+
+
+def test_partitions_cover_the_data_once():
+    labels = torch.arange(1000) % 10
+    for parts in (iid(1000, 7, seed=1), label_skew(labels, 7, alpha=0.3, seed=1)):
+        joined = torch.cat(parts)
+        assert len(joined) == 1000 and len(joined.unique()) == 1000
+    sizes = [len(p) for p in iid(1000, 7)]
+    assert max(sizes) - min(sizes) <= 1
+    # label skew: a client holds far fewer classes' worth of its data than under IID
+    skew = label_skew(labels, 10, alpha=0.1, seed=0)
+    top_share = [float(torch.bincount(labels[p], minlength=10).max()) / len(p) for p in skew]
+    even = [float(torch.bincount(labels[p], minlength=10).max()) / len(p) for p in iid(1000, 10)]
+    assert sum(top_share) / 10 > 0.5 > sum(even) / 10
+    # regression targets are binned
+    assert len(torch.cat(label_skew(torch.randn(300), 4, seed=0)).unique()) == 300
+    with pytest.raises(ValueError, match="unknown partition"):
+        partition(labels, 3, "by-hash")
+    with pytest.raises(ValueError, match="cannot give"):
+        iid(3, 5)
+
+
+@pytest.mark.parametrize("shape, task", [((13,), "regression"), ((1, 4, 4), "classification")])
+def test_standardizer_from_client_sums_equals_the_pooled_one(shape, task):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, *shape, generator=gen) * 3 + 1
+    x[:, 0] = 2.0 if len(shape) == 1 else x[:, 0]  # a constant feature is only centred
+    y = torch.randn(60, generator=gen) * 5 + 2 if task == "regression" else torch.randint(0, 3, (60,))
+    parts = [moments(x[i], y[i], task) for i in (slice(0, 10), slice(10, 35), slice(35, 60))]
+    std = decode(encode(standardizer_from_moments(parts, task, image=len(shape) > 1)))
+    pooled = Standardizer.from_data(x, y, task)
+    torch.testing.assert_close(std.x(x), pooled.x(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std.y(y.float()), pooled.y(y.float()), atol=1e-5, rtol=1e-5)
+
+
+def _in_process_round(strategy, clients, blob, rnd):
+    """One round without Flower: every client's fit on the global arrays, then the aggregation."""
+    from bnnzoo.federated import codec
+
+    arrays = codec.to_ndarrays(strategy.guide.state(), strategy.global_layout)
+    config = {"stage": "tdamp", "epochs": 1, "round": rnd, "num_data": 0, "standardizer": blob}
+    results = [c.fit(arrays, config) for c in clients]
+    replies = [codec.from_ndarrays(a, strategy.reply_layout, "cpu") for a, _, _ in results]
+    strategy.aggregate(replies, [n for _, n, _ in results])
+    return replies
+
+
+def test_server_aggregation_of_one_client_is_that_client_and_the_prior_stays_per_layer():
+    """In process (no Flower): with one client the geometric mean is the client's own posterior;
+    with several, the broadcast prior log-odds stay one value per layer (the per-neuron adjustment
+    that reproduces the product of odds is not carried over), and the constrained M-step keeps its
+    fraction of neurons."""
+    from bnnzoo.federated.run import build_posterior, client_spec, make_client
+    from bnnzoo.federated.strategy import FederatedTDAMP
+
+    data = load_dataset("boston", split=0).subset(200, 50, seed=0)
+    server = build_posterior(data, seed=0, keep=0.4)
+    parts = iid(200, 3, seed=0)
+    clients = [make_client(client_spec("em-tdamp", server.config, "cpu", k), data.x_train[p], data.y_train[p])
+               for k, p in enumerate(parts)]
+    std = standardizer_from_moments([moments(c.x_raw, c.y_raw, "regression") for c in clients], "regression", False)
+    blob = encode(std)
+    strategy = FederatedTDAMP(server, 200)
+    reply = _in_process_round(strategy, clients[:1], blob, 1)[0]
+    state = strategy.guide.state()
+    for site in server.net.sites():
+        torch.testing.assert_close(state["slab_mean"][site], reply["slab_mean"][site], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state["slab_var"][site], reply["slab_var"][site], rtol=1e-4, atol=1e-7)
+    for rnd in range(2, 5):
+        _in_process_round(strategy, clients, blob, rnd)
+        logit = strategy.guide.prior.logit_rho("fc1")
+        assert float(logit.max() - logit.min()) < 1e-4
+    assert int((strategy.guide.inclusion()["fc1"] > 0.5).sum()) == 20
+    assert strategy.guide.noise_var() > 0
+
+
+# ---- runs on loopback ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def boston():
+    return load_dataset("boston", split=0)
+
+
+def test_two_client_loopback_run_completes_and_improves(boston):
+    from bnnzoo.federated.run import run_federated
+    from bnnzoo.methods.tdamp import TDAMPPosterior
+
+    run = run_federated(boston, num_clients=2, rounds=4, seed=0, keep=0.4)
+    h = run.history
+    assert h["eval_round"] == [1, 2, 3, 4] and h["clients"] == [2, 2, 2, 2]
+    assert h["nmse"][-1] < h["nmse"][0]
+    assert h["loss"][-1] < h["loss"][0]  # the clients' log evidence of their passes improves too
+    assert isinstance(run.model, TDAMPPosterior) and run.model.sparsity()["architecture"] == "13-20-1"
+    m = run.model.evaluate(boston.x_test, boston.y_test, num_samples=20)
+    assert m["rmse"] ** 2 / float(boston.y_test.var()) < 0.5
+    assert sum(run.partition_sizes) == len(boston.y_train)
+
+
+def test_a_client_that_disconnects_mid_round_does_not_stop_the_server(boston):
+    from bnnzoo.federated.run import run_federated
+
+    run = run_federated(boston, num_clients=3, rounds=3, seed=1, partition="label-skew", crash=(0, 2))
+    h = run.history
+    assert h["round"] == [1, 2, 3]
+    assert h["clients"][0] == 3 and h["clients"][1] == 2 and h["clients"][2] == 2
+    assert h["failures"][1] == 1
+    assert all(math.isfinite(v) for v in h["nmse"])
+
+
+def test_cli_runs_the_fedavg_baseline_in_the_same_harness():
+    import json
+
+    from click.testing import CliRunner
+
+    from bnnzoo.cli import main
+
+    result = CliRunner().invoke(main, ["federated", "--method", "fedavg", "--clients", "2", "--rounds", "3",
+                                       "--eval-every", "1", "--local-epochs", "2"])
+    assert result.exit_code == 0, result.output
+    curve = json.loads(result.output.strip().splitlines()[-1])
+    assert curve["eval_round"] == [1, 2, 3] and curve["nmse"][-1] < curve["nmse"][0]
+    bad = CliRunner().invoke(main, ["federated", "--hidden", "fifty"])
+    assert bad.exit_code != 0 and "comma-separated integers" in bad.output
+
+
+def test_bad_federated_options_are_named(boston):
+    from bnnzoo.federated.run import run_federated
+
+    with pytest.raises(ValueError, match="unknown federated method"):
+        run_federated(boston, method="fedprox", rounds=1)
+    with pytest.raises(ValueError, match="rounds must be a positive integer"):
+        run_federated(boston, rounds=0)
+    with pytest.raises(ValueError, match="unknown partition"):
+        run_federated(boston, partition="by-zip", rounds=1)
+
+
+@pytest.mark.cuda
+def test_federated_run_on_cuda(boston):
+    from bnnzoo.federated.run import run_federated
+
+    mean, var = gaussian_product(torch.zeros(2, 3, device="cuda"), torch.ones(2, 3, device="cuda"), [0.5, 0.5])
+    assert mean.device.type == "cuda" and var.device.type == "cuda"
+    run = run_federated(boston, num_clients=2, rounds=2, device="cuda", keep=0.5)
+    assert run.model.guide.message("fc1.weight")[0].device.type == "cuda"
+    assert run.history["nmse"][-1] < 1.0

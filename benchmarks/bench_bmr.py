@@ -196,7 +196,10 @@ def mnist_lenet5(device) -> dict:
 
 def boston(device) -> dict:
     """The entry's regression defaults (200 epochs, lr 3e-3, initial guide scale 1e-3: the mean-field
-    baseline's learning rate and initialisation) with each rule."""
+    baseline's learning rate and initialisation) with each rule. The mean over splits is dominated
+    by split 9, whose test set holds a point far outside the training inputs (errors of 25-40 on
+    it): the pruned networks extrapolate to it worse than the full one (LL about -3.7 against
+    -3.2 for ``meanfield-vi``)."""
     out = {}
     for rule in ("ss", "plain"):
         result = uci_protocol("bmr-iterative", "boston", device=device, baseline="adam", progress=True, rule=rule)

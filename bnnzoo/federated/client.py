@@ -43,7 +43,9 @@ class StandardizedClient(NumPyClient):
         return self.local_fit(parameters, config)
 
     def local_fit(self, parameters, config):
-        raise NotImplementedError
+        """One round of local training from the global ``parameters``: what each kind of client
+        (EM-TDAMP, FedAvg's Adam) defines; returns Flower's ``(parameters, num_examples, metrics)``."""
+        raise NotImplementedError(f"{type(self).__name__} must define local_fit(parameters, config)")
 
 
 class TDAMPClient(StandardizedClient):

@@ -1,10 +1,17 @@
 """Federated EM-TDAMP on Flower (issue 8) against centralised EM-TDAMP and FedAvg of Adam clients.
 
 Every federated run is real: a Flower server in the benchmark process and one client process per
-client, gRPC on loopback (:func:`bnnzoo.federated.run.run_federated`); a round is one local pass
-over each client's data, then the server's aggregation and EM step (FedAvg: one local Adam epoch
-per client, then the weighted average). Centralised EM-TDAMP runs as many passes as there are
-rounds, on the same split, seed and options.
+client, gRPC on loopback (:func:`bnnzoo.federated.run.run_federated`); a round is ``local_epochs``
+local passes over each client's data, then the server's aggregation and EM step (FedAvg: as many
+local Adam epochs per client, then the weighted average). Centralised EM-TDAMP runs as many passes
+as there are rounds, on the same split, seed and options.
+
+Local passes per round: one on Boston housing (100 rounds). On MNIST a client's 500 examples are
+four minibatches of 128, so 30 rounds of one local pass are only 120 sequential steps of the
+averaged posterior (the centralised fit takes about 1,200 in its 30 passes) and the global posterior
+is still moving at round 30; three local passes per round let it settle within the 30 rounds.
+FedAvg runs with the same number of local epochs (the same local work per round) and, as a
+second baseline, with one.
 
 Suites: ``federated-boston`` (4 clients, IID, 100 rounds, test NMSE; the splits are
 ``BOSTON_SPLITS``), ``federated-mnist`` (MNIST train5k -> t10k, 10 clients, IID and label-skewed
@@ -27,11 +34,13 @@ from .harness import mean_se
 KEEP = 0.4
 BOSTON_ROUNDS = 100
 BOSTON_CLIENTS = 4
+BOSTON_LOCAL_EPOCHS = 1
 # splits of the Boston benchmark: BNNZOO_FEDERATED_SPLITS=N runs the first N (default all 20)
 BOSTON_SPLITS = int(os.environ.get("BNNZOO_FEDERATED_SPLITS", "0")) or None
 MNIST_ROUNDS = 30
 MNIST_FEDAVG_ROUNDS = 100
 MNIST_CLIENTS = 10
+MNIST_LOCAL_EPOCHS = 3
 ALPHA = 0.5
 
 
@@ -51,9 +60,9 @@ def boston(device, splits: list[int] | None = None) -> dict:
         central = bnnzoo.fit("em-tdamp", data, device=device, progress=False, seed=split, keep=KEEP,
                              epochs=BOSTON_ROUNDS)
         fed = run_federated(data, num_clients=BOSTON_CLIENTS, rounds=BOSTON_ROUNDS, seed=split, device=device,
-                            keep=KEEP, eval_every=10)
+                            keep=KEEP, eval_every=10, local_epochs=BOSTON_LOCAL_EPOCHS)
         avg = run_federated(data, method="fedavg", num_clients=BOSTON_CLIENTS, rounds=BOSTON_ROUNDS, seed=split,
-                            device=device, eval_every=10)
+                            device=device, eval_every=10, local_epochs=BOSTON_LOCAL_EPOCHS)
         row = {"split": split, "central_nmse": _nmse(central, data), "federated_nmse": _nmse(fed.model, data),
                "fedavg_nmse": avg.history["nmse"][-1], "federated_seconds": fed.seconds,
                "fedavg_seconds": avg.seconds, "federated_curve": fed.history["nmse"],
@@ -65,14 +74,15 @@ def boston(device, splits: list[int] | None = None) -> dict:
                                                             "federated_seconds", "fedavg_seconds")}
     c, f, a = summary["central_nmse"]["mean"], summary["federated_nmse"]["mean"], summary["fedavg_nmse"]["mean"]
     gap = f / c - 1.0
-    headline = (f"{BOSTON_CLIENTS} clients (IID), {BOSTON_ROUNDS} rounds, {len(splits)} of {n} splits, "
+    headline = (f"{BOSTON_CLIENTS} clients (IID), {BOSTON_ROUNDS} rounds of {BOSTON_LOCAL_EPOCHS} local pass, "
+                f"{len(splits)} of {n} splits, "
                 f"{100 * KEEP:.0f}% of hidden neurons kept: test NMSE federated EM-TDAMP {f:.3f} ± "
                 f"{summary['federated_nmse']['se']:.3f} vs centralised {c:.3f} ± {summary['central_nmse']['se']:.3f} "
                 f"({100 * gap:+.1f}%, target within 10%: {'met' if abs(gap) <= 0.10 else 'not met'}); "
                 f"FedAvg of Adam clients {a:.3f} ± {summary['fedavg_nmse']['se']:.3f}")
     return {"federated-em-tdamp-boston": {"model": "federated em-tdamp vs fedavg", "dataset": "boston",
                                           "headline": headline, "splits": splits, "clients": BOSTON_CLIENTS,
-                                          "rounds": BOSTON_ROUNDS, "keep": KEEP, "summary": summary,
+                                          "rounds": BOSTON_ROUNDS, "local_epochs": BOSTON_LOCAL_EPOCHS, "keep": KEEP, "summary": summary,
                                           "relative_gap": gap, "per_split": rows}}
 
 
@@ -103,31 +113,36 @@ def mnist(device, seed: int = 0) -> dict:
     parts = []
     for scheme in ("iid", "label-skew"):
         fed = run_federated(data, num_clients=MNIST_CLIENTS, rounds=MNIST_ROUNDS, partition=scheme, alpha=ALPHA,
-                            seed=seed, device=device, network=network, keep=KEEP)
+                            seed=seed, device=device, network=network, keep=KEEP, local_epochs=MNIST_LOCAL_EPOCHS)
         fed_error = 1.0 - fed.model.evaluate(data.x_test, data.y_test, num_samples=100)["accuracy"]
-        avg = run_federated(data, method="fedavg", num_clients=MNIST_CLIENTS, rounds=MNIST_FEDAVG_ROUNDS,
-                            partition=scheme, alpha=ALPHA, seed=seed, device=device, network=network,
-                            batch_size=central.config["train"]["batch_size"])
         res = {"federated_error": fed_error, "federated_curve": fed.history["error"],
                "federated_rounds_to_target": _rounds_to(fed.history["eval_round"], fed.history["error"], target),
                "federated_seconds": fed.seconds, "federated_seconds_per_round": fed.history["wall_seconds"][-1] / MNIST_ROUNDS,
-               "fedavg_error_at_30": avg.history["error"][MNIST_ROUNDS - 1], "fedavg_best_error": min(avg.history["error"]),
-               "fedavg_curve": avg.history["error"],
-               "fedavg_rounds_to_target": _rounds_to(avg.history["eval_round"], avg.history["error"], target),
-               "fedavg_seconds": avg.seconds, "partition_sizes": fed.partition_sizes,
-               "architecture": fed.model.sparsity()["architecture"]}
+               "partition_sizes": fed.partition_sizes, "architecture": fed.model.sparsity()["architecture"]}
+        baselines = []
+        for epochs, key in ((MNIST_LOCAL_EPOCHS, "fedavg"), (1, "fedavg_1_epoch")):
+            avg = run_federated(data, method="fedavg", num_clients=MNIST_CLIENTS, rounds=MNIST_FEDAVG_ROUNDS,
+                                partition=scheme, alpha=ALPHA, seed=seed, device=device, network=network,
+                                batch_size=central.config["train"]["batch_size"], local_epochs=epochs)
+            res.update({f"{key}_error_at_30": avg.history["error"][MNIST_ROUNDS - 1],
+                        f"{key}_best_error": min(avg.history["error"]), f"{key}_curve": avg.history["error"],
+                        f"{key}_rounds_to_target": _rounds_to(avg.history["eval_round"], avg.history["error"], target),
+                        f"{key}_seconds": avg.seconds})
+            baselines.append(f"FedAvg with {epochs} local epoch{'s' if epochs > 1 else ''} "
+                             f"{100 * res[f'{key}_error_at_30']:.2f}% at round {MNIST_ROUNDS}, best "
+                             f"{100 * res[f'{key}_best_error']:.2f}% in {MNIST_FEDAVG_ROUNDS}, reaches the target at "
+                             f"round {res[f'{key}_rounds_to_target']}")
         out[scheme] = res
         parts.append(f"{scheme}: federated EM-TDAMP {100 * fed_error:.2f}% after {MNIST_ROUNDS} rounds "
                      f"({100 * (fed_error - central_error):+.2f} points, target within 1: "
                      f"{'met' if fed_error - central_error <= 0.01 else 'not met'}; reaches centralised + 1 point at "
-                     f"round {res['federated_rounds_to_target']}), FedAvg {100 * res['fedavg_error_at_30']:.2f}% at "
-                     f"round {MNIST_ROUNDS}, best {100 * res['fedavg_best_error']:.2f}% in {MNIST_FEDAVG_ROUNDS}, "
-                     f"reaches the target at round {res['fedavg_rounds_to_target']}")
+                     f"round {res['federated_rounds_to_target']}); " + "; ".join(baselines))
         print("  " + parts[-1], flush=True)
-    headline = (f"MNIST train5k -> t10k, lenet-300-100, {MNIST_CLIENTS} clients, {100 * KEEP:.0f}% of hidden neurons "
-                f"kept; centralised EM-TDAMP ({MNIST_ROUNDS} passes) {100 * central_error:.2f}%; " + "; ".join(parts))
+    headline = (f"MNIST train5k -> t10k, lenet-300-100, {MNIST_CLIENTS} clients, {MNIST_LOCAL_EPOCHS} local passes per "
+                f"round, {100 * KEEP:.0f}% of hidden neurons kept; centralised EM-TDAMP ({MNIST_ROUNDS} passes) {100 * central_error:.2f}%; " + "; ".join(parts))
     return {"federated-em-tdamp-mnist": {"model": "federated em-tdamp vs fedavg", "dataset": "mnist-train5k-t10k",
                                          "headline": headline, "clients": MNIST_CLIENTS, "rounds": MNIST_ROUNDS,
+                                         "local_epochs": MNIST_LOCAL_EPOCHS,
                                          "fedavg_rounds": MNIST_FEDAVG_ROUNDS, "alpha": ALPHA, "keep": KEEP, **out}}
 
 

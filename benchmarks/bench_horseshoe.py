@@ -5,8 +5,9 @@ Each posterior is fitted with the catalog entry's defaults but without its closi
 dense, then pruned by the method's own rule (``Posterior.prune``) and evaluated again. The metrics,
 sparsity and architecture reported at the top level are those of the *pruned* network; the dense
 network's metrics are kept beside under ``dense``. A plain PyTorch Adam run of the same network on
-the same batches is interleaved epoch by epoch (``fit_with_baseline``) for the epoch-time ratio
-and, on MNIST, the reference accuracy.
+the same batches (PyTorch's default Adam, :class:`benchmarks.harness.PlainTorch`),
+is interleaved epoch by epoch (``fit_with_baseline``) for the epoch-time ratio and, on MNIST, the
+reference accuracy.
 
 Boston's test log-likelihood averages the predictive density over 1,000 posterior draws (MNIST's
 metrics over 100): ``log (1/S) sum_s p(y | w_s)`` underestimates the predictive log density by a

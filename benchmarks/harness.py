@@ -39,7 +39,9 @@ def device_name(device: torch.device) -> str:
 class PlainTorch:
     """Plain PyTorch training of ``net`` (a :class:`~bnnzoo.nets.Network`) with ``optimizer``
     ("adam" with PyTorch defaults, or "sgd" with momentum 0.9), one epoch per :meth:`epoch` call,
-    on batches of ``batch_size`` from the same standardised data the method sees."""
+    on batches of ``batch_size`` from the same standardised data the method sees. The baseline is
+    what a user would write, ``torch.optim.Adam(params, lr)``: the methods' own optimiser choices
+    (fused Adam where torch offers it, :func:`bnnzoo.training.make_adam`) are part of their cost."""
 
     def __init__(self, net, x, y, task: str, batch_size: int, lr: float = 1e-3, optimizer: str = "adam",
                  seed: int = 0):

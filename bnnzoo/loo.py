@@ -12,6 +12,9 @@ posterior from the same catalog entry and configuration, seeded with the configu
 the point, and its draws' log-likelihood of the point. Each refit costs one full fit, so reloo is
 for small data sets (a few hundred points, a few seconds per fit).
 
+For the mean-field baseline every point can be refitted at once: ``loo(..., method="exact")``
+(:mod:`bnnzoo.exact_loo`) trains all ``n`` leave-one-out refits as one batched computation.
+
 Written for the ArviZ 0.x API (``az.SamplingWrapper``, ``az.reloo``), the version the package installs.
 """
 
@@ -75,16 +78,29 @@ class RefitWrapper(_sampling_wrapper_base()):
         return idata.log_likelihood["obs"]
 
 
-def loo(posterior, x, y, *, reloo: bool = False, k_threshold: float = K_THRESHOLD, num_samples: int = 200,
-        seed: int = 0, idata=None):
-    """LOO of a fitted ``posterior`` on its training data ``(x, y)``: ``az.loo`` (pointwise), and with
-    ``reloo=True`` the exact refit for every point whose Pareto k exceeds ``k_threshold``
-    (``az.reloo``). Returns ArviZ's ``ELPDData``; with ``reloo`` it has two more entries:
-    ``refits`` (how many points were refitted) and ``pareto_k_psis`` (the Pareto k of PSIS before the
-    refits, which ``az.reloo`` sets to 0 for the refitted points). ``idata``: the posterior's ArviZ
-    data on ``(x, y)`` if already made."""
+def loo(posterior, x, y, *, method: str = "psis", reloo: bool = False, k_threshold: float = K_THRESHOLD,
+        num_samples: int = 200, seed: int = 0, idata=None, chunk_size: int = 512, progress: bool = False):
+    """LOO of a fitted ``posterior`` on its training data ``(x, y)``.
+
+    ``method="psis"``: ``az.loo`` (pointwise), and with ``reloo=True`` the exact refit for every point
+    whose Pareto k exceeds ``k_threshold`` (``az.reloo``). Returns ArviZ's ``ELPDData``; with
+    ``reloo`` it has two more entries: ``refits`` (how many points were refitted) and
+    ``pareto_k_psis`` (the Pareto k of PSIS before the refits, which ``az.reloo`` sets to 0 for the
+    refitted points). ``idata``: the posterior's ArviZ data on ``(x, y)`` if already made.
+
+    ``method="exact"``: exact LOO, one refit per training point, all trained at once in chunks of
+    ``chunk_size`` (``meanfield-vi`` on a dense network only; see :mod:`bnnzoo.exact_loo`)."""
     import arviz as az
 
+    if method == "exact":
+        if reloo:
+            raise ValueError("reloo refits the high-Pareto-k points of PSIS-LOO; method='exact' refits every point")
+        from .exact_loo import exact_loo
+
+        return exact_loo(posterior, x, y, num_samples=num_samples, seed=seed, chunk_size=chunk_size,
+                         progress=progress)
+    if method != "psis":
+        raise ValueError(f"unknown LOO method {method!r}; choose 'psis' (with reloo=True for az.reloo) or 'exact'")
     if idata is None:
         idata = posterior.to_arviz((x, y), num_samples=num_samples, sites=None, seed=seed)
     with warnings.catch_warnings():

@@ -18,7 +18,10 @@ the negative ELBO that ``TraceMeanField_ELBO`` estimates by sampling weights. A 
 is dominated by per-operation overhead, so the step is a handful of autograd nodes with hand-written
 backward passes: the scale block (every scale variable's KL and the draw of every ``s_k``,
 :mod:`~bnnzoo.guides.horseshoe_scales`), one per dense layer (:mod:`~bnnzoo.guides.scaled_dense`)
-and, in :class:`~bnnzoo.guides.TemperedLocalReparamELBO`, the Gaussian likelihood term.
+and, in :class:`~bnnzoo.guides.TemperedLocalReparamELBO`, the Gaussian likelihood term. A small
+dense ReLU network (up to ``_FUSED_NETWORK_MAX_WEIGHTS`` weights, unpruned) runs the whole step,
+likelihood included for regression, as one node (:mod:`~bnnzoo.guides.horseshoe_mlp`,
+:meth:`HorseshoeGuide.gaussian_loss`).
 
 Parameterisation: the decentred weights of a layer with fan-in ``n`` start as PyTorch's initial
 weights times ``sqrt(n)`` and the layer's scale at ``1/sqrt(n)`` (local scales at 1, the global
@@ -31,6 +34,7 @@ The output layer's Gaussian parameters are stored in the same units (``w = mu / 
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,6 +46,8 @@ from torch import nn
 from bnnzoo.models.horseshoe import SCALE_VARIABLES, HorseshoePrior, regularised_log_scale
 
 from . import closed_form_kl  # noqa: F401  (registers the LogNormal-Gamma / -InverseGamma KLs with torch)
+from .closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
+from .horseshoe_mlp import HorseshoeMLP
 from .horseshoe_scales import HorseshoeScales
 from .scaled_dense import scaled_local_reparam_dense
 from .sites import get_site, site_parameters
@@ -49,6 +55,24 @@ from .weight_guide import WeightGuide
 
 _PRUNED_SCALE = 1e-30  # a pruned weight's guide scale (exactly-zero scales are not valid Normals)
 _QUADRATURE_POINTS = 40  # Gauss-Hermite points per Gaussian dimension for E_q[f(s_k)]
+_DENSE_STEP_MATRIX = 2**16
+# HorseshoeMLP (one autograd node per step) for dense ReLU networks up to this many weights: it saves
+# some 40 small operations per step (about 50 us on Boston's 13-50-1, 751 weights), but its KL terms
+# take a few more passes over the weights than the per-layer functions (about 1 ms per step on
+# LeNet-300-100, 266k weights); the crossover lies near 16k weights
+_FUSED_NETWORK_MAX_WEIGHTS = 2**14
+
+
+def _step_matrix(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` (the scale block's 0/1 and 1/2 matrices, two non-zeros per row at most) for the
+    matrix-vector products of a training step: dense while small, sparse CSR beyond
+    ``_DENSE_STEP_MATRIX`` entries (on LeNet-300-100 a dense product costs some 20 us, a sparse one 5 us;
+    on Boston's 13-50-1 a dense one 2 us)."""
+    if matrix.numel() <= _DENSE_STEP_MATRIX:
+        return matrix
+    with warnings.catch_warnings():  # torch flags its sparse CSR layout as beta
+        warnings.simplefilter("ignore", UserWarning)
+        return matrix.to_sparse_csr()
 
 
 def gaussian_kl(loc: torch.Tensor, log_scale: torch.Tensor, prior_scale: float,
@@ -66,10 +90,10 @@ class HorseshoeGuide(WeightGuide):
     decentred weights (the output layer's weights in units of ``1/sqrt(fan_in)``), and
     the mean (divided by ``scale_gain``) and log standard deviation of ``ln v`` for every scale
     variable ``v`` of every hidden layer, packed so that the closed-form KL and the draws of all
-    scales take a handful of tensor operations per step: ``pair_loc_raw`` / ``pair_log_sd`` of shape
-    ``(2, L + sum K)`` hold the Half-Cauchy auxiliaries (row 0: ``tau_a``, ``lambda_a``; row 1:
-    ``tau_b``, ``lambda_b``; columns: the ``L`` hidden layers' ``tau``, then every group's
-    ``lambda``), ``slab_loc_raw`` / ``slab_log_sd`` of shape ``(L,)`` the slabs ``c^2``;
+    scales take a handful of tensor operations per step: ``scale_params`` of shape ``(2, V)`` holds
+    the means (row 0) and log standard deviations (row 1) of all ``V = 2 (L + G) + L`` of them,
+    ``[tau_a (L), lambda_a (G) | tau_b (L), lambda_b (G) | c^2 (L)]`` for the ``L`` hidden layers
+    and their ``G`` groups in all (:mod:`~bnnzoo.guides.horseshoe_scales`);
     :meth:`scale_parameters` gives one site's. ``init_scale`` is the initial
     standard deviation of every Gaussian (decentred units), ``init_log_scale_sd`` that of every ``ln v``.
 
@@ -107,78 +131,88 @@ class HorseshoeGuide(WeightGuide):
         sizes = [self.net.layer(name).num_groups for name in self.hidden]
         n_layers, n_groups = len(sizes), sum(sizes)
         self.group_offsets = [0] + [int(v) for v in np.cumsum(sizes)]
-        # the Half-Cauchy pairs, one column each: [tau (L) | lambda (G)]; row 0 the Gamma factor
-        # (rate tau0^-2 for tau, 1 for lambda), row 1 the InverseGamma(1/2, 1) factor
+        # every scale variable in one vector: [tau_a (L), lambda_a (G) | tau_b (L), lambda_b (G) | c^2 (L)];
+        # the Gamma(1/2, rate b) factors (b = tau0^-2 for tau, 1 for lambda), the InverseGamma(1/2, 1)
+        # factors, the slabs InverseGamma(slab_shape, slab_scale)
         tau0, slab_a, slab_b = float(prior.tau0), float(prior.slab_shape), float(prior.slab_scale)
         width = n_layers + n_groups
-        rate = torch.ones(2, width)
-        rate[0, :n_layers] = tau0**-2
-        sign = torch.tensor([[-1.0], [1.0]]).expand(2, width).clone()
-        const = ((-0.5 * rate.log() + math.lgamma(0.5)).sum()
-                 + n_layers * (math.lgamma(slab_a) - slab_a * math.log(slab_b)))
-        const = const - (2 * width + n_layers) * 0.5 * math.log(2 * math.pi * math.e)
-        self.register_buffer("pair_sign", sign, persistent=False)
-        self.register_buffer("half_pair_sign", 0.5 * sign, persistent=False)
-        self.register_buffer("gain", torch.tensor(self.scale_gain), persistent=False)
-        # (2L, 2G) block-diagonal indicator of each group's layer: spreads the per-layer draws of
-        # ln tau^2 and ln c^2 over the groups with one matrix product
-        spread = torch.repeat_interleave(torch.eye(n_layers), torch.tensor(sizes), dim=1)
-        self.register_buffer("spread", torch.block_diag(spread, spread), persistent=False)
-        self.register_buffer("pair_rate", rate, persistent=False)
-        self.register_buffer("group_layer", torch.repeat_interleave(torch.arange(n_layers), torch.tensor(sizes)),
-                             persistent=False)
-        self.register_buffer("kl_const", const, persistent=False)
-        self.slab_shape, self.slab_scale = slab_a, slab_b
-        for name, value in (("slab_shape_t", slab_a), ("slab_scale_t", slab_b), ("minus_one", -1.0)):
-            self.register_buffer(name, torch.tensor(value), persistent=False)
-        self.register_buffer("layer_zeros", torch.zeros(n_layers), persistent=False)
+        self.scale_width = width
+        size = 2 * width + n_layers
+        shape = torch.cat([torch.full((2 * width,), 0.5), torch.full((n_layers,), slab_a)])
+        rate = torch.ones(size)
+        rate[:n_layers] = tau0**-2
+        rate[2 * width:] = slab_b
+        sign = torch.cat([-torch.ones(width), torch.ones(width + n_layers)])
+        const = (torch.lgamma(shape) - shape * rate.log()).sum() - size * 0.5 * math.log(2 * math.pi * math.e)
+        # Q: the L + G + L Gaussians ln tau^2, ln lambda^2, ln c^2 from the LogNormal factors' parameters;
+        # S: (ln tau^2 + ln lambda_k^2) / 2 and ln c^2 / 2 of every group from the draws of those
+        q = torch.zeros(width + n_layers, size)
+        idx = torch.arange(width)
+        q[idx, idx] = q[idx, width + idx] = 1.0
+        q[width + torch.arange(n_layers), 2 * width + torch.arange(n_layers)] = 1.0
+        layer_of = torch.repeat_interleave(torch.arange(n_layers), torch.tensor(sizes))
+        groups = torch.arange(n_groups)
+        spread = torch.zeros(2 * n_groups, width + n_layers)
+        spread[groups, layer_of] = spread[groups, n_layers + groups] = spread[n_groups + groups, width + layer_of] = 0.5
+        for name, value in (("scale_sign", sign), ("scale_shape_sign", shape * sign), ("scale_rate", rate),
+                            ("scale_q", q), ("scale_q_t", q.t().contiguous()), ("scale_spread", spread),
+                            ("scale_spread_t", spread.t().contiguous()), ("kl_const", torch.tensor(float(const))),
+                            ("gain", torch.tensor(self.scale_gain)), ("one_half", torch.tensor(0.5)),
+                            ("minus_one", torch.tensor(-1.0))):
+            self.register_buffer(name, value, persistent=False)
         # start the effective weights at PyTorch's scale s = 1/sqrt(fan_in), with s^2 = c^2 u / (c^2 + u):
         # local scales at 1, the global scale carrying the layer's size, c^2 at 1 / E_p[1/c^2]
         c2 = slab_b / slab_a
-        pair = torch.zeros(2, width)
+        loc = torch.zeros(size)
         for i, name in enumerate(self.hidden):
             s2 = 1.0 / self.net.layer(name).fan_in
-            pair[:, i] = 0.5 * (math.log(s2 * c2 / (c2 - s2)) if c2 > 2 * s2 else math.log(s2))
-        self.pair_loc_raw = nn.Parameter(pair / self.scale_gain)
-        self.pair_log_sd = nn.Parameter(torch.full_like(pair, math.log(init_log_scale_sd)))
-        self.slab_loc_raw = nn.Parameter(torch.full((n_layers,), math.log(c2) / self.scale_gain))
-        self.slab_log_sd = nn.Parameter(torch.full((n_layers,), math.log(init_log_scale_sd)))
+            loc[i] = loc[width + i] = 0.5 * (math.log(s2 * c2 / (c2 - s2)) if c2 > 2 * s2 else math.log(s2))
+        loc[2 * width:] = math.log(c2)
+        self.scale_params = nn.Parameter(torch.stack([loc / self.scale_gain,
+                                                      torch.full((size,), math.log(init_log_scale_sd))]))
 
     @property
     def prior(self) -> HorseshoePrior:
         return self._prior[0]
 
     # ---- scale variables ----------------------------------------------------------------------
+    def _scale_index(self, layer: str, var: str):
+        i, n, width = self.hidden.index(layer), len(self.hidden), self.scale_width
+        if var == "c2":
+            return 2 * width + i
+        start = 0 if var.endswith("_a") else width
+        if var.startswith("tau"):
+            return start + i
+        return slice(start + n + self.group_offsets[i], start + n + self.group_offsets[i + 1])
+
     def scale_parameters(self, layer: str, var: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log standard deviation of ``ln v`` under q for scale variable ``var`` of ``layer``."""
-        i, n = self.hidden.index(layer), len(self.hidden)
-        if var == "c2":
-            return self.scale_gain * self.slab_loc_raw[i], self.slab_log_sd[i]
-        row = 0 if var.endswith("_a") else 1
-        where = i if var.startswith("tau") else slice(n + self.group_offsets[i], n + self.group_offsets[i + 1])
-        return self.scale_gain * self.pair_loc_raw[row, where], self.pair_log_sd[row, where]
+        where = self._scale_index(layer, var)
+        return self.gain * self.scale_params[0, where], self.scale_params[1, where]
 
-    def _log_moments(self, pair_var: torch.Tensor | None = None):
+    def _log_moments(self):
         """Means and standard deviations under q of ``ln tau^2`` and ``ln lambda_k^2`` (one vector:
         ``L`` layers, then the groups of all layers) and of ``ln c^2`` (per layer)."""
-        pair_var = torch.exp(2 * self.pair_log_sd) if pair_var is None else pair_var
-        return ((self.gain * self.pair_loc_raw.sum(0), pair_var.sum(0).sqrt()),
-                (self.gain * self.slab_loc_raw, self.slab_log_sd.exp()))
+        n, width = len(self.hidden), self.scale_width
+        m, log_sd = self.gain * self.scale_params[0], self.scale_params[1]
+        var = torch.exp(2 * log_sd)
+        m_z = torch.cat([m[:width] + m[width:2 * width], m[2 * width:]])
+        sd_z = torch.cat([var[:width] + var[width:2 * width], var[2 * width:]]).sqrt()
+        return (m_z[:width], sd_z[:width]), (m_z[width:], sd_z[width:])
 
-    def sample_log_scales(self, batch_shape: tuple[int, ...] = (), pair_var: torch.Tensor | None = None
-                          ) -> dict[str, torch.Tensor]:
+    def sample_log_scales(self, batch_shape: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
         """Draws of ``ln s_k`` for every hidden layer, each of shape ``batch_shape + (K,)``: one draw of a
         layer's ``tau`` and ``c`` per batch entry, shared by its groups, and one ``lambda_k`` per group."""
-        (m, sd), (m_c, sd_c) = self._log_moments(pair_var)
+        (m, sd), (m_c, sd_c) = self._log_moments()
         n = len(self.hidden)
         eps = torch.randn(batch_shape + (len(m) + n,), device=m.device, dtype=m.dtype)
         z = torch.addcmul(m, sd, eps[..., :len(m)])
-        per_layer = torch.cat([z[..., :n], torch.addcmul(m_c, sd_c, eps[..., len(m):])], -1)
-        spread = per_layer @ self.spread
-        groups = self.group_offsets[-1]
-        log_s = regularised_log_scale(z[..., n:] + spread[..., :groups], spread[..., groups:])
-        sizes = [b - a for a, b in zip(self.group_offsets[:-1], self.group_offsets[1:])]
-        return dict(zip(self.hidden, log_s.split(sizes, dim=-1)))
+        log_c2 = torch.addcmul(m_c, sd_c, eps[..., len(m):])
+        out = {}
+        for i, layer in enumerate(self.hidden):
+            groups = slice(n + self.group_offsets[i], n + self.group_offsets[i + 1])
+            out[layer] = regularised_log_scale(z[..., i:i + 1] + z[..., groups], log_c2[..., i:i + 1])
+        return out
 
     def expect_scale(self, layer: str, fn) -> torch.Tensor:
         """``E_q[fn(ln s_k)]`` for every group ``k`` of ``layer`` by Gauss-Hermite quadrature over
@@ -204,18 +238,19 @@ class HorseshoeGuide(WeightGuide):
         return self.expect_scale(layer, lambda v: v)
 
     # ---- closed-form KL ---------------------------------------------------------------------
-    def scale_kl(self, pair_var: torch.Tensor | None = None) -> torch.Tensor:
-        """``KL(q || p)`` of every scale variable, vectorised: ``KL(LogNormal(m, r^2) || Gamma(1/2, rate b))``
-        ``= -m/2 + b E[x] + ...`` and ``KL(LogNormal || InverseGamma(a, scale b)) = a m + b E[1/x] + ...``
-        with ``E[x^(-+1)] = exp(-+m + r^2/2)`` (see :mod:`~bnnzoo.guides.closed_form_kl`);
-        ``pair_var = exp(2 pair_log_sd)`` if already at hand."""
-        pair_var = torch.exp(2 * self.pair_log_sd) if pair_var is None else pair_var
-        m = self.gain * self.pair_loc_raw
-        moment = torch.exp(torch.addcmul(0.5 * pair_var, self.pair_sign, m, value=-1.0))
-        kl = (self.half_pair_sign * m + self.pair_rate * moment - self.pair_log_sd).sum()
-        m_c, ls_c = self.gain * self.slab_loc_raw, self.slab_log_sd
-        inv_moment = torch.exp(0.5 * torch.exp(2 * ls_c) - m_c)
-        return kl + (self.slab_shape * m_c + self.slab_scale * inv_moment - ls_c).sum() + self.kl_const
+    def scale_kl(self) -> torch.Tensor:
+        """``KL(q || p)`` of every scale variable: the closed forms of
+        :mod:`~bnnzoo.guides.closed_form_kl` for each LogNormal factor against its Gamma or
+        inverse-Gamma prior."""
+        n, width = len(self.hidden), self.scale_width
+        m, log_sd = self.gain * self.scale_params[0], self.scale_params[1]
+        prior = self.prior
+        tau_rate = prior.tau0.pow(-2).to(m)
+        gamma_rate = torch.cat([tau_rate.expand(n), torch.ones(width - n, dtype=m.dtype, device=m.device)])
+        return (kl_lognormal_gamma(m[:width], log_sd[:width], 0.5, gamma_rate).sum()
+                + kl_lognormal_inverse_gamma(m[width:2 * width], log_sd[width:2 * width], 0.5, 1.0).sum()
+                + kl_lognormal_inverse_gamma(m[2 * width:], log_sd[2 * width:], prior.slab_shape.to(m),
+                                             prior.slab_scale.to(m)).sum())
 
     def _prior_scale(self, layer: str) -> float:
         return self.output_prior_scale if layer == self.output else 1.0
@@ -301,6 +336,14 @@ class HorseshoeGuide(WeightGuide):
         sd = layer.op(h * h, w_var, b_var + 1e-16).sqrt()
         return torch.addcmul(mean, sd, torch.randn_like(mean)), kl
 
+    def __getstate__(self):
+        # copies and pickles rebuild the cached references on first use (sparse tensors do not copy)
+        return {**super().__getstate__(), "_fast": None}
+
+    def set_masks(self, masks) -> None:
+        super().set_masks(masks)
+        self._fast = None  # the cached references record whether the guide is pruned
+
     def _apply(self, fn, recurse=True):
         self._fast = None  # buffers are replaced by .to(): rebuild the cached references
         return super()._apply(fn, recurse)
@@ -313,26 +356,70 @@ class HorseshoeGuide(WeightGuide):
         """References used by every training step, gathered once (module attribute lookups are slow
         next to the small tensor operations of a small network's step)."""
         if getattr(self, "_fast", None) is None:
-            scales = SimpleNamespace(num_layers=len(self.hidden), gain=self.gain, sign=self.pair_sign,
-                                     half_sign=self.half_pair_sign, rate=self.pair_rate, group_layer=self.group_layer,
-                                     slab_shape=self.slab_shape_t, slab_scale=self.slab_scale_t,
-                                     kl_const=self.kl_const, minus_one=self.minus_one, zeros=self.layer_zeros)
+            scales = SimpleNamespace(gain=self.gain, half=self.one_half, minus_one=self.minus_one,
+                                     kl_const=self.kl_const, sign=self.scale_sign, shape_sign=self.scale_shape_sign,
+                                     log_rate=self.scale_rate.log(),  # in the buffers' dtype (ln 6 is not a float32)
+                                     Q=_step_matrix(self.scale_q),
+                                     Qt=_step_matrix(self.scale_q_t), S=_step_matrix(self.scale_spread),
+                                     St=_step_matrix(self.scale_spread_t))
+            names = [layer.name for layer in self.net.param_layers]
             layers = {name: (self.locs[name]["weight"], self.log_scales[name]["weight"], self.locs[name]["bias"],
-                             self.log_scales[name]["bias"], self._prior_scale(name))
-                      for name in [layer.name for layer in self.net.param_layers]}
-            params = (self.pair_loc_raw, self.pair_log_sd, self.slab_loc_raw, self.slab_log_sd)
+                             self.log_scales[name]["bias"], self._prior_scale(name)) for name in names}
+            params = (self.scale_params,)
+            sizes = [b - a for a, b in zip(self.group_offsets[:-1], self.group_offsets[1:])]
             self._fast = SimpleNamespace(scales=scales, layers=layers, params=params, output_units=self.output_units,
-                                         sizes=[b - a for a, b in zip(self.group_offsets[:-1], self.group_offsets[1:])])
+                                         sizes=sizes, mlp=None, pruned=len(self.masks) > 0)
+            if self._is_relu_mlp() and self.net.num_weights() <= _FUSED_NETWORK_MAX_WEIGHTS:
+                # HorseshoeMLP's plan: per Gaussian tensor (mu, b_mu of each layer) 1/p^2, 1/(2 p^2), ln p - 1/2
+                # (0-d tensors: a foreach operation wraps every Python number of a list into a tensor)
+                prior_scales = [self._prior_scale(name) for name in names for _ in range(2)]
+                like = self.scale_params
+                const = lambda values: [torch.tensor(v, dtype=like.dtype, device=like.device) for v in values]
+                self._fast.mlp = SimpleNamespace(
+                    scales=scales, sizes=sizes, output_units=self.output_units,
+                    scale_noise=self.scale_width + len(self.hidden),
+                    inv_prior_var=const(p**-2 for p in prior_scales),
+                    half_inv_prior_var=const(0.5 * p**-2 for p in prior_scales),
+                    kl_offset=const(math.log(p) - 0.5 for p in prior_scales), ones=const([1.0] * len(prior_scales)),
+                    params=params + tuple(t for name in names for t in layers[name][:4]),
+                    widths=[self.net.layer(name).num_groups for name in names])
         return self._fast
+
+    def _is_relu_mlp(self) -> bool:
+        """Whether the network is dense layers with ReLU between them (after an optional Flatten),
+        the architecture :class:`~bnnzoo.guides.horseshoe_mlp.HorseshoeMLP` computes in one node."""
+        kinds = [(layer.kind, getattr(layer, "fn", None)) for layer in self.net.layers]
+        if kinds and kinds[0][0] == "flatten":
+            kinds = kinds[1:]
+        expected = [("dense", None)]
+        for _ in self.hidden:
+            expected = [("dense", None), ("activation", "relu")] + expected
+        return kinds == expected
+
+    def _mlp_step(self, x: torch.Tensor, y: torch.Tensor | None, log_noise, weights=(1.0, 1.0)):
+        plan = self._fast.mlp
+        eps = torch.randn(plan.scale_noise + x.shape[0] * sum(plan.widths), device=x.device, dtype=x.dtype)
+        return HorseshoeMLP.apply(x, y, log_noise, eps, plan, weights, *plan.params)
+
+    def gaussian_loss(self, x: torch.Tensor, y: torch.Tensor, log_noise: torch.Tensor, nll_weight: float,
+                      kl_weight: float) -> torch.Tensor | None:
+        """``nll_weight * sum_n -log N(y_n | f_n, exp(log_noise)^2) + kl_weight * KL(q || p)`` for one
+        local-reparameterised draw of the outputs ``f``, in one autograd node
+        (:class:`~bnnzoo.guides.horseshoe_mlp.HorseshoeMLP`); ``None`` where that node does not apply
+        (pruned, or not a dense ReLU network), and the caller computes the loss term by term."""
+        fast = self._fast_path()
+        if fast.mlp is None or fast.pruned:
+            return None
+        return self._mlp_step(x, y, log_noise, (float(nll_weight), float(kl_weight)))
 
     def sample_scales_and_kl(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One draw of every hidden layer's ``s_k`` (layer -> ``(K,)``) and ``KL(q || p)`` of every
         scale variable (the same quantities as :meth:`sample_log_scales` and :meth:`scale_kl`, in one
         autograd node: :class:`~bnnzoo.guides.horseshoe_scales.HorseshoeScales`)."""
         fast = self._fast_path()
-        loc = fast.params[0]
-        eps = torch.randn(loc.shape[1] + len(self.hidden), device=loc.device, dtype=loc.dtype)
-        s, kl = HorseshoeScales.apply(*fast.params, eps, fast.scales)
+        params = fast.params[0]
+        eps = torch.randn(self.scale_width + len(self.hidden), device=params.device, dtype=params.dtype)
+        s, kl = HorseshoeScales.apply(params, eps, fast.scales)
         if len(self.hidden) == 1:
             return {self.hidden[0]: s}, kl
         return dict(zip(self.hidden, s.split(fast.sizes))), kl
@@ -340,9 +427,11 @@ class HorseshoeGuide(WeightGuide):
     def sample_outputs_and_kl(self, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One local-reparameterised draw of the network outputs for ``x`` and ``KL(q || p)``."""
         fast = self._fast_path()
+        fused = not fast.pruned
+        if fused and fast.mlp is not None:
+            return self._mlp_step(x, None, None)
         scales, kl = self.sample_scales_and_kl()
         scales[self.output] = fast.output_units
-        fused = len(self.masks) == 0
 
         def linear(layer, h):
             nonlocal kl

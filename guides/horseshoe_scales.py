@@ -8,80 +8,84 @@ inverse-Gamma (``sign = +1``) prior with shape ``a`` and rate/scale ``b``; then 
 
     KL = sign a m + b exp(r^2/2 - sign m) - ln r + const.
 
+All of them sit in one vector of ``V = 2 (L + G) + L`` entries, ``[tau_a (L), lambda_a (G) | tau_b
+(L), lambda_b (G) | c^2 (L)]`` for ``L`` hidden layers with ``G`` groups in all, so the KL is a
+handful of vector operations.
+
 A draw: ``ln tau^2 = ln tau_a + ln tau_b ~ N(m_a + m_b, r_a^2 + r_b^2)`` per layer, likewise
-``ln lambda_k^2`` per group and ``ln c^2`` per layer, then ``ln s_k = (ln u_k - softplus(ln u_k - ln c^2)) / 2``
-with ``ln u_k = ln tau^2 + ln lambda_k^2`` (the regularised horseshoe, ``s^2 = c^2 u / (c^2 + u)``).
+``ln lambda_k^2`` per group, and ``ln c^2`` per layer: the means and variances of these ``L + G + L``
+Gaussians are ``Q m`` and ``Q r^2`` for a fixed 0/1 matrix ``Q``. Then, with
+``x = S z = ((ln tau^2 + ln lambda_k^2) / 2, ln c^2 / 2)`` per group (``S`` spreads each layer's
+draw over its groups), ``ln s_k = x_u - softplus_2(x_u - x_c)`` with ``softplus_2(d) = ln(1 + e^(2d)) / 2``:
+the regularised horseshoe ``s^2 = c^2 u / (c^2 + u)``, ``u = tau^2 lambda_k^2``.
 
 Written as autograd of the elementwise formulas, this block records some thirty autograd nodes per
 training step, and their overhead dominates the step of a small network; here the backward pass is
-written out (about twenty vector operations) and the whole block is one autograd node.
+written out and the whole block is one autograd node.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def scales_forward(params, eps, const):
+    """The forward formulas of :class:`HorseshoeScales`: returns ``s``, the KL and the tensors
+    :func:`scales_backward` needs (shared with the fused network step,
+    :mod:`~bnnzoo.guides.horseshoe_mlp`)."""
+    loc_raw, log_sd = params.unbind(0)
+    m = loc_raw * const.gain
+    var = torch.exp(log_sd + log_sd)
+    # b E_q[v^(-sign)] = exp(ln b - sign m + r^2 / 2)
+    rate_moment = torch.exp(torch.addcmul(const.log_rate, const.sign, m, value=-1.0).addcmul_(var, const.half))
+    kl = torch.addcmul(rate_moment, const.shape_sign, m).sub_(log_sd).sum() + const.kl_const
+    # one draw of ln tau^2 (per layer), ln lambda^2 (per group) and ln c^2 (per layer), spread over the groups
+    sd = torch.mv(const.Q, var).sqrt_()
+    z = torch.addcmul(torch.mv(const.Q, m), sd, eps)
+    x_u, x_c = torch.mv(const.S, z).view(2, -1).unbind(0)
+    d = x_u - x_c
+    s = torch.exp(x_u - F.softplus(d, beta=2.0))
+    return s, kl, (var, rate_moment, sd, eps, d, s)
+
+
+def scales_backward(saved, const, g_s, g_kl):
+    """The gradient with respect to the ``(2, V)`` parameters given those of ``s`` and of the KL
+    (``saved``: the third output of :func:`scales_forward`)."""
+    var, rate_moment, sd, eps, d, s = saved
+    g_log_s = g_s * s
+    g_c = g_log_s * torch.sigmoid(d + d)  # d ln s / d x_c = sigmoid(2 d), d ln s / d x_u = 1 - sigmoid(2 d)
+    g_z = torch.mv(const.St, torch.cat([g_log_s - g_c, g_c]))
+    # z = Q m + sqrt(Q var) eps; the KL's terms folded in
+    g_m = torch.addcmul(const.shape_sign, const.sign, rate_moment, value=-1.0).mul_(g_kl).add_(torch.mv(const.Qt, g_z))
+    g_var_draw = torch.mv(const.Qt, torch.mul(g_z, eps).div_(sd))  # twice d loss / d var (draw)
+    g_log_sd = torch.addcmul(const.minus_one, rate_moment, var).mul_(g_kl).addcmul_(var, g_var_draw)
+    return torch.stack([g_m.mul_(const.gain), g_log_sd])
 
 
 class HorseshoeScales(torch.autograd.Function):
-    """``(s, kl) = HorseshoeScales.apply(pair_loc_raw, pair_log_sd, slab_loc_raw, slab_log_sd, eps, const)``.
+    """``(s, kl) = HorseshoeScales.apply(scale_params, eps, const)``.
 
-    ``pair_*`` have shape ``(2, L + G)`` (row 0: Gamma factors, row 1: inverse-Gamma factors;
-    columns: ``L`` layers' ``tau``, then ``G`` groups' ``lambda``), ``slab_*`` shape ``(L,)``; the
-    means are stored divided by ``const.gain``. ``eps``: standard normal of shape ``(L + G + L,)``
-    (the ``ln tau^2`` and ``ln lambda^2`` draws, then the ``ln c^2`` draws). ``const`` carries the
-    prior's constants as tensors on the parameters' device (:class:`~bnnzoo.guides.HorseshoeGuide`
-    builds it): ``gain``, ``sign``, ``half_sign``, ``rate`` (shape ``(2, L + G)``), ``slab_shape``,
-    ``slab_scale``, ``kl_const``, ``minus_one`` (0-d), ``zeros`` (``(L,)``), ``group_layer`` (each
-    group's layer index) and ``num_layers``. Returns ``s`` of shape ``(G,)`` and the summed KL of
-    every scale variable.
+    ``scale_params`` has shape ``(2, V)``: row 0 the means of ``ln v`` divided by ``const.gain``,
+    row 1 their log standard deviations, in the layout of the module docstring. ``eps``: standard
+    normal of shape ``(L + G + L,)`` (the ``ln tau^2``, ``ln lambda^2`` and ``ln c^2`` draws).
+    ``const`` carries the prior's constants as tensors on the parameters' device
+    (:class:`~bnnzoo.guides.HorseshoeGuide` builds it): ``gain``, ``half``, ``minus_one`` and
+    ``kl_const`` (0-d), ``sign``, ``shape_sign`` and ``log_rate`` (``(V,)``), ``Q`` (``(L + G + L, V)``),
+    ``S`` (``(2 G, L + G + L)``) and their transposes ``Qt``, ``St``. Returns ``s`` of shape
+    ``(G,)`` and the summed KL of every scale variable.
     """
 
     @staticmethod
-    def forward(ctx, loc_raw, log_sd, slab_loc_raw, slab_log_sd, eps, const):
-        n, width = const.num_layers, loc_raw.shape[1]
-        m = loc_raw * const.gain
-        var = torch.exp(log_sd + log_sd)
-        moment = torch.exp(torch.addcmul(var, const.sign, m, value=-2.0).mul_(0.5))  # E_q[v^(-sign)]
-        m_c = slab_loc_raw * const.gain
-        sd_c = slab_log_sd.exp()
-        var_c = sd_c * sd_c
-        inv_moment = torch.exp(torch.sub(var_c, m_c, alpha=2.0).mul_(0.5))  # E_q[1 / c^2]
-        slab_kl = torch.addcmul(m_c * const.slab_shape, inv_moment, const.slab_scale)
-        kl = (torch.addcmul(const.half_sign * m, const.rate, moment).sum() + slab_kl.sum()
-              - log_sd.sum() - slab_log_sd.sum() + const.kl_const)
-        # one draw of ln tau^2 (per layer), ln lambda^2 (per group) and ln c^2 (per layer)
-        sd = var.sum(0).sqrt_()
-        z = torch.addcmul(m.sum(0), sd, eps[:width])
-        log_c2 = torch.addcmul(m_c, sd_c, eps[width:])
-        log_u = z[n:] + z[:n].index_select(0, const.group_layer)
-        d = log_u - log_c2.index_select(0, const.group_layer)
-        s = torch.exp(torch.sub(log_u, torch.nn.functional.softplus(d)).mul_(0.5))
-        ctx.save_for_backward(var, moment, sd, eps, var_c, sd_c, inv_moment, torch.sigmoid(d), s)
+    def forward(ctx, params, eps, const):
+        s, kl, saved = scales_forward(params, eps, const)
+        ctx.save_for_backward(*saved)
         ctx.const = const
         return s, kl
 
     @staticmethod
     def backward(ctx, g_s, g_kl):
-        var, moment, sd, eps, var_c, sd_c, inv_moment, p, s = ctx.saved_tensors
-        const = ctx.const
-        width = var.shape[1]
-        g_log_s = g_s * s  # twice d loss / d ln s
-        g_c = g_log_s * p  # d ln s / d ln c^2 = p / 2, d ln s / d ln u = (1 - p) / 2
-        g_u = g_log_s - g_c
-        zeros = const.zeros
-        g_z = torch.cat([zeros.index_add(0, const.group_layer, g_u), g_u])
-        g_log_c2 = zeros.index_add(0, const.group_layer, g_c)
-        # z = (m_a + m_b) + sqrt(var_a + var_b) eps with the halves of g_z; the KL's terms folded in
-        rate_moment = const.rate * moment
-        g_m = torch.addcmul(const.half_sign, const.sign, rate_moment, value=-1.0).mul_(g_kl)
-        g_m = torch.add(g_m, g_z, alpha=0.5)
-        g_var_draw = torch.mul(g_z, eps[:width]).div_(sd)  # 2 var d loss / d var = var * g_z eps / (2 sd)
-        g_log_sd = torch.addcmul(torch.addcmul(const.minus_one, rate_moment, var).mul_(g_kl), var, g_var_draw, value=0.5)
-        g_m_c = torch.addcmul(const.slab_shape, inv_moment, const.slab_scale, value=-1.0).mul_(g_kl)
-        g_m_c = torch.add(g_m_c, g_log_c2, alpha=0.5)
-        g_slab_log_sd = torch.addcmul(torch.addcmul(const.minus_one, const.slab_scale * inv_moment, var_c).mul_(g_kl),
-                                      g_log_c2, sd_c * eps[width:], value=0.5)
-        return g_m * const.gain, g_log_sd, g_m_c * const.gain, g_slab_log_sd, None, None
+        return scales_backward(ctx.saved_tensors, ctx.const, g_s, g_kl), None, None
 
 
-__all__ = ["HorseshoeScales"]
+__all__ = ["HorseshoeScales", "scales_backward", "scales_forward"]

@@ -198,13 +198,22 @@ class TDAMPGuide(WeightGuide):
         return propagate(self.net, x, {name: p.weight_moments for name, p in posts.items()})
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, y: torch.Tensor, num_data: int) -> torch.Tensor:
+    def update(self, x: torch.Tensor, y: torch.Tensor, num_data: int, likelihood_scale: float = 1.0) -> torch.Tensor:
         """Process one minibatch: ``turbo_iterations`` exchanges between Module A and Module B, each
         followed by the posterior-as-prior update of the state (:meth:`_absorb`). Returns the
-        batch's summed log evidence under the beliefs it was given (before its own update)."""
+        batch's summed log evidence under the beliefs it was given (before its own update).
+
+        ``likelihood_scale`` ``s`` multiplies the batch's whole message (curvatures, gradient terms
+        and the per-example curvatures of the step control) while the forgetting rate stays that of
+        ``num_data`` examples: the state then holds the ``num_data`` examples' likelihood raised to
+        the power ``s`` (a federated client with ``n_k`` of ``n`` examples and ``s = n / n_k`` stands
+        for the whole training set). Scaling the message by ``s`` is the same as taking
+        ``beta s`` in place of ``beta`` in front of it (:meth:`_absorb`); ``s = 1`` is plain TDAMP."""
         if not 0 < len(x) <= num_data:
             raise ValueError(f"a batch of {len(x)} examples cannot come from {num_data} training examples")
+        likelihood_scale = _check_positive("likelihood_scale", likelihood_scale)
         rate = self.damping * len(x) / (num_data * self.memory)
+        beta = self.damping * likelihood_scale  # the message's weight as it enters the state
         first = None
         for _ in range(self.turbo_iterations):
             posts = self._layer_posteriors(reuse_workspace=True)
@@ -220,10 +229,11 @@ class TDAMPGuide(WeightGuide):
                     residual = y - f_mean.squeeze(-1)
                     self.noise_sum += torch.addcmul(f_var.squeeze(-1), residual, residual).sum()
             for name, msg in messages.items():
-                self._absorb(name, posts[name], msg, rate)
+                self._absorb(name, posts[name], msg, rate, beta)
         return first
 
-    def _absorb(self, name: str, post: GroupPosterior, msg: WeightMessage, rate: float) -> None:
+    def _absorb(self, name: str, post: GroupPosterior, msg: WeightMessage, rate: float,
+                beta: float | None = None) -> None:
         """Fold the batch's message into layer ``name``'s state, with a per-neuron step control.
 
         The state becomes ``(1 - rate) state + beta message`` (``beta = damping``), which moves each
@@ -248,8 +258,11 @@ class TDAMPGuide(WeightGuide):
         matrix product (``eta <- (1 - rate) eta + beta g^T h``), and in the training loop every
         elementwise step writes into Module B's workspace, whose tensors are free once the state is
         updated (no allocation per batch).
+
+        ``beta`` (default ``damping``) is the weight of the message; :meth:`update` passes
+        ``damping * likelihood_scale``.
         """
-        beta = self.damping
+        beta = self.damping if beta is None else beta
         mod = self.messages[name]
         eta, lam = mod.eta, mod.precision
         inv_s2 = self.prior.slab_var(name).reciprocal().unsqueeze(1)

@@ -43,7 +43,9 @@ class TemperedLocalReparamELBO(LocalReparamELBO):
     likelihood counts ``1/T`` times (a "cold posterior", Wenzel et al. 2020); in Pyro terms it is
     ``TraceMeanField_ELBO`` with every latent site of model and guide under ``poutine.scale(T)``.
     A Gaussian likelihood's term is computed in one autograd node (small networks spend most of a
-    step on per-operation overhead).
+    step on per-operation overhead); a guide with a ``gaussian_loss(x, y, log_noise, nll_weight,
+    kl_weight)`` method (:class:`~bnnzoo.guides.HorseshoeGuide`) may compute the whole loss in one
+    node, returning ``None`` where it cannot.
     """
 
     def __init__(self, kl_weight: float = 1.0, **kwargs):
@@ -57,7 +59,13 @@ class TemperedLocalReparamELBO(LocalReparamELBO):
         likelihood = model.likelihood
         fast = type(likelihood) is GaussianLikelihood and y.dim() == 1
         losses = []
+        fused = getattr(guide, "gaussian_loss", None) if fast else None
         for _ in range(self.num_particles):
+            if fused is not None:  # the guide computes the whole loss in one autograd node where it can
+                loss = fused(x, y, likelihood.log_noise_scale, num_data / len(x), self.kl_weight)
+                if loss is not None:
+                    losses.append(loss)
+                    continue
             f, kl = guide.sample_outputs_and_kl(model, x)
             if fast:
                 nll = _ScaledGaussianNLL.apply(f, y, likelihood.log_noise_scale, num_data / len(x))

@@ -12,6 +12,7 @@ from bnnzoo.data import load_dataset
 from bnnzoo.federated import gaussian_product, iid, label_skew, partition, product_of_odds
 from bnnzoo.federated.standardize import decode, encode, moments, standardizer_from_moments
 from bnnzoo.standardizer import Standardizer
+from bnnzoo.training import minibatches
 
 
 def _grid_moments(log_density: torch.Tensor, grid: torch.Tensor) -> tuple[float, float]:
@@ -120,12 +121,89 @@ def test_standardizer_from_client_sums_equals_the_pooled_one(shape, task):
     torch.testing.assert_close(std.y(y.float()), pooled.y(y.float()), atol=1e-5, rtol=1e-5)
 
 
+# ---- the likelihood scale of the clients' passes -------------------------------------------------
+def _tdamp_guide(data, seed=0, **guide_options):
+    from bnnzoo.federated.run import build_posterior
+
+    return build_posterior(data, seed=seed, network={"arch": "mlp", "hidden": [8]}, **guide_options).guide
+
+
+def _standardised(data):
+    std = Standardizer.from_data(data.x_train, data.y_train, data.task)
+    return std.x(data.x_train), std.y(data.y_train)
+
+
+def _messages(guide):
+    return {site: tuple(t.clone() for t in guide.message(site)) for site in guide.net.sites()}
+
+
+def test_likelihood_scale_multiplies_the_whole_batch_message():
+    """A batch's message scaled by 2 is that batch seen twice (the same forgetting rate: twice the
+    examples of twice the data set), step control included; scale 1 is the plain update, bitwise."""
+    data = load_dataset("boston", split=0).subset(64, 10, seed=0)
+    x, y = _standardised(data)
+    guides = [_tdamp_guide(data) for _ in range(4)]
+    for g in guides[1:]:
+        g.load_state_dict(guides[0].state_dict())
+    scaled, doubled, plain, unit = guides
+    for idx in (torch.arange(0, 8), torch.arange(8, 16), torch.arange(16, 24)):
+        scaled.update(x[idx], y[idx], 64, likelihood_scale=2.0)
+        doubled.update(torch.cat([x[idx], x[idx]]), torch.cat([y[idx], y[idx]]), 128)
+        plain.update(x[idx], y[idx], 64)
+        unit.update(x[idx], y[idx], 64, likelihood_scale=1.0)
+    a, b, p, u = (_messages(g) for g in guides)
+    moved = False
+    for site in a:
+        for i in range(2):
+            torch.testing.assert_close(a[site][i], b[site][i], rtol=1e-4, atol=1e-5)
+            assert torch.equal(p[site][i], u[site][i])
+            moved = moved or not torch.allclose(a[site][i], p[site][i], rtol=1e-3, atol=1e-4)
+    assert moved  # the scale changes the state
+    with pytest.raises(ValueError, match="likelihood_scale"):
+        plain.update(x[:8], y[:8], 64, likelihood_scale=0.0)
+
+
+def test_a_client_with_half_the_data_and_scale_two_stands_for_the_whole_set():
+    """TDAMP passes over a random half of the data with the half's forgetting rate and the message
+    scaled by 2 give about the posterior precision of passes over all of it; unscaled, about half."""
+    data = load_dataset("boston", split=0).subset(256, 10, seed=0)
+    x, y = _standardised(data)
+    half = torch.randperm(256, generator=torch.Generator().manual_seed(1))[:128]
+    runs = {}
+    for name, (xs, ys, scale) in {"full": (x, y, 1.0), "scaled": (x[half], y[half], 2.0),
+                                  "unscaled": (x[half], y[half], 1.0)}.items():
+        guide = _tdamp_guide(data, memory=1.0)
+        torch.manual_seed(0)
+        for _ in range(8):
+            for idx in minibatches(len(xs), 32, "cpu"):
+                guide.update(xs[idx], ys[idx], len(xs), likelihood_scale=scale)
+        # the data's total precision on each site
+        runs[name] = {site: float(guide.message(site)[1].sum()) for site in guide.net.sites()}
+    for site, full in runs["full"].items():
+        gap_scaled = abs(math.log(runs["scaled"][site] / full))
+        gap_unscaled = abs(math.log(runs["unscaled"][site] / full))
+        assert gap_scaled < 0.25 < math.log(1.5) < gap_unscaled, site
+        assert runs["unscaled"][site] < full
+
+
+def test_clients_scale_to_the_whole_set_under_the_geometric_weighting():
+    from bnnzoo.federated.client import local_passes
+
+    assert local_passes(100, {"num_data": 400, "weighting": "geometric"}) == (100, 4.0)
+    assert local_passes(100, {"num_data": 400}) == (100, 4.0)
+    assert local_passes(100, {"num_data": 400, "weighting": "product"}) == (400, 1.0)
+    assert local_passes(100, {"num_data": 0}) == (100, 1.0)  # the whole set's size unknown: the client's own
+    with pytest.raises(ValueError, match="cannot hold"):
+        local_passes(100, {"num_data": 50})
+
+
 def _in_process_round(strategy, clients, blob, rnd):
     """One round without Flower: every client's fit on the global arrays, then the aggregation."""
     from bnnzoo.federated import codec
 
     arrays = codec.to_ndarrays(strategy.guide.state(), strategy.global_layout)
-    config = {"stage": "tdamp", "epochs": 1, "round": rnd, "num_data": 0, "standardizer": blob}
+    config = {"stage": "tdamp", "epochs": 1, "round": rnd, "num_data": strategy.num_data,
+              "weighting": strategy.weighting, "standardizer": blob}
     results = [c.fit(arrays, config) for c in clients]
     replies = [codec.from_ndarrays(a, strategy.reply_layout, "cpu") for a, _, _ in results]
     strategy.aggregate(replies, [n for _, n, _ in results])
@@ -136,7 +214,9 @@ def test_server_aggregation_of_one_client_is_that_client_and_the_prior_stays_per
     """In process (no Flower): with one client the geometric mean is the client's own posterior;
     with several, the broadcast prior log-odds stay one value per layer (the per-neuron adjustment
     that reproduces the product of odds is not carried over), and the constrained M-step keeps its
-    fraction of neurons."""
+    fraction of neurons (exactly in the combined inclusion probabilities it runs on; in the broadcast
+    posterior up to the neurons near 1/2 that the gap between the product of odds and the combined
+    messages' evidence moves across it)."""
     from bnnzoo.federated.run import build_posterior, client_spec, make_client
     from bnnzoo.federated.strategy import FederatedTDAMP
 
@@ -157,7 +237,7 @@ def test_server_aggregation_of_one_client_is_that_client_and_the_prior_stays_per
         _in_process_round(strategy, clients, blob, rnd)
         logit = strategy.guide.prior.logit_rho("fc1")
         assert float(logit.max() - logit.min()) < 1e-4
-    assert int((strategy.guide.inclusion()["fc1"] > 0.5).sum()) == 20
+    assert abs(int((strategy.guide.inclusion()["fc1"] > 0.5).sum()) - 20) <= 2
     assert strategy.guide.noise_var() > 0
 
 

@@ -45,17 +45,16 @@ def spread_guide(guide, seed=0):
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
             elif name.startswith("log_scales."):
                 p.copy_(-1.5 + torch.rand(p.shape, generator=gen))
-            elif name.endswith("loc_raw"):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("log_sd"):
-                p.copy_(-1.2 + 0.8 * torch.rand(p.shape, generator=gen))
+            elif name == "scale_params":  # row 0: means of ln v (over scale_gain), row 1: log sds
+                p[0].add_(0.05 * torch.randn(p.shape[1], generator=gen))
+                p[1].copy_(-1.2 + 0.8 * torch.rand(p.shape[1], generator=gen))
     return guide
 
 
 def switch_off(guide, layer, groups):
     """Put the local scales of ``groups`` of ``layer`` far below everything else."""
     first = len(guide.hidden) + guide.group_offsets[guide.hidden.index(layer)]
-    guide.pair_loc_raw[0, first + torch.tensor(groups)] = -30.0 / guide.scale_gain
+    guide.scale_params[0, first + torch.tensor(groups)] = -30.0 / guide.scale_gain  # lambda_a
 
 
 # ------------------------------------------------------------------------------------------ KLs
@@ -218,11 +217,11 @@ def test_fused_scale_block_matches_the_elementwise_formulas():
     torch.manual_seed(0)
     guide.sample_outputs_and_kl(guide.prior, torch.randn(3, 5))  # builds the cached references in float32
     guide = guide.double()  # .to() must rebuild them
-    params = (guide.pair_loc_raw, guide.pair_log_sd, guide.slab_loc_raw, guide.slab_log_sd)
-    eps = torch.randn(guide.pair_loc_raw.shape[1] + 2, dtype=torch.float64)
+    params = guide.scale_params
+    eps = torch.randn(guide.scale_width + 2, dtype=torch.float64)
     const = guide._fast_path().scales
-    assert const.sign.dtype == const.zeros.dtype == torch.float64
-    s, kl = HorseshoeScales.apply(*params, eps, const)
+    assert const.sign.dtype == const.Q.dtype == torch.float64
+    s, kl = HorseshoeScales.apply(params, eps, const)
     # the same draw through the autograd path: sample_log_scales reads its noise from torch.randn
     original = torch.randn
     try:
@@ -232,12 +231,121 @@ def test_fused_scale_block_matches_the_elementwise_formulas():
         torch.randn = original
     ref_s, ref_kl = torch.cat([log_s["fc1"], log_s["fc2"]]).exp(), guide.scale_kl()
     assert torch.allclose(s, ref_s) and torch.allclose(kl, ref_kl)
+    # the KL against torch's registry (closed_form_kl registers LogNormal-Gamma / -InverseGamma)
+    registry = sum(kl_divergence(guide.site_distribution(site), guide.prior.site_distribution(site))
+                   for site in guide.prior.scale_sites())
+    assert torch.allclose(kl, registry)
     weights = torch.randn_like(s)
-    grads = torch.autograd.grad((s * weights).sum() + 0.3 * kl, params)
+    grad = torch.autograd.grad((s * weights).sum() + 0.3 * kl, params)
     ref = torch.autograd.grad((ref_s * weights).sum() + 0.3 * ref_kl, params)
-    for a, b in zip(grads, ref):
+    assert torch.allclose(grad[0], ref[0])
+    assert torch.autograd.gradcheck(lambda p: HorseshoeScales.apply(p, eps, const), (params,))
+
+
+def _network_reference(guide, x, y, log_noise, eps, weights):
+    """The fused network step's quantities by autograd of the plain formulas, with the same noise."""
+    plan = guide._fast_path().mlp
+    original = torch.randn
+    try:
+        torch.randn = lambda *args, **kwargs: eps[:plan.scale_noise].clone()
+        log_s = guide.sample_log_scales(())
+    finally:
+        torch.randn = original
+    scales = [log_s[name].exp() for name in guide.hidden] + [guide.output_units]
+    h, start = x.reshape(len(x), -1), plan.scale_noise
+    for j, layer in enumerate(guide.net.param_layers):
+        mu, rho = guide.locs[layer.name]["weight"], guide.log_scales[layer.name]["weight"]
+        b_mu, b_rho = guide.locs[layer.name]["bias"], guide.log_scales[layer.name]["bias"]
+        noise = eps[start:start + len(x) * len(mu)].view(len(x), len(mu))
+        start += noise.numel()
+        z = h @ mu.T + b_mu + (h**2 @ torch.exp(2 * rho).T + torch.exp(2 * b_rho)).sqrt() * noise
+        h = z * scales[j] if j == len(scales) - 1 else torch.relu(z * scales[j])
+    kl = guide.kl_divergence()
+    if y is None:
+        return h, kl
+    return -weights[0] * dist.Normal(h.squeeze(-1), log_noise.exp()).log_prob(y).sum() + weights[1] * kl
+
+
+@pytest.mark.parametrize("hidden", [[7], [6, 4]])
+def test_fused_network_step_matches_autograd_of_the_formulas(hidden):
+    """HorseshoeMLP (the whole step of a small dense ReLU network in one autograd node) against
+    autograd of the formulas with the same noise: the loss, the outputs and KL, every gradient,
+    and gradcheck in double precision."""
+    from bnnzoo.guides.horseshoe_mlp import HorseshoeMLP
+
+    torch.manual_seed(0)
+    guide = spread_guide(HorseshoeGuide(horseshoe_model(mlp(5, hidden, 1))), seed=3).double()
+    plan = guide._fast_path().mlp
+    assert plan is not None
+    params = plan.params
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    log_noise = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(plan.scale_noise + 6 * sum(plan.widths), dtype=torch.float64)
+    weights = (3.0, 0.2)
+    loss = HorseshoeMLP.apply(x, y, log_noise, eps, plan, weights, *params)
+    ref = _network_reference(guide, x, y, log_noise, eps, weights)
+    assert torch.allclose(loss, ref)
+    for a, b in zip(torch.autograd.grad(loss, (log_noise, *params)), torch.autograd.grad(ref, (log_noise, *params))):
         assert torch.allclose(a, b)
-    assert torch.autograd.gradcheck(lambda *p: HorseshoeScales.apply(*p, eps, const), params)
+    f, kl = HorseshoeMLP.apply(x, None, None, eps, plan, weights, *params)
+    ref_f, ref_kl = _network_reference(guide, x, None, None, eps, weights)
+    assert torch.allclose(f, ref_f) and torch.allclose(kl, ref_kl)
+    w = torch.randn_like(f)
+    grads = torch.autograd.grad((f * w).sum() + 0.7 * kl, params)
+    for a, b in zip(grads, torch.autograd.grad((ref_f * w).sum() + 0.7 * ref_kl, params)):
+        assert torch.allclose(a, b)
+    assert torch.autograd.gradcheck(lambda ln, *p: HorseshoeMLP.apply(x, y, ln, eps, plan, weights, *p),
+                                    (log_noise, *params))
+    # the input's gradient too (an image flattened on the way in keeps its shape)
+    images = x.reshape(6, 1, 1, 5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: HorseshoeMLP.apply(a, y, log_noise, eps, plan, weights, *params),
+                                    (images,))
+
+
+def test_fused_network_step_is_used_only_where_it_applies():
+    """Small dense ReLU networks (an image input flattened first) take the one-node step; a pruned
+    guide, a conv net, another activation or a large network take the per-layer path."""
+    from bnnzoo.guides import TemperedLocalReparamELBO
+    from bnnzoo.guides.horseshoe_mlp import HorseshoeMLP
+
+    image_mlp = Network([Flatten(), *mlp(16, [5], 1).layers], (1, 4, 4))
+    assert HorseshoeGuide(horseshoe_model(image_mlp))._fast_path().mlp is not None
+    for net in (tiny_convnet(), mlp(5, [7], 1, activation="tanh"), mlp(200, [100], 1)):
+        assert HorseshoeGuide(horseshoe_model(net, "classification"))._fast_path().mlp is None
+    model = horseshoe_model(mlp(5, [7], 1))
+    guide = HorseshoeGuide(model)
+    elbo = TemperedLocalReparamELBO(0.2)
+    x, y = torch.randn(4, 5), torch.randn(4)
+    assert type(elbo.differentiable_loss(model, guide, x, y, 40).grad_fn).__name__ == "HorseshoeMLPBackward"
+    keep = torch.tensor([True] * 5 + [False] * 2)
+    guide.set_masks({"fc1.weight": keep[:, None].expand(7, 5).clone(), "fc1.bias": keep})
+    loss = elbo.differentiable_loss(model, guide, x, y, 40)
+    assert type(loss.grad_fn).__name__ != "HorseshoeMLPBackward" and torch.isfinite(loss)
+    assert HorseshoeMLP is not None
+
+
+def test_scale_block_with_sparse_step_matrices(monkeypatch):
+    """Beyond a size the step's scale matrices are sparse (CSR): same draws and KL; copies and
+    pickles of the guide drop the cached sparse tensors."""
+    import copy
+
+    import bnnzoo.guides.horseshoe as horseshoe_guide
+    from bnnzoo.guides.horseshoe_scales import HorseshoeScales
+
+    guide = spread_guide(HorseshoeGuide(horseshoe_model(mlp(5, [7, 4], 1))), seed=4)
+    eps = torch.randn(guide.scale_width + 2)
+    dense = HorseshoeScales.apply(guide.scale_params, eps, guide._fast_path().scales)
+    monkeypatch.setattr(horseshoe_guide, "_DENSE_STEP_MATRIX", 0)
+    guide._fast = None
+    const = guide._fast_path().scales
+    assert const.Q.layout == torch.sparse_csr
+    sparse = HorseshoeScales.apply(guide.scale_params, eps, const)
+    assert torch.allclose(dense[0], sparse[0]) and torch.allclose(dense[1], sparse[1])
+    g_dense = torch.autograd.grad(dense[0].sum() + dense[1], guide.scale_params)[0]
+    g_sparse = torch.autograd.grad(sparse[0].sum() + sparse[1], guide.scale_params)[0]
+    assert torch.allclose(g_dense, g_sparse)
+    clone = copy.deepcopy(guide)
+    assert clone._fast is None and torch.equal(clone.scale_params, guide.scale_params)
 
 
 def test_gaussian_likelihood_term_of_the_tempered_elbo():

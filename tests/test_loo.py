@@ -1,8 +1,10 @@
-"""LOO of a fitted posterior (``bnnzoo.loo``): PSIS-LOO, and ``az.reloo`` through ``RefitWrapper``,
-which replaces the terms of high-Pareto-k points by exact refits without them."""
+"""LOO of a fitted posterior (``bnnzoo.loo``): PSIS-LOO, ``az.reloo`` through ``RefitWrapper``,
+which replaces the terms of high-Pareto-k points by exact refits without them, and exact LOO by
+vectorised refits of the mean-field baseline (``bnnzoo.exact_loo``)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -12,7 +14,10 @@ from scipy.special import logsumexp
 
 import bnnzoo
 from bnnzoo.catalog import get_entry
+from bnnzoo.exact_loo import MeanFieldRefits, exact_loo, exact_loo_terms
+from bnnzoo.guides import LocalReparamELBO
 from bnnzoo.loo import RefitWrapper, loo
+from bnnzoo.standardizer import Standardizer
 from bnnzoo.training import set_seed
 
 NUM_SAMPLES = 100
@@ -85,3 +90,181 @@ def test_diagnose_prints_psis_and_refitted_estimates(fitted, capsys, monkeypatch
     assert f"PSIS-LOO on the {len(xy[1])} training points" in text
     assert out["refits"] == 1 and "with exact refits for the 1 points" in text
     assert out["elpd_reloo"] != pytest.approx(out["elpd_loo"])
+
+
+# ---- exact LOO by vectorised refits (bnnzoo.exact_loo) ---------------------------------------------
+def _spread(refits: MeanFieldRefits, seed: int = 0) -> None:
+    """Give every refit its own non-trivial parameters (locs, scales and noise scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in refits.locs.values():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        for p in refits.log_scales.values():
+            p.copy_(-2.0 + 1.5 * torch.rand(p.shape, generator=gen))
+        refits.log_noise_scale.copy_(-1.0 + torch.rand(refits.log_noise_scale.shape, generator=gen))
+
+
+def test_each_batched_refit_has_the_catalog_loss_and_gradients_without_its_point(fitted):
+    """Refit r's batched loss, given the same parameters, noise and batch, is the catalog's
+    LocalReparamELBO loss on the training data less point r (standardised with its own statistics),
+    and its gradients are the catalog's: each batched refit is the catalog fit."""
+    post, data = fitted
+    x, y = data.x_train, data.y_train
+    n, batch = len(y), 12
+    points = [3, 11, 25]
+    refits = MeanFieldRefits(post, x, y, points)
+    for r, i in enumerate(points):
+        assert torch.equal(refits.keep[r], torch.cat([torch.arange(i), torch.arange(i + 1, n)]))
+    _spread(refits)
+    gen = torch.Generator().manual_seed(1)
+    pos = torch.stack([torch.randperm(n - 1, generator=gen)[:batch] for _ in points])  # each refit's own batch
+    idx = refits.keep.gather(1, pos)
+    widths = [layer.out_features for layer in post.net.param_layers]
+    eps = []
+    for r in range(len(points)):
+        torch.manual_seed(100 + r)  # the draws the catalog's local_reparam_dense makes next, layer by layer
+        eps.append([torch.randn(batch, w) for w in widths])
+    eps = [torch.stack([e[layer] for e in eps]) for layer in range(len(widths))]
+    batched = refits.loss(idx, eps=eps)
+    batched.sum().backward()
+
+    for r in range(len(points)):
+        catalog = get_entry(post.name).create(post.config, device="cpu")
+        with torch.no_grad():
+            for site in post.net.sites():
+                layer, param = site.rsplit(".", 1)
+                catalog.guide.locs[layer][param].copy_(refits.locs[site][r])
+                catalog.guide.log_scales[layer][param].copy_(refits.log_scales[site][r])
+            catalog.model.likelihood.log_noise_scale.copy_(refits.log_noise_scale[r])
+        keep = refits.keep[r]
+        std = Standardizer.from_data(x[keep], y[keep], "regression")
+        xs, ys = std.x(x[keep]), std.y(y[keep])
+        torch.manual_seed(100 + r)
+        loss = LocalReparamELBO().differentiable_loss(catalog.model, catalog.guide, xs[pos[r]], ys[pos[r]], n - 1)
+        loss.backward()
+        assert float(batched[r].detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
+        for site in post.net.sites():
+            layer, param = site.rsplit(".", 1)
+            torch.testing.assert_close(refits.locs[site].grad[r], catalog.guide.locs[layer][param].grad,
+                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(refits.log_scales[site].grad[r], catalog.guide.log_scales[layer][param].grad,
+                                       rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(refits.log_noise_scale.grad[r], catalog.model.likelihood.log_noise_scale.grad,
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fitted_classifier(mnist_small):
+    """Mean-field VI on 40 MNIST images with a dense 784-8-10 network (inputs flattened)."""
+    data = mnist_small.subset(40, 10, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post = bnnzoo.fit("meanfield-vi", data, network={"arch": "mlp", "hidden": [8]}, device="cpu",
+                          progress=False, seed=2, epochs=5, batch_size=16)
+    return post, data
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_a_chunk_of_one_refit_reproduces_the_catalog_refit(request, task, device):
+    """A chunk of one refit draws its initialisation, minibatch orders, noise and posterior draws in
+    the catalog's order, so its LOO term is the sequential refit's (RefitWrapper: a full catalog fit
+    without the point) up to floating-point summation order."""
+    post, data = request.getfixturevalue("fitted" if task == "regression" else "fitted_classifier")
+    post = copy.deepcopy(post).to(device)
+    x, y = data.x_train, data.y_train
+    wrapper = RefitWrapper(post, x, y, num_samples=NUM_SAMPLES, seed=1)
+    for i in (4, 17):
+        exact = exact_loo_terms(post, x, y, points=[i], chunk_size=1, num_samples=NUM_SAMPLES, seed=1)
+        assert exact.device.type == device
+        kept, excluded = wrapper.sel_observations(np.array([i]))
+        lp = wrapper.log_likelihood__i(excluded, wrapper.sample(kept)).values.ravel()
+        expected = logsumexp(lp) - np.log(NUM_SAMPLES)
+        assert float(exact[0]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_batched_refits_agree_with_one_at_a_time_refits(fitted):
+    """Refits trained side by side (one chunk, independent noise) against the same refits trained one
+    chunk each (each the catalog refit, previous test): the pointwise terms differ by SVI noise only,
+    so their mean difference is within 4 standard errors of that noise (estimated from the pointwise
+    differences themselves) and the terms are strongly correlated (the point's own fit dominates)."""
+    post, data = fitted
+    x, y = data.x_train, data.y_train
+    points = np.arange(24)
+    together = exact_loo_terms(post, x, y, points=points, num_samples=NUM_SAMPLES, seed=1, chunk_size=24).numpy()
+    alone = exact_loo_terms(post, x, y, points=points, num_samples=NUM_SAMPLES, seed=1, chunk_size=1).numpy()
+    d = together - alone
+    assert np.isfinite(d).all() and np.abs(d).max() > 0  # different noise, not the same computation
+    assert abs(d.mean()) <= 4 * d.std(ddof=1) / np.sqrt(len(d))
+    assert np.corrcoef(together, alone)[0, 1] > 0.9
+
+
+def test_exact_loo_is_an_arviz_elpd(fitted):
+    import arviz as az
+
+    post, data = fitted
+    x, y = data.x_train, data.y_train
+    result = loo(post, x, y, method="exact", num_samples=NUM_SAMPLES, seed=1, chunk_size=16)  # three chunks
+    n = len(y)
+    terms = result.loo_i.values
+    assert result.n_data_points == n == len(terms) and result["refits"] == n and not result.warning
+    assert result.elpd_loo == pytest.approx(terms.sum())
+    assert result.se == pytest.approx(np.sqrt(n * terms.var()))
+    lppd = float(post.log_likelihood(x, y, num_samples=NUM_SAMPLES, seed=1).double().sum())
+    assert result.p_loo == pytest.approx(lppd - result.elpd_loo)
+    assert (result.pareto_k.values == 0).all()
+    # ArviZ reads it as its own LOO: compare it with the PSIS estimate of the same posterior
+    psis = loo(post, x, y, num_samples=NUM_SAMPLES, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = az.compare({"exact": result, "psis": psis}, ic="loo")
+    assert set(table.index) == {"exact", "psis"}
+    assert table.loc["exact", "elpd_loo"] == pytest.approx(result.elpd_loo)
+
+
+def test_exact_loo_refuses_what_it_cannot_refit(fitted):
+    post, data = fitted
+    x, y = data.x_train, data.y_train
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        map_post = bnnzoo.fit("map", data, network={"arch": "mlp", "hidden": [8]}, device="cpu", progress=False,
+                              epochs=1)
+    with pytest.raises(TypeError, match="supports the 'meanfield-vi' catalog entry only, not 'map'"):
+        loo(map_post, x, y, method="exact")
+    conv = bnnzoo.create("meanfield-vi", "classification", (1, 28, 28), 10, network={"arch": "lenet5"}, device="cpu")
+    with pytest.raises(TypeError, match="needs a dense network; lenet5 has conv2d, pool2d layers"):
+        exact_loo(conv, torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
+    unfitted = bnnzoo.create("meanfield-vi", "regression", (13,), 1, network={"arch": "mlp", "hidden": [8]},
+                             device="cpu")
+    with pytest.raises(RuntimeError, match="not fitted yet"):
+        exact_loo(unfitted, x, y)
+    with pytest.raises(ValueError, match="unknown LOO method 'kfold'"):
+        loo(post, x, y, method="kfold")
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        exact_loo(post, x, y, chunk_size=0)
+    with pytest.raises(ValueError, match="points must index the 40 training points"):
+        exact_loo_terms(post, x, y, points=[40])
+    with pytest.raises(ValueError, match="training data"):
+        exact_loo(post, x, y[:-1])
+
+
+def test_diagnose_prints_the_exact_loo(fitted, capsys):
+    import click
+
+    from bnnzoo.commands.diagnose import loo_section
+
+    post, data = fitted
+    xy = (data.x_train, data.y_train)
+    idata = post.to_arviz(xy, num_samples=NUM_SAMPLES, sites=None, seed=0)
+    out = loo_section(idata, post, xy, exact=True, num_samples=NUM_SAMPLES)
+    text = capsys.readouterr().out
+    assert f"exact LOO ({len(xy[1])} refits" in text
+    expected = loo(post, *xy, method="exact", num_samples=NUM_SAMPLES)
+    assert out["elpd_exact"] == pytest.approx(expected.elpd_loo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        map_post = bnnzoo.fit("map", data, network={"arch": "mlp", "hidden": [8]}, device="cpu", progress=False,
+                              epochs=1)
+    map_idata = map_post.to_arviz(xy, num_samples=2, sites=None)
+    with pytest.raises(click.ClickException, match="supports the 'meanfield-vi' catalog entry only"):
+        loo_section(map_idata, map_post, xy, exact=True, num_samples=2)

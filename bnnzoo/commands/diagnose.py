@@ -60,9 +60,11 @@ def summary_table(idata, chains: int) -> None:
                    "the Monte Carlo precision of the draws)")
 
 
-def loo_section(idata, posterior=None, data=None, reloo: bool = False, num_samples: int = 100) -> dict:
+def loo_section(idata, posterior=None, data=None, reloo: bool = False, num_samples: int = 100,
+                exact: bool = False) -> dict:
     """PSIS-LOO with the Pareto-k counts; with ``reloo`` the points of k > 0.7 are refitted
-    (``bnnzoo.loo``: ``az.reloo``, one full fit each) and the refitted estimate is printed too."""
+    (``bnnzoo.loo``: ``az.reloo``, one full fit each) and the refitted estimate is printed too; with
+    ``exact`` (``meanfield-vi``) every point is refitted, all at once (``bnnzoo.exact_loo``)."""
     from bnnzoo.loo import K_THRESHOLD, loo
 
     x, y = data if data is not None else (None, None)
@@ -92,6 +94,15 @@ def loo_section(idata, posterior=None, data=None, reloo: bool = False, num_sampl
                    f"{refitted.elpd_loo:.2f} +- {refitted.se:.2f} ({refitted.elpd_loo / n:.4f} +- "
                    f"{refitted.se / n:.4f} per point), p_loo {refitted.p_loo:.2f}")
         out.update(elpd_reloo=float(refitted.elpd_loo), se_reloo=float(refitted.se), refits=int(refitted["refits"]))
+    if exact:
+        try:
+            result = loo(posterior, x, y, method="exact", num_samples=num_samples, progress=True)
+        except TypeError as err:
+            raise click.ClickException(str(err)) from None
+        click.echo(f"  exact LOO ({int(result['refits'])} refits, one without each training point, trained at once): "
+                   f"elpd_loo {result.elpd_loo:.2f} +- {result.se:.2f} ({result.elpd_loo / n:.4f} +- "
+                   f"{result.se / n:.4f} per point), p_loo {result.p_loo:.2f}")
+        out.update(elpd_exact=float(result.elpd_loo), se_exact=float(result.se))
     return out
 
 
@@ -224,7 +235,9 @@ def _training_traces(idata, out: Path, written: list[Path]) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--reloo", is_flag=True, help="refit without each training point whose Pareto k exceeds 0.7 and "
               "report the exact-LOO-corrected estimate (one fit per such point: for small data sets)")
-def command(run_dir, out, num_samples, data, device, reloo) -> None:
+@click.option("--exact-loo", "exact_loo", is_flag=True, help="exact LOO of a meanfield-vi run: one refit without "
+              "each training point, all trained at once as one batched computation")
+def command(run_dir, out, num_samples, data, device, reloo, exact_loo) -> None:
     """ArviZ diagnostics of the saved run RUN_DIR: a summary table of the hyperparameters and per-layer
     scales (ESS, R-hat with chains), PSIS-LOO with Pareto-k warnings, calibration on the test data, and
     PNG plots (forest plot of per-neuron scales or inclusion probabilities, training trace of the loss
@@ -261,7 +274,8 @@ def command(run_dir, out, num_samples, data, device, reloo) -> None:
     click.echo(f"  pruned: {sp['weights_pruned_fraction']:.1%} of the weights, "
                f"{sp['hidden_groups_pruned_fraction']:.1%} of the hidden groups ({sp['architecture']})")
     summary_table(idata, chains)
-    loo_section(idata, posterior, (dataset.x_train, dataset.y_train), reloo=reloo, num_samples=num_samples)
+    loo_section(idata, posterior, (dataset.x_train, dataset.y_train), reloo=reloo, num_samples=num_samples,
+                exact=exact_loo)
     calibration_section(posterior, dataset, num_samples, out, written)
     plots(idata, posterior, out, written)
     written.append(save(idata, out / "posterior.nc"))

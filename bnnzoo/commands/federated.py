@@ -52,7 +52,8 @@ def load(dataset: str, split: int):
 @click.option("--alpha", default=0.5, show_default=True, help="Dirichlet concentration of label-skew")
 @click.option("--local-epochs", default=1, show_default=True, help="local passes (epochs) per round")
 @click.option("--weighting", type=click.Choice(["geometric", "product"]), default="geometric", show_default=True,
-              help="EM-TDAMP aggregation: weighted geometric mean, or product over the shared prior")
+              help="EM-TDAMP aggregation: weighted geometric mean (each client's likelihood scaled to the whole "
+                   "training set), or product over the shared prior")
 @click.option("--eval-every", default=10, show_default=True, help="evaluate the global model every N rounds")
 @click.option("--serve", "serve", default=None, metavar="HOST:PORT",
               help="run only the server here, for clients started with bnnzoo federated-client")

@@ -2,9 +2,11 @@
 
 Each round the client receives the global posterior (:mod:`.codec`), sets it as its guide's state
 (the global posterior is the prior of its local passes: :meth:`~bnnzoo.guides.TDAMPGuide.set_state`),
-runs ``epochs`` TDAMP passes over its own examples and returns its local posterior: slab means and
-variances, inclusion probabilities and the noise statistics of its passes. The EM step is the
-server's. Round 1 of a run is the statistics round (:mod:`.standardize`).
+runs ``epochs`` TDAMP passes over its own examples (with the geometric weighting, its messages
+scaled so that the local posterior stands for the whole training set: :func:`local_passes`) and
+returns its local posterior: slab means and variances, inclusion probabilities and the noise
+statistics of its passes. The EM step is the server's. Round 1 of a run is the statistics round
+(:mod:`.standardize`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,23 @@ from bnnzoo.training import minibatches
 
 from . import codec
 from .standardize import STAGE_KEY, STANDARDIZER_KEY, STATISTICS, decode, moments
+
+
+def local_passes(n: int, config) -> tuple[int, float]:
+    """The ``(num_data, likelihood_scale)`` of a client's TDAMP passes over its ``n`` examples, from
+    the round's ``config``: ``num_data`` there is the whole training set's size (0: unknown, the
+    client's own), ``weighting`` the server's aggregation (:mod:`.strategy`).
+
+    ``"geometric"``: the forgetting rate of the client's own ``n`` examples and its messages scaled
+    by ``num_data / n``, so the local posterior stands for the whole training set (the client's
+    likelihood raised to ``num_data / n``). ``"product"``: the rate of ``num_data`` examples,
+    unscaled messages (a round adds the client's share of one pass)."""
+    total = int(config.get("num_data", 0)) or n
+    if total < n:
+        raise ValueError(f"the training set of {total} examples cannot hold this client's {n}")
+    if config.get("weighting", "geometric") == "product":
+        return total, 1.0
+    return n, total / n
 
 
 class StandardizedClient(NumPyClient):
@@ -64,13 +83,13 @@ class TDAMPClient(StandardizedClient):
     def local_fit(self, parameters, config):
         x, y = self.local_data(config)
         n = len(x)
-        num_data = int(config.get("num_data", 0)) or n
+        num_data, scale = local_passes(n, config)
         self.guide.set_state(codec.from_ndarrays(parameters, self.global_layout, self.device))
         self.guide.reset_statistics()
         torch.manual_seed(self.generator_seed + int(config.get("round", 0)))
         for _ in range(int(config.get("epochs", 1))):
             for idx in minibatches(n, self.batch_size, self.device):
-                self.guide.update(x[idx], y[idx], num_data)
+                self.guide.update(x[idx], y[idx], num_data, likelihood_scale=scale)
         self.guide.check_finite()
         state = self.guide.state()
         seen = float(state["num_seen"])

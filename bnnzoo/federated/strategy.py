@@ -3,20 +3,38 @@
 Every round the clients run TDAMP passes from the global posterior (:mod:`.client`); the server
 
 1. combines their slab posteriors per weight by the Gaussian product and their inclusion
-   probabilities per neuron by the product of odds (:mod:`.aggregation`). ``weighting="product"``
-   takes every client with weight 1 and the broadcast global posterior with weight
-   ``1 - K``: the global posterior times every client's new likelihood, the clients running with
-   the whole training set's size as ``num_data`` so that a round forgets and absorbs as much as one
-   centralised pass. ``weighting="geometric"`` (the default) is the weighted geometric mean with
-   ``w_k = n_k / n``, each client running with its own data as the whole set. The product adds up
-   the clients' parallel steps, which overshoots in the first rounds at the default damping (on
-   Boston housing it needs ``damping`` ~0.3); the geometric mean averages them and is stable;
+   probabilities per neuron by the product of odds (:mod:`.aggregation`).
+
+   ``weighting="geometric"`` (the default) is the weighted geometric mean with ``w_k = n_k / n``.
+   Client ``k`` holds ``n_k`` of the ``n`` training examples; it runs its passes with the
+   forgetting rate of its own ``n_k`` examples and its messages scaled by ``n / n_k``
+   (``likelihood_scale`` of :meth:`~bnnzoo.guides.TDAMPGuide.update`, see
+   :func:`.client.local_passes`), so its local posterior is the global one times its likelihood
+   ``L_k`` raised to ``n / n_k``: each client stands for the whole training set. The weighted
+   geometric mean then holds ``prod_k (L_k^{n / n_k})^{n_k / n} = prod_k L_k``, the whole data's
+   likelihood (exactly so for Gaussian messages), and a round forgets and absorbs as much as one
+   centralised pass. (Without the scale each local
+   posterior holds only ``n_k`` examples' worth of data and the geometric mean is about as wide
+   as one client's posterior: the global posterior tempered by ~``K``. Passing ``num_data = n``
+   instead would keep the steady state right but forget, and so move, ``K`` times slower per round.)
+   The clients' steps are averaged, so the rounds are as stable as the centralised passes.
+
+   ``weighting="product"`` takes every client with weight 1 and the broadcast global posterior
+   with weight ``1 - K``: the global posterior times every client's new likelihood, the clients
+   running with ``num_data = n`` and unscaled messages. A round again matches one centralised
+   pass, but the clients' parallel steps add up instead of being averaged, which overshoots in
+   the first rounds at the default damping (on Boston housing it needs ``damping`` ~0.3);
 2. sets the global posterior to the result (:meth:`~bnnzoo.guides.TDAMPGuide.set_posterior`,
    whose per-neuron ``rho`` reproduces the combined inclusion probabilities);
 3. runs the EM M-step (:func:`~bnnzoo.methods.tdamp.m_step`: sparsity rates, optionally the slab
    variances, and the noise variance from the clients' summed statistics) on those inclusion
    probabilities; the prior that is broadcast is the previous one moved by the M-step (the
-   per-neuron adjustment of step 2 serves this round only, see :meth:`FederatedTDAMP.aggregate`);
+   per-neuron adjustment of step 2 serves this round only, see :meth:`FederatedTDAMP.aggregate`;
+   with a ``keep`` target the combined inclusion probabilities hold exactly its fraction of
+   neurons above 1/2, the broadcast posterior about that fraction: the gap between the product of
+   odds and the evidence of the combined messages can move a neuron near 1/2 across it. Shifting
+   the broadcast prior once more to make that count exact feeds the messages' unbounded log-odds
+   back into the prior, and it diverges within a few rounds on MNIST);
 4. broadcasts the new global posterior.
 
 A client that fails or disconnects is left out of the round (``accept_failures``); the round goes
@@ -74,8 +92,8 @@ class FederatedTDAMP(Strategy):
     def configure_fit(self, server_round, parameters, client_manager):
         if not client_manager.wait_for(self.min_fit_clients, timeout=self.wait_seconds):
             raise TimeoutError(f"fewer than {self.min_fit_clients} clients available after {self.wait_seconds:.0f} s")
-        config = {"stage": "tdamp", "epochs": self.local_epochs, "round": server_round,
-                  "num_data": self.num_data if self.weighting == "product" else 0}
+        config = {"stage": "tdamp", "epochs": self.local_epochs, "round": server_round, "num_data": self.num_data,
+                  "weighting": self.weighting}
         return [(client, FitIns(parameters, dict(config))) for client in client_manager.all().values()]
 
     def aggregate_fit(self, server_round, results, failures):

@@ -84,8 +84,8 @@ def loo_section(idata, posterior=None, data=None, reloo: bool = False, num_sampl
         click.echo(f"  warning: {counts['bad'] + counts['very bad']} points have Pareto k > {good:.2f}: their LOO "
                    f"terms are unreliable (worst: {', '.join(f'#{i} k={k[i]:.2f}' for i in worst)}); "
                    + ("refitting those above 0.7 below" if reloo else
-                      "`--reloo` refits the model without each point of k > 0.7 (exact LOO terms), or use "
-                      "K-fold cross-validation"))
+                      "`--reloo` refits the model without each point of k > 0.7 (exact LOO terms); for "
+                      "meanfield-vi, `--exact-loo` refits it without every point at once"))
         if int(result.n_samples) < 100:
             click.echo(f"  (only {int(result.n_samples)} draws: Pareto smoothing needs a hundred or more)")
     if reloo and (k > K_THRESHOLD).any():

@@ -309,3 +309,13 @@ def test_federated_run_on_cuda(boston):
     run = run_federated(boston, num_clients=2, rounds=2, device="cuda", keep=0.5)
     assert run.model.guide.message("fc1.weight")[0].device.type == "cuda"
     assert run.history["nmse"][-1] < 1.0
+
+
+def test_a_client_without_local_fit_cannot_be_made():
+    from bnnzoo.federated.client import StandardizedClient
+
+    class Incomplete(StandardizedClient):
+        pass
+
+    with pytest.raises(TypeError, match="local_fit"):
+        Incomplete(torch.zeros(3, 2), torch.zeros(3), "regression", "cpu")

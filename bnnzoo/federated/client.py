@@ -11,6 +11,8 @@ statistics of its passes. The EM step is the server's. Round 1 of a run is the s
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from flwr.client import NumPyClient
 
@@ -61,10 +63,10 @@ class StandardizedClient(NumPyClient):
             return moments(self.x_raw, self.y_raw, self.task), len(self.x_raw), {}
         return self.local_fit(parameters, config)
 
+    @abstractmethod
     def local_fit(self, parameters, config):
         """One round of local training from the global ``parameters``: what each kind of client
         (EM-TDAMP, FedAvg's Adam) defines; returns Flower's ``(parameters, num_examples, metrics)``."""
-        raise NotImplementedError(f"{type(self).__name__} must define local_fit(parameters, config)")
 
 
 class TDAMPClient(StandardizedClient):

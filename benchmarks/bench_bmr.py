@@ -11,6 +11,8 @@
   against one training epoch, in the same run (target: <= 5%).
 - ``bmr-boston``: iterative BMR over all 20 Boston housing splits, with each rule. Target: test
   LL >= -2.55 with >= 70% of weights pruned.
+- ``bmr-boston-horseshoe``: post-hoc BMR of the fitted horseshoe posterior (``Posterior.reduce``,
+  each rule) over the same 20 splits, against the same target.
 
 The machine these were first run on is shared; run them one at a time, e.g.
 ``OMP_NUM_THREADS=1 python -m benchmarks.run bmr-mnist-mlp``.
@@ -215,4 +217,60 @@ def boston(device) -> dict:
     return out
 
 
-SUITES = {"bmr-mnist-mlp": mnist_mlp, "bmr-mnist-lenet5": mnist_lenet5, "bmr-boston": boston}
+def boston_horseshoe(device, num_samples: int = 1000) -> dict:
+    """Post-hoc BMR of the horseshoe posterior (``horseshoe-svi`` at its catalog defaults, with its own
+    neuron pruning) by each rule, over all 20 Boston splits: what ``bnnzoo fit horseshoe-svi`` then
+    ``bnnzoo prune RUN_DIR`` gives. BMR reduces the decentred weights (prior ``N(0, 1)``), removing
+    single weights inside the neurons the horseshoe kept; the pruned fraction counts all weights.
+    Test LL and RMSE as in ``horseshoe-boston`` (1,000 draws, the horseshoe's untempered predictive);
+    the reduction's cost against the median training epoch of the same fit."""
+    from bnnzoo.data import load_uci, uci_num_splits
+
+    from .harness import mean_se
+
+    rules = ("ss", "plain")
+    rows = {rule: [] for rule in rules}
+    for split in range(uci_num_splits("boston")):
+        data = load_uci("boston", split=split)
+        posterior, _ = fit_with_baseline("horseshoe-svi", data, device=device, seed=split, baseline=None)
+        before = posterior.evaluate(data.x_test, data.y_test, num_samples=num_samples)
+        before_pruned = posterior.sparsity()["weights_pruned_fraction"]
+        epoch = statistics.median(posterior.history["epoch_seconds"])
+        for rule in rules:
+            reduced = []
+            seconds = _timed(lambda: reduced.append(posterior.reduce(rule=rule)), posterior.device)
+            m = reduced[0].evaluate(data.x_test, data.y_test, num_samples=num_samples)
+            sp = reduced[0].sparsity()
+            rows[rule].append({"split": split, **m, "weights_pruned_fraction": sp["weights_pruned_fraction"],
+                               "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"],
+                               "horseshoe_log_likelihood": before["log_likelihood"], "horseshoe_rmse": before["rmse"],
+                               "horseshoe_weights_pruned_fraction": before_pruned,
+                               "reduce_seconds": seconds, "reduce_epoch_ratio": seconds / epoch,
+                               "architecture": sp["architecture"]})
+        print(f"  boston split {split}: horseshoe {before['log_likelihood']:.3f} ({100 * before_pruned:.0f}% pruned); "
+              + "; ".join(f"BMR {r} {rows[r][-1]['log_likelihood']:.3f} "
+                          f"({100 * rows[r][-1]['weights_pruned_fraction']:.0f}%)" for r in rules), flush=True)
+    out = {}
+    for rule in rules:
+        per_split = rows[rule]
+        summary = {k: mean_se([r[k] for r in per_split]) for k in per_split[0] if k not in ("split", "architecture")}
+        ll, pruned = summary["log_likelihood"], summary["weights_pruned_fraction"]
+        out[f"bmr-posthoc-horseshoe-{rule}-boston"] = {
+            "model": "horseshoe-svi + Posterior.reduce", "dataset": "boston", "rule": rule,
+            "splits": [r["split"] for r in per_split], "num_samples": num_samples, "summary": summary,
+            "per_split": per_split, "config": posterior.config,
+            "targets": {"test_ll_at_least_-2.55": ll["mean"] >= -2.55,
+                        "at_least_70_percent_pruned": pruned["mean"] >= 0.7},
+            "headline": (f"post-hoc BMR (rule {rule}) of horseshoe-svi: test LL {ll['mean']:.3f} ± {ll['se']:.3f}, "
+                         f"RMSE {summary['rmse']['mean']:.2f} ± {summary['rmse']['se']:.2f}, {100 * pruned['mean']:.1f}% "
+                         f"of weights pruned (min over splits {100 * min(r['weights_pruned_fraction'] for r in per_split):.1f}%;"
+                         f" the horseshoe alone {100 * summary['horseshoe_weights_pruned_fraction']['mean']:.1f}%, LL "
+                         f"{summary['horseshoe_log_likelihood']['mean']:.3f}), a reduction costs "
+                         f"{100 * summary['reduce_epoch_ratio']['mean']:.0f}% of an epoch, "
+                         f"{len(per_split)} splits"),
+        }
+    return out
+
+
+SUITES = {"bmr-mnist-mlp": mnist_mlp, "bmr-mnist-lenet5": mnist_lenet5, "bmr-boston": boston,
+          "bmr-boston-horseshoe": boston_horseshoe}

@@ -8,11 +8,11 @@ from .delta import PointMass
 from .elbo import LocalReparamELBO
 from .horseshoe import HorseshoeGuide
 from .meanfield import MeanFieldNormal, kl_normal_zero_mean
-from .tempered_elbo import TemperedLocalReparamELBO
+from .tempered_elbo import TemperedLocalReparamELBO, untempered_variance
 from .sghmc import SGHMC
 from .spike_slab_em import SpikeSlabEM
 from .tdamp import TDAMPGuide
 from .weight_guide import WeightGuide
 
-__all__ = ["bmr", "HorseshoeGuide", "LocalReparamELBO", "MeanFieldNormal", "PointMass", "SGHMC", "SpikeSlabEM", "TDAMPGuide", "TemperedLocalReparamELBO",
+__all__ = ["bmr", "HorseshoeGuide", "LocalReparamELBO", "MeanFieldNormal", "PointMass", "SGHMC", "SpikeSlabEM", "TDAMPGuide", "TemperedLocalReparamELBO", "untempered_variance",
            "WeightGuide", "kl_normal_zero_mean"]

@@ -51,6 +51,7 @@ from .horseshoe_mlp import HorseshoeMLP
 from .horseshoe_scales import HorseshoeScales
 from .scaled_dense import scaled_local_reparam_dense
 from .sites import get_site, site_parameters
+from .tempered_elbo import untempered_variance
 from .weight_guide import WeightGuide
 
 _PRUNED_SCALE = 1e-30  # a pruned weight's guide scale (exactly-zero scales are not valid Normals)
@@ -200,10 +201,13 @@ class HorseshoeGuide(WeightGuide):
         sd_z = torch.cat([var[:width] + var[width:2 * width], var[2 * width:]]).sqrt()
         return (m_z[:width], sd_z[:width]), (m_z[width:], sd_z[width:])
 
-    def sample_log_scales(self, batch_shape: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+    def sample_log_scales(self, batch_shape: tuple[int, ...] = (), kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
         """Draws of ``ln s_k`` for every hidden layer, each of shape ``batch_shape + (K,)``: one draw of a
-        layer's ``tau`` and ``c`` per batch entry, shared by its groups, and one ``lambda_k`` per group."""
+        layer's ``tau`` and ``c`` per batch entry, shared by its groups, and one ``lambda_k`` per group.
+        ``kl_weight < 1`` widens the draws to the untempered posterior (see :meth:`draw`)."""
         (m, sd), (m_c, sd_c) = self._log_moments()
+        if kl_weight != 1.0:  # flat prior on the log scale: the variance widens by 1 / kl_weight
+            sd, sd_c = (untempered_variance(v * v, kl_weight).sqrt() for v in (sd, sd_c))
         n = len(self.hidden)
         eps = torch.randn(batch_shape + (len(m) + n,), device=m.device, dtype=m.dtype)
         z = torch.addcmul(m, sd, eps[..., :len(m)])
@@ -288,15 +292,25 @@ class HorseshoeGuide(WeightGuide):
         return self.apply_masks(self.prior.weights(values))
 
     # ---- plain-torch access -------------------------------------------------------------------
-    def draw(self) -> dict[str, torch.Tensor]:
-        """One posterior draw of the effective weights ``w = s * beta`` (pruned weights zero)."""
-        scales = {layer: v.exp() for layer, v in self.sample_log_scales().items()}
+    def draw(self, kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """One posterior draw of the effective weights ``w = s * beta`` (pruned weights zero).
+
+        ``kl_weight``: the KL weight ``T`` q was fitted with. With ``T < 1`` (a tempered ELBO, whose q
+        is about ``T`` times too narrow where the data dominate) every Gaussian factor is widened to
+        the untempered posterior's variance, :func:`~bnnzoo.guides.untempered_variance`: the
+        decentred weights with their ``N(0, 1)`` prior (the output layer's with its own), the log
+        scales with a flat prior (the half-Cauchy's log density is nearly flat over their range).
+        The means stay those of q.
+        """
+        scales = {layer: v.exp() for layer, v in self.sample_log_scales(kl_weight=kl_weight).items()}
         out = {}
         for site in self.net.sites():
             layer = site.rpartition(".")[0]
             loc = get_site(self.locs, site)
-            value = loc + get_site(self.log_scales, site).exp() * torch.randn_like(loc)
-            out[site] = self._to_weights(layer, value, scales.get(layer))
+            sd = get_site(self.log_scales, site).exp()
+            if kl_weight != 1.0:
+                sd = untempered_variance(sd * sd, kl_weight, self._prior_scale(layer) ** 2).sqrt()
+            out[site] = self._to_weights(layer, loc + sd * torch.randn_like(loc), scales.get(layer))
         return self.apply_masks(out)
 
     def posterior_mean(self) -> dict[str, torch.Tensor]:

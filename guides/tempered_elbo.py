@@ -35,6 +35,24 @@ class _ScaledGaussianNLL(torch.autograd.Function):
         return d_f, None, d_log_noise, None
 
 
+def untempered_variance(variance, kl_weight: float, prior_variance=math.inf):
+    """The variance a Gaussian factor of ``q`` would have without tempering.
+
+    A Gaussian factor fitted with the KL weighted by ``kl_weight = T`` has precision
+    ``1/v_T = P0 + H/T`` (prior precision ``P0 = 1/prior_variance`` plus the likelihood's curvature
+    ``H``, counted ``1/T`` times); the untempered posterior has ``P0 + H``, so
+
+        1/v_1 = T/v_T + (1 - T) P0.
+
+    Exact for a Gaussian prior and a Gaussian (or locally quadratic) likelihood. A factor the data
+    leave at the prior keeps the prior variance; one the data dominate widens by ``1/T``. With
+    ``prior_variance = inf`` (a flat prior) it is ``v_T / T``.
+    """
+    if not kl_weight > 0:
+        raise ValueError(f"kl_weight must be positive, got {kl_weight}")
+    return 1.0 / (kl_weight / variance + (1.0 - kl_weight) / prior_variance)
+
+
 class TemperedLocalReparamELBO(LocalReparamELBO):
     """``loss = kl_weight * KL(q || p) - (N / B) sum_batch log p(y_n | f_n)``.
 

@@ -356,6 +356,13 @@ def test_horseshoe_guide_weights_are_reduced_as_standardised_gaussians(boston):
     for params in reduced.draw_weights(3):
         assert (params["fc1.weight"][~keep] == 0).all()
     assert math.isfinite(reduced.evaluate(boston.x_test, boston.y_test, num_samples=10)["log_likelihood"])
+    # the reduced copy predicts as the entry does: from the untempered widening of its guide
+    assert reduced.config["train"]["untempered"] and reduced.config["train"]["kl_weight"] == 0.2
+    torch.manual_seed(0)
+    widened = torch.stack([reduced.guide.draw(0.2)["fc2.weight"] for _ in range(200)])
+    torch.manual_seed(0)
+    used = torch.stack([p["fc2.weight"] for p in reduced.draw_weights(200)])
+    assert torch.equal(used, widened)
 
 
 @pytest.fixture(scope="module")

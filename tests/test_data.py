@@ -82,6 +82,9 @@ def test_bundled_boston_matches_files():
         assert ds.n_train + ds.n_test == 506
         assert not set(train.tolist()) & set(test.tolist())
         assert ds.split == split
+        # the rows of the data file behind each example, for matching examples across splits
+        assert ds.meta["train_rows"] == train.tolist() and ds.meta["test_rows"] == test.tolist()
+        np.testing.assert_allclose(ds.y_test.numpy(), raw[ds.meta["test_rows"], 13].astype(np.float32))
         # raw values, in file order of the index files
         np.testing.assert_allclose(ds.x_train.numpy(), raw[train, :13].astype(np.float32))
         np.testing.assert_allclose(ds.y_test.numpy(), raw[test, 13].astype(np.float32))

@@ -17,6 +17,7 @@ from torch.distributions import kl_divergence
 import bnnzoo
 from bnnzoo.guides import HorseshoeGuide, LocalReparamELBO
 from bnnzoo.guides.closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
+from bnnzoo.guides.sites import get_site
 from bnnzoo.models import BayesianNeuralNetwork, GaussianPrior, HorseshoePrior, make_likelihood
 from bnnzoo.models.horseshoe import regularised_log_scale
 from bnnzoo.nets import Activation, Conv2d, Dense, Flatten, Network, Pool2d, mlp
@@ -404,6 +405,54 @@ def test_draw_posterior_mean_and_pyro_guide_agree():
     assert torch.all((log_mean - log_s.mean(0)).abs() < 5 * log_s.std(0) / math.sqrt(len(log_s)))
 
 
+def test_untempered_variance_is_the_conjugate_posterior_variance():
+    from bnnzoo.guides import untempered_variance
+
+    # y_n ~ N(x_n w, sigma^2), w ~ N(0, s0^2): the posterior precision is 1/s0^2 + sum x^2 / sigma^2;
+    # the tempered (KL weighted by T) one counts the likelihood 1/T times
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, generator=gen, dtype=torch.float64)
+    sigma2, s0sq = 0.7, 2.5
+    curvature = float((x * x).sum()) / sigma2
+    for temperature in (0.2, 0.5, 1.0):
+        tempered = 1.0 / (1.0 / s0sq + curvature / temperature)
+        exact = 1.0 / (1.0 / s0sq + curvature)
+        assert untempered_variance(tempered, temperature, s0sq) == pytest.approx(exact, rel=1e-12)
+    # a factor the data do not touch keeps the prior; with a flat prior the variance widens by 1/T
+    assert untempered_variance(s0sq, 0.2, s0sq) == pytest.approx(s0sq)
+    assert untempered_variance(torch.tensor([0.01, 0.3]), 0.25).tolist() == pytest.approx([0.04, 1.2])
+    with pytest.raises(ValueError, match="kl_weight"):
+        untempered_variance(1.0, 0.0)
+
+
+def test_untempered_draws_widen_every_gaussian_factor():
+    from bnnzoo.guides import untempered_variance
+
+    net = mlp(4, [6], 1)
+    guide = spread_guide(HorseshoeGuide(horseshoe_model(net, output_scale=0.8)), seed=4)
+    n, kl_weight = 20_000, 0.25
+    with torch.no_grad():  # a wide slab: ln s_k = (ln tau^2 + ln lambda_k^2) / 2, linear in q's Gaussians
+        guide.scale_params[0, 2 * guide.scale_width:] = 40.0 / guide.scale_gain
+    with torch.no_grad():
+        torch.manual_seed(0)
+        q = [guide.draw() for _ in range(n)]
+        torch.manual_seed(0)
+        same = [guide.draw(1.0) for _ in range(3)]
+        wide = [guide.draw(kl_weight) for _ in range(n)]
+        log_s = guide.sample_log_scales((n,), kl_weight=kl_weight)["fc1"]
+        log_s_q = guide.sample_log_scales((n,))["fc1"]
+    assert all(torch.equal(a["fc2.weight"], b["fc2.weight"]) for a, b in zip(q, same))  # default: q itself
+    # the output layer's weights are output_unit * beta with beta's prior N(0, output_prior_scale^2)
+    v_q = get_site(guide.log_scales, "fc2.weight").exp().detach() ** 2
+    expected = untempered_variance(v_q, kl_weight, guide.output_prior_scale**2) * guide.output_unit**2
+    got = torch.stack([d["fc2.weight"] for d in wide]).var(0)
+    assert torch.allclose(got, expected, rtol=0.05)
+    assert torch.allclose(torch.stack([d["fc2.weight"] for d in q]).var(0), v_q * guide.output_unit**2, rtol=0.05)
+    # the log scales' spread doubles at T = 1/4 (flat prior on the log scale); their means stay
+    assert torch.allclose(log_s.std(0), 2 * log_s_q.std(0), rtol=0.05)
+    assert torch.allclose(log_s.mean(0), log_s_q.mean(0), atol=5 * float(log_s.std(0).max()) / math.sqrt(n))
+
+
 def test_guide_starts_at_pytorch_scale_and_rejects_other_priors():
     net = mlp(100, [50], 1)
     model = horseshoe_model(net)
@@ -485,6 +534,22 @@ def test_prune_conv_filters_and_export():
     with torch.no_grad():
         assert torch.allclose(module(xs), pruned.net(xs, pruned.posterior_mean()), atol=1e-5)
     assert module[0].out_channels == int(keep["conv1"].sum())
+
+
+def test_prediction_uses_the_untempered_draws_where_configured(fitted_dense, boston):
+    post = fitted_dense
+    assert post.config["train"]["untempered"] and post.config["train"]["kl_weight"] == 0.2
+    wide = post.predict(boston.x_test, num_samples=300).std
+    post.config["train"]["untempered"] = False
+    try:
+        narrow = post.predict(boston.x_test, num_samples=300).std
+    finally:
+        post.config["train"]["untempered"] = True
+    noise = post.noise_scale(original_units=True)
+    # the epistemic part of the predictive variance grows (by about 1/kl_weight where data dominate)
+    ratio = (wide**2 - noise**2) / (narrow**2 - noise**2)
+    assert float(ratio.median()) > 2.0
+    assert bnnzoo.get_entry("horseshoe-svi").defaults["classification"]["train"]["untempered"] is False
 
 
 def test_scales_summary(fitted_dense):

@@ -18,8 +18,8 @@ class Dataset:
 
     Regression: ``x`` float32 ``(N, D)``, ``y`` float32 ``(N,)``, raw (not standardised) values.
     Classification: ``x`` float32 (images ``(N, C, H, W)`` in ``[0, 1]``), ``y`` int64 ``(N,)``.
-    ``meta`` holds loader-specific extras (UCI protocol ``n_hidden``/``n_epochs``, the sparse
-    teacher function, ...).
+    ``meta`` holds loader-specific extras (UCI protocol ``n_hidden``/``n_epochs`` and the data-file
+    rows of the split's ``train_rows``/``test_rows``, the sparse teacher function, ...).
     """
 
     name: str

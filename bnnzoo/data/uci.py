@@ -115,7 +115,8 @@ def load_uci(name_or_dir: str | os.PathLike, split: int = 0, root: str | os.Path
     where = f"{name} split {split}"
     x_tr, y_tr = validate_arrays(table[train][:, feats], table[train, target[0]], "regression", what=f"{where} train")
     x_te, y_te = validate_arrays(table[test][:, feats], table[test, target[0]], "regression", what=f"{where} test")
-    meta: dict = {"n_splits": n_splits, "feature_columns": feats.tolist(), "target_column": int(target[0])}
+    meta: dict = {"n_splits": n_splits, "feature_columns": feats.tolist(), "target_column": int(target[0]),
+                  "train_rows": train.tolist(), "test_rows": test.tolist()}
     for key in ("n_hidden", "n_epochs"):
         if (directory / f"{key}.txt").is_file():
             meta[key] = read_int(directory / f"{key}.txt")

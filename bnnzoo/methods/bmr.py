@@ -6,6 +6,12 @@ prior. Supported as they are: a :class:`~bnnzoo.guides.MeanFieldNormal` guide (`
 the entries here), the horseshoe guide's decentred weights (``horseshoe-svi``) and TDAMP's slab
 posteriors (``em-tdamp``); any other posterior class opts in by offering the
 :class:`GaussianWeights` protocol. The formulas live in :mod:`bnnzoo.guides.bmr`.
+
+A posterior fitted with a tempered ELBO (``horseshoe-svi``: KL weight 0.2) is reduced as it is: the
+evidence changes are those of the tempered model, whose likelihood counts ``1/kl_weight`` times.
+The reduced copy keeps the entry's prediction settings (the horseshoe's untempered predictive for
+regression). On Boston, ``horseshoe-svi`` then ``Posterior.reduce()`` meets the regression target
+(``python -m benchmarks.run bmr-boston-horseshoe``).
 """
 
 from __future__ import annotations

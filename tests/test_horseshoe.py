@@ -540,11 +540,17 @@ def test_prediction_uses_the_untempered_draws_where_configured(fitted_dense, bos
     post = fitted_dense
     assert post.config["train"]["untempered"] and post.config["train"]["kl_weight"] == 0.2
     wide = post.predict(boston.x_test, num_samples=300).std
+    torch.manual_seed(0)
+    tau_wide = post._arviz_hyperparameters(4000)["fc1.tau"].log()
     post.config["train"]["untempered"] = False
     try:
         narrow = post.predict(boston.x_test, num_samples=300).std
+        torch.manual_seed(0)
+        tau_q = post._arviz_hyperparameters(4000)["fc1.tau"].log()
     finally:
         post.config["train"]["untempered"] = True
+    # ArviZ's scale draws widen with the weights: ln tau's spread by sqrt(1 / kl_weight)
+    assert float(tau_wide.std() / tau_q.std()) == pytest.approx(math.sqrt(5), rel=1e-4)
     noise = post.noise_scale(original_units=True)
     # the epistemic part of the predictive variance grows (by about 1/kl_weight where data dominate)
     ratio = (wide**2 - noise**2) / (narrow**2 - noise**2)

@@ -99,11 +99,15 @@ class HorseshoePosterior(VariationalPosterior):
         if self.config["train"].get("prune", True):
             self._prune()
 
-    def draw_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Draws for prediction: from q widened to the untempered posterior (``train.untempered``,
-        the default) or from q itself."""
+    def _draw_kl_weight(self) -> float:
+        """The KL weight the draws undo: ``train.kl_weight`` with ``train.untempered``, else 1 (q itself)."""
         train = self.config["train"]
-        kl_weight = float(train.get("kl_weight", 1.0)) if train.get("untempered", True) else 1.0
+        return float(train.get("kl_weight", 1.0)) if train.get("untempered", True) else 1.0
+
+    def draw_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Draws for prediction: from q widened to the untempered posterior (``train.untempered``)
+        or from q itself."""
+        kl_weight = self._draw_kl_weight()
         for _ in range(num_samples):
             yield self.guide.draw(kl_weight)
 
@@ -120,11 +124,16 @@ class HorseshoePosterior(VariationalPosterior):
     def _arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:
         """ArviZ's draws from q, per hidden layer: ``<layer>.tau`` (global scale), ``<layer>.c`` (slab),
         ``<layer>.lambda`` and ``<layer>.scale`` (``s_k``) per group; one chain, drawn independently of
-        the weight draws (marginals of q, not joint draws with the weights)."""
+        the weight draws (marginals of q, not joint draws with the weights), widened as the weight
+        draws are (``train.untempered``)."""
+        from bnnzoo.guides import untempered_variance
         from bnnzoo.models.horseshoe import regularised_log_scale
 
         # ln tau^2 (per layer) then ln lambda_k^2 (per group) in one vector, ln c^2 per layer
         (m, sd), (m_c, sd_c) = self.guide._log_moments()
+        kl_weight = self._draw_kl_weight()
+        if kl_weight != 1.0:
+            sd, sd_c = (untempered_variance(v * v, kl_weight).sqrt() for v in (sd, sd_c))
         log_z = m + sd * torch.randn((1, num_draws) + m.shape, device=m.device, dtype=m.dtype)
         log_c2 = m_c + sd_c * torch.randn((1, num_draws) + m_c.shape, device=m.device, dtype=m.dtype)
         n, offsets = len(self.guide.hidden), self.guide.group_offsets

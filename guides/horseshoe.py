@@ -191,23 +191,24 @@ class HorseshoeGuide(WeightGuide):
         where = self._scale_index(layer, var)
         return self.gain * self.scale_params[0, where], self.scale_params[1, where]
 
-    def _log_moments(self):
+    def _log_moments(self, kl_weight: float = 1.0):
         """Means and standard deviations under q of ``ln tau^2`` and ``ln lambda_k^2`` (one vector:
-        ``L`` layers, then the groups of all layers) and of ``ln c^2`` (per layer)."""
+        ``L`` layers, then the groups of all layers) and of ``ln c^2`` (per layer). ``kl_weight < 1``
+        widens the standard deviations to the untempered posterior's (flat prior on the log scale:
+        the variance grows by ``1 / kl_weight``)."""
         n, width = len(self.hidden), self.scale_width
         m, log_sd = self.gain * self.scale_params[0], self.scale_params[1]
         var = torch.exp(2 * log_sd)
         m_z = torch.cat([m[:width] + m[width:2 * width], m[2 * width:]])
-        sd_z = torch.cat([var[:width] + var[width:2 * width], var[2 * width:]]).sqrt()
+        var_z = torch.cat([var[:width] + var[width:2 * width], var[2 * width:]])
+        sd_z = (var_z if kl_weight == 1.0 else untempered_variance(var_z, kl_weight)).sqrt()
         return (m_z[:width], sd_z[:width]), (m_z[width:], sd_z[width:])
 
     def sample_log_scales(self, batch_shape: tuple[int, ...] = (), kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
         """Draws of ``ln s_k`` for every hidden layer, each of shape ``batch_shape + (K,)``: one draw of a
         layer's ``tau`` and ``c`` per batch entry, shared by its groups, and one ``lambda_k`` per group.
         ``kl_weight < 1`` widens the draws to the untempered posterior (see :meth:`draw`)."""
-        (m, sd), (m_c, sd_c) = self._log_moments()
-        if kl_weight != 1.0:  # flat prior on the log scale: the variance widens by 1 / kl_weight
-            sd, sd_c = (untempered_variance(v * v, kl_weight).sqrt() for v in (sd, sd_c))
+        (m, sd), (m_c, sd_c) = self._log_moments(kl_weight)
         n = len(self.hidden)
         eps = torch.randn(batch_shape + (len(m) + n,), device=m.device, dtype=m.dtype)
         z = torch.addcmul(m, sd, eps[..., :len(m)])

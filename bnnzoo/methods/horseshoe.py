@@ -126,14 +126,10 @@ class HorseshoePosterior(VariationalPosterior):
         ``<layer>.lambda`` and ``<layer>.scale`` (``s_k``) per group; one chain, drawn independently of
         the weight draws (marginals of q, not joint draws with the weights), widened as the weight
         draws are (``train.untempered``)."""
-        from bnnzoo.guides import untempered_variance
         from bnnzoo.models.horseshoe import regularised_log_scale
 
         # ln tau^2 (per layer) then ln lambda_k^2 (per group) in one vector, ln c^2 per layer
-        (m, sd), (m_c, sd_c) = self.guide._log_moments()
-        kl_weight = self._draw_kl_weight()
-        if kl_weight != 1.0:
-            sd, sd_c = (untempered_variance(v * v, kl_weight).sqrt() for v in (sd, sd_c))
+        (m, sd), (m_c, sd_c) = self.guide._log_moments(self._draw_kl_weight())
         log_z = m + sd * torch.randn((1, num_draws) + m.shape, device=m.device, dtype=m.dtype)
         log_c2 = m_c + sd_c * torch.randn((1, num_draws) + m_c.shape, device=m.device, dtype=m.dtype)
         n, offsets = len(self.guide.hidden), self.guide.group_offsets

@@ -250,6 +250,19 @@ def augmented_linear_moments(inputs: torch.Tensor, input_var: torch.Tensor | Non
     return inputs @ w_mean.t(), torch.addmm(second @ w_var.t(), input_var, (w_mean * w_mean).t()), second
 
 
+def _dense_forward(mean: torch.Tensor, var: torch.Tensor | None, w_mean: torch.Tensor, w_var: torch.Tensor):
+    """One dense layer of the forward pass: the layer's augmented inputs ``[m, 1]`` and input
+    variances ``[v, 0]`` (``None`` for known inputs), and its output mean, variance and the inputs'
+    second moments (:func:`augmented_linear_moments`)."""
+    inputs = _with_constant(mean, 1.0)
+    input_var = None if var is None else _with_constant(var, 0.0)
+    return (inputs, input_var, *augmented_linear_moments(inputs, input_var, w_mean, w_var))
+
+
+def _flatten(mean: torch.Tensor, var: torch.Tensor | None):
+    return mean.flatten(start_dim=1), None if var is None else var.flatten(start_dim=1)
+
+
 def propagate(net: Network, x: torch.Tensor, moments: dict[str, tuple[torch.Tensor, torch.Tensor]],
               ) -> tuple[torch.Tensor, torch.Tensor, list[LayerRecord]]:
     """Forward moment propagation of inputs ``x`` (known) through ``net``.
@@ -263,18 +276,14 @@ def propagate(net: Network, x: torch.Tensor, moments: dict[str, tuple[torch.Tens
     records = []
     for layer in net.layers:
         if isinstance(layer, Dense):
-            w_mean, w_var = moments[layer.name]
-            inputs = _with_constant(mean, 1.0)
-            input_var = None if var is None else _with_constant(var, 0.0)
-            mean, var, second = augmented_linear_moments(inputs, input_var, w_mean, w_var)
+            inputs, input_var, mean, var, second = _dense_forward(mean, var, *moments[layer.name])
             if torch.is_grad_enabled() and not mean.requires_grad:  # the backward pass starts here
                 mean.requires_grad_()
                 var.requires_grad_()
             records.append(LayerRecord(layer.name, inputs.detach(), second.detach(),
                                        None if input_var is None else input_var.detach(), mean, var))
         elif isinstance(layer, Flatten):
-            mean = mean.flatten(start_dim=1)
-            var = None if var is None else var.flatten(start_dim=1)
+            mean, var = _flatten(mean, var)
         elif isinstance(layer, Activation) and layer.fn == "relu":
             mean, var = relu_moments(mean, var if var is not None else torch.zeros_like(mean))
         elif isinstance(layer, Activation) and layer.fn == "identity":
@@ -352,14 +361,10 @@ def message_pass(net: Network, x: torch.Tensor, moments: dict[str, tuple[torch.T
     steps = []
     for layer in net.layers:
         if isinstance(layer, Dense):
-            w_mean, w_var = moments[layer.name]
-            inputs = _with_constant(mean, 1.0)
-            input_var = None if var is None else _with_constant(var, 0.0)
-            mean, var, second = augmented_linear_moments(inputs, input_var, w_mean, w_var)
+            inputs, input_var, mean, var, second = _dense_forward(mean, var, *moments[layer.name])
             steps.append(LayerRecord(layer.name, inputs, second, input_var, mean, var))
         elif isinstance(layer, Flatten):
-            mean = mean.flatten(start_dim=1)
-            var = None if var is None else var.flatten(start_dim=1)
+            mean, var = _flatten(mean, var)
         elif isinstance(layer, Activation) and layer.fn == "relu":
             mean, var, saved = _relu_forward(mean, var if var is not None else torch.zeros_like(mean))
             steps.append(saved)

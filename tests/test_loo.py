@@ -23,14 +23,18 @@ from bnnzoo.training import set_seed
 NUM_SAMPLES = 100
 
 
+def _fit_small(data, **options):
+    """Mean-field VI with one hidden layer of 8 units, quietly (few epochs: convergence warnings)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bnnzoo.fit("meanfield-vi", data, network={"arch": "mlp", "hidden": [8]}, device="cpu",
+                          progress=False, **options)
+
+
 @pytest.fixture(scope="module")
 def fitted(boston):
     data = boston.subset(40, 10, seed=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        post = bnnzoo.fit("meanfield-vi", data, network={"arch": "mlp", "hidden": [8]}, device="cpu",
-                          progress=False, seed=0, epochs=30)
-    return post, data
+    return _fit_small(data, seed=0, epochs=30), data
 
 
 def test_wrapper_excludes_exactly_the_chosen_points(fitted):
@@ -157,11 +161,7 @@ def test_each_batched_refit_has_the_catalog_loss_and_gradients_without_its_point
 def fitted_classifier(mnist_small):
     """Mean-field VI on 40 MNIST images with a dense 784-8-10 network (inputs flattened)."""
     data = mnist_small.subset(40, 10, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        post = bnnzoo.fit("meanfield-vi", data, network={"arch": "mlp", "hidden": [8]}, device="cpu",
-                          progress=False, seed=2, epochs=5, batch_size=16)
-    return post, data
+    return _fit_small(data, seed=2, epochs=5, batch_size=16), data
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

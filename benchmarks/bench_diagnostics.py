@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 import warnings
 
@@ -45,7 +44,6 @@ import torch
 
 import bnnzoo
 from bnnzoo.data import load_uci, uci_num_splits
-
 from bnnzoo.loo import loo as bnnzoo_loo
 
 from .harness import fit_with_baseline, mean_se

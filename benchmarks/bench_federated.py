@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import os
 
-from bnnzoo.data import load_dataset, load_uci, uci_num_splits
-from bnnzoo.federated.run import quiet_flower, run_federated
-from bnnzoo.training import set_seed
+from bnnzoo.guides.training import set_seed
 
 import bnnzoo
+from bnnzoo.data import load_dataset, load_uci, uci_num_splits
+from bnnzoo.federated.run import quiet_flower, run_federated
 
 from .harness import mean_se
 

@@ -29,12 +29,12 @@ from unittest import mock
 
 import pyro.poutine as poutine
 import torch
+from bnnzoo.guides.training import set_seed
+from bnnzoo.models.standardizer import Standardizer
 
 import bnnzoo
 from bnnzoo import metrics
 from bnnzoo.data import load_dataset, load_uci, make_sparse_teacher
-from bnnzoo.standardizer import Standardizer
-from bnnzoo.training import set_seed
 
 from .harness import PlainTorch, epoch_ratio, fit_with_baseline, uci_protocol
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bnnzoo.guides.tdamp import linear_tdamp
+from bnnzoo.guides.training import minibatches, set_seed
+from bnnzoo.models.standardizer import Standardizer
 
 import bnnzoo
 from bnnzoo import metrics
 from bnnzoo.data import load_dataset, load_uci, uci_num_splits
-from bnnzoo.guides.tdamp import linear_tdamp
-from bnnzoo.standardizer import Standardizer
-from bnnzoo.training import minibatches, set_seed
 
 from .harness import RESULTS, PlainTorch, epoch_ratio, mean_se, uci_protocol
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bnnzoo.guides.training import minibatches, set_seed
+from bnnzoo.models.standardizer import Standardizer
 
 import bnnzoo
 from bnnzoo import metrics
 from bnnzoo.data import load_dataset, load_uci, uci_num_splits
-from bnnzoo.standardizer import Standardizer
-from bnnzoo.training import minibatches, set_seed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,11 +37,11 @@ def device_name(device: torch.device) -> str:
 
 
 class PlainTorch:
-    """Plain PyTorch training of ``net`` (a :class:`~bnnzoo.nets.Network`) with ``optimizer``
+    """Plain PyTorch training of ``net`` (a :class:`~bnnzoo.models.networks.Network`) with ``optimizer``
     ("adam" with PyTorch defaults, or "sgd" with momentum 0.9), one epoch per :meth:`epoch` call,
     on batches of ``batch_size`` from the same standardised data the method sees. The baseline is
     what a user would write, ``torch.optim.Adam(params, lr)``: the methods' own optimiser choices
-    (fused Adam where torch offers it, :func:`bnnzoo.training.make_adam`) are part of their cost."""
+    (fused Adam where torch offers it, :func:`bnnzoo.guides.training.make_adam`) are part of their cost."""
 
     def __init__(self, net, x, y, task: str, batch_size: int, lr: float = 1e-3, optimizer: str = "adam",
                  seed: int = 0):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from .catalog import get_entry
 from .data import Dataset, load_dataset
+from .guides.training import set_seed
 from .posterior import Posterior
-from .training import set_seed
 
 
 def create(name: str, task: str, input_shape, output_dim: int, *, network: dict | None = None,

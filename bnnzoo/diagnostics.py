@@ -139,7 +139,7 @@ def _as_data(posterior, data):
         return None, None
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(f"data must be a pair (x, y) of inputs and targets, got {type(data).__name__}")
-    x, y = posterior._validate(data[0], data[1], "data")
+    x, y = posterior.validate(data[0], data[1], "data")
     return posterior.standardizer.x(x.to(posterior.device)), y.to(posterior.device)
 
 

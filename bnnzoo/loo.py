@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .catalog import get_entry
-from .training import set_seed
+from .guides.training import set_seed
 
 #: ArviZ's threshold above which PSIS-LOO terms are unreliable and ``reloo`` refits
 K_THRESHOLD = 0.7

@@ -23,8 +23,8 @@ import torch
 from . import metrics
 from .data import validate_arrays
 from .devices import resolve_device
-from .sparsity import sparsity_report
-from .standardizer import Standardizer
+from .models.sparsity import sparsity_report
+from .models.standardizer import Standardizer
 
 FORMAT_VERSION = 1
 
@@ -107,7 +107,7 @@ class Posterior(ABC):
             raise RuntimeError(f"this {self.name} posterior is not fitted yet: call fit(x, y) first")
 
     # ---- fit ----------------------------------------------------------------------------------
-    def _validate(self, x, y=None, what="data") -> tuple[torch.Tensor, torch.Tensor | None]:
+    def validate(self, x, y=None, what="data") -> tuple[torch.Tensor, torch.Tensor | None]:
         num_classes = self.net.output_dim if self.task == "classification" else None
         if y is None:
             x, _ = validate_arrays(x, torch.zeros(len(x), dtype=torch.long) if self.task == "classification"
@@ -125,7 +125,7 @@ class Posterior(ABC):
 
         ``callback(epoch, loss)``, if given, runs after every epoch (logging, early inspection).
         """
-        x, y = self._validate(x, y, "training data")
+        x, y = self.validate(x, y, "training data")
         self.standardizer = Standardizer.from_data(x, y, self.task).to(self.device)
         x = self.standardizer.x(x.to(self.device))
         y = self.standardizer.y(y.to(self.device))
@@ -159,7 +159,7 @@ class Posterior(ABC):
         chunks of ``chunk_size`` examples; only running sums are kept unless ``return_samples``.
         """
         self._require_fitted()
-        x, _ = self._validate(x, None, "inputs")
+        x, _ = self.validate(x, None, "inputs")
         x = self.standardizer.x(x.to(self.device))
         first = second = None
         kept = []
@@ -190,7 +190,7 @@ class Posterior(ABC):
     def log_likelihood(self, x, y, num_samples: int = 100, chunk_size: int = 4096, seed: int | None = 0) -> torch.Tensor:
         """Pointwise log predictive density ``log (1/S) sum_s p(y_n | x_n, w_s)`` in the original units."""
         self._require_fitted()
-        x, y = self._validate(x, y, "test data")
+        x, y = self.validate(x, y, "test data")
         x = self.standardizer.x(x.to(self.device))
         y = self.standardizer.y(y.to(self.device))
         acc = None
@@ -203,7 +203,7 @@ class Posterior(ABC):
         """Test metrics. Regression: ``rmse`` and ``log_likelihood`` (mean per point, original units).
         Classification: ``accuracy``, ``nll``, ``ece`` (15 bins), ``brier``."""
         self._require_fitted()
-        _, y = self._validate(x, y, "test data")  # bad labels fail before any prediction is made
+        _, y = self.validate(x, y, "test data")  # bad labels fail before any prediction is made
         pred = self.predict(x, num_samples, chunk_size, seed=seed)
         y = y.to(self.device)
         if self.task == "classification":

@@ -6,8 +6,8 @@ from typing import Iterator
 
 import torch
 
+from .guides.training import fit_svi
 from .posterior import Posterior
-from .training import fit_svi
 
 
 class VariationalPosterior(Posterior):
@@ -31,7 +31,7 @@ class VariationalPosterior(Posterior):
             self.model, self.guide, x, y, elbo=elbo, epochs=train["epochs"], batch_size=train["batch_size"],
             lr=train["lr"], progress=progress, description=self.name, on_epoch_end=callback,
         )
-        for key, values in run.items():
+        for key, values in run.to_dict().items():
             self.history.setdefault(key, []).extend(values)
 
     def draw_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:

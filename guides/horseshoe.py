@@ -43,8 +43,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from bnnzoo.models.horseshoe import SCALE_VARIABLES, HorseshoePrior, regularised_log_scale
-
+from ..models.horseshoe import SCALE_VARIABLES, HorseshoePrior, regularised_log_scale
 from . import closed_form_kl  # noqa: F401  (registers the LogNormal-Gamma / -InverseGamma KLs with torch)
 from .closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
 from .horseshoe_mlp import HorseshoeMLP

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bnnzoo.nets import Activation, Dense, Flatten, Network
+from ..models.networks import Activation, Dense, Flatten, Network
 
 VAR_FLOOR = 1e-12  # smallest pre-activation variance (standardised units); keeps alpha finite
 TAIL_ALPHA = -10.0  # below this the inverse Mills ratio uses its asymptotic series

@@ -68,12 +68,11 @@ import torch
 import torch.nn.functional as F
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
-from bnnzoo.models.likelihoods import GaussianLikelihood
-from bnnzoo.models.priors import GaussianPrior
-from bnnzoo.models.spike_slab import SpikeSlabPrior
-from bnnzoo.training import minibatches
-
+from ..models.likelihoods import GaussianLikelihood
+from ..models.priors import GaussianPrior
+from ..models.spike_slab import SpikeSlabPrior
 from .spike_slab_em import SpikeSlabEM
+from .training import minibatches
 
 PRECONDITIONERS = ("warmup", "always", "none")
 

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from bnnzoo.models.spike_slab import SpikeSlabPrior
+from ..models.spike_slab import SpikeSlabPrior
 
 # pi stays inside (0, 1) so that logit(pi) is finite
 _PI_CLAMP = 1e-6

@@ -44,14 +44,26 @@ import pyro
 import torch
 from torch import nn
 
-from bnnzoo.models.bernoulli_gaussian import BernoulliGaussianPrior, GroupBernoulliGaussian, bias_given_weight
-from bnnzoo.models.likelihoods import GaussianLikelihood
-from bnnzoo.models.probit_product import ProbitProductLikelihood
-
+from ..models.bernoulli_gaussian import (
+    BernoulliGaussianPrior,
+    GroupBernoulliGaussian,
+    bias_given_weight,
+)
+from ..models.likelihoods import GaussianLikelihood
+from ..models.probit_product import ProbitProductLikelihood
 from .group_sparse_messages import GroupPosterior, group_posterior, make_workspace
-from .moment_propagation import (LayerRecord, WeightMessage, check_finite, check_network, gaussian_log_evidence,
-                                 gaussian_log_evidence_and_grads, linear_moments, message_pass, propagate,
-                                 weight_messages)
+from .moment_propagation import (
+    LayerRecord,
+    WeightMessage,
+    check_finite,
+    check_network,
+    gaussian_log_evidence,
+    gaussian_log_evidence_and_grads,
+    linear_moments,
+    message_pass,
+    propagate,
+    weight_messages,
+)
 from .weight_guide import WeightGuide
 
 LINE_SEARCH_EXAMPLES = 32  # examples of a batch behind each neuron's step control

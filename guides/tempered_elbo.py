@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from bnnzoo.models.likelihoods import GaussianLikelihood
-
+from ..models.likelihoods import GaussianLikelihood
 from .elbo import LocalReparamELBO
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)

@@ -6,7 +6,12 @@ A model says what is believed; it knows nothing of how it is fitted. Import as `
 from .bernoulli_gaussian import BernoulliGaussianPrior, GroupBernoulliGaussian
 from .bnn import BayesianNeuralNetwork
 from .horseshoe import HorseshoePrior
-from .likelihoods import CategoricalLikelihood, GaussianLikelihood, Likelihood, make_likelihood
+from .likelihoods import (
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+    make_likelihood,
+)
 from .priors import GaussianPrior
 from .probit_product import ProbitProduct, ProbitProductLikelihood
 from .spike_slab import SpikeSlabPrior

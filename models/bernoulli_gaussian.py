@@ -28,7 +28,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 
-from bnnzoo.nets import Network
+from .networks import Network
 
 
 class GroupBernoulliGaussian(TorchDistribution):

@@ -6,9 +6,8 @@ import pyro
 import torch
 from torch import nn
 
-from bnnzoo.nets import Network
-
 from .likelihoods import Likelihood
+from .networks import Network
 
 
 class BayesianNeuralNetwork(nn.Module):

@@ -29,7 +29,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from bnnzoo.nets import Network
+from .networks import Network
 
 SCALE_VARIABLES = ("tau_a", "tau_b", "lambda_a", "lambda_b", "c2")
 DECENTERED = "_decentered"

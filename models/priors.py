@@ -10,7 +10,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from bnnzoo.nets import Network
+from .networks import Network
 
 
 class GaussianPrior(nn.Module):

@@ -33,7 +33,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from bnnzoo.nets import Network
+from .networks import Network
 
 FIRST_LAYER_GROUPS = ("neurons", "inputs")
 SCALINGS = ("absolute", "fan_in")

@@ -10,19 +10,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from bnnzoo.guides import MeanFieldNormal, bmr
+from bnnzoo.guides.meanfield import _PRUNED_SCALE
+from bnnzoo.guides.sites import get_site
+from bnnzoo.models.networks import mlp
 from click.testing import CliRunner
+from conftest import make_model, randomise_guide
 from scipy import integrate, special
 
 import bnnzoo
 from bnnzoo.cli import main as cli
-from bnnzoo.guides import MeanFieldNormal, bmr
-from bnnzoo.guides.meanfield import _PRUNED_SCALE
-from bnnzoo.guides.sites import get_site
 from bnnzoo.methods.bmr import GaussianWeights, reduce_posterior
-from bnnzoo.nets import mlp
 from bnnzoo.variational import VariationalPosterior
-
-from conftest import make_model, randomise_guide
 
 F64 = torch.float64
 

@@ -11,7 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 import bnnzoo
-from bnnzoo.catalog import CatalogEntry, default_network, get_entry, list_models, register
+from bnnzoo.catalog import (
+    CatalogEntry,
+    default_network,
+    get_entry,
+    list_models,
+    register,
+)
 from bnnzoo.cli import main
 
 

@@ -7,12 +7,23 @@ import math
 
 import pytest
 import torch
+from bnnzoo.guides.training import minibatches
+from bnnzoo.models.standardizer import Standardizer
 
 from bnnzoo.data import load_dataset
-from bnnzoo.federated import gaussian_product, iid, label_skew, partition, product_of_odds
-from bnnzoo.federated.standardize import decode, encode, moments, standardizer_from_moments
-from bnnzoo.standardizer import Standardizer
-from bnnzoo.training import minibatches
+from bnnzoo.federated import (
+    gaussian_product,
+    iid,
+    label_skew,
+    partition,
+    product_of_odds,
+)
+from bnnzoo.federated.standardize import (
+    decode,
+    encode,
+    moments,
+    standardizer_from_moments,
+)
 
 
 def _grid_moments(log_density: torch.Tensor, grid: torch.Tensor) -> tuple[float, float]:

@@ -10,16 +10,19 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from bnnzoo.guides import (
+    LocalReparamELBO,
+    MeanFieldNormal,
+    PointMass,
+    kl_normal_zero_mean,
+)
+from bnnzoo.models import BayesianNeuralNetwork, make_likelihood
+from bnnzoo.models.networks import Conv2d, Network, mlp
+from conftest import make_model, randomise_guide
 from pyro import poutine
 from pyro.infer import Predictive, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch import nn
-
-from bnnzoo.guides import LocalReparamELBO, MeanFieldNormal, PointMass, kl_normal_zero_mean
-from bnnzoo.models import BayesianNeuralNetwork, make_likelihood
-from bnnzoo.nets import Conv2d, Network, mlp
-
-from conftest import make_model, randomise_guide
 
 
 def mc_kl(guide, prior, num_draws: int = 20000, masks: dict | None = None):

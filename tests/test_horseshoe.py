@@ -10,17 +10,30 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from bnnzoo.guides import HorseshoeGuide, LocalReparamELBO
+from bnnzoo.guides.closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
+from bnnzoo.guides.sites import get_site
+from bnnzoo.models import (
+    BayesianNeuralNetwork,
+    GaussianPrior,
+    HorseshoePrior,
+    make_likelihood,
+)
+from bnnzoo.models.horseshoe import regularised_log_scale
+from bnnzoo.models.networks import (
+    Activation,
+    Conv2d,
+    Dense,
+    Flatten,
+    Network,
+    Pool2d,
+    mlp,
+)
 from pyro.infer import Predictive, TraceMeanField_ELBO
 from scipy import stats
 from torch.distributions import kl_divergence
 
 import bnnzoo
-from bnnzoo.guides import HorseshoeGuide, LocalReparamELBO
-from bnnzoo.guides.closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
-from bnnzoo.guides.sites import get_site
-from bnnzoo.models import BayesianNeuralNetwork, GaussianPrior, HorseshoePrior, make_likelihood
-from bnnzoo.models.horseshoe import regularised_log_scale
-from bnnzoo.nets import Activation, Conv2d, Dense, Flatten, Network, Pool2d, mlp
 
 
 def tiny_convnet() -> Network:

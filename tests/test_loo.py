@@ -10,15 +10,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from bnnzoo.guides import LocalReparamELBO
+from bnnzoo.guides.training import set_seed
+from bnnzoo.models.standardizer import Standardizer
 from scipy.special import logsumexp
 
 import bnnzoo
 from bnnzoo.catalog import get_entry
-from bnnzoo.exact_loo import MeanFieldRefits, exact_loo, exact_loo_terms
-from bnnzoo.guides import LocalReparamELBO
+from bnnzoo.exact_loo import exact_loo, exact_loo_terms, mean_field_refits
 from bnnzoo.loo import RefitWrapper, loo
-from bnnzoo.standardizer import Standardizer
-from bnnzoo.training import set_seed
 
 NUM_SAMPLES = 100
 
@@ -97,7 +97,7 @@ def test_diagnose_prints_psis_and_refitted_estimates(fitted, capsys, monkeypatch
 
 
 # ---- exact LOO by vectorised refits (bnnzoo.exact_loo) ---------------------------------------------
-def _spread(refits: MeanFieldRefits, seed: int = 0) -> None:
+def _spread(refits, seed: int = 0) -> None:
     """Give every refit its own non-trivial parameters (locs, scales and noise scale)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_each_batched_refit_has_the_catalog_loss_and_gradients_without_its_point
     x, y = data.x_train, data.y_train
     n, batch = len(y), 12
     points = [3, 11, 25]
-    refits = MeanFieldRefits(post, x, y, points)
+    refits = mean_field_refits(post, x, y, points)
     for r, i in enumerate(points):
         assert torch.equal(refits.keep[r], torch.cat([torch.arange(i), torch.arange(i + 1, n)]))
     _spread(refits)

@@ -8,9 +8,19 @@ import math
 
 import pytest
 import torch
-
-from bnnzoo.nets import Activation, Conv2d, Dense, Flatten, Network, Pool2d, build_network, lenet5, lenet_300_100, mlp
-from bnnzoo.sparsity import group_keep, sparsity_report
+from bnnzoo.models.networks import (
+    Activation,
+    Conv2d,
+    Dense,
+    Flatten,
+    Network,
+    Pool2d,
+    build_network,
+    lenet5,
+    lenet_300_100,
+    mlp,
+)
+from bnnzoo.models.sparsity import group_keep, sparsity_report
 
 
 def tiny_convnet() -> Network:

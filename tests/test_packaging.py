@@ -48,9 +48,10 @@ def test_regular_install_imports(wheel, tmp_path):
 
 
 def test_editable_install_maps_folders():
-    import bnnzoo
     import bnnzoo.guides
     import bnnzoo.models
+
+    import bnnzoo
 
     if Path(bnnzoo.__file__).resolve().parent != ROOT / "bnnzoo":
         pytest.skip("bnnzoo is not installed from this checkout in editable mode")

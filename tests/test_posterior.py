@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
+from bnnzoo.models.standardizer import Standardizer
 
 import bnnzoo
 from bnnzoo import metrics
 from bnnzoo.data import DataError
-from bnnzoo.standardizer import Standardizer
 
 
 # ------------------------------------------------------------------------------------------ fit

@@ -9,15 +9,25 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from bnnzoo.guides import SGHMC, SpikeSlabEM
+from bnnzoo.guides.sghmc import cyclical_step_size
+from bnnzoo.guides.spike_slab_em import (
+    group_decay,
+    inclusion_probability,
+    inclusion_rate,
+)
+from bnnzoo.models import (
+    BayesianNeuralNetwork,
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    GaussianPrior,
+    HorseshoePrior,
+    SpikeSlabPrior,
+)
+from bnnzoo.models.networks import mlp
 from pyro.infer import MCMC, Predictive
 
 import bnnzoo
-from bnnzoo.guides import SGHMC, SpikeSlabEM
-from bnnzoo.guides.sghmc import cyclical_step_size
-from bnnzoo.guides.spike_slab_em import group_decay, inclusion_probability, inclusion_rate
-from bnnzoo.models import (BayesianNeuralNetwork, CategoricalLikelihood, GaussianLikelihood, GaussianPrior,
-                           HorseshoePrior, SpikeSlabPrior)
-from bnnzoo.nets import mlp
 
 
 def spike_slab_model(net, noise_scale=0.7, **prior):

@@ -12,21 +12,37 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from bnnzoo.guides import TDAMPGuide
+from bnnzoo.guides.group_sparse_messages import (
+    bernoulli_gaussian_posterior,
+    extrinsic_log_odds,
+    group_posterior,
+    log_likelihood_ratio,
+)
+from bnnzoo.guides.moment_propagation import (
+    inverse_mills_ratio,
+    linear_moments,
+    propagate,
+    relu_moments,
+    weight_messages,
+)
+from bnnzoo.guides.tdamp import linear_tdamp
+from bnnzoo.guides.tdamp_em import m_step
+from bnnzoo.models import (
+    BayesianNeuralNetwork,
+    BernoulliGaussianPrior,
+    GaussianLikelihood,
+    GaussianPrior,
+    GroupBernoulliGaussian,
+    ProbitProduct,
+    ProbitProductLikelihood,
+)
+from bnnzoo.models.networks import Activation, Conv2d, Dense, Flatten, Network, mlp
+from bnnzoo.models.probit_product import log_normal_cdf
 from pyro.infer import Predictive
 from scipy import stats
 
 import bnnzoo
-from bnnzoo.guides import TDAMPGuide
-from bnnzoo.guides.group_sparse_messages import (bernoulli_gaussian_posterior, extrinsic_log_odds, group_posterior,
-                                                 log_likelihood_ratio)
-from bnnzoo.guides.moment_propagation import (inverse_mills_ratio, linear_moments, propagate, relu_moments,
-                                              weight_messages)
-from bnnzoo.guides.tdamp import linear_tdamp
-from bnnzoo.methods.tdamp import m_step
-from bnnzoo.models import (BayesianNeuralNetwork, BernoulliGaussianPrior, GaussianLikelihood, GaussianPrior,
-                           GroupBernoulliGaussian, ProbitProduct, ProbitProductLikelihood)
-from bnnzoo.models.probit_product import log_normal_cdf
-from bnnzoo.nets import Activation, Conv2d, Dense, Flatten, Network, mlp
 
 
 def tdamp_model(net, task="regression"):

@@ -64,7 +64,6 @@ def command(dataset, split, seed, method, hidden, options, clients, rounds, part
             eval_every, serve, device, out, verbose) -> None:
     """Federated EM-TDAMP (or FedAvg) over CLIENTS clients: a Flower server, one process per client."""
     from bnnzoo.cli import _parse_options, _print_metrics
-
     from bnnzoo.federated.run import FederatedServer, run_federated
 
     data = load(dataset, split)

@@ -23,7 +23,6 @@ def command(server, dataset, split, seed, method, hidden, options, client_index,
     the whole of a data directory with --clients 1); data, network, method and --set options must
     match the server's."""
     from bnnzoo.cli import _parse_options
-
     from bnnzoo.federated.partition import partition as make_partition
     from bnnzoo.federated.run import build_posterior, client_spec, start_client
 

@@ -16,7 +16,7 @@ from abc import abstractmethod
 import torch
 from flwr.client import NumPyClient
 
-from bnnzoo.training import minibatches
+from bnnzoo.guides.training import minibatches
 
 from . import codec
 from .standardize import STAGE_KEY, STANDARDIZER_KEY, STATISTICS, decode, moments

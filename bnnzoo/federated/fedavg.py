@@ -1,6 +1,6 @@
 """The baseline: FedAvg (McMahan et al. 2017) of Adam-trained clients, on Flower's own ``FedAvg``.
 
-Each client trains the plain PyTorch network (:meth:`~bnnzoo.nets.Network.to_torch`) on its local
+Each client trains the plain PyTorch network (:meth:`~bnnzoo.models.networks.Network.to_torch`) on its local
 data for ``epochs`` epochs of Adam (lr 1e-3, its optimiser state kept between rounds) from the
 global weights, and returns its weights; Flower's ``FedAvg`` averages them weighted by the clients'
 numbers of examples. Regression minimises the mean squared error of the standardised targets,
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from flwr.common import ndarrays_to_parameters
 from flwr.server.strategy import FedAvg
 
-from bnnzoo.training import minibatches
+from bnnzoo.guides.training import minibatches
 
 from .client import StandardizedClient
 

@@ -1,6 +1,6 @@
 """Federated standardisation: the training statistics from the clients' sums, in a first round.
 
-Every method standardises with the training set's statistics (:class:`~bnnzoo.standardizer.Standardizer`).
+Every method standardises with the training set's statistics (:class:`~bnnzoo.models.standardizer.Standardizer`).
 No client holds the whole set, so round 1 of every federated run collects each client's count, sums
 and sums of squares (:func:`moments`); the server combines them (:func:`standardizer_from_moments`,
 equal to the pooled statistics) and sends the result with every later round, in the fit
@@ -17,7 +17,7 @@ import torch
 from flwr.common import FitIns, Parameters
 from flwr.server.strategy import Strategy
 
-from bnnzoo.standardizer import Standardizer
+from bnnzoo.models.standardizer import Standardizer
 
 STAGE_KEY, STATISTICS, STANDARDIZER_KEY = "stage", "statistics", "standardizer"
 

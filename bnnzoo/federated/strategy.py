@@ -49,7 +49,7 @@ import torch
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import Strategy
 
-from bnnzoo.methods.tdamp import m_step
+from bnnzoo.guides.tdamp_em import m_step
 
 from . import codec
 from .aggregation import gaussian_product, product_of_odds

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..catalog import CatalogEntry, register
-from ..nets import Network, build_network
+from ..models.networks import Network, build_network
 from ..variational import VariationalPosterior
 
 

@@ -175,7 +175,7 @@ def _apply(posterior, reduction) -> None:
 def reduce_in_place(posterior, *, rule: str = "ss", level: str = "weight", prune_last: bool = False,
                     layers=None, reduced_var: float = 0.0, num_iters: int = 4):
     """Reduce ``posterior`` in place; returns the :class:`~bnnzoo.guides.bmr.Reduction`."""
-    from bnnzoo.guides.bmr import reducible_sites, reduce_sites
+    from bnnzoo.guides.bmr import reduce_sites, reducible_sites
 
     sites = reducible_sites(posterior.net, prune_last, layers)
     weights = gaussian_weights(posterior, sites, level)

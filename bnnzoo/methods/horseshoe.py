@@ -69,7 +69,7 @@ autograd node (:mod:`bnnzoo.guides.horseshoe_mlp`). Measured in one process with
 epochs (thread CPU time, 40 epochs, split 0, loaded machine), the step went from 17.1 to 14.6 ms
 per epoch (-15%; split 9: 18.5 to 15.8). The benchmark (wall clock, 1 thread, against plain
 PyTorch with its default Adam, interleaved epoch by epoch): Boston 2.39x (was 2.63x), LeNet-300-100
-2.20x, LeNet-5 1.26x. The methods' fused Adam (``bnnzoo.training.make_adam``) is part of their
+2.20x, LeNet-5 1.26x. The methods' fused Adam (``bnnzoo.guides.training.make_adam``) is part of their
 cost; the baseline is what a user would write, ``torch.optim.Adam(params, lr)``.
 """
 

@@ -54,63 +54,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..catalog import CatalogEntry, register
+from ..guides.tdamp_em import keep_count, m_step
+from ..guides.training import minibatches
 from ..posterior import Posterior, Prediction
-from ..training import minibatches
 
 NAME = "em-tdamp"
-
-
-# ---- the M-step ---------------------------------------------------------------------------------
-def keep_count(keep: float, num_groups: int) -> int:
-    """Neurons kept of a layer of ``num_groups`` for a target fraction ``keep`` (at least one)."""
-    return max(1, min(num_groups, round(keep * num_groups)))
-
-
-@torch.no_grad()
-def constrained_log_odds_shift(log_odds: torch.Tensor, k: int) -> torch.Tensor:
-    """The constant ``c`` for which exactly ``k`` entries of ``log_odds + c`` are positive: minus the
-    midpoint between the k-th and (k+1)-th largest (a scalar tensor)."""
-    top = torch.topk(log_odds, min(k + 1, len(log_odds))).values
-    if k >= len(log_odds):
-        return 1.0 - top[-1]
-    return -0.5 * (top[k - 1] + top[k])
-
-
-@torch.no_grad()
-def m_step(guide, *, keep: float | None = None, learn_rho: bool = True, learn_slab_var: bool = False,
-           learn_noise: bool = True) -> dict[str, torch.Tensor]:
-    """The EM M-step on ``guide``'s model after a pass (module docstring). Returns the new values
-    (``logit_rho.<layer>``, ``slab_var.<layer>``, ``noise_var``) as tensors on the device."""
-    prior = guide.prior
-    posts = guide.group_posteriors()
-    out = {}
-    for layer in guide.net.hidden_layers():
-        post = posts[layer.name]
-        if keep is not None:
-            shift = constrained_log_odds_shift(post.log_odds, keep_count(keep, layer.num_groups))
-            logit = prior.logit_rho(layer.name) + shift
-        elif learn_rho:
-            rho = post.inclusion.mean()
-            logit = torch.logit(rho.clamp(1e-6, 1 - 1e-6)).expand(layer.num_groups)
-        else:
-            continue
-        prior.set_group_parameters(layer.name, logit_rho=logit)
-        out[f"logit_rho.{layer.name}"] = logit
-    if learn_slab_var:
-        for layer in guide.net.param_layers:
-            post = posts[layer.name]
-            (w_m, w_v), (b_m, b_v) = post.weight_slab, post.bias_slab
-            second = (w_m * w_m + w_v).reshape(layer.num_groups, -1).sum(1) + b_m * b_m + b_v
-            pi = post.inclusion
-            size = second.new_tensor(float(math.prod(layer.weight_shape[1:]) + 1))
-            s2 = (pi * second).sum() / (pi.sum() * size).clamp_min(1e-12)
-            prior.set_group_parameters(layer.name, slab_var=s2.clamp_min(1e-8).expand(layer.num_groups))
-            out[f"slab_var.{layer.name}"] = s2
-    if learn_noise and guide.task == "regression":
-        noise = (guide.noise_sum / guide.num_seen.clamp_min(1.0)).clamp_min(1e-6)
-        guide.set_noise_var(noise)
-        out["noise_var"] = noise
-    return out
 
 
 # ---- the posterior ------------------------------------------------------------------------------
@@ -224,7 +172,7 @@ class TDAMPPosterior(Posterior):
         if self.task != "classification":
             return super().predict(x, num_samples, chunk_size, return_samples, seed)
         self._require_fitted()
-        x, _ = self._validate(x, None, "inputs")
+        x, _ = self.validate(x, None, "inputs")
         x = self.standardizer.x(x.to(self.device))
         total, kept = None, []
         for f in self._output_draws(x, num_samples, chunk_size, seed):
@@ -240,7 +188,7 @@ class TDAMPPosterior(Posterior):
         if self.task != "classification":
             return super().log_likelihood(x, y, num_samples, chunk_size, seed)
         self._require_fitted()
-        x, y = self._validate(x, y, "test data")
+        x, y = self.validate(x, y, "test data")
         x = self.standardizer.x(x.to(self.device))
         y = y.to(self.device)
         acc = None
@@ -263,9 +211,14 @@ class TDAMPPosterior(Posterior):
 # ---- the catalog entry --------------------------------------------------------------------------
 def build_tdamp_model(config: dict):
     """The Pyro model of a configuration: network, Bernoulli-Gaussian prior, likelihood."""
-    from bnnzoo.models import BayesianNeuralNetwork, BernoulliGaussianPrior, GaussianLikelihood, ProbitProductLikelihood
+    from bnnzoo.models import (
+        BayesianNeuralNetwork,
+        BernoulliGaussianPrior,
+        GaussianLikelihood,
+        ProbitProductLikelihood,
+    )
 
-    from ..nets import Network, build_network
+    from ..models.networks import Network, build_network
 
     if "network_spec" in config:
         net = Network.from_spec(config["network_spec"])

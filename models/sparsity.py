@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .nets import Network
+from .networks import Network
 
 
 def input_groups(net: Network) -> dict[str, torch.Tensor | None]:

@@ -1,0 +1,68 @@
+"""The M-step of EM-TDAMP (Xu, Liu, Zhang & Lau 2024), run after every TDAMP pass.
+
+    rho_l     <- mean_g P(s_g = 1 | D)                  one inclusion rate per hidden layer
+    sigma_l^2 <- sum_g pi_g sum_i E[w_i^2 | s_g = 1] / sum_g pi_g n_g      (``learn_slab_var``)
+    v         <- mean_n [(y_n - E z_n)^2 + Var z_n]      (regression; the pass's running sums)
+
+With a target ``keep`` fraction the rate M-step is constrained instead: each hidden layer's prior
+log-odds are shifted by the one constant that puts exactly ``round(keep * K)`` of its ``K`` neurons
+above inclusion probability 1/2 (the midpoint between the k-th and (k+1)-th group log-odds).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def keep_count(keep: float, num_groups: int) -> int:
+    """Neurons kept of a layer of ``num_groups`` for a target fraction ``keep`` (at least one)."""
+    return max(1, min(num_groups, round(keep * num_groups)))
+
+
+@torch.no_grad()
+def constrained_log_odds_shift(log_odds: torch.Tensor, k: int) -> torch.Tensor:
+    """The constant ``c`` for which exactly ``k`` entries of ``log_odds + c`` are positive: minus the
+    midpoint between the k-th and (k+1)-th largest (a scalar tensor)."""
+    top = torch.topk(log_odds, min(k + 1, len(log_odds))).values
+    if k >= len(log_odds):
+        return 1.0 - top[-1]
+    return -0.5 * (top[k - 1] + top[k])
+
+
+@torch.no_grad()
+def m_step(guide, *, keep: float | None = None, learn_rho: bool = True, learn_slab_var: bool = False,
+           learn_noise: bool = True) -> dict[str, torch.Tensor]:
+    """The EM M-step on ``guide``'s model after a pass (module docstring). Returns the new values
+    (``logit_rho.<layer>``, ``slab_var.<layer>``, ``noise_var``) as tensors on the device."""
+    prior = guide.prior
+    posts = guide.group_posteriors()
+    out = {}
+    for layer in guide.net.hidden_layers():
+        post = posts[layer.name]
+        if keep is not None:
+            shift = constrained_log_odds_shift(post.log_odds, keep_count(keep, layer.num_groups))
+            logit = prior.logit_rho(layer.name) + shift
+        elif learn_rho:
+            rho = post.inclusion.mean()
+            logit = torch.logit(rho.clamp(1e-6, 1 - 1e-6)).expand(layer.num_groups)
+        else:
+            continue
+        prior.set_group_parameters(layer.name, logit_rho=logit)
+        out[f"logit_rho.{layer.name}"] = logit
+    if learn_slab_var:
+        for layer in guide.net.param_layers:
+            post = posts[layer.name]
+            (w_m, w_v), (b_m, b_v) = post.weight_slab, post.bias_slab
+            second = (w_m * w_m + w_v).reshape(layer.num_groups, -1).sum(1) + b_m * b_m + b_v
+            pi = post.inclusion
+            size = second.new_tensor(float(math.prod(layer.weight_shape[1:]) + 1))
+            s2 = (pi * second).sum() / (pi.sum() * size).clamp_min(1e-12)
+            prior.set_group_parameters(layer.name, slab_var=s2.clamp_min(1e-8).expand(layer.num_groups))
+            out[f"slab_var.{layer.name}"] = s2
+    if learn_noise and guide.task == "regression":
+        noise = (guide.noise_sum / guide.num_seen.clamp_min(1.0)).clamp_min(1e-6)
+        guide.set_noise_var(noise)
+        out["noise_var"] = noise
+    return out

@@ -1,0 +1,183 @@
+"""Training loops shared by the catalog's fitting procedures: seeding, minibatches, Adam, the
+epoch loop (progress, timing, divergence checks, callbacks) and SVI."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyro
+import torch
+from tqdm import tqdm
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy, torch (every device) and Pyro."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    pyro.set_rng_seed(seed)
+
+
+def minibatches(n: int, batch_size: int, device, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Index tensors of one shuffled pass over ``n`` examples (the last batch may be smaller)."""
+    perm = torch.randperm(n, device=device, generator=generator)
+    for start in range(0, n, batch_size):
+        yield perm[start:start + batch_size]
+
+
+def make_adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused into one kernel where the installed torch supports it for these tensors."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr)
+
+
+@dataclass
+class TrainingHistory:
+    """What a fit recorded, epoch by epoch: the mean loss per training example and the wall time.
+
+    ``extra`` holds a method's own per-epoch or per-event records (e.g. BMR decisions, a sampler's
+    per-sample statistics) under names the method documents; it must be JSON-serialisable.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def extend(self, other: "TrainingHistory") -> None:
+        """Append ``other``'s epochs (a fit continued by another loop)."""
+        self.loss.extend(other.loss)
+        self.epoch_seconds.extend(other.epoch_seconds)
+        for key, value in other.extra.items():
+            if isinstance(value, list) and isinstance(self.extra.get(key), list):
+                self.extra[key].extend(value)
+            else:
+                self.extra[key] = value
+
+    def to_dict(self) -> dict:
+        return {"loss": list(self.loss), "epoch_seconds": list(self.epoch_seconds), **self.extra}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainingHistory":
+        values = dict(values)
+        return cls(loss=list(values.pop("loss", [])), epoch_seconds=list(values.pop("epoch_seconds", [])),
+                   extra=values)
+
+
+class DivergenceError(FloatingPointError):
+    """A fit's loss became non-finite or exploded: the fit is stopped and nothing is saved as fitted."""
+
+    def __init__(self, method: str, epoch: int, loss: float, reason: str):
+        self.method, self.epoch, self.loss = method, epoch, loss
+        super().__init__(
+            f"{method}: the fit diverged in epoch {epoch + 1} ({reason}, loss {loss:.4g}). Likely causes: a "
+            f"learning rate or step size too large for this data, a prior or noise scale so small that the "
+            f"likelihood overflows, or targets / inputs of extreme magnitude (check the data for huge values)")
+
+
+class EpochLoop:
+    """Progress bar, timing, divergence checks and callbacks for the epochs of one fit.
+
+    Either iterate (``for epoch in loop: ...; loop.end_epoch(loss)``) or, for an event-driven
+    sampler whose epochs end inside a kernel's ``sample``, call :meth:`begin_epoch` and
+    :meth:`end_epoch` yourself. :meth:`end_epoch` reads the loss back once (a 0-d tensor on any
+    device, or a float), raises :class:`DivergenceError` when it is NaN or infinite, or when it
+    exceeds the best loss so far by more than ``explode_factor * max(1, |best|)``, records it and the
+    epoch's wall time in :attr:`history`, then runs ``on_epoch_end(epoch, loss)`` outside the timed
+    part.
+    """
+
+    def __init__(self, epochs: int, *, method: str, progress: bool = False, description: str | None = None,
+                 on_epoch_end: Callable[[int, float], None] | None = None, explode_factor: float = 1e6,
+                 history: TrainingHistory | None = None):
+        self.epochs = int(epochs)
+        self.method = method
+        self.on_epoch_end = on_epoch_end
+        self.explode_factor = explode_factor
+        self.history = history if history is not None else TrainingHistory()
+        self.epoch = 0
+        self._best = math.inf
+        self._start: float | None = None
+        self._bar = tqdm(total=self.epochs, desc=description or method, disable=not progress, leave=False)
+
+    def __iter__(self) -> Iterator[int]:
+        try:
+            while self.epoch < self.epochs:
+                self.begin_epoch()
+                yield self.epoch
+                if self._start is not None:
+                    raise RuntimeError("an EpochLoop epoch ended without end_epoch(loss)")
+        finally:
+            self.close()
+
+    def begin_epoch(self) -> None:
+        self._start = time.perf_counter()
+
+    def end_epoch(self, loss) -> float:
+        """Check, record and report the epoch's mean loss; returns it as a float."""
+        seconds = time.perf_counter() - (self._start if self._start is not None else time.perf_counter())
+        self._start = None
+        value = float(loss)
+        if not math.isfinite(value):
+            self.close()
+            raise DivergenceError(self.method, self.epoch, value, "the loss is not finite")
+        if self._best < math.inf and value > self._best + self.explode_factor * max(1.0, abs(self._best)):
+            self.close()
+            raise DivergenceError(self.method, self.epoch, value,
+                                  f"the loss exploded from its best value {self._best:.4g}")
+        self._best = min(self._best, value)
+        self.history.loss.append(value)
+        self.history.epoch_seconds.append(seconds)
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{value:.4g}")
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(epoch, value)
+        return value
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def fit_svi(
+    model,
+    guide,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    elbo,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+    description: str = "SVI",
+) -> TrainingHistory:
+    """Stochastic variational inference: Adam on ``elbo(model, guide)`` over shuffled minibatches.
+
+    Returns the :class:`TrainingHistory`: the mean loss (negative ELBO per training example) and
+    the wall time of every epoch. The loss is accumulated on the device and read back once per
+    epoch, so there is no host-device copy in the inner loop. ``on_epoch_end(epoch, loss)`` runs
+    after each epoch, outside the timed part (pruning schedules and benchmarks use it); a
+    non-finite or exploding loss raises :class:`DivergenceError`.
+    """
+    n = len(x)
+    loss_fn = elbo(model, guide)
+    optimizer = make_adam(loss_fn.parameters(), lr)
+    loop = EpochLoop(epochs, method=description, progress=progress, on_epoch_end=on_epoch_end)
+    for _ in loop:
+        total = torch.zeros((), device=x.device)
+        for idx in minibatches(n, batch_size, x.device):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(x[idx], y[idx], n)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(idx)
+        loop.end_epoch(total / n / n)
+    return loop.history

@@ -1,4 +1,4 @@
-"""Baselines (issue 2): mean-field VI and MAP on MNIST train5k -> t10k and Boston housing."""
+"""Baselines: mean-field VI and MAP on MNIST train5k -> t10k and Boston housing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bayesian model reduction (issue 6).
+"""Bayesian model reduction.
 
 - ``bmr-mnist-mlp`` / ``bmr-mnist-lenet5``: iterative BMR on MNIST train5k -> t10k (LeNet-5: the
   spike-and-slab rule, BMR-S&S, at the catalog defaults; the 4x500 MLP: the plain rule ``dF > 0``
@@ -14,7 +14,7 @@
 - ``bmr-boston-horseshoe``: post-hoc BMR of the fitted horseshoe posterior (``Posterior.reduce``,
   each rule) over the same 20 splits, against the same target.
 
-The machine these were first run on is shared; run them one at a time, e.g.
+Timings are comparable only on a quiet machine: run the suites one at a time, e.g.
 ``OMP_NUM_THREADS=1 python -m benchmarks.run bmr-mnist-mlp``.
 """
 
@@ -26,9 +26,9 @@ import time
 import torch
 
 from bnnzoo import metrics
-from bnnzoo.data import load_dataset
+from bnnzoo.data import load_dataset, load_uci, uci_num_splits
 
-from .harness import fit_with_baseline, uci_protocol
+from .harness import fit_with_baseline, mean_se, uci_protocol
 
 # the catalog's classification defaults of the bmr entries (LeNet-5 runs with them)
 MNIST = {"lr": 3e-3, "init_scale": 1e-3, "prior_scale": 1.0, "batch_size": 128}
@@ -114,17 +114,17 @@ def _mnist(network: dict, label: str, *, device, epochs: int, num_samples: int,
                   "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"],
                   "compression_ratio": sp["compression_ratio"], "architecture": sp["architecture"],
                   "layers": {k: v["weights_pruned_fraction"] for k, v in sp["layers"].items()},
-                  "seconds_per_epoch": statistics.median(posterior.history["epoch_seconds"]),
-                  "epochs": len(posterior.history["epoch_seconds"]), "config": posterior.config}
+                  "seconds_per_epoch": statistics.median(posterior.history.epoch_seconds),
+                  "epochs": len(posterior.history.epoch_seconds), "config": posterior.config}
         if plain is not None:
             x_test = posterior.standardizer.x(data.x_test.to(posterior.device))
             result["plain_adam"] = {**metrics.classification_metrics(plain.probs(x_test), data.y_test.to(posterior.device)),
                                     "seconds_per_epoch": statistics.median(plain.epoch_seconds)}
-            result["epoch_time_ratio"] = statistics.median(posterior.history["epoch_seconds"][1:]) / \
+            result["epoch_time_ratio"] = statistics.median(posterior.history.epoch_seconds[1:]) / \
                 statistics.median(plain.epoch_seconds[1:])
-        if "weights_pruned_fraction" in posterior.history:
-            result["pruned_fraction_per_epoch"] = posterior.history["weights_pruned_fraction"]
-            result["bmr_seconds"] = posterior.history["bmr_seconds"]
+        if "weights_pruned_fraction" in posterior.history.extra:
+            result["pruned_fraction_per_epoch"] = posterior.history.extra["weights_pruned_fraction"]
+            result["bmr_seconds"] = posterior.history.extra["bmr_seconds"]
         out[key], fitted[key] = result, posterior
     flat = out.pop("meanfield-vi")
     f = flat["metrics"]
@@ -160,19 +160,19 @@ def _reduction_cost(iterative, flat, device) -> dict:
     Post hoc: ``Posterior.reduce()`` of the fitted flat posterior (deep copy included) against the
     median epoch of that same fit.
     """
-    in_training = statistics.median(iterative.history["bmr_seconds"]) / statistics.median(
-        iterative.history["epoch_seconds"][1:])
+    in_training = statistics.median(iterative.history.extra["bmr_seconds"]) / statistics.median(
+        iterative.history.epoch_seconds[1:])
     reduce_seconds = [_timed(lambda: flat.reduce(rule="ss"), device) for _ in range(5)]
-    post_hoc = statistics.median(reduce_seconds) / statistics.median(flat.history["epoch_seconds"][1:])
+    post_hoc = statistics.median(reduce_seconds) / statistics.median(flat.history.epoch_seconds[1:])
     worst = max(in_training, post_hoc)
     return {
         "model": "bmr", "dataset": "mnist-train5k-t10k", "arch": "mlp-4x500 (the largest network here)",
         "weights": iterative.net.num_weights(),
-        "in_training": {"reduce_seconds_median": statistics.median(iterative.history["bmr_seconds"]),
-                        "epoch_seconds_median": statistics.median(iterative.history["epoch_seconds"][1:]),
+        "in_training": {"reduce_seconds_median": statistics.median(iterative.history.extra["bmr_seconds"]),
+                        "epoch_seconds_median": statistics.median(iterative.history.epoch_seconds[1:]),
                         "ratio": in_training},
         "post_hoc": {"reduce_seconds": reduce_seconds,
-                     "epoch_seconds_median": statistics.median(flat.history["epoch_seconds"][1:]),
+                     "epoch_seconds_median": statistics.median(flat.history.epoch_seconds[1:]),
                      "ratio": post_hoc},
         "targets": {"at_most_5_percent_of_an_epoch": worst <= 0.05},
         "headline": (f"one BMR reduction of {iterative.net.num_weights():,} weights costs {100 * in_training:.1f}% "
@@ -224,10 +224,6 @@ def boston_horseshoe(device, num_samples: int = 1000) -> dict:
     single weights inside the neurons the horseshoe kept; the pruned fraction counts all weights.
     Test LL and RMSE as in ``horseshoe-boston`` (1,000 draws, the horseshoe's untempered predictive);
     the reduction's cost against the median training epoch of the same fit."""
-    from bnnzoo.data import load_uci, uci_num_splits
-
-    from .harness import mean_se
-
     rules = ("ss", "plain")
     rows = {rule: [] for rule in rules}
     for split in range(uci_num_splits("boston")):
@@ -235,7 +231,7 @@ def boston_horseshoe(device, num_samples: int = 1000) -> dict:
         posterior, _ = fit_with_baseline("horseshoe-svi", data, device=device, seed=split, baseline=None)
         before = posterior.evaluate(data.x_test, data.y_test, num_samples=num_samples)
         before_pruned = posterior.sparsity()["weights_pruned_fraction"]
-        epoch = statistics.median(posterior.history["epoch_seconds"])
+        epoch = statistics.median(posterior.history.epoch_seconds)
         for rule in rules:
             reduced = []
             seconds = _timed(lambda: reduced.append(posterior.reduce(rule=rule)), posterior.device)

@@ -1,4 +1,4 @@
-"""Diagnostics (issue 7): does LOO on the training data predict the held-out log-likelihood?
+"""Diagnostics: does LOO on the training data predict the held-out log-likelihood?
 
 For the mean-field baseline on the 20 Boston housing splits: fit (the entry's defaults), and compare
 the LOO estimate of the expected log predictive density per point (``elpd_loo / n`` +- ``se / n``)
@@ -68,7 +68,7 @@ def kfold_log_likelihood(name: str, data, *, k: int, device, seed: int, num_samp
 
 
 def loo_split(name: str, split: int, *, device, num_samples: int, kfold: int, refit: bool, exact: bool) -> dict:
-    import arviz as az
+    import arviz as az  # lazy: arviz, only for this suite
 
     data = load_uci("boston", split=split)
     start = time.perf_counter()

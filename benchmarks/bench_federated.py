@@ -1,4 +1,4 @@
-"""Federated EM-TDAMP on Flower (issue 8) against centralised EM-TDAMP and FedAvg of Adam clients.
+"""Federated EM-TDAMP on Flower against centralised EM-TDAMP and FedAvg of Adam clients.
 
 Every federated run is real: a Flower server in the benchmark process and one client process per
 client, gRPC on loopback (:func:`bnnzoo.federated.run.run_federated`); a round is ``local_epochs``
@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import os
 
-from bnnzoo.guides.training import set_seed
-
 import bnnzoo
 from bnnzoo.data import load_dataset, load_uci, uci_num_splits
 from bnnzoo.federated.run import quiet_flower, run_federated
+from bnnzoo.guides.training import set_seed
 
 from .harness import mean_se
 

@@ -1,4 +1,4 @@
-"""Horseshoe with SVI (issue 3): Boston housing (all 20 splits) and MNIST train5k -> t10k with
+"""Horseshoe with SVI: Boston housing (all 20 splits) and MNIST train5k -> t10k with
 LeNet-300-100 and LeNet-5.
 
 Each posterior is fitted with the catalog entry's defaults but without its closing prune, evaluated
@@ -48,8 +48,8 @@ def boston(device, num_samples: int = 1000, **options) -> dict:
                      "weights_pruned_fraction": sp["weights_pruned_fraction"],
                      "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"],
                      "dense_rmse": dense["rmse"], "dense_log_likelihood": dense["log_likelihood"],
-                     "seconds_per_epoch": statistics.median(posterior.history["epoch_seconds"]),
-                     "epoch_time_ratio": epoch_ratio(posterior.history["epoch_seconds"], plain.epoch_seconds),
+                     "seconds_per_epoch": statistics.median(posterior.history.epoch_seconds),
+                     "epoch_time_ratio": epoch_ratio(posterior.history.epoch_seconds, plain.epoch_seconds),
                      "architecture": sp["architecture"]})
         print(f"  boston split {split}: {sp['architecture']} rmse {m['rmse']:.3f} ll {m['log_likelihood']:.3f} "
               f"(dense {dense['rmse']:.3f} / {dense['log_likelihood']:.3f})", flush=True)
@@ -80,9 +80,9 @@ def _mnist(arch: str, device, num_samples: int = 100, **options) -> dict:
         "layers": sp["layers"],
         "dense": dense, "accuracy_gap_to_plain_adam": plain_metrics["accuracy"] - m["accuracy"],
         "plain_adam": {**plain_metrics, "seconds_per_epoch": statistics.median(plain.epoch_seconds)},
-        "seconds_per_epoch": statistics.median(posterior.history["epoch_seconds"]),
-        "epoch_time_ratio": epoch_ratio(posterior.history["epoch_seconds"], plain.epoch_seconds),
-        "epochs": len(posterior.history["epoch_seconds"]), "config": posterior.config,
+        "seconds_per_epoch": statistics.median(posterior.history.epoch_seconds),
+        "epoch_time_ratio": epoch_ratio(posterior.history.epoch_seconds, plain.epoch_seconds),
+        "epochs": len(posterior.history.epoch_seconds), "config": posterior.config,
         "pruning_rule": "E_q[ln s_k] + 0.5 ln(fan_in) < ln(prune_threshold)",
     }
 

@@ -1,4 +1,4 @@
-"""Spike-and-slab EM-SGHMC (issue 4): cost against plain SGD, the sparse teacher, Boston, MNIST
+"""Spike-and-slab EM-SGHMC: cost against plain SGD, the sparse teacher, Boston, MNIST
 LeNet-5, and chains in processes.
 
 Suites (``python -m benchmarks.run SUITE``):
@@ -27,14 +27,17 @@ import statistics
 import time
 from unittest import mock
 
+import pyro.infer.mcmc.api as mcmc_api
 import pyro.poutine as poutine
 import torch
-from bnnzoo.guides.training import set_seed
-from bnnzoo.models.standardizer import Standardizer
+from pyro.ops.stats import split_gelman_rubin
 
 import bnnzoo
 from bnnzoo import metrics
 from bnnzoo.data import load_dataset, load_uci, make_sparse_teacher
+from bnnzoo.guides import SGHMC
+from bnnzoo.guides.training import set_seed
+from bnnzoo.models.standardizer import Standardizer
 
 from .harness import PlainTorch, epoch_ratio, fit_with_baseline, uci_protocol
 
@@ -49,7 +52,7 @@ MNIST_NUM_SAMPLES = 4  # LeNet-5 on 10,000 test images is slow on this CPU: few 
 
 def _state(posterior) -> dict:
     """The kernel's state between steps, in bytes and against the parameters' bytes."""
-    size = posterior.history["state_bytes"]
+    size = posterior.history.extra["state_bytes"]
     params = sum(v[0, 0].numel() * v.element_size() for v in posterior.samples.values())
     return {"parameter_bytes": params, **size,
             "optimiser_state_over_parameters": (size["momentum"] + size["preconditioner"] + size["em"]) / params,
@@ -61,8 +64,6 @@ def _pyro_trace_overhead(posterior, x, y, batch_size: int, repeats: int = 100) -
     """Seconds per gradient of the potential's likelihood part: the kernel's plain-torch path
     (``SGHMC.minibatch_gradient``) against tracing the conditioned Pyro model (``log_prob_sum`` of
     the trace, then a backward pass), at a stored draw."""
-    from bnnzoo.guides import SGHMC
-
     model = posterior.model
     params = {s: v[0, -1].clone() for s, v in posterior.samples.items()}
     kernel = SGHMC(model, batch_size=batch_size)
@@ -106,8 +107,8 @@ def _speed_case(data, network, batch_size, epochs, device, **options) -> dict:
     x = std.x(data.x_train.to(posterior.device))
     y = std.y(data.y_train.to(posterior.device))
     return {"network": repr(posterior.net), "batch_size": batch_size, "epochs": epochs,
-            "epoch_time_ratio": epoch_ratio(posterior.history["epoch_seconds"], plain.epoch_seconds),
-            "seconds_per_epoch": statistics.median(posterior.history["epoch_seconds"][1:]),
+            "epoch_time_ratio": epoch_ratio(posterior.history.epoch_seconds, plain.epoch_seconds),
+            "seconds_per_epoch": statistics.median(posterior.history.epoch_seconds[1:]),
             "plain_sgd_seconds_per_epoch": statistics.median(plain.epoch_seconds[1:]),
             "state": _state(posterior), "sparsity": posterior.sparsity()["architecture"],
             **_pyro_trace_overhead(posterior, x, y, batch_size)}
@@ -146,7 +147,7 @@ def teacher(device) -> dict:
         "weights": sp["weights"], "architecture": sp["architecture"],
         "relevant_inputs_kept": int(inputs_kept[relevant].sum()), "relevant_inputs": len(relevant),
         "inputs_kept": int(inputs_kept.sum()),
-        "epoch_time_ratio": epoch_ratio(posterior.history["epoch_seconds"], plain.epoch_seconds),
+        "epoch_time_ratio": epoch_ratio(posterior.history.epoch_seconds, plain.epoch_seconds),
         "state": _state(posterior), "config": posterior.config,
     }
     result["headline"] = (f"{100 * sp['weights_pruned_fraction']:.2f}% of weights pruned ({sp['weights_kept']} of "
@@ -197,12 +198,12 @@ def mnist(device) -> dict:
         "weights_pruned_fraction": sp["weights_pruned_fraction"],
         "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"],
         "compression_ratio": sp["compression_ratio"], "architecture": sp["architecture"],
-        "seconds_per_epoch": statistics.median(posterior.history["epoch_seconds"][1:]),
-        "epochs": len(posterior.history["epoch_seconds"]), "fit_seconds": fit_seconds,
+        "seconds_per_epoch": statistics.median(posterior.history.epoch_seconds[1:]),
+        "epochs": len(posterior.history.epoch_seconds), "fit_seconds": fit_seconds,
         "plain_adam": plain["adam"], "plain_sgd": plain["sgd"],
         "accuracy_minus_plain_adam": m["accuracy"] - plain["adam"]["accuracy"],
-        "epoch_time_ratio": epoch_ratio(posterior.history["epoch_seconds"], sgd.epoch_seconds),
-        "epoch_time_ratio_vs_adam": epoch_ratio(posterior.history["epoch_seconds"], adam.epoch_seconds),
+        "epoch_time_ratio": epoch_ratio(posterior.history.epoch_seconds, sgd.epoch_seconds),
+        "epoch_time_ratio_vs_adam": epoch_ratio(posterior.history.epoch_seconds, adam.epoch_seconds),
         "state": _state(posterior), "config": posterior.config,
     }
     result["headline"] = (f"accuracy {100 * m['accuracy']:.2f}% (plain Adam {100 * plain['adam']['accuracy']:.2f}%, "
@@ -216,9 +217,6 @@ def chains(device) -> dict:
     """Two chains in processes and the same two chains in turn. On a machine with fewer free cores
     than chains ``MCMC`` runs chains in turn; the process path is forced here by letting it see
     four cores, so that it is exercised on any machine."""
-    import pyro.infer.mcmc.api as mcmc_api
-    from pyro.ops.stats import split_gelman_rubin
-
     data = load_uci("boston", split=0)
     options = {"num_chains": 2, "epochs": 200, "cycles": 4, "samples_per_cycle": 3}
     out = {}

@@ -1,4 +1,4 @@
-"""EM-TDAMP (issue 5): one linear layer against exact inference and Lasso, Boston housing at 40% of
+"""EM-TDAMP: one linear layer against exact inference and Lasso, Boston housing at 40% of
 neurons kept and a sparsity sweep against Adam and magnitude pruning, MNIST train5k -> t10k.
 
 Suites: ``tdamp-linear``, ``tdamp-boston``, ``tdamp-boston-sweep`` (writes
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bnnzoo.guides.tdamp import linear_tdamp
-from bnnzoo.guides.training import minibatches, set_seed
-from bnnzoo.models.standardizer import Standardizer
 
 import bnnzoo
 from bnnzoo import metrics
 from bnnzoo.data import load_dataset, load_uci, uci_num_splits
+from bnnzoo.guides.tdamp import linear_tdamp
+from bnnzoo.guides.training import minibatches, set_seed
+from bnnzoo.models.standardizer import Standardizer
 
 from .harness import RESULTS, PlainTorch, epoch_ratio, mean_se, uci_protocol
 
@@ -260,10 +260,10 @@ def boston_sweep(device, splits: list[int] | None = None) -> dict:
 
 
 def _plot_sweep(summary: dict, path: Path, n_splits: int) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib, only for this figure
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib, after choosing its non-interactive backend
 
     keep = [100 * k for k in SWEEP_KEEP]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -307,7 +307,7 @@ def mnist_run(device, *, keep: float = 0.4, epochs: int = 20, adam_epochs: int =
 
     set_seed(seed)
     posterior.fit(data.x_train, data.y_train, progress=True, callback=adam_epoch)
-    ratio = epoch_ratio(posterior.history["epoch_seconds"], plain.epoch_seconds)
+    ratio = epoch_ratio(posterior.history.epoch_seconds, plain.epoch_seconds)
     adam_seconds = statistics.median(plain.epoch_seconds[1:] or plain.epoch_seconds)
     while len(adam_error) < adam_epochs:
         adam_epoch()
@@ -326,10 +326,10 @@ def mnist_run(device, *, keep: float = 0.4, epochs: int = 20, adam_epochs: int =
             "options": {"keep": keep, "epochs": epochs, "batch_size": batch_size, **options}, "metrics": m,
             "test_error": error, "weights_pruned_fraction": sp["weights_pruned_fraction"],
             "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"], "architecture": sp["architecture"],
-            "seconds_per_epoch": statistics.median(posterior.history["epoch_seconds"]),
-            "epochs": len(posterior.history["epoch_seconds"]), "plain_adam": adam_final,
+            "seconds_per_epoch": statistics.median(posterior.history.epoch_seconds),
+            "epochs": len(posterior.history.epoch_seconds), "plain_adam": adam_final,
             "adam_test_error_per_epoch": adam_error, "adam_best_error": best, "adam_epochs_to_best": needed,
-            "epoch_time_ratio": ratio, "history": posterior.history, "config": posterior.config}
+            "epoch_time_ratio": ratio, "history": posterior.history.to_dict(), "config": posterior.config}
 
 
 def mnist(device) -> dict:

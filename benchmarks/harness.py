@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bnnzoo.guides.training import minibatches, set_seed
-from bnnzoo.models.standardizer import Standardizer
 
 import bnnzoo
 from bnnzoo import metrics
 from bnnzoo.data import load_dataset, load_uci, uci_num_splits
+from bnnzoo.guides.training import minibatches, set_seed
+from bnnzoo.models.standardizer import Standardizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -124,9 +124,9 @@ def uci_protocol(name: str, dataset: str = "boston", splits: list[int] | None = 
                "weights_pruned_fraction": sp["weights_pruned_fraction"],
                "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"],
                "architecture": sp["architecture"],
-               "seconds_per_epoch": statistics.median(posterior.history["epoch_seconds"])}
+               "seconds_per_epoch": statistics.median(posterior.history.epoch_seconds)}
         if plain is not None:
-            row["epoch_time_ratio"] = epoch_ratio(posterior.history["epoch_seconds"], plain.epoch_seconds)
+            row["epoch_time_ratio"] = epoch_ratio(posterior.history.epoch_seconds, plain.epoch_seconds)
         rows.append(row)
         if progress:
             print(f"  {name} {dataset} split {split}: rmse {m['rmse']:.3f} ll {m['log_likelihood']:.3f} "
@@ -150,14 +150,14 @@ def mnist_protocol(name: str, *, arch: str = "lenet-300-100", device="cpu", seed
            "weights_pruned_fraction": sp["weights_pruned_fraction"],
            "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"],
            "compression_ratio": sp["compression_ratio"], "architecture": sp["architecture"],
-           "seconds_per_epoch": statistics.median(posterior.history["epoch_seconds"]),
-           "epochs": len(posterior.history["epoch_seconds"]), "config": posterior.config}
+           "seconds_per_epoch": statistics.median(posterior.history.epoch_seconds),
+           "epochs": len(posterior.history.epoch_seconds), "config": posterior.config}
     if plain is not None:
         y_test = data.y_test.to(posterior.device)
         x_test = posterior.standardizer.x(data.x_test.to(posterior.device))
         out[f"plain_{baseline}"] = {**metrics.classification_metrics(plain.probs(x_test), y_test),
                                     "seconds_per_epoch": statistics.median(plain.epoch_seconds)}
-        out["epoch_time_ratio"] = epoch_ratio(posterior.history["epoch_seconds"], plain.epoch_seconds)
+        out["epoch_time_ratio"] = epoch_ratio(posterior.history.epoch_seconds, plain.epoch_seconds)
     return out
 
 

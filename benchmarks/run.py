@@ -1,8 +1,9 @@
 """Run benchmark suites: ``python -m benchmarks.run [SUITE ...] [--device DEV]``.
 
 Every module ``benchmarks/bench_*.py`` exposes ``SUITES = {name: function(device) -> {key: result}}``;
-each result is written to ``benchmarks/results/<key>.json`` and the README's results table is
-regenerated from all result files. ``--list`` shows the suites; no suite name runs them all.
+each result is written to ``benchmarks/results/<key>.json`` and the results page (``docs/results.md``,
+:mod:`benchmarks.report`) is regenerated from all result files. ``--list`` shows the suites; no suite
+name runs them all.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import torch
 
 from bnnzoo.devices import resolve_device
 
-from .harness import write_result
-from .report import update_readme
+from . import harness, report
 
 
 def all_suites() -> dict:
@@ -52,9 +52,9 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         print(f"== {name} on {device}", flush=True)
         for key, result in suites[name](device).items():
-            print(f"   wrote {write_result(key, result, device)}", flush=True)
+            print(f"   wrote {harness.write_result(key, result, device)}", flush=True)
         print(f"   {name} took {time.perf_counter() - start:.0f} s", flush=True)
-    update_readme()
+    print(f"wrote {report.write_page(harness.RESULTS, report.RESULTS_PAGE)}", flush=True)
 
 
 if __name__ == "__main__":

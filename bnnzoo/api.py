@@ -15,9 +15,18 @@ def create(name: str, task: str, input_shape, output_dim: int, *, network: dict 
 
     Use it like a scikit-learn estimator: ``create(...).fit(x, y).predict(x_new)``.
     """
+    return _create(name, task, input_shape, output_dim, network=network, dataset=dataset, device=device,
+                   seed=seed, options=options)
+
+
+def _create(name: str, task: str, input_shape, output_dim: int, *, network: dict | None, dataset: str, device,
+            seed: int, options: dict, data: dict | None = None) -> Posterior:
+    """The posterior of :func:`create`; ``data`` (where the training data came from) joins the config."""
     entry = get_entry(name)
     config = entry.configure(task, tuple(input_shape), output_dim, dataset, network=network, **options)
     config["seed"] = int(seed)
+    if data is not None:
+        config["data"] = data
     set_seed(seed)
     return entry.create(config, device=device)
 
@@ -30,9 +39,9 @@ def fit(name: str, data: Dataset | str | None = None, *, split: int = 0, network
     ``options`` override the entry's defaults (``epochs``, ``batch_size``, ``lr``, prior settings...).
     """
     dataset = data if isinstance(data, Dataset) else load_dataset(data, split=split)
-    posterior = create(name, dataset.task, dataset.input_shape, dataset.output_dim, network=network,
-                       dataset=dataset.name, device=device, seed=seed, **options)
-    posterior.config["data"] = {"name": dataset.name, "split": dataset.split, "source": dataset.source}
+    posterior = _create(name, dataset.task, dataset.input_shape, dataset.output_dim, network=network,
+                        dataset=dataset.name, device=device, seed=seed, options=options,
+                        data={"name": dataset.name, "split": dataset.split, "source": dataset.source})
     return posterior.fit(dataset.x_train, dataset.y_train, progress=progress)
 
 

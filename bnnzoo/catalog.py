@@ -1,15 +1,30 @@
-"""The catalog: model names -> model + inference + defaults + paper (``list_models``, ``get_entry``)."""
+"""The catalog: a registry of named methods (model + inference + defaults + paper).
+
+A method's module registers its :class:`CatalogEntry` with :func:`register` when it is imported;
+``import bnnzoo`` imports the built-in methods (:mod:`bnnzoo.methods`), so :func:`list_models` and
+:func:`get_entry` see them. This module imports no method: it is the registry the methods write to.
+
+Another installed package adds entries the same way, from its own modules, and advertises them with
+an entry point in the ``bnnzoo.catalog`` group (``[project.entry-points."bnnzoo.catalog"]``,
+``my-method = "mypackage.methods"``): on the first :func:`list_models` or :func:`get_entry` every such
+entry point is loaded once; loading imports its module (which registers its entries), and an entry
+point that names a :class:`CatalogEntry` object is registered directly.
+"""
 
 from __future__ import annotations
 
 import copy
 import difflib
-import importlib
-import pkgutil
+import warnings
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Callable
 
+#: the entry-point group through which other packages add catalog entries
+ENTRY_POINT_GROUP = "bnnzoo.catalog"
+
 _REGISTRY: dict[str, "CatalogEntry"] = {}
+_LOADED_ENTRY_POINTS: set[tuple[str, str, str]] = set()
 
 # the default network of each bundled or standard dataset (by Dataset.name)
 DEFAULT_NETWORKS: dict[str, dict] = {
@@ -74,29 +89,45 @@ class CatalogEntry:
 
 
 def register(entry: CatalogEntry) -> CatalogEntry:
+    """Add ``entry`` to the catalog under ``entry.name`` (a name can be registered once); returns it."""
     if entry.name in _REGISTRY:
         raise ValueError(f"a catalog entry named {entry.name!r} exists already")
     _REGISTRY[entry.name] = entry
     return entry
 
 
-def _load_builtins() -> None:
-    """Import every module of :mod:`bnnzoo.methods` (each registers its entries once)."""
-    from . import methods
-
-    for info in pkgutil.iter_modules(methods.__path__):
-        importlib.import_module(f"{methods.__name__}.{info.name}")
+def load_entry_points(group: str = ENTRY_POINT_GROUP) -> list[str]:
+    """Load every installed entry point of ``group`` not loaded before (module docstring): import its
+    module, registering what it registers, and register it if it names a :class:`CatalogEntry`.
+    An entry point that fails to load is skipped with a warning. Returns the names loaded now."""
+    loaded = []
+    for point in entry_points(group=group):
+        key = (group, point.name, point.value)
+        if key in _LOADED_ENTRY_POINTS:
+            continue
+        _LOADED_ENTRY_POINTS.add(key)
+        try:
+            value = point.load()
+            if isinstance(value, CatalogEntry) and _REGISTRY.get(value.name) is not value:
+                register(value)
+        except Exception as err:  # a broken plugin must not break the catalog
+            warnings.warn(f"bnnzoo catalog: the entry point {point.name!r} ({point.value}) failed to load: {err!r}",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        loaded.append(point.name)
+    return loaded
 
 
 def list_models(task: str | None = None) -> list[str]:
     """Names of the catalog's models, optionally only those supporting ``task``."""
-    _load_builtins()
+    load_entry_points()
     return sorted(n for n, e in _REGISTRY.items() if task is None or task in e.tasks)
 
 
 def get_entry(name: str) -> CatalogEntry:
     """The catalog entry called ``name``; an unknown name suggests the closest ones."""
-    _load_builtins()
+    if name not in _REGISTRY:
+        load_entry_points()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import time
 from pathlib import Path
 
 import click
 
-
-def _parse_options(pairs: tuple[str, ...]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def _print_metrics(metrics: dict) -> None:
-    for key, value in metrics.items():
-        click.echo(f"  {key:>28s}: {value:.4f}" if isinstance(value, float) else f"  {key:>28s}: {value}")
-
-
-def _test_metrics(posterior, dataset, num_samples: int) -> dict:
-    metrics = posterior.evaluate(dataset.x_test, dataset.y_test, num_samples=num_samples)
-    sp = posterior.sparsity()
-    metrics.update(weights_pruned_fraction=sp["weights_pruned_fraction"],
-                   hidden_groups_pruned_fraction=sp["hidden_groups_pruned_fraction"], architecture=sp["architecture"])
-    return metrics
+from . import commands
+from .api import fit as fit_model
+from .api import load
+from .catalog import get_entry, list_models
+from .commands.common import parse_options, print_metrics, run_metrics
+from .data import load_dataset
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,8 +28,6 @@ def main() -> None:
 @click.option("--task", type=click.Choice(["regression", "classification"]), default=None)
 def list_cmd(task: str | None) -> None:
     """List the catalog's models."""
-    from .catalog import get_entry, list_models
-
     for name in list_models(task):
         entry = get_entry(name)
         click.echo(f"{name:<20s} {'/'.join(entry.tasks):<27s} {entry.summary}")
@@ -68,10 +49,6 @@ def list_cmd(task: str | None) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def fit(name, data, split, epochs, batch_size, lr, seed, device, num_samples, options, out, quiet) -> None:
     """Fit catalog model NAME, save the posterior and its test metrics to a run directory."""
-    from .api import fit as fit_model
-    from .catalog import get_entry
-    from .data import load_dataset
-
     try:
         get_entry(name)
     except KeyError as err:
@@ -85,17 +62,17 @@ def fit(name, data, split, epochs, batch_size, lr, seed, device, num_samples, op
     start = time.perf_counter()
     try:
         posterior = fit_model(name, dataset, seed=seed, device=device, progress=not quiet, epochs=epochs,
-                              batch_size=batch_size, lr=lr, **_parse_options(options))
-    except (TypeError, ValueError, RuntimeError) as err:
+                              batch_size=batch_size, lr=lr, **parse_options(options))
+    except (TypeError, ValueError, RuntimeError, FloatingPointError) as err:  # FloatingPointError: DivergenceError
         raise click.ClickException(str(err)) from None
     seconds = time.perf_counter() - start
-    metrics = _test_metrics(posterior, dataset, num_samples)
+    metrics = run_metrics(posterior, dataset, num_samples)
     metrics["fit_seconds"] = seconds
     run = Path(out or f"runs/{name}-{dataset.name}-split{dataset.split}-seed{seed}")
     posterior.save(run)
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     click.echo(f"{posterior!r}\ntest metrics:")
-    _print_metrics(metrics)
+    print_metrics(metrics)
     click.echo(f"saved to {run}")
 
 
@@ -105,9 +82,6 @@ def fit(name, data, split, epochs, batch_size, lr, seed, device, num_samples, op
 @click.option("--num-samples", default=100, show_default=True)
 def evaluate(run_dir, device, num_samples) -> None:
     """Reload a saved run and evaluate it on the test data it was fitted for."""
-    from .api import load
-    from .data import load_dataset
-
     try:
         posterior = load(run_dir, device=device)
         data = posterior.config.get("data", {})
@@ -115,22 +89,20 @@ def evaluate(run_dir, device, num_samples) -> None:
     except (FileNotFoundError, ValueError, RuntimeError) as err:  # not a run, bad format, data, device
         raise click.ClickException(str(err)) from None
     click.echo(f"{posterior!r} on {dataset.name} split {dataset.split}:")
-    _print_metrics(_test_metrics(posterior, dataset, num_samples))
+    print_metrics(run_metrics(posterior, dataset, num_samples))
 
 
-def _add_plugin_commands() -> None:
-    """Add the command defined by each module of :mod:`bnnzoo.commands`."""
-    import importlib
-    import pkgutil
-
-    from . import commands
-
+def add_package_commands() -> None:
+    """Add the command of each module of :mod:`bnnzoo.commands` that defines one (``command``, a
+    ``click`` command); modules without one (shared helpers) are skipped."""
     for info in pkgutil.iter_modules(commands.__path__):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        main.add_command(module.command)
+        command = getattr(module, "command", None)
+        if isinstance(command, click.Command):
+            main.add_command(command)
 
 
-_add_plugin_commands()
+add_package_commands()
 
 if __name__ == "__main__":
     main()

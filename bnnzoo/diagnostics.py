@@ -11,7 +11,7 @@ posterior and builds these groups, every array laid out ``(chain, draw, *dims)``
     ``"<layer>.group_norm"``, the Euclidean norm of each group (a neuron's or filter's weight row and
     bias entry, dim ``<layer>.out``), and ``"<layer>.rms"``, the root mean square of the layer's
     weights; and the method's hyperparameters and scale variables in full (the posterior's
-    ``_arviz_hyperparameters`` hook, e.g. ``"<layer>.scale"`` of a horseshoe).
+    ``arviz_hyperparameters`` hook, e.g. ``"<layer>.scale"`` of a horseshoe).
 ``log_likelihood``
     ``obs`` (dims ``chain, draw, obs_id``: Pyro's site name; a dimension cannot share the name of a
     one-dimensional variable, which xarray would turn into a coordinate): ``log p(y_n | x_n, w)`` for every draw, in the original units
@@ -21,14 +21,18 @@ posterior and builds these groups, every array laid out ``(chain, draw, *dims)``
 ``constant_data``
     ``"<layer>.keep"``: the groups (neurons, filters) kept after pruning.
 ``sample_stats``
-    Per-draw statistics of a sampler (the ``_arviz_sample_stats`` hook: step size, potential, ...).
+    Per-draw statistics of a sampler (the ``arviz_sample_stats`` hook: step size, potential, ...).
     Absent for guides, whose draws are independent.
 ``training``
-    The fit's history per epoch (``loss``, the negative ELBO per example for SVI; ``epoch_seconds``;
-    pruned fractions...) and, for samplers, each chain's per-sample record (``history["chains"]``:
-    dims ``chain, sample``, warm-up included). These arrays are indexed by step, not by
-    ``(chain, draw)``: ArviZ would read a 1-D array in ``sample_stats`` as one chain of draws, so they
-    live in this extra group (ArviZ keeps and saves it, and its functions ignore it).
+    The fit's :class:`~bnnzoo.guides.training.TrainingHistory`: ``loss`` (the negative ELBO per
+    example for SVI) and ``epoch_seconds`` per epoch (dim ``epoch``; ``chain, epoch`` for a posterior
+    that stores the samples of several chains, whose epochs are recorded chain after chain); every
+    numeric list of ``history.extra`` under its own name (dim ``<name>_step``: a method's per-pass or
+    per-event records, e.g. pruned fractions); and, for samplers, each chain's per-sample record
+    (``history.extra["chains"]``: ``chains.<key>``, dims ``chain, sample``, warm-up included). These
+    arrays are indexed by step, not by ``(chain, draw)``: ArviZ would read a 1-D array in
+    ``sample_stats`` as one chain of draws, so they live in this extra group (ArviZ keeps and saves
+    it, and its functions ignore it).
 
 The attributes (of the ``InferenceData`` / the tree's root) name the model, the task, the network,
 the kind of inference, the chains and draws, which weights were kept and the configuration (JSON);
@@ -39,6 +43,9 @@ Guides (``map``, ``meanfield-vi``, ...) give one chain of ``num_samples`` indepe
 posteriors give their stored ``(chain, draw)`` samples (``num_samples`` is ignored), so R-hat and the
 effective sample sizes are real. With ArviZ 0.x the result is an ``InferenceData``; everything that
 depends on the ArviZ version is in :func:`_build`, which also targets ArviZ 1.x (``DataTree``).
+
+What the conversion needs of a posterior is the protocol :class:`ArvizExportable`: every
+:class:`~bnnzoo.posterior.Posterior` implements it, and so may any object that is not one.
 """
 
 from __future__ import annotations
@@ -46,11 +53,14 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from .guides.training import TrainingHistory
 
 #: networks with at most this many weights keep every weight in the ``posterior`` group by default
 MAX_AUTO_WEIGHTS = 20_000
@@ -59,8 +69,79 @@ MAX_AUTO_WEIGHTS = 20_000
 GROUP_VARIABLES = ("inclusion_probability", "scale", "group_norm")
 
 
+@runtime_checkable
+class ArvizExportable(Protocol):
+    """What :func:`to_arviz` needs of a fitted posterior.
+
+    The posterior's identity and fit: ``name``, ``task`` (``"regression"`` or
+    ``"classification"``), ``config`` (recorded as JSON), ``device``, ``is_fitted``, ``net`` (a
+    :class:`~bnnzoo.models.networks.Network`), ``model.likelihood``, ``standardizer`` (the
+    training standardisation), ``history`` (the fit's
+    :class:`~bnnzoo.guides.training.TrainingHistory`); ``validate(x, y, what)`` (raw arrays ->
+    checked tensors), ``draw_weights(n)`` (``n`` draws of every weight site, chain by chain),
+    ``sparsity()`` (its ``"keep"``: the kept groups per layer) and ``noise_scale()`` (regression,
+    standardised units).
+
+    The export hook proper: ``stores_samples`` (``True``: the draws are a fixed set of stored
+    samples; ``False``: independent draws of a guide), ``num_chains``,
+    ``arviz_draws_per_chain(num_samples)`` (the draws of each chain when ``num_samples`` are asked
+    for), ``arviz_hyperparameters(num_draws)`` (``{name: (chain, draw, ...)}`` tensors, drawn after
+    the weights; ``"<layer>.<var>"`` of shape ``(chain, draw, groups)`` is indexed by the layer's
+    groups) and ``arviz_sample_stats()`` (``{name: (chain, draw)}`` per-draw sampler statistics,
+    empty for a guide).
+    """
+
+    name: str
+    config: dict
+    device: torch.device
+    model: Any
+    standardizer: Any
+    history: TrainingHistory
+    stores_samples: bool
+
+    @property
+    def task(self) -> str: ...
+
+    @property
+    def net(self) -> Any: ...
+
+    @property
+    def is_fitted(self) -> bool: ...
+
+    @property
+    def num_chains(self) -> int: ...
+
+    def validate(self, x, y=None, what: str = "data") -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def draw_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]: ...
+
+    def sparsity(self) -> dict: ...
+
+    def noise_scale(self) -> float: ...
+
+    def arviz_draws_per_chain(self, num_samples: int) -> int: ...
+
+    def arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]: ...
+
+    def arviz_sample_stats(self) -> dict[str, torch.Tensor]: ...
+
+
+def _protocol_members(protocol: type) -> list[str]:
+    names = set(getattr(protocol, "__annotations__", {})) | set(vars(protocol))
+    return sorted(n for n in names if not n.startswith("_"))
+
+
+def _check_exportable(posterior) -> None:
+    if not isinstance(posterior, ArvizExportable):
+        missing = [n for n in _protocol_members(ArvizExportable) if not hasattr(posterior, n)]
+        raise TypeError(f"to_arviz needs a posterior implementing bnnzoo.diagnostics.ArvizExportable: "
+                        f"{type(posterior).__name__} lacks {', '.join(missing)}")
+    if not posterior.is_fitted:
+        raise RuntimeError(f"this {posterior.name} posterior is not fitted yet: call fit(x, y) first")
+
+
 def arviz_major() -> int:
-    import arviz
+    import arviz  # lazy: heavy, kept off the path of import bnnzoo and the CLI's start-up
 
     return int(arviz.__version__.split(".")[0])
 
@@ -113,8 +194,8 @@ def _hyper_dims(net, name: str, shape: tuple[int, ...]) -> list[str] | None:
 
 
 def stored_draw_records(records: list[dict], draws: int, device=None) -> dict[str, torch.Tensor]:
-    """A sampler's per-sample records (``history["chains"]``: per chain, ``{key: [value per kernel
-    sample]}`` with a ``warmup`` flag) at its stored draws: ``{key: (chain, draw)}`` for every scalar,
+    """A sampler's per-sample records (``history.extra["chains"]``: per chain, ``{key: [value per
+    kernel sample]}`` with a ``warmup`` flag) at its stored draws: ``{key: (chain, draw)}`` for every scalar,
     numeric key whose post-warm-up length is ``draws`` in every chain."""
     out = {}
     if not records or any("warmup" not in r for r in records):
@@ -197,8 +278,8 @@ def _draw(posterior, x, y, chains: int, draws: int, sites: list[str], chunk_size
                 replicas.append(std.y_inverse(rep) if regression else rep)
         if count != chains * draws:
             raise RuntimeError(f"{posterior.name}: draw_weights({chains * draws}) gave {count} draws")
-        hyper = posterior._arviz_hyperparameters(draws)
-    _check_draws(f"{type(posterior).__name__}._arviz_hyperparameters", hyper, chains, draws)
+        hyper = posterior.arviz_hyperparameters(draws)
+    _check_draws(f"{type(posterior).__name__}.arviz_hyperparameters", hyper, chains, draws)
 
     def stack(values):
         t = torch.stack(values)
@@ -219,25 +300,27 @@ def _draw(posterior, x, y, chains: int, draws: int, sites: list[str], chunk_size
     return out
 
 
-def _training_group(posterior, chains: int) -> dict[str, tuple[np.ndarray, list[str]]]:
-    """The per-epoch history and, for samplers, each chain's per-sample record (see the module docstring)."""
-    history = posterior.history
+def _numeric_list(values) -> bool:
+    return (isinstance(values, list) and bool(values)
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values))
+
+
+def _training_group(posterior: ArvizExportable, chains: int) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """The ``training`` group's variables from the posterior's history (see the module docstring)."""
+    history: TrainingHistory = posterior.history
     out: dict[str, tuple[np.ndarray, list[str]]] = {}
-    epochs = len(history.get("loss", []))
-    per_chain = chains > 1 and epochs % chains == 0 and "chains" in history
-    for key, values in history.items():
-        if key == "chains" or not isinstance(values, list) or not values:
-            continue
-        if not all(isinstance(v, numbers.Real) for v in values):
+    for key, values in (("loss", history.loss), ("epoch_seconds", history.epoch_seconds)):
+        if not values:
             continue
         arr = np.asarray(values, dtype=float)
-        if len(values) == epochs and per_chain:
+        if posterior.stores_samples and chains > 1 and len(arr) % chains == 0:
             out[key] = (arr.reshape(chains, -1), ["chain", "epoch"])
-        elif len(values) == epochs:
-            out[key] = (arr, ["epoch"])
         else:
-            out[key] = (arr, [f"{key}_step"])
-    records = history.get("chains")
+            out[key] = (arr, ["epoch"])
+    for key, values in history.extra.items():
+        if key != "chains" and key not in out and _numeric_list(values):
+            out[key] = (np.asarray(values, dtype=float), [f"{key}_step"])
+    records = history.extra.get("chains")
     if isinstance(records, list) and records and all(isinstance(r, dict) for r in records):
         for key in records[0]:
             try:
@@ -251,14 +334,7 @@ def _training_group(posterior, chains: int) -> dict[str, tuple[np.ndarray, list[
     return out
 
 
-def _stores_samples(posterior) -> bool:
-    """Whether the posterior holds a fixed set of draws (it overrides ``_arviz_draws_per_chain``)."""
-    from .posterior import Posterior
-
-    return type(posterior)._arviz_draws_per_chain is not Posterior._arviz_draws_per_chain
-
-
-def to_arviz(posterior, data=None, *, num_samples: int = 100, sites="auto", seed: int | None = 0,
+def to_arviz(posterior: ArvizExportable, data=None, *, num_samples: int = 100, sites="auto", seed: int | None = 0,
              chunk_size: int = 4096):
     """ArviZ data of a fitted ``posterior`` (layout in the module docstring).
 
@@ -266,9 +342,9 @@ def to_arviz(posterior, data=None, *, num_samples: int = 100, sites="auto", seed
     ``posterior_predictive`` and ``observed_data`` groups. ``num_samples`` draws from a guide (one
     chain); a sample posterior gives all its stored draws. ``sites`` chooses the weights to keep
     (:func:`select_sites`). With a ``seed`` the draws are reproducible and the global random state is
-    left untouched.
+    left untouched. ``posterior`` is anything that implements :class:`ArvizExportable`.
     """
-    posterior._require_fitted()
+    _check_exportable(posterior)
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
@@ -277,7 +353,7 @@ def to_arviz(posterior, data=None, *, num_samples: int = 100, sites="auto", seed
     chosen, note = select_sites(net, sites)
     x, y = _as_data(posterior, data)
     chains = int(posterior.num_chains)
-    draws = int(posterior._arviz_draws_per_chain(int(num_samples)))
+    draws = int(posterior.arviz_draws_per_chain(int(num_samples)))
     if chains < 1 or draws < 1:
         raise RuntimeError(f"{posterior.name} has no draws to convert ({chains} chains of {draws} draws)")
     got = _draw(posterior, x, y, chains, draws, chosen, chunk_size, seed)
@@ -301,8 +377,8 @@ def to_arviz(posterior, data=None, *, num_samples: int = 100, sites="auto", seed
         post[f"{layer.name}.rms"] = _numpy(got["rms"][layer.name])
 
     groups: dict[str, dict] = {"posterior": post}
-    stats = posterior._arviz_sample_stats()
-    _check_draws(f"{type(posterior).__name__}._arviz_sample_stats", stats, chains, draws)
+    stats = posterior.arviz_sample_stats()
+    _check_draws(f"{type(posterior).__name__}.arviz_sample_stats", stats, chains, draws)
     if stats:
         groups["sample_stats"] = {k: _numpy(v) for k, v in stats.items()}
 
@@ -324,7 +400,7 @@ def to_arviz(posterior, data=None, *, num_samples: int = 100, sites="auto", seed
         "bnnzoo_model": posterior.name,
         "task": posterior.task,
         "network": repr(net),
-        "inference": "stored samples" if _stores_samples(posterior) else "independent draws of a guide",
+        "inference": "stored samples" if posterior.stores_samples else "independent draws of a guide",
         "num_chains": chains,
         "num_draws": draws,
         "weights": note,
@@ -342,8 +418,8 @@ def _build(groups: dict[str, dict[str, np.ndarray]], *, dims: dict, coords: dict
     groups ``observed_data`` / ``constant_data`` without them), named ``dims`` and ``coords``, and
     ``extra`` groups of ``{var: (array, dims)}`` that are not indexed by draw. The only function here
     that depends on the ArviZ version: 0.x ``InferenceData``, 1.x ``xarray.DataTree``."""
-    import arviz as az
-    import xarray as xr
+    import arviz as az  # lazy: heavy, kept off the path of import bnnzoo and the CLI's start-up
+    import xarray as xr  # lazy: heavy, as arviz
 
     extras = {name: xr.Dataset({k: (d, v) for k, (v, d) in variables.items()})
               for name, variables in extra.items() if variables}
@@ -369,7 +445,7 @@ def save(idata, path: str | Path) -> Path:
 
 def load(path: str | Path):
     """Read ArviZ data written by :func:`save`."""
-    import arviz as az
+    import arviz as az  # lazy: heavy, kept off the path of import bnnzoo and the CLI's start-up
 
     path = Path(path)
     if not path.is_file():

@@ -40,10 +40,18 @@ import warnings
 
 import numpy as np
 import torch
+import xarray as xr
+
+# ArviZ 0.x has no public constructor for the result of ``az.loo``: its class lives in a private
+# module. This import and :func:`elpd_data` are the one place bnnzoo depends on it (ArviZ 1.x
+# replaces both; a port changes only these lines).
+from arviz.stats.stats_utils import ELPDData
 from tqdm import tqdm
 
 from .catalog import get_entry
+from .guides import MeanFieldNormal
 from .guides.loo_refits import MeanFieldRefits
+from .models import GaussianPrior
 from .models.networks import Activation, Dense, Flatten
 
 #: the catalog entry whose fits this module refits
@@ -52,10 +60,7 @@ SUPPORTED_ENTRY = "meanfield-vi"
 
 def check_refittable(posterior) -> None:
     """Raise a ``TypeError`` naming the problem unless ``posterior`` is a fitted ``meanfield-vi``
-    posterior of a dense network with the catalog's loss."""
-    from bnnzoo.guides import MeanFieldNormal
-    from bnnzoo.models import GaussianPrior
-
+    posterior of a dense network with the catalog's loss (a posterior not fitted yet: ``RuntimeError``)."""
     name = getattr(posterior, "name", type(posterior).__name__)
     if name != SUPPORTED_ENTRY:
         raise TypeError(f"exact LOO by vectorised refits supports the {SUPPORTED_ENTRY!r} catalog entry only, not "
@@ -69,7 +74,8 @@ def check_refittable(posterior) -> None:
     if other:
         raise TypeError(f"exact LOO by vectorised refits needs a dense network; {posterior.net.name} has "
                         f"{', '.join(sorted({layer.kind for layer in other}))} layers")
-    posterior._require_fitted()
+    if not posterior.is_fitted:
+        raise RuntimeError(f"this {name} posterior is not fitted yet: call fit(x, y) first")
 
 
 def _catalog_start(posterior):
@@ -131,9 +137,6 @@ def exact_loo(posterior, x, y, *, num_samples: int = 200, seed: int = 0, chunk_s
     ``se`` (``sqrt(n var(loo_i))``), ``p_loo`` (the posterior's in-sample log predictive density
     minus ``elpd_loo``), ``loo_i``, ``pareto_k`` (zero: no importance sampling, as ``az.reloo`` marks
     refitted points), and ``refits``. Raises ``TypeError`` for a posterior it cannot refit this way."""
-    import xarray as xr
-    from arviz.stats.stats_utils import ELPDData
-
     check_refittable(posterior)
     terms = exact_loo_terms(posterior, x, y, num_samples=num_samples, seed=seed, chunk_size=chunk_size,
                             progress=progress).cpu().double().numpy()
@@ -142,11 +145,13 @@ def exact_loo(posterior, x, y, *, num_samples: int = 200, seed: int = 0, chunk_s
     elpd = float(terms.sum())
     loo_i = xr.DataArray(terms, dims=["obs_id"], coords={"obs_id": np.arange(n)}, name="loo_i")
     pareto_k = xr.zeros_like(loo_i).rename("pareto_k")
+    return elpd_data(elpd_loo=elpd, se=float(np.sqrt(n * np.var(terms))), p_loo=lppd - elpd, n_samples=num_samples,
+                     n_data_points=n, warning=False, loo_i=loo_i, pareto_k=pareto_k, scale="log",
+                     good_k=min(1 - 1 / np.log10(num_samples), 0.7), refits=n)
+
+
+def elpd_data(**entries) -> ELPDData:
+    """ArviZ 0.x's ``ELPDData`` (the type ``az.loo`` returns) holding ``entries`` in their order."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return ELPDData(
-            data=[elpd, float(np.sqrt(n * np.var(terms))), lppd - elpd, num_samples, n, False, loo_i, pareto_k,
-                  "log", min(1 - 1 / np.log10(num_samples), 0.7), n],
-            index=["elpd_loo", "se", "p_loo", "n_samples", "n_data_points", "warning", "loo_i", "pareto_k", "scale",
-                   "good_k", "refits"],
-        )
+        return ELPDData(data=list(entries.values()), index=list(entries))

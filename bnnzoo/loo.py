@@ -2,9 +2,7 @@
 
 PSIS-LOO (``az.loo``) reweights the posterior draws by ``1 / p(y_n | w)`` to mimic leaving point
 ``n`` out. Its Pareto-k diagnostic says when that fails: above 0.7 the reweighted estimate is
-unreliable, and for a Bayesian neural network it is usually far too low. A mean-field guide on Boston
-housing, for instance, has k > 0.7 for about a quarter of the training points, and PSIS puts their
-LOO terms 1-2 nats below what refitting without them gives. The remedy ArviZ provides is
+unreliable, and for a Bayesian neural network it is often too low. The remedy ArviZ provides is
 ``az.reloo``: refit the model without each such point and use the exact LOO term for it.
 :class:`RefitWrapper` is the ``az.SamplingWrapper`` that lets it refit any catalog posterior: a fresh
 posterior from the same catalog entry and configuration, seeded with the configuration's seed as
@@ -22,23 +20,19 @@ from __future__ import annotations
 
 import warnings
 
+import arviz as az
 import numpy as np
 import torch
 
 from .catalog import get_entry
+from .exact_loo import exact_loo
 from .guides.training import set_seed
 
 #: ArviZ's threshold above which PSIS-LOO terms are unreliable and ``reloo`` refits
 K_THRESHOLD = 0.7
 
 
-def _sampling_wrapper_base():
-    import arviz as az
-
-    return az.SamplingWrapper
-
-
-class RefitWrapper(_sampling_wrapper_base()):
+class RefitWrapper(az.SamplingWrapper):
     """The ``az.SamplingWrapper`` that refits a catalog posterior without some observations.
 
     ``posterior``: the fitted posterior (its catalog entry and configuration define a refit);
@@ -90,13 +84,9 @@ def loo(posterior, x, y, *, method: str = "psis", reloo: bool = False, k_thresho
 
     ``method="exact"``: exact LOO, one refit per training point, all trained at once in chunks of
     ``chunk_size`` (``meanfield-vi`` on a dense network only; see :mod:`bnnzoo.exact_loo`)."""
-    import arviz as az
-
     if method == "exact":
         if reloo:
             raise ValueError("reloo refits the high-Pareto-k points of PSIS-LOO; method='exact' refits every point")
-        from .exact_loo import exact_loo
-
         return exact_loo(posterior, x, y, num_samples=num_samples, seed=seed, chunk_size=chunk_size,
                          progress=progress)
     if method != "psis":

@@ -1,10 +1,21 @@
 """The fitted posterior: the one object every method in the catalog returns.
 
 A :class:`Posterior` owns the Pyro model (network, prior, likelihood), whatever represents the
-posterior (a guide, a set of samples, message-passing state), the data standardisation and the
-configuration it was built from. It predicts, evaluates, reports sparsity, exports the (pruned)
-network and saves/loads itself. Subclasses say how the posterior is fitted (:meth:`_fit`) and
-how weights are drawn from it (:meth:`draw_weights`).
+posterior (a guide, a set of samples, message-passing state), the data standardisation, the
+configuration it was built from and the typed record of its fit: :attr:`~Posterior.history` (a
+:class:`~bnnzoo.guides.training.TrainingHistory`) and :attr:`~Posterior.fit_state` (a
+:class:`FitState`: the temperature it was fitted at, the prunings applied). It predicts,
+evaluates, reports sparsity, exports the (pruned) network and saves/loads itself. Subclasses say
+how the posterior is fitted (:meth:`_fit`) and how weights are drawn from it (:meth:`draw_weights`);
+:class:`GuidePosterior` is the base of those represented by a guide module.
+
+``config`` is what the user asked for (the entry's defaults merged with the overrides); fitting,
+pruning and reduction never write to it. What they decide goes to ``history`` and ``fit_state``.
+
+Saved runs (:meth:`Posterior.save`): ``config.json`` holds the format number, the entry name, the
+config, the network's spec, the fit state and the history; ``posterior.pt`` the tensors. Format 2
+is written; formats 1 (the network spec and the pruning threshold inside the config, no fit state)
+and 2 are read.
 """
 
 from __future__ import annotations
@@ -13,20 +24,26 @@ import copy
 import json
 import math
 import numbers
+import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from . import metrics
+from .catalog import get_entry
 from .data import validate_arrays
 from .devices import resolve_device
+from .diagnostics import to_arviz
+from .guides import bmr
+from .guides.training import TrainingHistory
 from .models.sparsity import sparsity_report
 from .models.standardizer import Standardizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass
@@ -51,6 +68,43 @@ class Prediction:
         return self.mean
 
 
+@dataclass
+class PruningRecord:
+    """One pruning or reduction applied to a posterior.
+
+    ``rule``: ``"threshold"`` (the entry's own rule with a threshold), ``"keep"`` (a target fraction
+    of groups kept) or ``"bmr"`` (Bayesian model reduction); ``options``: the settings it ran with;
+    ``summary``: what it decided (plain numbers, e.g. BMR's per-layer thresholds and the pruned
+    fraction); ``seconds``: its wall time, where measured. JSON-serialisable.
+    """
+
+    rule: str
+    options: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+
+
+@dataclass
+class FitState:
+    """What a fit (and any later pruning) decided about a posterior, saved with it.
+
+    ``temperature``: the KL weight ``T`` of the objective the posterior was fitted at (1 for the
+    exact ELBO, or a method without one); prediction reads it from here. ``pruning``: every pruning
+    or reduction applied, in order (the masks themselves live with the posterior's state).
+    """
+
+    temperature: float = 1.0
+    pruning: list[PruningRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"temperature": self.temperature, "pruning": [asdict(r) for r in self.pruning]}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FitState":
+        return cls(temperature=float(values.get("temperature", 1.0)),
+                   pruning=[PruningRecord(**r) for r in values.get("pruning", [])])
+
+
 class Posterior(ABC):
     """A fitted posterior over a Bayesian network's weights (see the module docstring)."""
 
@@ -60,14 +114,16 @@ class Posterior(ABC):
         self.config = config
         self.device = resolve_device(device)
         self.standardizer: Standardizer | None = None
-        self.history: dict[str, list] = {"loss": [], "epoch_seconds": []}
+        self.history = TrainingHistory()
+        self.fit_state = FitState()
         self.model.to(self.device)
 
     # ---- what subclasses provide ----------------------------------------------------------------
     @abstractmethod
     def _fit(self, x: torch.Tensor, y: torch.Tensor, progress: bool, callback=None) -> None:
         """Fit on standardised training data already on the device; call ``callback(epoch, loss)``
-        after every epoch (or pass over the data) and record ``history["epoch_seconds"]``."""
+        after every epoch (or pass over the data), record the epochs in :attr:`history` and what
+        the fit decided in :attr:`fit_state`."""
 
     @abstractmethod
     def draw_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -97,6 +153,16 @@ class Posterior(ABC):
     @property
     def task(self) -> str:
         return self.model.task
+
+    @property
+    def network_spec(self) -> dict:
+        """The network's exact layout (:meth:`~bnnzoo.models.networks.Network.spec`), saved beside the config."""
+        return self.net.spec()
+
+    @property
+    def training_temperature(self) -> float:
+        """The KL weight of the objective this posterior's fit uses (1: the exact posterior)."""
+        return 1.0
 
     @property
     def is_fitted(self) -> bool:
@@ -129,7 +195,12 @@ class Posterior(ABC):
         self.standardizer = Standardizer.from_data(x, y, self.task).to(self.device)
         x = self.standardizer.x(x.to(self.device))
         y = self.standardizer.y(y.to(self.device))
-        self._fit(x, y, progress, callback)
+        self.fit_state = FitState(temperature=self.training_temperature)
+        try:
+            self._fit(x, y, progress, callback)
+        except BaseException:  # a diverged or interrupted fit leaves an unfitted posterior, never a half-fitted one
+            self.standardizer = None
+            raise
         return self
 
     # ---- predict --------------------------------------------------------------------------------
@@ -225,7 +296,8 @@ class Posterior(ABC):
         """A pruned copy of this posterior, by the method's own rule (the original is untouched).
 
         Methods with a pruning rule (shrinkage scales, inclusion probabilities, evidence changes)
-        implement :meth:`_prune`; see each catalog entry for its options and thresholds.
+        implement :meth:`_prune`, which appends a :class:`PruningRecord` to the copy's
+        :attr:`fit_state`; see each catalog entry for its options and thresholds.
         """
         self._require_fitted()
         pruned = copy.deepcopy(self)
@@ -238,45 +310,50 @@ class Posterior(ABC):
                         f"(bnnzoo prune / the bmr entries) instead")
 
     def reduce(self, rule: str = "ss", **options) -> "Posterior":
-        """Bayesian model reduction: a sparser copy of a posterior with Gaussian weights (the original
-        is untouched); see :func:`bnnzoo.methods.bmr.reduce_posterior` for the options."""
-        from .methods.bmr import reduce_posterior
-
-        return reduce_posterior(self, rule=rule, **options)
+        """Bayesian model reduction: a sparser copy of a posterior with Gaussian weights. Only a
+        :class:`GuidePosterior` whose guide implements :class:`~bnnzoo.guides.bmr.GaussianWeights`
+        has them; any other posterior raises ``TypeError``."""
+        raise TypeError(f"Bayesian model reduction needs Gaussian weights: {self.name} ({type(self).__name__}) "
+                        f"is not represented by a guide with Gaussian weights")
 
     def to_torch(self, pruned: bool = True) -> torch.nn.Sequential:
         """A plain PyTorch network with the posterior-mean weights; with ``pruned``, pruned groups
         are removed so the module is smaller. Its inputs are *standardised* (see ``standardizer``)."""
-        keep = self.sparsity()["keep"] if pruned else None
-        return self.net.to_torch(self.posterior_mean(), keep)
+        kept = self.sparsity()["keep"] if pruned else None
+        return self.net.to_torch(self.posterior_mean(), kept)
 
     # ---- ArviZ --------------------------------------------------------------------------------
     def to_arviz(self, data=None, *, num_samples: int = 100, sites="auto", seed: int | None = 0,
                  chunk_size: int = 4096):
         """The posterior as ArviZ data; ``data = (x, y)`` adds the pointwise log-likelihood (for
         ``az.loo``) and the posterior predictive. See :func:`bnnzoo.diagnostics.to_arviz`."""
-        from .diagnostics import to_arviz
-
         return to_arviz(self, data, num_samples=num_samples, sites=sites, seed=seed, chunk_size=chunk_size)
+
+    # The ArviZ export hook (:class:`bnnzoo.diagnostics.ArvizExportable`): ``stores_samples``,
+    # ``num_chains`` and the three ``arviz_*`` methods; a guide's defaults below.
+
+    #: whether the draws are a fixed set of stored samples (a sampler's chains) rather than
+    #: independent draws of a guide
+    stores_samples: bool = False
 
     @property
     def num_chains(self) -> int:
         """Chains of posterior draws: a guide gives one chain of independent draws."""
         return 1
 
-    def _arviz_draws_per_chain(self, num_samples: int) -> int:
+    def arviz_draws_per_chain(self, num_samples: int) -> int:
         """Draws per chain for ArviZ; ``draw_weights(num_chains * n)`` yields them chain by chain."""
         if self.num_chains != 1:
             raise TypeError(f"{type(self).__name__} has {self.num_chains} chains: it must say how "
-                            f"many draws each holds (_arviz_draws_per_chain)")
+                            f"many draws each holds (arviz_draws_per_chain)")
         return num_samples
 
-    def _arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:
+    def arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:
         """Hyperparameter and scale-variable draws ``{name: (chain, draw, ...)}`` (none by default);
         ``"<layer>.<var>"`` of shape ``(chain, draw, groups)`` is indexed by the layer's groups."""
         return {}
 
-    def _arviz_sample_stats(self) -> dict[str, torch.Tensor]:
+    def arviz_sample_stats(self) -> dict[str, torch.Tensor]:
         """Per-draw sampler statistics ``{name: (chain, draw)}`` (none for a guide)."""
         return {}
 
@@ -294,7 +371,8 @@ class Posterior(ABC):
 
     # ---- save / load --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Save to directory ``path``: ``posterior.pt`` (tensors) and ``config.json`` (readable)."""
+        """Save to directory ``path``: ``posterior.pt`` (tensors) and ``config.json`` (readable: the
+        entry name, the config, the network spec, the fit state and the history)."""
         self._require_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -305,29 +383,103 @@ class Posterior(ABC):
             "standardizer": self.standardizer.state_dict(),
         }
         torch.save(state, path / "posterior.pt")
-        meta = {"format": FORMAT_VERSION, "name": self.name, "config": self.config, "history": self.history}
+        meta = {"format": FORMAT_VERSION, "name": self.name, "config": self.config,
+                "network_spec": self.network_spec, "fit_state": self.fit_state.to_dict(),
+                "history": self.history.to_dict()}
         (path / "config.json").write_text(json.dumps(meta, indent=2))
         return path
 
     @staticmethod
     def load(path: str | Path, device="cpu") -> "Posterior":
-        """Load a posterior saved with :meth:`save`; it predicts exactly as the saved one did."""
-        from .catalog import get_entry
-
+        """Load a posterior saved with :meth:`save` (format 1 or 2); it predicts exactly as the
+        saved one did. The network is rebuilt from the saved spec: the entry's ``create`` gets the
+        config with a ``network_spec`` key, the posterior keeps the config without it."""
         path = Path(path)
         if not (path / "config.json").is_file() or not (path / "posterior.pt").is_file():
             raise FileNotFoundError(f"{path} is not a saved bnnzoo posterior (config.json and posterior.pt expected)")
         meta = json.loads((path / "config.json").read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: saved with format {meta.get('format')}, this bnnzoo reads format {FORMAT_VERSION}")
+        if meta.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"{path}: saved with format {meta.get('format')}, this bnnzoo reads formats "
+                             f"{', '.join(map(str, READABLE_FORMATS))}")
         state = torch.load(path / "posterior.pt", map_location="cpu", weights_only=True)
-        posterior = get_entry(meta["name"]).create(meta["config"], device="cpu")
+        config = copy.deepcopy(meta["config"])
+        if meta["format"] == 1:  # the network spec and the pruning threshold were kept in the config
+            spec = config.pop("network_spec", None)
+            threshold = config.get("train", {}).pop("pruned_threshold", None)
+        else:
+            spec, threshold = meta["network_spec"], None
+        build = {**config, "network_spec": spec} if spec is not None else config
+        posterior = get_entry(meta["name"]).create(build, device="cpu")
+        posterior.config = config
         posterior.model.load_state_dict(state["model"])
         posterior._load_state(state["posterior"])
         posterior.standardizer = Standardizer.from_state_dict(state["standardizer"])
-        posterior.history = meta.get("history", {"loss": []})
+        posterior.history = TrainingHistory.from_dict(meta.get("history", {}))
+        if "fit_state" in meta:
+            posterior.fit_state = FitState.from_dict(meta["fit_state"])
+        else:
+            pruning = [PruningRecord("threshold", {"threshold": threshold})] if threshold is not None else []
+            posterior.fit_state = FitState(temperature=posterior.training_temperature, pruning=pruning)
         return posterior.to(device)
 
     def __repr__(self) -> str:
         status = "fitted" if self.is_fitted else "not fitted"
         return f"{type(self).__name__}({self.name}, {self.net!r}, {self.task}, {status}, device={self.device})"
+
+
+class GuidePosterior(Posterior):
+    """A posterior represented by a guide module ``q(w)`` (``self.guide``): its draws, mean, pruning
+    masks, saved state and device follow the guide's.
+
+    The guide provides ``draw()`` (one draw of every weight site, pruned weights zero),
+    ``posterior_mean()``, ``masks`` (site -> bool, ``True`` = kept), ``state_dict`` / ``load_state_dict``
+    and ``to``. A guide that implements :class:`~bnnzoo.guides.bmr.GaussianWeights` can be reduced
+    by Bayesian model reduction (:meth:`reduce`).
+    """
+
+    def __init__(self, model, guide, *, name: str, config: dict, device="cpu"):
+        super().__init__(model, name=name, config=config, device=device)
+        self.guide = guide.to(self.device)
+
+    def draw_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
+        for _ in range(num_samples):
+            yield self.guide.draw()
+
+    def posterior_mean(self) -> dict[str, torch.Tensor]:
+        return self.guide.posterior_mean()
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return dict(self.guide.masks.items())
+
+    def _state(self) -> dict:
+        return {"guide": {k: v.detach().cpu() for k, v in self.guide.state_dict().items()}}
+
+    def _load_state(self, state: dict) -> None:
+        self.guide.load_state_dict(state["guide"])
+
+    def _to(self, device: torch.device) -> None:
+        self.guide.to(device)
+
+    def reduce(self, rule: str = "ss", **options) -> "GuidePosterior":
+        """Bayesian model reduction (Markovic, Friston & Kiebel 2023): a sparser deep copy (the
+        original is untouched) that predicts, evaluates, exports and saves like any other.
+
+        The copy's guide is reduced in place by :func:`bnnzoo.guides.bmr.reduce` (``rule="ss"``: the
+        per-layer spike-and-slab threshold on the evidence changes; ``"plain"``: prune where
+        ``dF > 0``; ``options``: ``level``, ``prune_last``, ``layers``, ``reduced_var``,
+        ``num_iters``, as there). The decision is appended to the copy's ``fit_state.pruning``
+        (rule ``"bmr"``: the options, the per-layer summary and the pruned fraction). A guide that
+        does not implement :class:`~bnnzoo.guides.bmr.GaussianWeights` raises ``TypeError``.
+        """
+        self._require_fitted()
+        if not isinstance(self.guide, bmr.GaussianWeights):
+            raise TypeError(f"Bayesian model reduction needs Gaussian weights: {self.name}'s guide "
+                            f"{type(self.guide).__name__} does not implement bnnzoo.guides.bmr.GaussianWeights "
+                            f"(gaussian_weights() and apply_reduction())")
+        reduced = copy.deepcopy(self)
+        start = time.perf_counter()
+        reduction = bmr.reduce(reduced.guide, rule=rule, **options)
+        seconds = time.perf_counter() - start
+        summary = {**reduction.summary(), "weights_pruned_fraction": reduced.sparsity()["weights_pruned_fraction"]}
+        reduced.fit_state.pruning.append(PruningRecord("bmr", {"rule": rule, **options}, summary, seconds))
+        return reduced

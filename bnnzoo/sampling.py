@@ -7,14 +7,66 @@ over the stored draws; pruned groups are exact zeros in every draw of the chain 
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from abc import abstractmethod
-from typing import Iterator
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from pyro.infer import MCMC
 
+from .diagnostics import stored_draw_records
+from .guides.training import TrainingHistory
 from .posterior import Posterior
+
+
+class ChainRecords:
+    """An ``MCMC`` ``hook_fn`` that keeps every chain's end-of-run record: the kernel's
+    ``diagnostics()`` taken after the chain's last sample, with that sample.
+
+    Pyro hands a kernel's end-of-chain record out publicly only through ``MCMC.diagnostics()``,
+    which also computes R-hat and the effective sample size of every stored site (and needs four
+    draws per chain); the hook, a public argument of ``MCMC``, is the route around it. The hook runs
+    where its chain runs: in this process (one chain, or chains in turn) the record is kept in
+    memory; in a worker process (chains in parallel) it is written to ``directory``. Which chain a
+    record belongs to is told by its last sample, compared with the chains' stored draws
+    (:meth:`collect`).
+    """
+
+    def __init__(self, num_samples: int, sites: list[str], directory: str | Path):
+        self.num_samples = int(num_samples)
+        self.sites = list(sites)
+        self.directory = str(directory)
+        self.pid = os.getpid()
+        self.records: list[tuple[dict, dict]] = []
+
+    def __call__(self, kernel, params: dict, stage: str, i: int) -> None:
+        if not stage.lower().startswith("sample") or i != self.num_samples - 1:
+            return
+        record = ({s: params[s].detach().cpu() for s in self.sites}, kernel.diagnostics())
+        if os.getpid() == self.pid:
+            self.records.append(record)
+        else:
+            torch.save(record, Path(self.directory) / f"chain-{os.getpid()}.pt")
+
+    def collect(self, samples: dict[str, torch.Tensor]) -> list[dict]:
+        """The records in chain order, for ``samples`` grouped by chain (``MCMC.get_samples(
+        group_by_chain=True)``): chain ``c``'s record is the one whose last sample is its last draw."""
+        records = list(self.records)
+        for path in sorted(Path(self.directory).glob("chain-*.pt")):
+            records.append(torch.load(path, map_location="cpu", weights_only=False))
+        chains = next(iter(samples.values())).shape[0]
+        out = []
+        for c in range(chains):
+            match = next((k for k, (last, _) in enumerate(records)
+                          if all(torch.equal(last[s], samples[s][c, -1].cpu()) for s in self.sites)), None)
+            if match is None:
+                raise RuntimeError(f"MCMC returned no end-of-chain record for chain {c} "
+                                   f"({len(records)} records for {chains} chains)")
+            out.append(records.pop(match)[1])
+        return out
 
 
 class SamplePosterior(Posterior):
@@ -23,15 +75,22 @@ class SamplePosterior(Posterior):
     Subclasses say how the kernel is built (:meth:`_make_kernel`). Fitting runs
     ``pyro.infer.MCMC(kernel, num_samples, warmup_steps, num_chains)`` on the standardised data:
     chains run in processes where the machine has the cores for them (``"spawn"`` on CUDA) and
-    one after the other otherwise (then ``fit``'s per-epoch ``callback`` runs too).
+    one after the other otherwise (then ``fit``'s per-epoch ``callback`` runs too). The kernel's
+    ``diagnostics()`` at the end of each chain (collected by :class:`ChainRecords`) gives the
+    chain's masks, final state and records.
 
     After fitting: ``samples`` (site -> ``(chain, draw, *shape)``), ``chain_masks`` (site ->
     ``(chain, *shape)``, ``True`` = kept), ``chain_state`` (per chain, the kernel's final state:
-    e.g. EM's ``pi`` and inclusion probabilities) and ``history``: ``loss`` and ``epoch_seconds``
-    per epoch (chains one after the other) and, under ``"chains"``, each chain's per-sample
-    diagnostics (global step, step size, potential, pruned fractions, ...), and ``state_bytes``, the
-    size of the tensors the kernel keeps between steps (weights, momentum, preconditioner, EM).
+    e.g. EM's ``pi`` and inclusion probabilities) and ``history``, a
+    :class:`~bnnzoo.guides.training.TrainingHistory`: ``loss`` and ``epoch_seconds`` per epoch, chain
+    after chain (every chain runs the same epochs); ``extra["chains"]``, each chain's per-sample
+    record (``{key: [value per kernel sample]}``: global step, step size, potential, pruned
+    fractions, ..., and the ``warmup`` flag); ``extra["state_bytes"]``, the size of the tensors the
+    kernel keeps between steps (weights, momentum, preconditioner, EM).
     """
+
+    #: the draws are the chains' stored samples (ArviZ gets them all, with their sampler statistics)
+    stores_samples = True
 
     def __init__(self, model, *, name: str, config: dict, device="cpu"):
         super().__init__(model, name=name, config=config, device=device)
@@ -50,15 +109,18 @@ class SamplePosterior(Posterior):
         kernel.on_epoch_end = callback
         num_chains = int(train.get("num_chains", 1))
         mp_context = train.get("mp_context") or ("spawn" if self.device.type == "cuda" else None)
-        with warnings.catch_warnings():  # fewer cores than chains: MCMC runs them in turn, as intended
-            warnings.filterwarnings("ignore", message=".*Chains will be drawn sequentially.*")
-            mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
-                        mp_context=mp_context, disable_progbar=not progress, save_params=list(self.net.sites()))
-        mcmc.run(x, y)
-        self.samples = {s: v.detach() for s, v in mcmc.get_samples(group_by_chain=True).items()}
-        # what each chain's kernel.diagnostics() returned (MCMC.diagnostics() would also compute n_eff
-        # and r_hat over every stored weight, which fails with fewer than 4 draws per chain)
-        chains = [mcmc._diagnostics[c] for c in range(num_chains)]
+        sites = list(self.net.sites())
+        with tempfile.TemporaryDirectory(prefix="bnnzoo-chains-") as directory:
+            records = ChainRecords(num_samples, sites, directory)
+            with warnings.catch_warnings():  # fewer cores than chains: MCMC runs them in turn, as intended
+                warnings.filterwarnings("ignore", message=".*Chains will be drawn sequentially.*")
+                mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+                            mp_context=mp_context, disable_progbar=not progress, save_params=sites,
+                            hook_fn=records)
+            mcmc.run(x, y)
+            samples = mcmc.get_samples(group_by_chain=True)
+            chains = records.collect(samples)
+        self.samples = {s: v.detach() for s, v in samples.items()}
         self._collect(chains)
 
     def _collect(self, chains: list[dict]) -> None:
@@ -71,10 +133,12 @@ class SamplePosterior(Posterior):
             log_scale = torch.tensor(scales).log().mean()
             with torch.no_grad():
                 self.model.likelihood.log_noise_scale.copy_(log_scale)
-        self.history["loss"] = [v for c in chains for v in c["epochs"]["loss"]]
-        self.history["epoch_seconds"] = [v for c in chains for v in c["epochs"]["epoch_seconds"]]
-        self.history["chains"] = [c["history"] for c in chains]
-        self.history["state_bytes"] = chains[0].get("state_bytes", {})
+        history = TrainingHistory()
+        for c in chains:
+            history.extend(c["epochs"])
+        history.extra["chains"] = [c["history"] for c in chains]
+        history.extra["state_bytes"] = chains[0].get("state_bytes", {})
+        self.history = history
 
     # ---- draws ------------------------------------------------------------------------------------
     @property
@@ -102,15 +166,13 @@ class SamplePosterior(Posterior):
     def posterior_mean(self) -> dict[str, torch.Tensor]:
         return {s: v.mean(dim=(0, 1)) for s, v in self.samples.items()}
 
-    def _arviz_draws_per_chain(self, num_samples: int) -> int:
+    def arviz_draws_per_chain(self, num_samples: int) -> int:
         """ArviZ gets every stored draw of every chain (``num_samples`` does not apply)."""
         return next(iter(self.samples.values())).shape[1] if self.samples else 0
 
-    def _arviz_sample_stats(self) -> dict[str, torch.Tensor]:
+    def arviz_sample_stats(self) -> dict[str, torch.Tensor]:
         """Each chain's per-sample record at its stored draws (step size, potential, pruned fractions...)."""
-        from .diagnostics import stored_draw_records
-
-        return stored_draw_records(self.history.get("chains", []), self._arviz_draws_per_chain(0), self.device)
+        return stored_draw_records(self.history.extra.get("chains", []), self.arviz_draws_per_chain(0), self.device)
 
     def masks(self) -> dict[str, torch.Tensor]:
         """A weight is pruned when every chain pruned it."""

@@ -1,11 +1,12 @@
-"""How each posterior is found: guides (and, later, kernels) over a network's weights.
+"""How each posterior is found: guides over a network's weights, the loops that fit them, and
+Bayesian model reduction of a guide with Gaussian weights (:mod:`bnnzoo.guides.bmr`).
 
-Import as ``bnnzoo.guides``.
+Import as ``bnnzoo.guides``; of the rest of bnnzoo it imports only the layer below, ``bnnzoo.models``.
 """
 
-from . import (  # closed_form_kl registers the closed-form KLs with torch
-           bmr,
-           closed_form_kl,
+from . import (
+    bmr,
+    closed_form_kl,  # noqa: F401  (registers the closed-form KLs with torch)
 )
 from .delta import PointMass
 from .elbo import LocalReparamELBO
@@ -17,5 +18,17 @@ from .tdamp import TDAMPGuide
 from .tempered_elbo import TemperedLocalReparamELBO, untempered_variance
 from .weight_guide import WeightGuide
 
-__all__ = ["bmr", "HorseshoeGuide", "LocalReparamELBO", "MeanFieldNormal", "PointMass", "SGHMC", "SpikeSlabEM", "TDAMPGuide", "TemperedLocalReparamELBO", "untempered_variance",
-           "WeightGuide", "kl_normal_zero_mean"]
+__all__ = [
+    "SGHMC",
+    "HorseshoeGuide",
+    "LocalReparamELBO",
+    "MeanFieldNormal",
+    "PointMass",
+    "SpikeSlabEM",
+    "TDAMPGuide",
+    "TemperedLocalReparamELBO",
+    "WeightGuide",
+    "bmr",
+    "kl_normal_zero_mean",
+    "untempered_variance",
+]

@@ -15,21 +15,28 @@ reduced posterior a point mass at 0), so one code path serves both.
 Under a mean-field posterior a group's ``dF`` is the sum of its weights'; :func:`delta_f_multivariate`
 is the general form for full covariances (SPM's ``spm_log_evidence``). Which weights to prune:
 :func:`spike_and_slab_threshold` (a per-layer Beta(1, 1) prior on the keep probability, "BMR-S&S")
-or the plain rule ``dF > 0``. :func:`reduce` applies all this to a fitted
-:class:`~bnnzoo.guides.MeanFieldNormal` guide and returns a reduced copy.
+or the plain rule ``dF > 0``; :func:`decide_reduction` decides a whole network's reduction at once.
+
+A guide offers its Gaussian weights through the :class:`GaussianWeights` protocol (its means,
+variances and prior variances per site, and how to write a :class:`Reduction` back);
+:func:`reduce` is the one entry point: it reduces such a guide in place. The catalog's
+:class:`~bnnzoo.guides.MeanFieldNormal`, :class:`~bnnzoo.guides.HorseshoeGuide` (decentred weights
+under ``N(0, 1)``) and :class:`~bnnzoo.guides.TDAMPGuide` (slab posteriors under the slab prior)
+implement it.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
-from .meanfield import _PRUNED_SCALE, MeanFieldNormal
 from .sites import get_site, split_site
+from .weight_guide import PRUNED_SCALE
 
 RULES = ("ss", "plain")
 LEVELS = ("weight", "group")
@@ -63,7 +70,7 @@ def _check(mu, var, prior_var, reduced_var):
     return mu, var, prior_var, reduced_var
 
 
-def _reduce_normal(mu, var, prior_var, reduced_var):
+def _reduced_normal(mu, var, prior_var, reduced_var):
     """The formulas without input checks (internal: the guide's variances are positive)."""
     if isinstance(reduced_var, (int, float)) and reduced_var == 0:  # the common case, in few passes
         d_f = torch.addcdiv(torch.log(prior_var / var), mu * mu, var, value=-1).mul_(0.5)
@@ -75,7 +82,7 @@ def _reduce_normal(mu, var, prior_var, reduced_var):
     return d_f, var_r * p * mu, var_r
 
 
-def reduce_normal(mu, var, prior_var, reduced_var=0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reduced_normal(mu, var, prior_var, reduced_var=0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dF, mu_r, var_r)`` for each weight: the change in log evidence when the prior
     ``N(0, prior_var)`` is replaced by ``N(0, reduced_var)``, and the reduced posterior ``N(mu_r, var_r)``.
 
@@ -83,18 +90,18 @@ def reduce_normal(mu, var, prior_var, reduced_var=0.0) -> tuple[torch.Tensor, to
     """
     mu, var, prior_var, reduced_var = _check(mu, var, prior_var, reduced_var)
     _t(var, prior_var, reduced_var)  # the reduced posterior must exist
-    d_f, mu_r, var_r = _reduce_normal(mu, var, prior_var, reduced_var)
+    d_f, mu_r, var_r = _reduced_normal(mu, var, prior_var, reduced_var)
     return d_f, mu_r.expand_as(d_f), var_r.expand_as(d_f)
 
 
 def delta_f(mu, var, prior_var, reduced_var=0.0) -> torch.Tensor:
-    """``dF = ln p(y | reduced) - ln p(y | full)`` per weight (see :func:`reduce_normal`)."""
-    return reduce_normal(mu, var, prior_var, reduced_var)[0]
+    """``dF = ln p(y | reduced) - ln p(y | full)`` per weight (see :func:`reduced_normal`)."""
+    return reduced_normal(mu, var, prior_var, reduced_var)[0]
 
 
 def reduced_posterior(mu, var, prior_var, reduced_var=0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reduced posterior's mean and variance per weight (see :func:`reduce_normal`)."""
-    _, mu_r, var_r = reduce_normal(mu, var, prior_var, reduced_var)
+    """The reduced posterior's mean and variance per weight (see :func:`reduced_normal`)."""
+    _, mu_r, var_r = reduced_normal(mu, var, prior_var, reduced_var)
     return mu_r, var_r
 
 
@@ -179,6 +186,15 @@ def prune_decision(d_f: torch.Tensor, rule: str = "ss", num_iters: int = 4) -> t
 
 
 # ---- reducing a set of Gaussian weight sites -------------------------------------------------------
+class GaussianSite(NamedTuple):
+    """One weight site's Gaussian posterior ``N(loc, variance)`` (elementwise) and its zero-mean
+    Gaussian prior's variance (a number, or a tensor broadcasting to the site)."""
+
+    loc: torch.Tensor
+    variance: torch.Tensor
+    prior_variance: float | torch.Tensor
+
+
 @dataclass
 class Reduction:
     """What a reduction decided, per site: ``masks`` (kept = ``True``; weights pruned before stay
@@ -215,10 +231,10 @@ def _split_like(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def reduce_sites(weights: Mapping[str, tuple], masks: Mapping[str, torch.Tensor] | None = None, *,
-                 rule: str = "ss", level: str = "weight", reduced_var: float = 0.0,
-                 num_iters: int = 4) -> Reduction:
-    """Decide a reduction for Gaussian weight sites ``{site: (mu, var, prior_var)}``.
+def decide_reduction(weights: Mapping[str, GaussianSite], masks: Mapping[str, torch.Tensor] | None = None, *,
+                     rule: str = "ss", level: str = "weight", reduced_var: float = 0.0,
+                     num_iters: int = 4) -> Reduction:
+    """Decide a reduction for Gaussian weight sites ``{site: GaussianSite(mu, var, prior_var)}``.
 
     Sites named ``<layer>.<param>`` of one layer share a threshold (the per-layer Beta prior of
     the S&S rule). ``masks`` holds weights pruned already: they stay pruned and count as pruned.
@@ -244,7 +260,7 @@ def reduce_sites(weights: Mapping[str, tuple], masks: Mapping[str, torch.Tensor]
             mu, var, prior_var = weights[site]
             if reduced_var > 0:  # t > 0 is automatic for r = 0; check it otherwise
                 _t(var, _as_tensor(prior_var, var), _as_tensor(reduced_var, var))
-            d_f, mu_r, var_r = _reduce_normal(mu, var, prior_var, reduced_var)
+            d_f, mu_r, var_r = _reduced_normal(mu, var, prior_var, reduced_var)
             if site in masks:
                 d_f = d_f.masked_fill(~masks[site], math.inf)
             d_fs[site], reduced[site] = d_f, (mu_r, var_r)
@@ -283,7 +299,29 @@ def reduce_sites(weights: Mapping[str, tuple], masks: Mapping[str, torch.Tensor]
     return out
 
 
-# ---- a mean-field Normal guide ---------------------------------------------------------------------
+
+
+# ---- guides with Gaussian weights --------------------------------------------------------------------
+@runtime_checkable
+class GaussianWeights(Protocol):
+    """A guide whose weights have Gaussian posteriors under zero-mean Gaussian priors.
+
+    ``gaussian_weights(level)`` gives ``{site: GaussianSite(loc, variance, prior_variance)}`` (detached)
+    for every weight site a reduction at ``level`` (``"weight"`` or ``"group"``) may consider.
+    ``apply_reduction(reduction)`` writes a :class:`Reduction` into the guide in place: it sets
+    ``reduction.masks`` (masks only shrink; a pruned weight is then an exact zero in every draw) and
+    replaces the posterior of the ``reduction.accepted`` entries by the reduced one (a point mass at
+    0 when ``reduction.reduced_var == 0``, else ``reduction.locs`` / ``reduction.variances``).
+
+    :func:`reduce` also reads the guide's ``net`` (its sites and layers) and ``masks`` (the weights
+    pruned already), which every :class:`~bnnzoo.guides.WeightGuide` has.
+    """
+
+    def gaussian_weights(self, level: str = "weight") -> dict[str, GaussianSite]: ...
+
+    def apply_reduction(self, reduction: Reduction) -> None: ...
+
+
 def reducible_sites(net, prune_last: bool = False, layers=None) -> list[str]:
     """The weight sites BMR considers: every layer but the output layer (unless ``prune_last``),
     or the named ``layers``."""
@@ -294,6 +332,56 @@ def reducible_sites(net, prune_last: bool = False, layers=None) -> list[str]:
             raise KeyError(f"unknown layers {unknown}; layers are {[p.name for p in net.param_layers]}")
         names = list(layers)
     return [s for s in net.sites() if split_site(s)[0] in names]
+
+
+def _require_protocol(guide) -> None:
+    if not isinstance(guide, GaussianWeights):
+        raise TypeError(f"Bayesian model reduction needs Gaussian weights: a {type(guide).__name__} guide does "
+                        f"not implement the GaussianWeights protocol (gaussian_weights(level), "
+                        f"apply_reduction(reduction))")
+
+
+def _reducible_weights(guide, level: str, prune_last: bool, layers) -> dict[str, GaussianSite]:
+    weights = guide.gaussian_weights(level)
+    return {s: weights[s] for s in reducible_sites(guide.net, prune_last, layers) if s in weights}
+
+
+def reduce(guide: GaussianWeights, *, rule: str = "ss", level: str = "weight", prune_last: bool = False,
+           layers=None, reduced_var: float = 0.0, num_iters: int = 4) -> Reduction:
+    """Bayesian model reduction of a fitted guide with Gaussian weights, in place; returns the
+    :class:`Reduction` (see :meth:`Reduction.summary`).
+
+    ``rule``: ``"ss"`` (prune a weight when its ``dF`` exceeds the per-layer spike-and-slab
+    threshold, Beta(1, 1) prior on the keep probability, ``num_iters`` iterations) or ``"plain"``
+    (``dF > 0``). ``level``: ``"weight"`` or ``"group"`` (whole neurons / filters by their summed
+    ``dF``). The output layer is left alone unless ``prune_last`` (or ``layers`` names the layers to
+    reduce). Weights pruned before (the guide's ``masks``) stay pruned. Pruned weights are masked
+    (exact zeros in every draw) and their posterior set to the reduced one, a point mass at 0; with
+    ``reduced_var > 0`` the accepted weights are instead shrunk to their reduced posterior under
+    ``N(0, reduced_var)``.
+
+    ``guide`` must implement :class:`GaussianWeights` (``TypeError`` otherwise).
+    """
+    _require_protocol(guide)
+    weights = _reducible_weights(guide, level, prune_last, layers)
+    current = dict(guide.masks.items())
+    masks = {s: current[s] for s in weights if s in current}
+    reduction = decide_reduction(weights, masks, rule=rule, level=level, reduced_var=reduced_var,
+                                 num_iters=num_iters)
+    guide.apply_reduction(reduction)
+    return reduction
+
+
+def evidence_changes(guide: GaussianWeights, *, level: str = "weight", prune_last: bool = False, layers=None,
+                     reduced_var: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per-weight ``dF`` of every site :func:`reduce` would consider (``+inf`` where already pruned)."""
+    _require_protocol(guide)
+    masks = dict(guide.masks.items())
+    out = {}
+    for site, (mu, var, prior_var) in _reducible_weights(guide, level, prune_last, layers).items():
+        d_f = reduced_normal(mu, var, prior_var, reduced_var)[0]
+        out[site] = d_f.masked_fill(~masks[site], math.inf) if site in masks else d_f
+    return out
 
 
 def prior_variance(prior, site: str):
@@ -309,30 +397,16 @@ def prior_variance(prior, site: str):
     return base.scale.pow(2)
 
 
-def meanfield_gaussian_weights(guide: MeanFieldNormal, model, sites=None) -> dict[str, tuple]:
-    """``{site: (mu, sigma^2, prior_var)}`` of a mean-field Normal guide (detached)."""
-    if not isinstance(guide, MeanFieldNormal):
-        raise TypeError(f"expected a MeanFieldNormal guide, got {type(guide).__name__}")
-    sites = list(guide.net.sites()) if sites is None else sites
-    out = {}
-    for site in sites:
-        mu = get_site(guide.locs, site).detach()
-        var = torch.exp(2 * get_site(guide.log_scales, site).detach())
-        out[site] = (mu, var, prior_variance(model.prior, site))
-    return out
-
-
 @torch.no_grad()
-def apply_reduction(guide, reduction: Reduction, pruned_scale: float = _PRUNED_SCALE) -> None:
-    """Write a reduction into a mean-field Gaussian guide in place (a
-    :class:`~bnnzoo.guides.MeanFieldNormal`, or any weight guide keeping per-site ``locs`` and
-    ``log_scales`` such as the horseshoe guide's decentred weights): masks set (they only shrink),
-    and the guide entries replaced by the reduced posterior where the reduction was accepted (pruned
-    weights: loc 0 and ``pruned_scale``, so they are frozen there)."""
-    guide.set_masks(reduction.masks)
+def write_reduction(locs: nn.ModuleDict, log_scales: nn.ModuleDict, reduction: Reduction,
+                    pruned_scale: float = PRUNED_SCALE) -> None:
+    """Write a reduction's posteriors into per-site Gaussian parameters ``locs`` / ``log_scales``
+    (the containers of :func:`~bnnzoo.guides.sites.site_parameters`) in place: where the reduction
+    was accepted, the reduced posterior (pruned weights: loc 0 and ``pruned_scale``, so a masked
+    weight stays frozen there); elsewhere the entries are unchanged. Masks are the caller's."""
     log_pruned = math.log(pruned_scale)
     for site, accept in reduction.accepted.items():
-        p_loc, p_log_scale = get_site(guide.locs, site), get_site(guide.log_scales, site)
+        p_loc, p_log_scale = get_site(locs, site), get_site(log_scales, site)
         if reduction.reduced_var == 0:
             p_loc.masked_fill_(accept, 0.0)
             p_log_scale.masked_fill_(accept, log_pruned)
@@ -340,43 +414,3 @@ def apply_reduction(guide, reduction: Reduction, pruned_scale: float = _PRUNED_S
             var = reduction.variances[site]
             p_loc.copy_(torch.where(accept, reduction.locs[site].to(p_loc.dtype), p_loc))
             p_log_scale.copy_(torch.where(accept, 0.5 * torch.log(var.to(p_log_scale.dtype)), p_log_scale))
-
-
-def evidence_changes(guide: MeanFieldNormal, model, *, prune_last: bool = False, layers=None,
-                     reduced_var: float = 0.0) -> dict[str, torch.Tensor]:
-    """Per-weight ``dF`` of every reducible site of a fitted mean-field guide (``+inf`` where pruned)."""
-    weights = meanfield_gaussian_weights(guide, model, reducible_sites(guide.net, prune_last, layers))
-    out = {}
-    for site, (mu, var, prior_var) in weights.items():
-        d_f = _reduce_normal(mu, var, prior_var, reduced_var)[0]
-        keep = guide.mask(site)
-        out[site] = d_f if keep is None else d_f.masked_fill(~keep, math.inf)
-    return out
-
-
-def reduce_(guide: MeanFieldNormal, model, *, rule: str = "ss", level: str = "weight", prune_last: bool = False,
-            layers=None, reduced_var: float = 0.0, num_iters: int = 4) -> Reduction:
-    """Reduce a mean-field guide in place (used between training epochs); returns the decision."""
-    sites = reducible_sites(guide.net, prune_last, layers)
-    weights = meanfield_gaussian_weights(guide, model, sites)
-    masks = {s: guide.mask(s) for s in sites if guide.mask(s) is not None}
-    reduction = reduce_sites(weights, masks, rule=rule, level=level, reduced_var=reduced_var, num_iters=num_iters)
-    apply_reduction(guide, reduction)
-    return reduction
-
-
-def reduce(guide: MeanFieldNormal, model, *, rule: str = "ss", level: str = "weight", prune_last: bool = False,
-           layers=None, reduced_var: float = 0.0, num_iters: int = 4) -> MeanFieldNormal:
-    """A reduced copy of a fitted mean-field guide; ``guide`` itself is left untouched.
-
-    ``rule``: ``"ss"`` (spike-and-slab threshold, per-layer Beta(1, 1) prior, ``num_iters``
-    iterations) or ``"plain"`` (``dF > 0``). ``level``: ``"weight"`` or ``"group"`` (neurons /
-    filters). The output layer is left alone unless ``prune_last`` (or ``layers`` names the layers).
-    Pruned weights are masked (exact zeros in every draw) with their entries set to the reduced
-    posterior, a point mass at 0; with ``reduced_var > 0`` accepted weights are shrunk to the
-    reduced posterior under ``N(0, reduced_var)`` instead.
-    """
-    reduced = copy.deepcopy(guide)
-    reduce_(reduced, model, rule=rule, level=level, prune_last=prune_last, layers=layers,
-            reduced_var=reduced_var, num_iters=num_iters)
-    return reduced

@@ -19,7 +19,7 @@ is dominated by per-operation overhead, so the step is a handful of autograd nod
 backward passes: the scale block (every scale variable's KL and the draw of every ``s_k``,
 :mod:`~bnnzoo.guides.horseshoe_scales`), one per dense layer (:mod:`~bnnzoo.guides.scaled_dense`)
 and, in :class:`~bnnzoo.guides.TemperedLocalReparamELBO`, the Gaussian likelihood term. A small
-dense ReLU network (up to ``_FUSED_NETWORK_MAX_WEIGHTS`` weights, unpruned) runs the whole step,
+dense ReLU network (up to ``FUSED_NETWORK_MAX_WEIGHTS`` weights, unpruned) runs the whole step,
 likelihood included for regression, as one node (:mod:`~bnnzoo.guides.horseshoe_mlp`,
 :meth:`HorseshoeGuide.gaussian_loss`).
 
@@ -45,30 +45,28 @@ from torch import nn
 
 from ..models.horseshoe import SCALE_VARIABLES, HorseshoePrior, regularised_log_scale
 from . import closed_form_kl  # noqa: F401  (registers the LogNormal-Gamma / -InverseGamma KLs with torch)
+from .bmr import GaussianSite, Reduction, write_reduction
 from .closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
 from .horseshoe_mlp import HorseshoeMLP
 from .horseshoe_scales import HorseshoeScales
 from .scaled_dense import scaled_local_reparam_dense
 from .sites import get_site, site_parameters
 from .tempered_elbo import untempered_variance
-from .weight_guide import WeightGuide
+from .weight_guide import PRUNED_SCALE, WeightGuide
 
-_PRUNED_SCALE = 1e-30  # a pruned weight's guide scale (exactly-zero scales are not valid Normals)
 _QUADRATURE_POINTS = 40  # Gauss-Hermite points per Gaussian dimension for E_q[f(s_k)]
-_DENSE_STEP_MATRIX = 2**16
-# HorseshoeMLP (one autograd node per step) for dense ReLU networks up to this many weights: it saves
-# some 40 small operations per step (about 50 us on Boston's 13-50-1, 751 weights), but its KL terms
-# take a few more passes over the weights than the per-layer functions (about 1 ms per step on
-# LeNet-300-100, 266k weights); the crossover lies near 16k weights
-_FUSED_NETWORK_MAX_WEIGHTS = 2**14
+#: The scale block's constant matrices are dense up to this many entries, sparse (CSR) beyond.
+DENSE_STEP_MATRIX = 2**16
+#: Dense ReLU networks up to this many weights (unpruned) take the one-node training step of
+#: :class:`~bnnzoo.guides.horseshoe_mlp.HorseshoeMLP`; larger ones the per-layer nodes.
+FUSED_NETWORK_MAX_WEIGHTS = 2**14
 
 
 def _step_matrix(matrix: torch.Tensor) -> torch.Tensor:
     """``matrix`` (the scale block's 0/1 and 1/2 matrices, two non-zeros per row at most) for the
-    matrix-vector products of a training step: dense while small, sparse CSR beyond
-    ``_DENSE_STEP_MATRIX`` entries (on LeNet-300-100 a dense product costs some 20 us, a sparse one 5 us;
-    on Boston's 13-50-1 a dense one 2 us)."""
-    if matrix.numel() <= _DENSE_STEP_MATRIX:
+    matrix-vector products of a training step: dense up to ``DENSE_STEP_MATRIX`` entries, sparse
+    CSR beyond."""
+    if matrix.numel() <= DENSE_STEP_MATRIX:
         return matrix
     with warnings.catch_warnings():  # torch flags its sparse CSR layout as beta
         warnings.simplefilter("ignore", UserWarning)
@@ -101,6 +99,10 @@ class HorseshoeGuide(WeightGuide):
     group is only switched off once its log-scale has travelled several units; storing the log-scale
     means divided by ``scale_gain`` makes them move ``scale_gain`` times faster than the weights, so
     one learning rate serves both (the model and the optimum are unchanged).
+
+    Implements :class:`~bnnzoo.guides.bmr.GaussianWeights` through the decentred weights (see
+    :meth:`gaussian_weights`): Bayesian model reduction prunes single weights inside the groups the
+    horseshoe keeps, and leaves the scales' factors as they are.
     """
 
     def __init__(self, model, init_scale: float = 1e-2, init_log_scale_sd: float = 0.1, scale_gain: float = 10.0,
@@ -190,12 +192,12 @@ class HorseshoeGuide(WeightGuide):
         where = self._scale_index(layer, var)
         return self.gain * self.scale_params[0, where], self.scale_params[1, where]
 
-    def _log_moments(self, kl_weight: float = 1.0):
+    def log_moments(self, kl_weight: float = 1.0):
         """Means and standard deviations under q of ``ln tau^2`` and ``ln lambda_k^2`` (one vector:
         ``L`` layers, then the groups of all layers) and of ``ln c^2`` (per layer). ``kl_weight < 1``
         widens the standard deviations to the untempered posterior's (flat prior on the log scale:
         the variance grows by ``1 / kl_weight``)."""
-        n, width = len(self.hidden), self.scale_width
+        width = self.scale_width
         m, log_sd = self.gain * self.scale_params[0], self.scale_params[1]
         var = torch.exp(2 * log_sd)
         m_z = torch.cat([m[:width] + m[width:2 * width], m[2 * width:]])
@@ -207,7 +209,7 @@ class HorseshoeGuide(WeightGuide):
         """Draws of ``ln s_k`` for every hidden layer, each of shape ``batch_shape + (K,)``: one draw of a
         layer's ``tau`` and ``c`` per batch entry, shared by its groups, and one ``lambda_k`` per group.
         ``kl_weight < 1`` widens the draws to the untempered posterior (see :meth:`draw`)."""
-        (m, sd), (m_c, sd_c) = self._log_moments(kl_weight)
+        (m, sd), (m_c, sd_c) = self.log_moments(kl_weight)
         n = len(self.hidden)
         eps = torch.randn(batch_shape + (len(m) + n,), device=m.device, dtype=m.dtype)
         z = torch.addcmul(m, sd, eps[..., :len(m)])
@@ -221,7 +223,7 @@ class HorseshoeGuide(WeightGuide):
     def expect_scale(self, layer: str, fn) -> torch.Tensor:
         """``E_q[fn(ln s_k)]`` for every group ``k`` of ``layer`` by Gauss-Hermite quadrature over
         ``ln(tau^2 lambda_k^2)`` and ``ln c^2`` (independent Gaussians under q)."""
-        (m, sd), (m_c, sd_c) = self._log_moments()
+        (m, sd), (m_c, sd_c) = self.log_moments()
         i, n = self.hidden.index(layer), len(self.hidden)
         groups = slice(n + self.group_offsets[i], n + self.group_offsets[i + 1])
         nodes, weights = np.polynomial.hermite_e.hermegauss(_QUADRATURE_POINTS)
@@ -283,13 +285,33 @@ class HorseshoeGuide(WeightGuide):
         keep = self.mask(net_site)
         if keep is not None:
             loc = loc * keep
-            scale = torch.where(keep, scale, torch.full_like(scale, _PRUNED_SCALE))
+            scale = torch.where(keep, scale, torch.full_like(scale, PRUNED_SCALE))
         return dist.Normal(loc, scale).to_event(loc.dim())
 
     def forward(self, x=None, y=None, num_data=None) -> dict[str, torch.Tensor]:
         """Sample every latent site of the model; returns the effective weights."""
         values = {site: pyro.sample(site, self.site_distribution(site)) for site in self.prior.sites()}
         return self.apply_masks(self.prior.weights(values))
+
+    # ---- Bayesian model reduction (the GaussianWeights protocol) -------------------------------
+    @torch.no_grad()
+    def gaussian_weights(self, level: str = "weight") -> dict[str, GaussianSite]:
+        """The decentred weights: ``w = s_k beta`` with ``beta ~ N(0, 1)`` in hidden layers (the
+        scales ``s_k`` have their own factors of q), so BMR acts on ``q(beta) = N(mu, sigma^2)``
+        under the prior ``N(0, 1)``, as Markovic et al. reduce the standardised weights of their
+        non-centred models; the output layer's prior is ``N(0, output_prior_scale^2)`` in the
+        guide's stored units. The same at either level."""
+        return {site: GaussianSite(get_site(self.locs, site).detach(),
+                                   torch.exp(2 * get_site(self.log_scales, site).detach()),
+                                   self._prior_scale(site.rpartition(".")[0]) ** 2) for site in self.net.sites()}
+
+    @torch.no_grad()
+    def apply_reduction(self, reduction: Reduction) -> None:
+        """Set the reduction's masks and its reduced posteriors of the decentred weights (pruned
+        weights: loc 0, scale :data:`~bnnzoo.guides.weight_guide.PRUNED_SCALE`); the scales'
+        factors are left as they are."""
+        self.set_masks(reduction.masks)
+        write_reduction(self.locs, self.log_scales, reduction)
 
     # ---- plain-torch access -------------------------------------------------------------------
     def draw(self, kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
@@ -356,19 +378,28 @@ class HorseshoeGuide(WeightGuide):
 
     def set_masks(self, masks) -> None:
         super().set_masks(masks)
-        self._fast = None  # the cached references record whether the guide is pruned
+        self.clear_step_plan()  # the plan records whether the guide is pruned
 
     def _apply(self, fn, recurse=True):
-        self._fast = None  # buffers are replaced by .to(): rebuild the cached references
+        self.clear_step_plan()  # buffers are replaced by .to(): rebuild the plan
         return super()._apply(fn, recurse)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._fast = None  # ``assign=True`` replaces the parameters
+        self.clear_step_plan()  # ``assign=True`` replaces the parameters
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _fast_path(self) -> SimpleNamespace:
-        """References used by every training step, gathered once (module attribute lookups are slow
-        next to the small tensor operations of a small network's step)."""
+    def clear_step_plan(self) -> None:
+        """Drop the cached :meth:`step_plan`; the next training step gathers it again."""
+        self._fast = None
+
+    def step_plan(self) -> SimpleNamespace:
+        """The references every training step uses, gathered once and cached (module attribute
+        lookups are slow next to the small tensor operations of a small network's step):
+        ``scales`` (the scale block's constant matrices, dense up to :data:`DENSE_STEP_MATRIX`
+        entries, sparse CSR beyond), ``layers`` (per layer its Gaussian parameters and prior
+        scale), ``params``, ``output_units``, ``sizes`` (groups per hidden layer), ``pruned`` and
+        ``mlp`` (the plan of :class:`~bnnzoo.guides.horseshoe_mlp.HorseshoeMLP`, or ``None`` where
+        the one-node step does not apply)."""
         if getattr(self, "_fast", None) is None:
             scales = SimpleNamespace(gain=self.gain, half=self.one_half, minus_one=self.minus_one,
                                      kl_const=self.kl_const, sign=self.scale_sign, shape_sign=self.scale_shape_sign,
@@ -383,7 +414,7 @@ class HorseshoeGuide(WeightGuide):
             sizes = [b - a for a, b in zip(self.group_offsets[:-1], self.group_offsets[1:])]
             self._fast = SimpleNamespace(scales=scales, layers=layers, params=params, output_units=self.output_units,
                                          sizes=sizes, mlp=None, pruned=len(self.masks) > 0)
-            if self._is_relu_mlp() and self.net.num_weights() <= _FUSED_NETWORK_MAX_WEIGHTS:
+            if self._is_relu_mlp() and self.net.num_weights() <= FUSED_NETWORK_MAX_WEIGHTS:
                 # HorseshoeMLP's plan: per Gaussian tensor (mu, b_mu of each layer) 1/p^2, 1/(2 p^2), ln p - 1/2
                 # (0-d tensors: a foreach operation wraps every Python number of a list into a tensor)
                 prior_scales = [self._prior_scale(name) for name in names for _ in range(2)]
@@ -421,7 +452,7 @@ class HorseshoeGuide(WeightGuide):
         local-reparameterised draw of the outputs ``f``, in one autograd node
         (:class:`~bnnzoo.guides.horseshoe_mlp.HorseshoeMLP`); ``None`` where that node does not apply
         (pruned, or not a dense ReLU network), and the caller computes the loss term by term."""
-        fast = self._fast_path()
+        fast = self.step_plan()
         if fast.mlp is None or fast.pruned:
             return None
         return self._mlp_step(x, y, log_noise, (float(nll_weight), float(kl_weight)))
@@ -430,7 +461,7 @@ class HorseshoeGuide(WeightGuide):
         """One draw of every hidden layer's ``s_k`` (layer -> ``(K,)``) and ``KL(q || p)`` of every
         scale variable (the same quantities as :meth:`sample_log_scales` and :meth:`scale_kl`, in one
         autograd node: :class:`~bnnzoo.guides.horseshoe_scales.HorseshoeScales`)."""
-        fast = self._fast_path()
+        fast = self.step_plan()
         params = fast.params[0]
         eps = torch.randn(self.scale_width + len(self.hidden), device=params.device, dtype=params.dtype)
         s, kl = HorseshoeScales.apply(params, eps, fast.scales)
@@ -440,7 +471,7 @@ class HorseshoeGuide(WeightGuide):
 
     def sample_outputs_and_kl(self, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One local-reparameterised draw of the network outputs for ``x`` and ``KL(q || p)``."""
-        fast = self._fast_path()
+        fast = self.step_plan()
         fused = not fast.pruned
         if fused and fast.mlp is not None:
             return self._mlp_step(x, None, None)

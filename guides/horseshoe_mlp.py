@@ -1,6 +1,6 @@
 """One training step of the horseshoe guide on a dense ReLU network in one autograd function.
 
-On a small network (Boston's 13-50-1) a step is a few hundred operations on tensors of a few
+On a small network a step is a few hundred operations on tensors of a few
 hundred entries, and the per-operation overhead (Python, dispatch, one autograd node per operation)
 costs far more than the arithmetic. :class:`HorseshoeMLP` runs the whole step as one autograd node
 with a hand-written backward pass:
@@ -39,7 +39,7 @@ class HorseshoeMLP(torch.autograd.Function):
     dense layer in order (hidden layers, output layer last).
     ``eps``: one standard-normal vector holding the scale block's noise (``plan.scale_noise``
     entries), then ``B x K`` entries per layer. ``plan`` (built by
-    :meth:`HorseshoeGuide._fast_path <bnnzoo.guides.HorseshoeGuide>`): ``scales`` (the scale block's
+    :meth:`HorseshoeGuide.step_plan <bnnzoo.guides.HorseshoeGuide.step_plan>`): ``scales`` (the scale block's
     constants), ``sizes`` (groups per hidden layer), ``output_units`` (the output layer's fixed
     scale), ``inv_prior_var``, ``half_inv_prior_var``, ``kl_offset`` and ``ones`` (lists of 0-d
     tensors, one per Gaussian tensor in the order ``mu, b_mu`` of each layer: ``1/p^2``,

@@ -9,13 +9,10 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import kl_divergence
 
+from .bmr import GaussianSite, Reduction, prior_variance, write_reduction
 from .local_reparam import local_reparam_dense
 from .sites import get_site, site_parameters
-from .weight_guide import WeightGuide
-
-# a pruned weight's guide scale (exactly-zero scales are not valid Normal distributions; the
-# square of a smaller one underflows in float32)
-_PRUNED_SCALE = 1e-12
+from .weight_guide import PRUNED_SCALE, WeightGuide
 
 
 def kl_normal_zero_mean(loc: torch.Tensor, var: torch.Tensor, log_scale: torch.Tensor,
@@ -38,6 +35,9 @@ class MeanFieldNormal(WeightGuide):
 
     Parameters: ``locs.<site>`` (initialised as PyTorch initialises the layer) and
     ``log_scales.<site>`` (initialised to ``log(init_scale)``).
+
+    Implements :class:`~bnnzoo.guides.bmr.GaussianWeights`: every site's ``N(loc, scale^2)`` under
+    the model's zero-mean Gaussian prior, so Bayesian model reduction applies as it is.
     """
 
     def __init__(self, model, init_scale: float = 1e-3, init_locs: dict | None = None):
@@ -47,18 +47,24 @@ class MeanFieldNormal(WeightGuide):
         locs = init_locs if init_locs is not None else self.net.init_params()
         self.locs = site_parameters(locs)
         self.log_scales = site_parameters({s: torch.full_like(v, math.log(init_scale)) for s, v in locs.items()})
+        self._prior = [model.prior]  # kept out of the module tree: the model owns it
+
+    @property
+    def prior(self):
+        """The model's prior over the weights (read by :meth:`gaussian_weights`)."""
+        return self._prior[0]
 
     # ---- the Pyro guide -----------------------------------------------------------------------
     def site_distribution(self, site: str) -> dist.Distribution:
         """``q`` of one site. A pruned weight is a point mass at zero: its entries sample zero (up to
-        a negligible ``1e-12`` scale that keeps the distribution valid) and are masked out of the
-        guide's log density."""
+        a negligible scale, :data:`~bnnzoo.guides.weight_guide.PRUNED_SCALE`, that keeps the
+        distribution valid) and are masked out of the guide's log density."""
         loc, scale = get_site(self.locs, site), get_site(self.log_scales, site).exp()
         keep = self.mask(site)
         if keep is None:
             return dist.Normal(loc, scale).to_event(loc.dim())
         loc = loc * keep
-        scale = torch.where(keep, scale, torch.full_like(scale, _PRUNED_SCALE))
+        scale = torch.where(keep, scale, torch.full_like(scale, PRUNED_SCALE))
         return dist.Normal(loc, scale).mask(keep).to_event(loc.dim())
 
     def forward(self, x=None, y=None, num_data=None) -> dict[str, torch.Tensor]:
@@ -77,6 +83,21 @@ class MeanFieldNormal(WeightGuide):
 
     def posterior_scale(self) -> dict[str, torch.Tensor]:
         return self.apply_masks({site: get_site(self.log_scales, site).exp() for site in self.net.sites()})
+
+    # ---- Bayesian model reduction (the GaussianWeights protocol) -------------------------------
+    @torch.no_grad()
+    def gaussian_weights(self, level: str = "weight") -> dict[str, GaussianSite]:
+        """``N(loc, scale^2)`` of every site under the prior ``N(0, prior_variance)`` (any level)."""
+        return {site: GaussianSite(get_site(self.locs, site).detach(),
+                                   torch.exp(2 * get_site(self.log_scales, site).detach()),
+                                   prior_variance(self.prior, site)) for site in self.net.sites()}
+
+    @torch.no_grad()
+    def apply_reduction(self, reduction: Reduction) -> None:
+        """Set the reduction's masks and its reduced posteriors (pruned weights: loc 0, scale
+        :data:`~bnnzoo.guides.weight_guide.PRUNED_SCALE`, frozen there by the mask)."""
+        self.set_masks(reduction.masks)
+        write_reduction(self.locs, self.log_scales, reduction)
 
     # ---- training -----------------------------------------------------------------------------
     def sample_outputs_and_kl(self, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,10 +66,8 @@ def normal_cdf(x: torch.Tensor) -> torch.Tensor:
 def below(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """``1.0`` where ``x < threshold``, else ``0.0``, in ``x``'s dtype.
 
-    A float mask from two arithmetic kernels: boolean tensors (comparison, ``torch.where``,
-    ``masked_fill``) are an order of magnitude slower than arithmetic on some CPU builds, and the
-    hot loop selects between two finite branches by ``a * mask + b * (1 - mask)``, which is exact
-    for a 0/1 mask."""
+    A float mask from two arithmetic kernels, with no boolean tensor: the hot loop selects between
+    two finite branches by ``a * mask + b * (1 - mask)``, which is exact for a 0/1 mask."""
     return torch.sign(threshold - x).clamp_min_(0.0)
 
 
@@ -224,7 +222,7 @@ SUPPORTED_ACTIVATIONS = ("relu", "identity")
 def check_network(net: Network) -> None:
     """TDAMP propagates moments through dense layers, ReLU (or identity) and flattening only."""
     for layer in net.layers:
-        if isinstance(layer, Dense) or isinstance(layer, Flatten):
+        if isinstance(layer, (Dense, Flatten)):
             continue
         if isinstance(layer, Activation) and layer.fn in SUPPORTED_ACTIVATIONS:
             continue

@@ -39,19 +39,20 @@ weight tensors, ``torch.autograd.grad``, and the prior term added analytically; 
 handful of fused ``torch._foreach_*`` calls. For a Gaussian likelihood the minibatch term is the sum
 of squared residuals over ``2 sigma^2`` (``log_prob`` up to a constant in ``theta``: one fused op
 instead of seven; the tests check its gradient against ``log_prob``'s and Pyro's log joint).
-Tracing the Pyro model for every gradient instead (the conditioned model's
-``poutine.trace(...).log_prob_sum()`` and a backward pass) was measured on this project's shared
-2-core CPU machine (``benchmarks/bench_spike_slab.py``, suite ``spike-slab-speed``, the two paths
-timed alternately): 6.1 ms against 0.23 ms per gradient for the 13-50-1 network at batch 32 (26x;
-Pyro's per-site bookkeeping dominates small networks), 159 ms against 124 ms for LeNet-5 at batch
-128 (1.3x). The Pyro model remains the statement of what is believed: it is ``kernel.model``,
-``Predictive`` runs on the samples, and the tests check the potential against its log joint.
+Tracing the Pyro model for every gradient (``poutine.trace(...).log_prob_sum()`` and a backward pass)
+gives the same gradient at a higher cost, most of all for small networks, where Pyro's per-site
+bookkeeping dominates. The Pyro model remains the statement of what is believed: it is
+``kernel.model``, ``Predictive`` runs on the samples, and the tests check the potential against its
+log joint.
 
 Memory: between steps the kernel keeps the weights, the momentum and one preconditioner tensor
 (the RMSprop statistics ``S`` while adapting, ``sqrt(S)`` once frozen): three times the parameters,
 plus three small per-group vectors for EM (decay, preconditioner offset, mask; see
-:meth:`state_bytes`). Nothing is copied to the host inside the step loop; the per-sample
-diagnostics stay on the device until :meth:`diagnostics`.
+:meth:`state_bytes`). Nothing is copied to the host inside an epoch: the epoch's loss is read back
+once at its end, where the shared epoch loop (:class:`~bnnzoo.guides.training.EpochLoop`, without a
+progress bar: ``MCMC`` has its own) times the epoch, stops a diverging chain with
+:class:`~bnnzoo.guides.training.DivergenceError` (a non-finite or exploding loss) and runs the
+callback; the per-sample diagnostics stay on the device until :meth:`diagnostics`.
 
 Several chains: ``MCMC(kernel, ..., num_chains=C)`` runs chains in processes when the machine has
 the cores (the kernel pickles without its data or callback; use ``mp_context="spawn"`` with CUDA)
@@ -62,7 +63,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ from ..models.likelihoods import GaussianLikelihood
 from ..models.priors import GaussianPrior
 from ..models.spike_slab import SpikeSlabPrior
 from .spike_slab_em import SpikeSlabEM
-from .training import minibatches
+from .training import EpochLoop, TrainingHistory, minibatches
 
 PRECONDITIONERS = ("warmup", "always", "none")
 
@@ -105,19 +105,23 @@ class SGHMC(MCMCKernel):
     ``samples_per_cycle``, ``thinning`` in steps. With a spike-and-slab prior, ``em`` is the
     :class:`~bnnzoo.guides.SpikeSlabEM` schedule (a default one if not given). ``learn_noise``:
     for a Gaussian likelihood, the noise scale gets an M-step at the end of every epoch,
-    ``sigma^2 = (sum of squared residuals over the epoch) / N``.
+    ``sigma^2 = (sum of squared residuals over the epoch) / N``. ``method`` names the fit in a
+    :class:`~bnnzoo.guides.training.DivergenceError`.
 
     Run it with ``pyro.infer.MCMC(kernel, num_samples, warmup_steps).run(x, y)``: ``setup`` keeps
     the (standardised) data and the kernel draws its own minibatches from it; the first
     ``warmup_steps`` samples are the warm-up, counted here (Pyro's driver never calls
     ``end_warmup``). ``on_epoch_end(epoch, loss)``, if set, runs after every epoch of an in-process
-    chain (``loss`` = mean negative log-likelihood per example over the epoch).
+    chain (``loss`` = mean negative log-likelihood per example over the epoch). A chain whose loss
+    becomes non-finite or explodes raises :class:`~bnnzoo.guides.training.DivergenceError` at the
+    end of that epoch.
     """
 
     def __init__(self, model, step_size: float = 1e-3, friction: float = 0.1, temperature: float = 1.0,
                  batch_size: int = 32, *, precondition: str = "warmup", precond_decay: float = 0.99,
                  precond_eps: float = 1e-5, cycle_length: int | None = None, samples_per_cycle: int = 1,
-                 thinning: int = 1, em: SpikeSlabEM | None = None, learn_noise: bool = True):
+                 thinning: int = 1, em: SpikeSlabEM | None = None, learn_noise: bool = True,
+                 method: str = "SGHMC"):
         for attr in ("net", "prior", "likelihood"):
             if not hasattr(model, attr):
                 raise TypeError(f"SGHMC samples a BayesianNeuralNetwork (net, prior, likelihood); "
@@ -158,8 +162,10 @@ class SGHMC(MCMCKernel):
         self.sites = list(model.net.sites())
         self._save_params = sorted(self.sites)
         self._user_init: dict | None = None
+        self.method = str(method)
         self.on_epoch_end = None
         self._x = self._y = None
+        self._loop: EpochLoop | None = None
         self._ready = False
 
     # ---- Pyro's kernel interface ------------------------------------------------------------------
@@ -204,6 +210,7 @@ class SGHMC(MCMCKernel):
         state["on_epoch_end"] = None  # callbacks belong to the process that set them
         state["_x"] = state["_y"] = None  # setup hands every process its data
         state["_batches"] = None  # the current epoch's batch iterator
+        state["_loop"] = None  # epoch loops: a fresh process builds its own
         state["_ready"] = False  # the copy needs setup
         return state
 
@@ -259,27 +266,35 @@ class SGHMC(MCMCKernel):
                 self._offset.append(lay.view(s, self._offset_groups[lay.layer]))
         self._step = 0
         self._drawn = 0
-        self._epoch = 0
         self._batches = iter(())
         self._epoch_step = 0
         # running sums over the epoch and over the current kernel sample of the minibatch statistic:
         # squared residuals (Gaussian likelihood) or negative log-likelihoods (any other)
         self._epoch_stat = torch.zeros((), device=device)
         self._sample_stat = torch.zeros((), device=device)
+        if self.learn_noise:
+            # the noise M-step writes in place: the chain gets storage of its own, since a model that MCMC
+            # sent to a spawned worker shares its tensors' memory with the sender and the other chains
+            log_s = self.model.likelihood.log_noise_scale
+            log_s.data = log_s.detach().clone()
         self._inv_var = self._inverse_noise_variance()
         self._sample_examples = 0
         self._eta = cyclical_step_size(1, self.step_size, self.cycle_length)
         self._history = {k: [] for k in ("step", "step_size", "potential", "groups_pruned_fraction",
                                          "weights_pruned_fraction", "pi", "noise_scale", "warmup")}
-        self._epochs = {"loss": [], "epoch_seconds": []}
+        self._loop = self._new_loop()
         self._ready = True
+
+    def _new_loop(self) -> EpochLoop:
+        # MCMC decides how many samples (and so epochs) a chain runs: the loop has no total and no bar
+        return EpochLoop(0, method=self.method, progress=False, on_epoch_end=self._epoch_callback)
 
     def cleanup(self) -> None:
         """Drop the data references (the chain's state stays for inspection)."""
         self._x = self._y = None
 
     def logging(self) -> dict:
-        return {"step_size": f"{self._eta:.2e}", "epoch": self._epoch}
+        return {"step_size": f"{self._eta:.2e}", "epoch": self._loop.epoch if self._loop is not None else 0}
 
     def sample(self, params=None) -> dict[str, torch.Tensor]:
         """Run the minibatch steps up to the next collection point; return the weights there (and,
@@ -297,15 +312,16 @@ class SGHMC(MCMCKernel):
         return self._current()
 
     def diagnostics(self) -> dict:
-        """The chain's history (per sample: global step, step size, potential, pruned fractions,
-        ``pi``, noise scale, warm-up flag; per epoch: loss and seconds), its final masks and EM
-        state, as plain numbers and CPU tensors."""
+        """The chain's record: ``history`` per sample (global step, step size, potential, pruned
+        fractions, ``pi``, noise scale, warm-up flag; plain lists), ``epochs`` (a
+        :class:`~bnnzoo.guides.training.TrainingHistory`: loss and seconds per epoch), the final
+        ``masks``, ``noise_scale``, ``state_bytes`` and, with EM, its state ``em`` (CPU tensors)."""
         history = {}
         for key, values in self._history.items():
             tensor = bool(values) and torch.is_tensor(values[0])
             history[key] = torch.stack(values).cpu().tolist() if tensor else list(values)
-        epochs = {"loss": torch.stack(self._epochs["loss"]).cpu().tolist() if self._epochs["loss"] else [],
-                  "epoch_seconds": list(self._epochs["epoch_seconds"])}
+        loop = self._loop.history if self._loop is not None else TrainingHistory()
+        epochs = TrainingHistory(loss=list(loop.loss), epoch_seconds=list(loop.epoch_seconds))
         out = {"history": history, "epochs": epochs, "masks": {k: v.cpu() for k, v in self.masks().items()},
                "noise_scale": self._noise_scale_value(), "state_bytes": self.state_bytes()}
         if self.em is not None:
@@ -365,7 +381,7 @@ class SGHMC(MCMCKernel):
         if self._epoch_step == 0:
             if self._x.device.type == "cuda":
                 torch.cuda.synchronize(self._x.device)
-            self._epoch_start = time.perf_counter()
+            self._loop.begin_epoch()
             self._batches = minibatches(self._n, self.batch_size, self._x.device)
         return next(self._batches)
 
@@ -450,7 +466,7 @@ class SGHMC(MCMCKernel):
         torch._foreach_mul_(self._momentum, self._keep)
 
     def _end_epoch(self) -> None:
-        """Noise M-step, epoch timing and the callback."""
+        """Noise M-step, then the epoch loop's end of epoch: timing, divergence check, callback."""
         loss = self._nll(self._epoch_stat, self._n) / self._n
         if self.learn_noise:  # sigma^2 = the epoch's sum of squared residuals / N
             with torch.no_grad():
@@ -459,13 +475,13 @@ class SGHMC(MCMCKernel):
             self._inv_var = self._inverse_noise_variance()
         if self._x.device.type == "cuda":
             torch.cuda.synchronize(self._x.device)
-        self._epochs["epoch_seconds"].append(time.perf_counter() - self._epoch_start)
-        self._epochs["loss"].append(loss)
-        self._epoch += 1
         self._epoch_step = 0
         self._epoch_stat = torch.zeros((), device=self._x.device)
+        self._loop.end_epoch(loss)
+
+    def _epoch_callback(self, epoch: int, loss: float) -> None:
         if self.on_epoch_end is not None:
-            self.on_epoch_end(self._epoch - 1, float(loss))
+            self.on_epoch_end(epoch, loss)
 
     def _record(self) -> None:
         """Per-sample diagnostics, kept on the device."""

@@ -6,7 +6,7 @@ A site ``"fc1.weight"`` is kept at ``container["fc1"]["weight"]``, so state-dict
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -49,11 +49,17 @@ class SiteBuffers(nn.Module):
 
     def __contains__(self, site: str) -> bool:
         layer, param = split_site(site)
-        return layer in self.layers and param in self.layers[layer]._buffers
+        return layer in self.layers and param in dict(self.layers[layer].named_buffers(recurse=False))
+
+    def get(self, site: str, default: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The tensor of ``site``, or ``default`` where the site has none."""
+        if site not in self:
+            return default
+        return self[site]
 
     def items(self):
         for layer, mod in self.layers.items():
-            for param, buf in mod._buffers.items():
+            for param, buf in mod.named_buffers(recurse=False):
                 yield f"{layer}.{param}", buf
 
     def __len__(self) -> int:

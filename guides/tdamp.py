@@ -51,6 +51,7 @@ from ..models.bernoulli_gaussian import (
 )
 from ..models.likelihoods import GaussianLikelihood
 from ..models.probit_product import ProbitProductLikelihood
+from .bmr import GaussianSite, Reduction
 from .group_sparse_messages import GroupPosterior, group_posterior, make_workspace
 from .moment_propagation import (
     LayerRecord,
@@ -64,6 +65,7 @@ from .moment_propagation import (
     propagate,
     weight_messages,
 )
+from .sites import split_site
 from .weight_guide import WeightGuide
 
 LINE_SEARCH_EXAMPLES = 32  # examples of a batch behind each neuron's step control
@@ -93,6 +95,9 @@ class TDAMPGuide(WeightGuide):
     :class:`~bnnzoo.models.GaussianLikelihood` (regression, noise variance ``v = noise_scale^2``)
     or :class:`~bnnzoo.models.ProbitProductLikelihood` (classification). ``init_locs`` (site ->
     tensor) replaces the random initial slab means.
+
+    Implements :class:`~bnnzoo.guides.bmr.GaussianWeights` through its slab posteriors (see
+    :meth:`gaussian_weights`), so Bayesian model reduction decides within the included neurons.
     """
 
     def __init__(self, model, damping: float = 0.8, turbo_iterations: int = 1, init_precision: float = 1.0,
@@ -159,8 +164,11 @@ class TDAMPGuide(WeightGuide):
         return _split(mod.eta)[pick], _split(mod.precision)[pick]
 
     # ---- Module B -------------------------------------------------------------------------------
-    def _layer_posteriors(self, reuse_workspace: bool = False) -> dict[str, GroupPosterior]:
-        """Module B per layer on the ``(K, I + 1)`` tensors (weights and bias of a neuron together)."""
+    def layer_posteriors(self, reuse_workspace: bool = False) -> dict[str, GroupPosterior]:
+        """Module B per layer on the ``(K, I + 1)`` tensors (weights and bias of a neuron together,
+        the bias last): each neuron's inclusion log-odds and its weights' slab posterior and
+        Bernoulli-Gaussian posterior moments. ``reuse_workspace`` computes into buffers kept between
+        calls (the training loop's; the results are overwritten by the next such call)."""
         out = {}
         for layer in self.net.param_layers:
             mod = self.messages[layer.name]
@@ -179,7 +187,7 @@ class TDAMPGuide(WeightGuide):
         """Module B on every layer: each neuron's inclusion log-odds, and the slab posterior and
         Bernoulli-Gaussian posterior moments of its weights and of its bias."""
         out = {}
-        for name, p in self._layer_posteriors().items():
+        for name, p in self.layer_posteriors().items():
             (w_sm, b_sm), (w_sv, b_sv) = _split(p.weight_slab[0]), _split(p.weight_slab[1])
             (w_m, b_m), (w_v, b_v) = _split(p.weight_moments[0]), _split(p.weight_moments[1])
             out[name] = GroupPosterior(p.log_odds, (w_sm, w_sv), (b_sm, b_sv), (w_m, w_v), (b_m, b_v))
@@ -187,7 +195,7 @@ class TDAMPGuide(WeightGuide):
 
     def inclusion(self) -> dict[str, torch.Tensor]:
         """``P(s_g = 1 | data)`` of every neuron, per hidden layer."""
-        posts = self._layer_posteriors()
+        posts = self.layer_posteriors()
         return {layer.name: posts[layer.name].inclusion for layer in self.net.hidden_layers()}
 
     # ---- Module A and the turbo exchange ----------------------------------------------------------
@@ -206,7 +214,7 @@ class TDAMPGuide(WeightGuide):
 
     def propagate(self, x: torch.Tensor, posts: dict[str, GroupPosterior] | None = None):
         """Forward moment propagation with the current beliefs: output mean, variance and records."""
-        posts = self._layer_posteriors() if posts is None else posts
+        posts = self.layer_posteriors() if posts is None else posts
         return propagate(self.net, x, {name: p.weight_moments for name, p in posts.items()})
 
     @torch.no_grad()
@@ -228,7 +236,7 @@ class TDAMPGuide(WeightGuide):
         beta = self.damping * likelihood_scale  # the message's weight as it enters the state
         first = None
         for _ in range(self.turbo_iterations):
-            posts = self._layer_posteriors(reuse_workspace=True)
+            posts = self.layer_posteriors(reuse_workspace=True)
             log_z, f_mean, f_var, messages = message_pass(
                 self.net, x, {name: p.weight_moments for name, p in posts.items()},
                 lambda mean, var: self.log_evidence_and_grads(mean, var, y),
@@ -335,7 +343,7 @@ class TDAMPGuide(WeightGuide):
     def forward(self, x=None, y=None, num_data=None) -> dict[str, torch.Tensor]:
         """Sample every weight site from the Bernoulli-Gaussian posterior (a Pyro guide)."""
         with torch.no_grad():
-            posts = self._layer_posteriors()
+            posts = self.layer_posteriors()
         out = {}
         for layer in self.net.param_layers:
             weight, bias = self._site_distributions(posts[layer.name])
@@ -351,7 +359,7 @@ class TDAMPGuide(WeightGuide):
         if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         out = {}
-        for name, p in self._layer_posteriors().items():
+        for name, p in self.layer_posteriors().items():
             weight, bias = self._site_distributions(p)
             w = weight.sample((int(num_samples),))
             out[f"{name}.weight"], out[f"{name}.bias"] = w, bias(w).sample()
@@ -374,11 +382,11 @@ class TDAMPGuide(WeightGuide):
 
     @torch.no_grad()
     def posterior_mean(self) -> dict[str, torch.Tensor]:
-        return self.apply_masks(self._sites(self._layer_posteriors(), "mean"))
+        return self.apply_masks(self._sites(self.layer_posteriors(), "mean"))
 
     @torch.no_grad()
     def posterior_var(self) -> dict[str, torch.Tensor]:
-        return self.apply_masks(self._sites(self._layer_posteriors(), "var"))
+        return self.apply_masks(self._sites(self.layer_posteriors(), "var"))
 
     @staticmethod
     def _sites(posts: dict[str, GroupPosterior], what: str) -> dict[str, torch.Tensor]:
@@ -402,7 +410,7 @@ class TDAMPGuide(WeightGuide):
         ``noise_sum``, ``log_evidence_sum``, ``num_seen`` (the current pass's sums, behind the noise
         M-step).
         """
-        posts = self._layer_posteriors()
+        posts = self.layer_posteriors()
         sites = list(self.net.sites())
         layers = [layer.name for layer in self.net.param_layers]
         return {
@@ -462,7 +470,7 @@ class TDAMPGuide(WeightGuide):
             lam_view.copy_(lam.clamp_min(0.0).expand_as(m))
             eta_view.copy_(m / v)
         if inclusion is not None:
-            posts = self._layer_posteriors()
+            posts = self.layer_posteriors()
             for layer in self.net.hidden_layers():
                 target = inclusion[layer.name]
                 if not bool(((target > 0) & (target < 1)).all()):
@@ -482,6 +490,55 @@ class TDAMPGuide(WeightGuide):
             lik.noise_var.copy_(value)
         else:
             lik.log_noise_scale.copy_(0.5 * torch.log(value))
+
+    # ---- Bayesian model reduction (the GaussianWeights protocol) -----------------------------------
+    @torch.no_grad()
+    def gaussian_weights(self, level: str = "weight") -> dict[str, GaussianSite]:
+        """The Gaussian part of the posterior: given that its neuron is on, each weight's posterior
+        is the slab posterior ``N(slab_mean, slab_var)`` under the slab prior ``N(0, sigma_l^2)``
+        (per group). At ``level="weight"`` only the weights are offered: a neuron's bias is tied to
+        its on/off state (a pruned bias would switch the whole neuron off), so a bias is reduced
+        with its group (``level="group"``) only."""
+        posts = self.layer_posteriors()
+        slab_mean, slab_var = self._sites(posts, "slab_mean"), self._sites(posts, "slab_var")
+        out = {}
+        for site, mu in slab_mean.items():
+            layer, param = split_site(site)
+            if param == "bias" and level == "weight":
+                continue
+            prior_var = self.prior.slab_var(layer).clone().reshape((-1,) + (1,) * (mu.dim() - 1))
+            out[site] = GaussianSite(mu, slab_var[site], prior_var)
+        return out
+
+    @torch.no_grad()
+    def apply_reduction(self, reduction: Reduction) -> None:
+        """Masks for the pruned weights (exact zeros in every draw; a neuron whose weights are all
+        pruned loses its bias too, i.e. the neuron is removed); with a shrinking reduction
+        (``reduced_var > 0``) the slab posteriors of the accepted weights are set to the reduced
+        ones, each included neuron's inclusion probability kept as it was."""
+        masks = dict(reduction.masks)
+        for site in list(masks):
+            layer, param = split_site(site)
+            bias = f"{layer}.bias"
+            if param == "weight" and bias not in masks:
+                row_kept = masks[site].reshape(masks[site].shape[0], -1).any(1)
+                before = self.mask(bias)
+                masks[bias] = row_kept if before is None else row_kept & before
+        if reduction.reduced_var > 0 and reduction.locs:
+            state = self.state()
+            slab_mean, slab_var = state["slab_mean"], state["slab_var"]
+            for site, accept in reduction.accepted.items():
+                slab_mean[site] = torch.where(accept, reduction.locs[site].to(slab_mean[site].dtype), slab_mean[site])
+                slab_var[site] = torch.where(accept, reduction.variances[site].to(slab_var[site].dtype), slab_var[site])
+            hidden = [layer.name for layer in self.net.hidden_layers()]
+            before = {name: post.log_odds for name, post in self.group_posteriors().items() if name in hidden}
+            self.set_posterior(slab_mean, slab_var)
+            after = self.group_posteriors()
+            for name in hidden:  # keep each included neuron's inclusion probability as it was
+                shift = torch.where(torch.isfinite(before[name]), after[name].log_odds - before[name],
+                                    torch.zeros_like(before[name]))
+                self.prior.set_group_parameters(name, logit_rho=self.prior.logit_rho(name) - shift)
+        self.set_masks(masks)
 
     def extra_repr(self) -> str:
         return (f"damping={self.damping:g}, turbo_iterations={self.turbo_iterations}, "

@@ -12,7 +12,7 @@ from .elbo import LocalReparamELBO
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-class _ScaledGaussianNLL(torch.autograd.Function):
+class ScaledGaussianNLL(torch.autograd.Function):
     """``-weight * sum_n log N(y_n | f_n, exp(log_noise)^2)`` in one autograd node (the same formula as
     :meth:`GaussianLikelihood.log_prob <bnnzoo.models.GaussianLikelihood.log_prob>`, summed)."""
 
@@ -85,7 +85,7 @@ class TemperedLocalReparamELBO(LocalReparamELBO):
                     continue
             f, kl = guide.sample_outputs_and_kl(model, x)
             if fast:
-                nll = _ScaledGaussianNLL.apply(f, y, likelihood.log_noise_scale, num_data / len(x))
+                nll = ScaledGaussianNLL.apply(f, y, likelihood.log_noise_scale, num_data / len(x))
             else:
                 nll = likelihood.log_prob(f, y).sum() * (-num_data / len(x))
             losses.append(torch.add(nll, kl, alpha=self.kl_weight))

@@ -74,11 +74,14 @@ class DivergenceError(FloatingPointError):
     """A fit's loss became non-finite or exploded: the fit is stopped and nothing is saved as fitted."""
 
     def __init__(self, method: str, epoch: int, loss: float, reason: str):
-        self.method, self.epoch, self.loss = method, epoch, loss
+        self.method, self.epoch, self.loss, self.reason = method, epoch, loss, reason
         super().__init__(
             f"{method}: the fit diverged in epoch {epoch + 1} ({reason}, loss {loss:.4g}). Likely causes: a "
             f"learning rate or step size too large for this data, a prior or noise scale so small that the "
             f"likelihood overflows, or targets / inputs of extreme magnitude (check the data for huge values)")
+
+    def __reduce__(self):  # a chain in a worker process sends its error back pickled
+        return type(self), (self.method, self.epoch, self.loss, self.reason)
 
 
 class EpochLoop:
@@ -104,7 +107,9 @@ class EpochLoop:
         self.epoch = 0
         self._best = math.inf
         self._start: float | None = None
-        self._bar = tqdm(total=self.epochs, desc=description or method, disable=not progress, leave=False)
+        # no bar at all unless asked: creating one (even disabled) takes tqdm's global lock, which a
+        # process forked while another thread held it would wait for forever
+        self._bar = tqdm(total=self.epochs, desc=description or method, leave=False) if progress else None
 
     def __iter__(self) -> Iterator[int]:
         try:
@@ -134,15 +139,17 @@ class EpochLoop:
         self._best = min(self._best, value)
         self.history.loss.append(value)
         self.history.epoch_seconds.append(seconds)
-        self._bar.update(1)
-        self._bar.set_postfix(loss=f"{value:.4g}")
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{value:.4g}")
         epoch, self.epoch = self.epoch, self.epoch + 1
         if self.on_epoch_end is not None:
             self.on_epoch_end(epoch, value)
         return value
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def fit_svi(

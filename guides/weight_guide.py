@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .sites import SiteBuffers
+
+#: The scale a guide gives a pruned weight's Gaussian: exactly-zero scales are not valid Normal
+#: distributions, and the square of a much smaller one underflows in float32.
+PRUNED_SCALE = 1e-12
 
 
 class WeightGuide(nn.Module, ABC):
@@ -50,7 +54,7 @@ class WeightGuide(nn.Module, ABC):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def mask(self, site: str) -> torch.Tensor | None:
-        return self.masks[site] if site in self.masks else None
+        return self.masks.get(site)
 
     def apply_masks(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {s: (v * self.masks[s] if s in self.masks else v) for s, v in params.items()}

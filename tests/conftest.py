@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bnnzoo.models import BayesianNeuralNetwork, GaussianPrior, make_likelihood
 
 import bnnzoo
 from bnnzoo.data import load_dataset, load_mnist
+from bnnzoo.models import BayesianNeuralNetwork, GaussianPrior, make_likelihood
 
 # The test networks are tiny: one thread is faster than two, and on a busy machine a second
 # OpenMP thread spin-waits for a core (tiny fits then run 10-40 times slower).

@@ -1,27 +1,35 @@
 """Bayesian model reduction: the formulas against exact conjugate answers and quadrature, the
-spike-and-slab threshold, reducing fitted posteriors, iterative BMR, and ``bnnzoo prune``."""
+spike-and-slab threshold, ``reduce`` over the GaussianWeights protocol (the three guides that
+implement it, a guide that does not), reducing fitted posteriors, iterative BMR, and ``bnnzoo prune``."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from bnnzoo.guides import MeanFieldNormal, bmr
-from bnnzoo.guides.meanfield import _PRUNED_SCALE
-from bnnzoo.guides.sites import get_site
-from bnnzoo.models.networks import mlp
 from click.testing import CliRunner
 from conftest import make_model, randomise_guide
 from scipy import integrate, special
 
 import bnnzoo
 from bnnzoo.cli import main as cli
-from bnnzoo.methods.bmr import GaussianWeights, reduce_posterior
-from bnnzoo.variational import VariationalPosterior
+from bnnzoo.guides import HorseshoeGuide, MeanFieldNormal, PointMass, TDAMPGuide, bmr
+from bnnzoo.guides.bmr import GaussianSite, GaussianWeights, Reduction
+from bnnzoo.guides.sites import get_site
+from bnnzoo.guides.weight_guide import PRUNED_SCALE
+from bnnzoo.models import (
+    BayesianNeuralNetwork,
+    BernoulliGaussianPrior,
+    GaussianLikelihood,
+    HorseshoePrior,
+    make_likelihood,
+)
+from bnnzoo.models.networks import mlp
 
 F64 = torch.float64
 
@@ -79,7 +87,7 @@ def test_meanfield_matches_exact_evidence_and_posterior_when_posterior_factorise
     assert torch.allclose(q_cov, torch.diag(torch.diag(q_cov)), atol=1e-12)
     q_var = torch.diag(q_cov)
     r2 = torch.tensor([s2, 1e-2, 0.5, 1e-6, s2], dtype=F64)
-    d_f, mu_r, var_r = bmr.reduce_normal(q_mean, q_var, s2, r2)
+    d_f, mu_r, var_r = bmr.reduced_normal(q_mean, q_var, s2, r2)
     exact = (log_evidence(x, y, noise, torch.zeros(d, dtype=F64), torch.diag(r2))
              - log_evidence(x, y, noise, torch.zeros(d, dtype=F64), p_cov))
     # a group of weights (here: all of them) changes the evidence by the sum of its weights' dF
@@ -103,7 +111,7 @@ def test_savage_dickey_is_exact_for_removing_one_weight():
         sd = bmr.savage_dickey(q_mean[j], q_cov[j, j], s2)
         assert abs(float(sd - (reduced - full))) < 1e-6
         # the r -> 0 limit of the general formula, and r = 0 itself
-        d_f0, mu0, var0 = bmr.reduce_normal(q_mean[j], q_cov[j, j], s2, 0.0)
+        d_f0, mu0, var0 = bmr.reduced_normal(q_mean[j], q_cov[j, j], s2, 0.0)
         assert float(d_f0) == pytest.approx(float(sd), abs=1e-12) and float(mu0) == 0 and float(var0) == 0
         d_small = bmr.delta_f(q_mean[j], q_cov[j, j], s2, 1e-12)
         assert abs(float(d_small - sd)) < 1e-6
@@ -126,7 +134,7 @@ def test_delta_f_and_reduced_posterior_against_quadrature(mu, sigma, s, r):
                        limit=200)[0]
     m1 = integrate.quad(integrand, lo, hi, args=(1,), epsabs=1e-14, epsrel=1e-12, limit=200)[0] / z
     m2 = integrate.quad(integrand, lo, hi, args=(2,), epsabs=1e-14, epsrel=1e-12, limit=200)[0] / z
-    d_f, mu_r, var_r = bmr.reduce_normal(torch.tensor(mu, dtype=F64), sigma**2, s**2, r**2)
+    d_f, mu_r, var_r = bmr.reduced_normal(torch.tensor(mu, dtype=F64), sigma**2, s**2, r**2)
     assert float(d_f) == pytest.approx(math.log(z), abs=1e-7)
     assert float(mu_r) == pytest.approx(m1, abs=1e-7)
     assert float(var_r) == pytest.approx(m2 - m1**2, rel=1e-6, abs=1e-10)
@@ -151,7 +159,7 @@ def test_multivariate_reduces_to_diagonal_form():
     var = torch.rand(d, generator=gen, dtype=F64) * 0.5 + 0.05
     s2 = torch.rand(d, generator=gen, dtype=F64) + 1.0
     r2 = s2 * torch.rand(d, generator=gen, dtype=F64) * 0.9 + 1e-3
-    d_f, mu_r, var_r = bmr.reduce_normal(mu, var, s2, r2)
+    d_f, mu_r, var_r = bmr.reduced_normal(mu, var, s2, r2)
     zero = torch.zeros(d, dtype=F64)
     mv, m_mean, m_cov = bmr.delta_f_multivariate(mu, torch.diag(var), zero, torch.diag(s2), zero, torch.diag(r2))
     assert float(mv) == pytest.approx(float(d_f.sum()), abs=1e-10)
@@ -189,40 +197,48 @@ def test_spike_and_slab_threshold_against_reference():
         bmr.prune_decision(d_f, "lasso")
 
 
-# ---- reducing fitted posteriors ----------------------------------------------------------------------
-def test_reduce_guide_copy_masks_and_freezes():
+# ---- reducing a guide in place -----------------------------------------------------------------------
+def reduced_copy(guide, **options):
+    """``bmr.reduce`` on a deep copy of ``guide``: the copy and the returned reduction."""
+    reduced = copy.deepcopy(guide)
+    reduction = bmr.reduce(reduced, **options)
+    assert isinstance(reduction, Reduction)
+    return reduced, reduction
+
+
+def test_reduce_masks_and_freezes_in_place():
     torch.manual_seed(0)
     model = make_model(mlp(13, [20, 10], 1), prior_scale=1.0)
     guide = randomise_guide(MeanFieldNormal(model), loc_scale=0.3, log_scale_range=(-3.0, -0.5))
-    before = {k: v.clone() for k, v in guide.state_dict().items()}
-    reduced = bmr.reduce(guide, model, rule="plain")
-    for k, v in guide.state_dict().items():  # the original is untouched
-        assert torch.equal(v, before[k])
-    assert len(guide.masks) == 0
-    d_f = bmr.evidence_changes(guide, model)
+    reduced, reduction = reduced_copy(guide, rule="plain")
+    d_f = bmr.evidence_changes(guide)
     assert set(d_f) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}  # not the output layer
+    assert set(reduction.summary()["layers"]) == {"fc1", "fc2"}
     for site, values in d_f.items():
         keep = reduced.mask(site)
-        assert torch.equal(keep, ~(values > 0))
+        assert torch.equal(keep, ~(values > 0)) and torch.equal(reduction.masks[site], keep)
         assert (get_site(reduced.locs, site)[~keep] == 0).all()
+        assert (get_site(reduced.log_scales, site)[~keep] == math.log(PRUNED_SCALE)).all()
         assert torch.equal(get_site(reduced.locs, site)[keep], get_site(guide.locs, site)[keep])
         assert torch.equal(get_site(reduced.log_scales, site)[keep], get_site(guide.log_scales, site)[keep])
         draws = torch.stack([reduced.draw()[site] for _ in range(5)])
         assert (draws[:, ~keep] == 0).all() and (draws[:, keep] != 0).all()
     assert reduced.mask("fc3.weight") is None
-    # reducing again changes nothing; masks only ever shrink
-    again = bmr.reduce(reduced, model, rule="plain")
+    # reducing again changes nothing; masks only ever shrink, and pruned weights count as pruned
+    masks = {s: m.clone() for s, m in reduced.masks.items()}
+    bmr.reduce(reduced, rule="plain")
     for site in d_f:
-        assert torch.equal(again.mask(site), reduced.mask(site))
+        assert torch.equal(reduced.mask(site), masks[site])
+    assert all(torch.isinf(v[~masks[s]]).all() for s, v in bmr.evidence_changes(reduced).items())
 
 
 def test_reduce_with_a_wide_reduced_prior_shrinks_instead():
     model = make_model(mlp(4, [6], 2), prior_scale=1.0)
     guide = randomise_guide(MeanFieldNormal(model), seed=2)
-    reduced = bmr.reduce(guide, model, rule="plain", reduced_var=0.05)
+    reduced, _ = reduced_copy(guide, rule="plain", reduced_var=0.05)
     assert len(reduced.masks) == 0
-    mu, var, s2 = bmr.meanfield_gaussian_weights(guide, model)["fc1.weight"]
-    d_f, mu_r, var_r = bmr.reduce_normal(mu.double(), var.double(), s2, 0.05)
+    mu, var, s2 = guide.gaussian_weights()["fc1.weight"]
+    d_f, mu_r, var_r = bmr.reduced_normal(mu.double(), var.double(), s2, 0.05)
     accept = d_f > 0
     assert 0 < int(accept.sum()) < accept.numel()
     new_loc = get_site(reduced.locs, "fc1.weight").double()
@@ -237,13 +253,206 @@ def test_group_level_prunes_whole_neurons():
     guide = randomise_guide(MeanFieldNormal(model), loc_scale=0.05, log_scale_range=(-3.0, -1.0), seed=1)
     with torch.no_grad():  # two neurons carry strong evidence
         get_site(guide.locs, "fc1.weight")[:2] = 3.0
-    reduced = bmr.reduce(guide, model, rule="plain", level="group")
-    d_f = bmr.evidence_changes(guide, model)
+    reduced, _ = reduced_copy(guide, rule="plain", level="group")
+    d_f = bmr.evidence_changes(guide)
     group = bmr.group_delta_f(d_f["fc1.weight"], d_f["fc1.bias"])
     rows = reduced.mask("fc1.weight").all(1)
     assert torch.equal(rows, ~(group > 0)) and torch.equal(reduced.mask("fc1.bias"), rows)
     assert (reduced.mask("fc1.weight").all(1) | ~reduced.mask("fc1.weight").any(1)).all()
     assert rows[:2].all() and not rows.all()
+
+
+# ---- the GaussianWeights protocol: the three guides, and masks as before the protocol ----------------
+def meanfield_guide():
+    model = make_model(mlp(6, [8, 5], 1), prior_scale=1.0)
+    return randomise_guide(MeanFieldNormal(model), loc_scale=0.3, log_scale_range=(-3.0, -0.5), seed=5)
+
+
+def horseshoe_guide():
+    net = mlp(6, [8, 5], 1)
+    guide = HorseshoeGuide(BayesianNeuralNetwork(net, HorseshoePrior(net), make_likelihood("regression", noise_scale=0.7)))
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in guide.named_parameters():
+            if name.startswith("locs."):
+                p.copy_(0.8 * torch.randn(p.shape, generator=gen))
+            elif name.startswith("log_scales."):
+                p.copy_(-2.0 + 1.8 * torch.rand(p.shape, generator=gen))
+    return guide
+
+
+def tdamp_guide():
+    net = mlp(6, [8, 5], 1)
+    guide = TDAMPGuide(BayesianNeuralNetwork(net, BernoulliGaussianPrior(net, rho=0.5), GaussianLikelihood(0.5)))
+    gen = torch.Generator().manual_seed(7)
+    for site, shape in guide.net.sites().items():  # messages of precision up to 3 / sigma^2
+        s2 = guide.prior.slab_var(site.rpartition(".")[0]).reshape((-1,) + (1,) * (len(shape) - 1))
+        lam = torch.rand(shape, generator=gen) * 3.0 / s2
+        mu = torch.randn(shape, generator=gen) * s2.sqrt()
+        eta, precision = guide.message(site)
+        precision.copy_(lam)
+        eta.copy_(lam * mu)
+    for layer in guide.net.hidden_layers():
+        guide.prior.set_group_parameters(layer.name, logit_rho=torch.randn(layer.num_groups, generator=gen))
+    return guide
+
+
+GUIDES = {"meanfield": meanfield_guide, "horseshoe": horseshoe_guide, "tdamp": tdamp_guide}
+
+# The masks (per site, one string per row, "1" = kept) that BMR gave these guides in the previous
+# layout (the isinstance adapters of bnnzoo.methods.bmr), neuron 0 of fc1 pruned beforehand;
+# keyed by guide / rule / level / layers reduced.
+EXPECTED_MASKS = {
+    "meanfield/ss/weight/hidden": {
+        "fc1.bias": "00001001",
+        "fc1.weight": "000000 000011 000010 000000 000000 010110 100100 000001",
+        "fc2.bias": "01000",
+        "fc2.weight": "01100000 01001010 00010010 00000011 00110000",
+    },
+    "meanfield/plain/weight/hidden": {
+        "fc1.bias": "00001001",
+        "fc1.weight": "000000 010011 100010 000000 000110 010110 100100 001001",
+        "fc2.bias": "01000",
+        "fc2.weight": "01110000 01001010 00010010 00000011 00110000",
+    },
+    "meanfield/ss/group/hidden": {
+        "fc1.bias": "01100111",
+        "fc1.weight": "000000 111111 111111 000000 000000 111111 111111 111111",
+        "fc2.bias": "11010",
+        "fc2.weight": "11111111 11111111 00000000 11111111 00000000",
+    },
+    "meanfield/ss/weight/last": {
+        "fc1.bias": "00001001",
+        "fc1.weight": "000000 000011 000010 000000 000000 010110 100100 000001",
+        "fc2.bias": "01000",
+        "fc2.weight": "01100000 01001010 00010010 00000011 00110000",
+        "fc3.bias": "0",
+        "fc3.weight": "11000",
+    },
+    "horseshoe/ss/weight/hidden": {
+        "fc1.bias": "01111110",
+        "fc1.weight": "000000 001111 111111 000111 111111 011011 111010 011101",
+        "fc2.bias": "11111",
+        "fc2.weight": "11111111 11111111 11111111 11111111 11111111",
+    },
+    "horseshoe/plain/weight/hidden": {
+        "fc1.bias": "01010010",
+        "fc1.weight": "000000 000110 011111 000111 111100 001011 011010 011001",
+        "fc2.bias": "10101",
+        "fc2.weight": "10101010 01110101 01001111 10011001 01111101",
+    },
+    "horseshoe/ss/group/hidden": {
+        "fc1.bias": "01111111",
+        "fc1.weight": "000000 111111 111111 111111 111111 111111 111111 111111",
+        "fc2.bias": "11111",
+        "fc2.weight": "11111111 11111111 11111111 11111111 11111111",
+    },
+    "horseshoe/ss/weight/last": {
+        "fc1.bias": "01111110",
+        "fc1.weight": "000000 001111 111111 000111 111111 011011 111010 011101",
+        "fc2.bias": "11111",
+        "fc2.weight": "11111111 11111111 11111111 11111111 11111111",
+        "fc3.bias": "0",
+        "fc3.weight": "00000",
+    },
+    "tdamp/ss/weight/hidden": {
+        "fc1.bias": "01000100",
+        "fc1.weight": "000000 000001 000000 000000 000000 001000 000000 000000",
+        "fc2.bias": "10001",
+        "fc2.weight": "00001000 00000000 00000000 00000000 01000010",
+    },
+    "tdamp/plain/weight/hidden": {
+        "fc1.bias": "01011111",
+        "fc1.weight": "000000 011001 000000 001100 010000 101000 001000 011001",
+        "fc2.bias": "11111",
+        "fc2.weight": "00001000 00000010 00100001 01000100 01000010",
+    },
+    "tdamp/ss/group/hidden": {
+        "fc1.bias": "01010101",
+        "fc1.weight": "000000 111111 000000 111111 000000 111111 000000 111111",
+        "fc2.bias": "00001",
+        "fc2.weight": "00000000 00000000 00000000 00000000 11111111",
+    },
+    "tdamp/ss/weight/last": {
+        "fc1.bias": "01000100",
+        "fc1.weight": "000000 000001 000000 000000 000000 001000 000000 000000",
+        "fc2.bias": "10001",
+        "fc2.weight": "00001000 00000000 00000000 00000000 01000010",
+        "fc3.bias": "1",
+        "fc3.weight": "11111",
+    },
+}
+
+
+def mask_rows(mask: torch.Tensor) -> str:
+    rows = mask.reshape(mask.shape[0], -1) if mask.dim() > 1 else mask.reshape(1, -1)
+    return " ".join("".join("1" if v else "0" for v in row.tolist()) for row in rows)
+
+
+@pytest.mark.parametrize("kind", list(GUIDES))
+def test_the_catalog_guides_implement_the_protocol(kind):
+    guide = GUIDES[kind]()
+    assert isinstance(guide, GaussianWeights)
+    weights = guide.gaussian_weights()
+    for site, entry in weights.items():
+        assert isinstance(entry, GaussianSite)
+        assert entry.loc.shape == entry.variance.shape == guide.net.sites()[site]
+        assert bool((entry.variance > 0).all()) and bool((torch.as_tensor(entry.prior_variance) > 0).all())
+    if kind == "tdamp":  # a bias goes with its neuron: offered at the group level only
+        assert {s.rpartition(".")[2] for s in weights} == {"weight"}
+        assert set(guide.gaussian_weights("group")) == set(guide.net.sites())
+    else:
+        assert set(weights) == set(guide.net.sites())
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED_MASKS))
+def test_reduce_gives_the_masks_of_the_previous_layout(case):
+    kind, rule, level, layers = case.split("/")
+    guide = GUIDES[kind]()
+    rows = torch.arange(8) != 0
+    guide.set_masks({"fc1.weight": rows.unsqueeze(1).expand(8, 6).clone(), "fc1.bias": rows})
+    bmr.reduce(guide, rule=rule, level=level, prune_last=layers == "last")
+    assert {site: mask_rows(m) for site, m in guide.masks.items()} == EXPECTED_MASKS[case]
+    assert not guide.mask("fc1.weight")[0].any()  # pruned before: stays pruned
+    if kind != "tdamp":  # pruned entries hold the reduced posterior: loc 0, the one pruned scale
+        for site, keep in guide.masks.items():
+            assert (get_site(guide.locs, site)[~keep] == 0).all()
+            assert (get_site(guide.log_scales, site)[~keep] == math.log(PRUNED_SCALE)).all()
+
+
+def test_a_guide_without_the_protocol_is_refused():
+    guide = PointMass(make_model(mlp(4, [6], 1)))
+    assert not isinstance(guide, GaussianWeights)
+    with pytest.raises(TypeError, match="PointMass guide does not implement the GaussianWeights protocol"):
+        bmr.reduce(guide)
+    with pytest.raises(TypeError, match="PointMass"):
+        bmr.evidence_changes(guide)
+    assert len(guide.masks) == 0
+
+
+def test_any_guide_with_the_protocol_is_reduced_through_it(fitted_meanfield):
+    """The protocol is structural: an object with ``net``, ``masks`` and the two methods is reduced
+    through them, under the prior variances it reports."""
+
+    class NarrowPrior:  # the same posterior under a much narrower prior: little to gain from keeping weights
+        def __init__(self, inner):
+            self.inner, self.net, self.masks, self.applied = inner, inner.net, inner.masks, None
+
+        def gaussian_weights(self, level="weight"):
+            return {s: GaussianSite(w.loc, w.variance, 1e-6 + 0 * w.variance)
+                    for s, w in self.inner.gaussian_weights(level).items()}
+
+        def apply_reduction(self, reduction):
+            self.applied = reduction
+            self.inner.apply_reduction(reduction)
+
+    guide = copy.deepcopy(fitted_meanfield.guide)
+    narrow = NarrowPrior(guide)
+    assert isinstance(narrow, GaussianWeights)
+    reduction = bmr.reduce(narrow, rule="plain")
+    assert narrow.applied is reduction
+    mu, var, _ = guide.gaussian_weights()["fc1.weight"]
+    assert torch.equal(~guide.mask("fc1.weight"), bmr.delta_f(mu, var, 1e-6 + 0 * var) > 0)
 
 
 def test_reduce_posterior_evaluates_saves_and_loads(fitted_meanfield, boston, tmp_path):
@@ -261,8 +470,9 @@ def test_reduce_posterior_evaluates_saves_and_loads(fitted_meanfield, boston, tm
         assert (params["fc1.weight"][~keep] == 0).all()
     m = reduced.evaluate(boston.x_test, boston.y_test, num_samples=20)
     assert math.isfinite(m["log_likelihood"]) and m["rmse"] > 0
-    summary = reduced.history["bmr"][-1]
-    assert summary["rule"] == "ss" and "fc1" in summary["layers"] and "fc2" not in summary["layers"]
+    record = reduced.fit_state.pruning[-1]
+    assert record.rule == "bmr" and record.options["rule"] == "ss"
+    assert "fc1" in record.summary["layers"] and "fc2" not in record.summary["layers"]
     reduced.save(tmp_path / "run")
     loaded = bnnzoo.load(tmp_path / "run")
     assert torch.equal(loaded.masks()["fc1.weight"], keep)
@@ -278,45 +488,19 @@ def test_reduce_needs_gaussian_weights(fitted_map):
         fitted_map.reduce()
 
 
-def test_posteriors_plug_in_through_the_protocol(fitted_meanfield):
-    """A posterior that offers gaussian_weights()/apply_reduction() is reduced through them."""
-
-    class Custom(VariationalPosterior):
-        applied = None
-
-        def gaussian_weights(self):
-            # the same posterior under a much narrower prior: little to gain from pruning
-            w = bmr.meanfield_gaussian_weights(self.guide, self.model)
-            return {s: (mu, var, 1e-6 + 0 * var) for s, (mu, var, _) in w.items()}
-
-        def apply_reduction(self, reduction):
-            Custom.applied = reduction
-            bmr.apply_reduction(self.guide, reduction)
-
-    post = Custom(fitted_meanfield.model, fitted_meanfield.guide, name="meanfield-vi",
-                  config=fitted_meanfield.config)
-    post.standardizer = fitted_meanfield.standardizer
-    assert isinstance(post, GaussianWeights)
-    reduced = reduce_posterior(post, rule="plain")
-    assert Custom.applied is not None
-    mu, var, _ = bmr.meanfield_gaussian_weights(post.guide, post.model)["fc1.weight"]
-    expected = bmr.delta_f(mu, var, 1e-6 + 0 * var) > 0
-    assert torch.equal(~reduced.masks()["fc1.weight"], expected)
-
-
 def test_iterative_bmr_masks_permanently_and_freezes(boston):
     calls = []
     post = bnnzoo.create("bmr-iterative", "regression", (13,), 1, device="cpu", seed=0, epochs=6, lr=1e-2,
                          init_scale=0.05)
     post.fit(boston.x_train, boston.y_train, progress=False, callback=lambda e, l: calls.append(e))
     assert calls == list(range(6))
-    fractions = post.history["weights_pruned_fraction"]
-    assert len(fractions) == 5 and len(post.history["bmr_seconds"]) == 5  # none after the last epoch
-    assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] > 0.2
+    fractions = post.history.extra["weights_pruned_fraction"]
+    assert len(fractions) == 5 and len(post.history.extra["bmr_seconds"]) == 5  # none after the last epoch
+    assert all(b >= a for a, b in itertools.pairwise(fractions)) and fractions[-1] > 0.2
     for site, keep in post.masks().items():
         assert site.startswith("fc1.")
         assert (get_site(post.guide.locs, site)[~keep] == 0).all()
-        assert (get_site(post.guide.log_scales, site)[~keep] == math.log(_PRUNED_SCALE)).all()
+        assert (get_site(post.guide.log_scales, site)[~keep] == math.log(PRUNED_SCALE)).all()
     with pytest.raises(ValueError, match="rule"):
         bnnzoo.create("bmr-iterative", "regression", (13,), 1, rule="lasso")
     with pytest.raises(ValueError, match="warmup_epochs"):
@@ -326,7 +510,10 @@ def test_iterative_bmr_masks_permanently_and_freezes(boston):
 
 def test_posthoc_entry_fits_then_reduces(boston):
     post = bnnzoo.fit("bmr", boston, epochs=3, device="cpu", progress=False, seed=0, rule="plain", init_scale=0.05)
-    assert post.sparsity()["weights_pruned_fraction"] > 0 and len(post.history["bmr_seconds"]) == 1
+    assert post.sparsity()["weights_pruned_fraction"] > 0 and len(post.history.extra["bmr_seconds"]) == 1
+    record = post.fit_state.pruning[-1]
+    assert record.rule == "bmr" and record.options == {"rule": "plain", "level": "weight", "prune_last": False}
+    assert record.summary["weights_pruned_fraction"] == post.sparsity()["weights_pruned_fraction"]
 
 
 # ---- the other guides with Gaussian weights -------------------------------------------------------
@@ -440,7 +627,7 @@ def test_reduce_on_cuda(fitted_meanfield, boston):
     cpu = fitted_meanfield.reduce(rule="ss")
     reduced = copy.deepcopy(fitted_meanfield).to("cuda").reduce(rule="ss")
     assert all(m.device.type == "cuda" for m in reduced.masks().values())
-    d_f = bmr.evidence_changes(reduced.guide, reduced.model)
+    d_f = bmr.evidence_changes(reduced.guide)
     assert all(v.device.type == "cuda" for v in d_f.values())
     for site, keep in reduced.masks().items():
         assert torch.equal(keep.cpu(), cpu.masks()[site])

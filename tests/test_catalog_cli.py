@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +24,9 @@ from bnnzoo.catalog import (
     register,
 )
 from bnnzoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILTIN = ["bmr", "bmr-iterative", "em-tdamp", "horseshoe-svi", "map", "meanfield-vi", "spike-slab-sghmc"]
 
 
 # --------------------------------------------------------------------------------------- catalog
@@ -55,7 +63,7 @@ def test_create_builds_the_configured_network():
     post = bnnzoo.create("map", "classification", (1, 8, 8), 3, network={"arch": "mlp", "hidden": [7]},
                          device="cpu", seed=4)
     assert post.net.sites()["fc1.weight"] == (7, 64)
-    assert post.config["seed"] == 4 and post.config["network_spec"] == post.net.spec()
+    assert post.config["seed"] == 4 and "network_spec" not in post.config  # the config is what was asked for
     assert not post.is_fitted
 
 
@@ -63,6 +71,58 @@ def test_register_refuses_a_duplicate_name():
     entry = get_entry("map")
     with pytest.raises(ValueError, match="exists already"):
         register(CatalogEntry(name="map", summary="", paper="", tasks=("regression",), create=entry.create))
+
+
+def test_import_bnnzoo_registers_every_builtin_entry_and_the_catalog_imports_no_method():
+    assert set(BUILTIN) <= set(list_models())  # registered by `import bnnzoo`: list_models imports nothing
+    tree = ast.parse((ROOT / "bnnzoo" / "catalog.py").read_text())
+    imported = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert imported  # the scan sees the catalog's own (standard library) imports
+    for node in imported:  # a plain registry: nothing of bnnzoo, so never the methods that register in it
+        assert not (isinstance(node, ast.ImportFrom) and node.level), ast.unparse(node)
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+        assert not any(name.split(".")[0] == "bnnzoo" for name in names), ast.unparse(node)
+
+
+def test_entry_points_of_other_packages_add_catalog_entries(tmp_path):
+    """An installed package's ``bnnzoo.catalog`` entry points: a module that registers entries on
+    import, or a CatalogEntry object; one that fails to load is skipped with a warning."""
+    (tmp_path / "demo_plugin.py").write_text(textwrap.dedent('''
+        from bnnzoo.catalog import CatalogEntry, get_entry, register
+
+        _map = get_entry("map")
+        register(CatalogEntry(name="demo-map", summary="MAP under another name", paper="", tasks=("regression",),
+                              create=_map.create, defaults=_map.defaults))
+        OBJECT = CatalogEntry(name="demo-object", summary="an entry point naming an entry", paper="",
+                              tasks=("classification",), create=_map.create, defaults=_map.defaults)
+    '''))
+    info = tmp_path / "demo_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[bnnzoo.catalog]\nmodule = demo_plugin\nobject = demo_plugin:OBJECT\n"
+                                           "broken = demo_plugin_missing\n")
+    code = textwrap.dedent('''
+        import json, warnings
+        import bnnzoo
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            names = bnnzoo.list_models()
+            again = bnnzoo.list_models()
+        post = bnnzoo.create("demo-map", "regression", (3,), 1, device="cpu")
+        from click.testing import CliRunner
+        from bnnzoo.cli import main
+        listed = CliRunner().invoke(main, ["list"]).output
+        print(json.dumps([names, again == names, bnnzoo.get_entry("demo-object").tasks, post.task,
+                          [str(w.message) for w in caught], listed]))
+    ''')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300,
+                         env=env, cwd=tmp_path)
+    names, stable, tasks, task, warned, listed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert names == sorted(BUILTIN + ["demo-map", "demo-object"]) and stable
+    assert tasks == ["classification"] and task == "regression"
+    assert len(warned) == 1 and "'broken'" in warned[0] and "demo_plugin_missing" in warned[0]
+    assert "demo-map" in listed and "MAP under another name" in listed  # `bnnzoo list` shows them
 
 
 # ------------------------------------------------------------------------------------------- CLI

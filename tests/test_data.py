@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnnzoo.data as data_package
 from bnnzoo.data import (
     DATASETS,
     MNIST_MD5,
@@ -360,10 +361,8 @@ def test_dataset_to_subset_and_checks():
 
 
 def test_bundled_dir_inside_package():
-    import bnnzoo.data as pkg
-
     assert BOSTON.is_dir() and MNIST.is_dir()
-    assert BOSTON.resolve().parent.parent == Path(pkg.__file__).resolve().parent
+    assert BOSTON.resolve().parent.parent == Path(data_package.__file__).resolve().parent
 
 
 # ---------------------------------------------------------------- sparse teacher

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from pathlib import Path
 
 import arviz as az
 import numpy as np
@@ -18,8 +19,11 @@ from click.testing import CliRunner
 import bnnzoo
 from bnnzoo import diagnostics
 from bnnzoo.data import load_dataset
+from bnnzoo.diagnostics import stored_draw_records
+from bnnzoo.guides.training import TrainingHistory
 from bnnzoo.variational import VariationalPosterior
 
+FORMAT1 = Path(__file__).parent / "data" / "runs-format1"
 SAMPLE_GROUPS = {"posterior", "log_likelihood", "posterior_predictive"}
 DATA_GROUPS = {"observed_data", "constant_data", "training"}
 
@@ -85,7 +89,7 @@ def test_every_catalog_model_converts(name, tiny, tmp_path):
     np.testing.assert_array_equal(idata.observed_data["obs"].values, tiny.y_train.numpy())
     assert idata.constant_data["fc1.keep"].dims == ("fc1.out",)
     assert np.isfinite(idata.log_likelihood["obs"].values).all()
-    assert idata.training["loss"].size == len(post.history["loss"])
+    assert idata.training["loss"].size == len(post.history.loss)
     assert idata.attrs["bnnzoo_model"] == name and idata.attrs["num_chains"] == chains
     group_var = GROUP_VARIABLE.get(name, "fc1.group_norm")
     assert diagnostics.group_variable(idata, "fc1") == group_var
@@ -193,15 +197,19 @@ def test_spike_slab_chains_draws_and_records(tiny):
     np.testing.assert_array_equal(idata.posterior["fc1.weight"].values, stored.numpy())  # every stored draw, in order
     probs = idata.posterior["fc1.inclusion_probability"].mean("draw").values
     np.testing.assert_allclose(probs, post.inclusion_probabilities()["fc1"].numpy(), rtol=1e-5)
-    for c, record in enumerate(post.history["chains"]):
+    for c, record in enumerate(post.history.extra["chains"]):
         kept = [v for v, warm in zip(record["step_size"], record["warmup"]) if not warm]
         np.testing.assert_allclose(idata.sample_stats["step_size"].values[c], kept, rtol=1e-6)
     assert idata.training["chains.step_size"].dims == ("chain", "sample")
+    assert idata.training["loss"].dims == ("chain", "epoch") and idata.training["loss"].shape == (2, 6)
+    np.testing.assert_allclose(idata.training["loss"].values.ravel(), post.history.loss)
     assert np.isfinite(arviz_quietly(az.rhat, idata, var_names=["fc2.rms"])["fc2.rms"].values).all()
 
 
 class Chains(VariationalPosterior):
     """A posterior with 2 chains of 3 stored draws: draw ``j`` (chain-major) is the MAP weights + j."""
+
+    stores_samples = True
 
     def __init__(self, post, hyper=None):
         super().__init__(post.model, post.guide, name=post.name, config=post.config)
@@ -212,7 +220,7 @@ class Chains(VariationalPosterior):
     def num_chains(self):
         return 2
 
-    def _arviz_draws_per_chain(self, num_samples):
+    def arviz_draws_per_chain(self, num_samples):
         return 3
 
     def draw_weights(self, num_samples):
@@ -220,10 +228,10 @@ class Chains(VariationalPosterior):
         for j in range(num_samples):
             yield {s: v + j for s, v in mean.items()}
 
-    def _arviz_hyperparameters(self, num_draws):
+    def arviz_hyperparameters(self, num_draws):
         return self.hyper if self.hyper is not None else {}
 
-    def _arviz_sample_stats(self):
+    def arviz_sample_stats(self):
         return {"step_size": torch.full((2, 3), 0.01)}
 
 
@@ -246,7 +254,7 @@ def test_chains_are_laid_out_chain_by_chain(fitted_map, boston):
 
 
 def test_bad_hooks_and_chains_are_named(fitted_map):
-    with pytest.raises(ValueError, match=r"_arviz_hyperparameters returned 'tau' with shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"Chains.arviz_hyperparameters returned 'tau' with shape \(3,\)"):
         Chains(fitted_map, {"tau": torch.zeros(3)}).to_arviz()
 
     class NoDraws(VariationalPosterior):
@@ -256,6 +264,95 @@ def test_bad_hooks_and_chains_are_named(fitted_map):
     post.standardizer = fitted_map.standardizer
     with pytest.raises(TypeError, match="2 chains"):
         post.to_arviz()
+
+
+class HookOnly:
+    """Not a Posterior: only the members of the ArviZ export protocol, over the pieces of a fitted
+    MAP posterior. Two chains of two draws, the MAP weights scaled by 1, 2, 3, 4."""
+
+    stores_samples = True
+    num_chains = 2
+    is_fitted = True
+
+    def __init__(self, post):
+        self.name, self.config, self.device = "hook-only", {"note": "duck-typed"}, post.device
+        self.task, self.net, self.model, self.standardizer = post.task, post.net, post.model, post.standardizer
+        self.history = TrainingHistory(loss=[3.0, 2.0, 1.5, 1.0], epoch_seconds=[0.1] * 4,
+                                       extra={"chains": [{"step_size": [0.1, 0.2], "warmup": [False, False]},
+                                                         {"step_size": [0.3, 0.4], "warmup": [False, False]}],
+                                              "pruned": [0.0, 0.5]})
+        self._post = post
+
+    def validate(self, x, y=None, what="data"):
+        return self._post.validate(x, y, what)
+
+    def draw_weights(self, num_samples):
+        mean = self._post.posterior_mean()
+        for j in range(num_samples):
+            yield {s: v * (j + 1) for s, v in mean.items()}
+
+    def sparsity(self):
+        return self._post.sparsity()
+
+    def noise_scale(self):
+        return 0.5
+
+    def arviz_draws_per_chain(self, num_samples):
+        return 2
+
+    def arviz_hyperparameters(self, num_draws):
+        return {"tau": torch.arange(4.0).reshape(2, 2)}
+
+    def arviz_sample_stats(self):
+        return stored_draw_records(self.history.extra["chains"], 2)
+
+
+def test_the_export_protocol_is_the_interface(fitted_map, boston):
+    """to_arviz needs nothing of a posterior but the ArvizExportable protocol: a duck-typed object
+    that is no Posterior converts, with its hooks' draws, statistics and history."""
+    hook = HookOnly(fitted_map)
+    assert isinstance(hook, diagnostics.ArvizExportable) and not isinstance(hook, bnnzoo.Posterior)
+    assert isinstance(fitted_map, diagnostics.ArvizExportable)
+    idata = diagnostics.to_arviz(hook, (boston.x_test, boston.y_test))
+    assert idata.posterior.sizes["chain"] == 2 and idata.posterior.sizes["draw"] == 2
+    bias = fitted_map.posterior_mean()["fc2.bias"].item()
+    np.testing.assert_allclose(idata.posterior["fc2.bias"].values[..., 0], [[bias, 2 * bias], [3 * bias, 4 * bias]],
+                               rtol=1e-5)
+    np.testing.assert_array_equal(idata.posterior["tau"].values, [[0, 1], [2, 3]])
+    np.testing.assert_allclose(idata.sample_stats["step_size"].values, [[0.1, 0.2], [0.3, 0.4]])
+    assert idata.training["loss"].dims == ("chain", "epoch") and idata.training["loss"].shape == (2, 2)
+    assert idata.training["pruned"].dims == ("pruned_step",)
+    assert idata.training["chains.step_size"].dims == ("chain", "sample")
+    assert idata.attrs["inference"] == "stored samples" and idata.attrs["bnnzoo_model"] == "hook-only"
+    assert idata.attrs["noise_scale"] == pytest.approx(0.5 * fitted_map.standardizer.y_scale)
+    assert idata.log_likelihood["obs"].shape == (2, 2, len(boston.y_test))
+
+    class Partial:  # a posterior's pieces without the hook
+        name, task, is_fitted = "partial", "regression", True
+
+    with pytest.raises(TypeError, match="ArvizExportable: Partial lacks .*arviz_draws_per_chain.*stores_samples"):
+        diagnostics.to_arviz(Partial())
+
+
+@pytest.mark.parametrize("name", ["spike-slab-sghmc", "meanfield-vi", "em-tdamp"])
+def test_runs_saved_in_format_1_convert(name, boston):
+    """A run saved by the previous layout (history a plain dict) loads into a typed history and
+    converts: its epochs, and a sampler's per-sample records and per-draw statistics."""
+    post = bnnzoo.load(FORMAT1 / name)
+    assert isinstance(post.history, TrainingHistory) and post.history.loss
+    idata = arviz_quietly(post.to_arviz, (boston.x_test[:20], boston.y_test[:20]), num_samples=4)
+    assert idata.training["loss"].size == len(post.history.loss)
+    np.testing.assert_allclose(idata.training["loss"].values.ravel(), post.history.loss)
+    if post.stores_samples:
+        records = post.history.extra["chains"]
+        kept = [v for v, warm in zip(records[0]["step_size"], records[0]["warmup"]) if not warm]
+        np.testing.assert_allclose(idata.sample_stats["step_size"].values[0], kept, rtol=1e-6)
+        assert idata.training["chains.potential"].dims == ("chain", "sample")
+        assert idata.training["chains.potential"].shape[1] == len(records[0]["potential"])
+        assert idata.attrs["inference"] == "stored samples"
+    else:
+        assert "sample_stats" not in idata.groups()
+        assert idata.attrs["inference"] == "independent draws of a guide"
 
 
 # ------------------------------------------------------------------------------ sites and input

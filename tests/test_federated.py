@@ -1,22 +1,34 @@
-"""Federated EM-TDAMP on Flower (issue 8): the aggregation formulas against closed forms, the
-partitions and the statistics round, and real runs on loopback (server here, client processes)."""
+"""Federated EM-TDAMP on Flower: the aggregation formulas against closed forms, the partitions and
+the statistics round, the clients' local epochs, and real runs on loopback (server here, client
+processes)."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
-from bnnzoo.guides.training import minibatches
-from bnnzoo.models.standardizer import Standardizer
+from click.testing import CliRunner
 
+from bnnzoo.cli import main
 from bnnzoo.data import load_dataset
 from bnnzoo.federated import (
+    codec,
     gaussian_product,
     iid,
     label_skew,
     partition,
     product_of_odds,
+)
+from bnnzoo.federated.client import StandardizedClient, local_passes
+from bnnzoo.federated.fedavg import get_weights
+from bnnzoo.federated.run import (
+    build_posterior,
+    client_spec,
+    make_client,
+    run_federated,
 )
 from bnnzoo.federated.standardize import (
     decode,
@@ -24,6 +36,10 @@ from bnnzoo.federated.standardize import (
     moments,
     standardizer_from_moments,
 )
+from bnnzoo.federated.strategy import FederatedTDAMP
+from bnnzoo.guides.training import DivergenceError, minibatches
+from bnnzoo.methods.tdamp import TDAMPPosterior
+from bnnzoo.models.standardizer import Standardizer
 
 
 def _grid_moments(log_density: torch.Tensor, grid: torch.Tensor) -> tuple[float, float]:
@@ -134,8 +150,6 @@ def test_standardizer_from_client_sums_equals_the_pooled_one(shape, task):
 
 # ---- the likelihood scale of the clients' passes -------------------------------------------------
 def _tdamp_guide(data, seed=0, **guide_options):
-    from bnnzoo.federated.run import build_posterior
-
     return build_posterior(data, seed=seed, network={"arch": "mlp", "hidden": [8]}, **guide_options).guide
 
 
@@ -198,8 +212,6 @@ def test_a_client_with_half_the_data_and_scale_two_stands_for_the_whole_set():
 
 
 def test_clients_scale_to_the_whole_set_under_the_geometric_weighting():
-    from bnnzoo.federated.client import local_passes
-
     assert local_passes(100, {"num_data": 400, "weighting": "geometric"}) == (100, 4.0)
     assert local_passes(100, {"num_data": 400}) == (100, 4.0)
     assert local_passes(100, {"num_data": 400, "weighting": "product"}) == (400, 1.0)
@@ -210,8 +222,6 @@ def test_clients_scale_to_the_whole_set_under_the_geometric_weighting():
 
 def _in_process_round(strategy, clients, blob, rnd):
     """One round without Flower: every client's fit on the global arrays, then the aggregation."""
-    from bnnzoo.federated import codec
-
     arrays = codec.to_ndarrays(strategy.guide.state(), strategy.global_layout)
     config = {"stage": "tdamp", "epochs": 1, "round": rnd, "num_data": strategy.num_data,
               "weighting": strategy.weighting, "standardizer": blob}
@@ -228,9 +238,6 @@ def test_server_aggregation_of_one_client_is_that_client_and_the_prior_stays_per
     fraction of neurons (exactly in the combined inclusion probabilities it runs on; in the broadcast
     posterior up to the neurons near 1/2 that the gap between the product of odds and the combined
     messages' evidence moves across it)."""
-    from bnnzoo.federated.run import build_posterior, client_spec, make_client
-    from bnnzoo.federated.strategy import FederatedTDAMP
-
     data = load_dataset("boston", split=0).subset(200, 50, seed=0)
     server = build_posterior(data, seed=0, keep=0.4)
     parts = iid(200, 3, seed=0)
@@ -252,6 +259,31 @@ def test_server_aggregation_of_one_client_is_that_client_and_the_prior_stays_per
     assert strategy.guide.noise_var() > 0
 
 
+def test_a_clients_local_epochs_run_in_the_epoch_loop():
+    """Both kinds of client time and record every local epoch in their history, and a diverging
+    client stops with DivergenceError (Flower reports it to the server as the round's failure)."""
+    data = load_dataset("boston", split=0).subset(120, 30, seed=0)
+    server = build_posterior(data, seed=0, network={"arch": "mlp", "hidden": [8]})
+    tdamp = make_client(client_spec("em-tdamp", server.config, "cpu", 0), data.x_train, data.y_train)
+    fedavg = make_client(client_spec("fedavg", server.config, "cpu", 0), data.x_train, data.y_train)
+    blob = encode(standardizer_from_moments([moments(data.x_train, data.y_train, "regression")], "regression", False))
+    config = {"stage": "tdamp", "epochs": 3, "round": 1, "num_data": 120, "weighting": "geometric",
+              "standardizer": blob}
+    _, n, metrics = tdamp.fit(codec.to_ndarrays(server.guide.state(), codec.global_layout(server.net)), config)
+    assert n == 120 and len(tdamp.history.loss) == 3 and len(tdamp.history.epoch_seconds) == 3
+    # the reply's statistics add up over the round's epochs; each epoch's loss is its own part of them
+    assert metrics["log_evidence"] == pytest.approx(-sum(tdamp.history.loss) / 3, rel=1e-5)
+
+    weights = get_weights(fedavg.module)
+    config = {"stage": "fedavg", "epochs": 2, "round": 1, "standardizer": blob}
+    _, _, first = fedavg.fit(weights, config)
+    _, _, second = fedavg.fit(weights, {**config, "round": 2})
+    assert len(fedavg.history.loss) == 4 and all(t > 0 for t in fedavg.history.epoch_seconds)
+    assert (first["train_loss"], second["train_loss"]) == (fedavg.history.loss[1], fedavg.history.loss[3])
+    with pytest.raises(DivergenceError, match="FedAvg client"):
+        fedavg.fit([w * np.nan for w in weights], {**config, "round": 3})
+
+
 # ---- runs on loopback ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def boston():
@@ -259,9 +291,6 @@ def boston():
 
 
 def test_two_client_loopback_run_completes_and_improves(boston):
-    from bnnzoo.federated.run import run_federated
-    from bnnzoo.methods.tdamp import TDAMPPosterior
-
     run = run_federated(boston, num_clients=2, rounds=4, seed=0, keep=0.4)
     h = run.history
     assert h["eval_round"] == [1, 2, 3, 4] and h["clients"] == [2, 2, 2, 2]
@@ -274,8 +303,6 @@ def test_two_client_loopback_run_completes_and_improves(boston):
 
 
 def test_a_client_that_disconnects_mid_round_does_not_stop_the_server(boston):
-    from bnnzoo.federated.run import run_federated
-
     run = run_federated(boston, num_clients=3, rounds=3, seed=1, partition="label-skew", crash=(0, 2))
     h = run.history
     assert h["round"] == [1, 2, 3]
@@ -285,12 +312,6 @@ def test_a_client_that_disconnects_mid_round_does_not_stop_the_server(boston):
 
 
 def test_cli_runs_the_fedavg_baseline_in_the_same_harness():
-    import json
-
-    from click.testing import CliRunner
-
-    from bnnzoo.cli import main
-
     result = CliRunner().invoke(main, ["federated", "--method", "fedavg", "--clients", "2", "--rounds", "3",
                                        "--eval-every", "1", "--local-epochs", "2"])
     assert result.exit_code == 0, result.output
@@ -301,8 +322,6 @@ def test_cli_runs_the_fedavg_baseline_in_the_same_harness():
 
 
 def test_bad_federated_options_are_named(boston):
-    from bnnzoo.federated.run import run_federated
-
     with pytest.raises(ValueError, match="unknown federated method"):
         run_federated(boston, method="fedprox", rounds=1)
     with pytest.raises(ValueError, match="rounds must be a positive integer"):
@@ -313,8 +332,6 @@ def test_bad_federated_options_are_named(boston):
 
 @pytest.mark.cuda
 def test_federated_run_on_cuda(boston):
-    from bnnzoo.federated.run import run_federated
-
     mean, var = gaussian_product(torch.zeros(2, 3, device="cuda"), torch.ones(2, 3, device="cuda"), [0.5, 0.5])
     assert mean.device.type == "cuda" and var.device.type == "cuda"
     run = run_federated(boston, num_clients=2, rounds=2, device="cuda", keep=0.5)
@@ -323,8 +340,6 @@ def test_federated_run_on_cuda(boston):
 
 
 def test_a_client_without_local_fit_cannot_be_made():
-    from bnnzoo.federated.client import StandardizedClient
-
     class Incomplete(StandardizedClient):
         pass
 

@@ -10,19 +10,22 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from bnnzoo.guides import (
-    LocalReparamELBO,
-    MeanFieldNormal,
-    PointMass,
-    kl_normal_zero_mean,
-)
-from bnnzoo.models import BayesianNeuralNetwork, make_likelihood
-from bnnzoo.models.networks import Conv2d, Network, mlp
 from conftest import make_model, randomise_guide
 from pyro import poutine
 from pyro.infer import Predictive, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch import nn
+
+from bnnzoo.guides import (
+    HorseshoeGuide,
+    LocalReparamELBO,
+    MeanFieldNormal,
+    PointMass,
+    kl_normal_zero_mean,
+)
+from bnnzoo.guides.weight_guide import PRUNED_SCALE
+from bnnzoo.models import BayesianNeuralNetwork, HorseshoePrior, make_likelihood
+from bnnzoo.models.networks import Conv2d, Network, mlp
 
 
 def mc_kl(guide, prior, num_draws: int = 20000, masks: dict | None = None):
@@ -423,3 +426,20 @@ def test_pruned_guide_works_under_pyro_elbos():
         layer, param = site.rsplit(".", 1)
         grad = guide.locs[layer][param].grad
         assert torch.all(grad[~keep] == 0) and grad[keep].abs().sum() > 0
+
+
+def test_pruned_weights_share_one_guide_scale():
+    """Both Gaussian weight guides give a pruned weight the one PRUNED_SCALE in their Pyro sites,
+    small enough to sample zero and large enough that its square stays a normal float32."""
+    assert torch.tensor(PRUNED_SCALE**2, dtype=torch.float32) >= torch.finfo(torch.float32).tiny
+    net = mlp(4, [6], 1)
+    keep = torch.arange(6) >= 2
+    for guide, site in ((MeanFieldNormal(make_model(net)), "fc1.weight"),
+                        (HorseshoeGuide(BayesianNeuralNetwork(net, HorseshoePrior(net), make_likelihood("regression"))),
+                         "fc1.weight_decentered")):
+        guide.set_masks({"fc1.weight": keep.unsqueeze(1).expand(6, 4).clone()})
+        d = guide.site_distribution(site)
+        while not isinstance(d, dist.Normal):  # Independent, and MaskedDistribution where the guide masks
+            d = d.base_dist
+        scale = d.scale
+        assert (scale[~keep] == PRUNED_SCALE).all() and (scale[keep] > 1e-6).all()

@@ -10,6 +10,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import Predictive, TraceMeanField_ELBO
+from scipy import stats
+from torch.distributions import kl_divergence
+
+import bnnzoo
 from bnnzoo.guides import HorseshoeGuide, LocalReparamELBO
 from bnnzoo.guides.closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
 from bnnzoo.guides.sites import get_site
@@ -29,11 +34,6 @@ from bnnzoo.models.networks import (
     Pool2d,
     mlp,
 )
-from pyro.infer import Predictive, TraceMeanField_ELBO
-from scipy import stats
-from torch.distributions import kl_divergence
-
-import bnnzoo
 
 
 def tiny_convnet() -> Network:
@@ -233,7 +233,7 @@ def test_fused_scale_block_matches_the_elementwise_formulas():
     guide = guide.double()  # .to() must rebuild them
     params = guide.scale_params
     eps = torch.randn(guide.scale_width + 2, dtype=torch.float64)
-    const = guide._fast_path().scales
+    const = guide.step_plan().scales
     assert const.sign.dtype == const.Q.dtype == torch.float64
     s, kl = HorseshoeScales.apply(params, eps, const)
     # the same draw through the autograd path: sample_log_scales reads its noise from torch.randn
@@ -258,7 +258,7 @@ def test_fused_scale_block_matches_the_elementwise_formulas():
 
 def _network_reference(guide, x, y, log_noise, eps, weights):
     """The fused network step's quantities by autograd of the plain formulas, with the same noise."""
-    plan = guide._fast_path().mlp
+    plan = guide.step_plan().mlp
     original = torch.randn
     try:
         torch.randn = lambda *args, **kwargs: eps[:plan.scale_noise].clone()
@@ -289,7 +289,7 @@ def test_fused_network_step_matches_autograd_of_the_formulas(hidden):
 
     torch.manual_seed(0)
     guide = spread_guide(HorseshoeGuide(horseshoe_model(mlp(5, hidden, 1))), seed=3).double()
-    plan = guide._fast_path().mlp
+    plan = guide.step_plan().mlp
     assert plan is not None
     params = plan.params
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
@@ -323,9 +323,9 @@ def test_fused_network_step_is_used_only_where_it_applies():
     from bnnzoo.guides.horseshoe_mlp import HorseshoeMLP
 
     image_mlp = Network([Flatten(), *mlp(16, [5], 1).layers], (1, 4, 4))
-    assert HorseshoeGuide(horseshoe_model(image_mlp))._fast_path().mlp is not None
+    assert HorseshoeGuide(horseshoe_model(image_mlp)).step_plan().mlp is not None
     for net in (tiny_convnet(), mlp(5, [7], 1, activation="tanh"), mlp(200, [100], 1)):
-        assert HorseshoeGuide(horseshoe_model(net, "classification"))._fast_path().mlp is None
+        assert HorseshoeGuide(horseshoe_model(net, "classification")).step_plan().mlp is None
     model = horseshoe_model(mlp(5, [7], 1))
     guide = HorseshoeGuide(model)
     elbo = TemperedLocalReparamELBO(0.2)
@@ -348,10 +348,10 @@ def test_scale_block_with_sparse_step_matrices(monkeypatch):
 
     guide = spread_guide(HorseshoeGuide(horseshoe_model(mlp(5, [7, 4], 1))), seed=4)
     eps = torch.randn(guide.scale_width + 2)
-    dense = HorseshoeScales.apply(guide.scale_params, eps, guide._fast_path().scales)
-    monkeypatch.setattr(horseshoe_guide, "_DENSE_STEP_MATRIX", 0)
-    guide._fast = None
-    const = guide._fast_path().scales
+    dense = HorseshoeScales.apply(guide.scale_params, eps, guide.step_plan().scales)
+    monkeypatch.setattr(horseshoe_guide, "DENSE_STEP_MATRIX", 0)
+    guide.clear_step_plan()
+    const = guide.step_plan().scales
     assert const.Q.layout == torch.sparse_csr
     sparse = HorseshoeScales.apply(guide.scale_params, eps, const)
     assert torch.allclose(dense[0], sparse[0]) and torch.allclose(dense[1], sparse[1])
@@ -359,20 +359,20 @@ def test_scale_block_with_sparse_step_matrices(monkeypatch):
     g_sparse = torch.autograd.grad(sparse[0].sum() + sparse[1], guide.scale_params)[0]
     assert torch.allclose(g_dense, g_sparse)
     clone = copy.deepcopy(guide)
-    assert clone._fast is None and torch.equal(clone.scale_params, guide.scale_params)
+    assert clone.step_plan().scales.Q is not const.Q and torch.equal(clone.scale_params, guide.scale_params)
 
 
 def test_gaussian_likelihood_term_of_the_tempered_elbo():
-    from bnnzoo.guides.tempered_elbo import _ScaledGaussianNLL
+    from bnnzoo.guides.tempered_elbo import ScaledGaussianNLL
 
     gen = torch.Generator().manual_seed(0)
     f = torch.randn(6, 1, generator=gen, dtype=torch.float64).requires_grad_()
     y = torch.randn(6, generator=gen, dtype=torch.float64)
     log_noise = torch.tensor(-0.4, dtype=torch.float64, requires_grad=True)
-    nll = _ScaledGaussianNLL.apply(f, y, log_noise, 2.5)
+    nll = ScaledGaussianNLL.apply(f, y, log_noise, 2.5)
     ref = -2.5 * dist.Normal(f.squeeze(-1), log_noise.exp()).log_prob(y).sum()
     assert torch.allclose(nll, ref)
-    assert torch.autograd.gradcheck(lambda a, b: _ScaledGaussianNLL.apply(a, y, b, 2.5), (f, log_noise))
+    assert torch.autograd.gradcheck(lambda a, b: ScaledGaussianNLL.apply(a, y, b, 2.5), (f, log_noise))
 
 
 def test_tempered_elbo_weights_the_kl_only():
@@ -551,17 +551,17 @@ def test_prune_conv_filters_and_export():
 
 def test_prediction_uses_the_untempered_draws_where_configured(fitted_dense, boston):
     post = fitted_dense
-    assert post.config["train"]["untempered"] and post.config["train"]["kl_weight"] == 0.2
+    assert post.untempered and post.fit_state.temperature == 0.2
     wide = post.predict(boston.x_test, num_samples=300).std
     torch.manual_seed(0)
-    tau_wide = post._arviz_hyperparameters(4000)["fc1.tau"].log()
-    post.config["train"]["untempered"] = False
+    tau_wide = post.arviz_hyperparameters(4000)["fc1.tau"].log()
+    post.untempered = False
     try:
         narrow = post.predict(boston.x_test, num_samples=300).std
         torch.manual_seed(0)
-        tau_q = post._arviz_hyperparameters(4000)["fc1.tau"].log()
+        tau_q = post.arviz_hyperparameters(4000)["fc1.tau"].log()
     finally:
-        post.config["train"]["untempered"] = True
+        post.untempered = True
     # ArviZ's scale draws widen with the weights: ln tau's spread by sqrt(1 / kl_weight)
     assert float(tau_wide.std() / tau_q.std()) == pytest.approx(math.sqrt(5), rel=1e-4)
     noise = post.noise_scale(original_units=True)
@@ -569,6 +569,24 @@ def test_prediction_uses_the_untempered_draws_where_configured(fitted_dense, bos
     ratio = (wide**2 - noise**2) / (narrow**2 - noise**2)
     assert float(ratio.median()) > 2.0
     assert bnnzoo.get_entry("horseshoe-svi").defaults["classification"]["train"]["untempered"] is False
+
+
+def test_the_fitted_temperature_is_saved_and_is_what_prediction_undoes(fitted_dense, boston, tmp_path):
+    post = fitted_dense
+    assert post.fit_state.temperature == 0.2  # the ELBO's kl_weight, recorded by the fit
+    back = bnnzoo.load(post.save(tmp_path / "run"))
+    assert back.fit_state.temperature == 0.2 and back.untempered
+    x = boston.x_test
+    wide = post.predict(x, num_samples=50, seed=1).std
+    torch.testing.assert_close(back.predict(x, num_samples=50, seed=1).std, wide)
+    # prediction reads the temperature from the fit state, not from the config
+    back.config["train"]["kl_weight"] = 1.0
+    torch.testing.assert_close(back.predict(x, num_samples=50, seed=1).std, wide)
+    back.fit_state.temperature = 1.0  # nothing to undo: the draws are q's own
+    at_one = back.predict(x, num_samples=50, seed=1).std
+    back.fit_state.temperature, back.untempered = 0.2, False
+    torch.testing.assert_close(back.predict(x, num_samples=50, seed=1).std, at_one)
+    assert float((wide - at_one).abs().max()) > 1e-3
 
 
 def test_scales_summary(fitted_dense):

@@ -7,18 +7,22 @@ from __future__ import annotations
 import copy
 import warnings
 
+import arviz as az
+import click
 import numpy as np
 import pytest
 import torch
-from bnnzoo.guides import LocalReparamELBO
-from bnnzoo.guides.training import set_seed
-from bnnzoo.models.standardizer import Standardizer
 from scipy.special import logsumexp
 
 import bnnzoo
+from bnnzoo import loo as loo_module
 from bnnzoo.catalog import get_entry
+from bnnzoo.commands.diagnose import loo_section
 from bnnzoo.exact_loo import exact_loo, exact_loo_terms, mean_field_refits
+from bnnzoo.guides import LocalReparamELBO
+from bnnzoo.guides.training import set_seed
 from bnnzoo.loo import RefitWrapper, loo
+from bnnzoo.models.standardizer import Standardizer
 
 NUM_SAMPLES = 100
 
@@ -81,9 +85,6 @@ def test_no_refit_below_the_threshold(fitted):
 
 
 def test_diagnose_prints_psis_and_refitted_estimates(fitted, capsys, monkeypatch):
-    from bnnzoo import loo as loo_module
-    from bnnzoo.commands.diagnose import loo_section
-
     post, data = fitted
     xy = (data.x_train, data.y_train)
     idata = post.to_arviz(xy, num_samples=NUM_SAMPLES, sites=None, seed=0)
@@ -200,8 +201,6 @@ def test_batched_refits_agree_with_one_at_a_time_refits(fitted):
 
 
 def test_exact_loo_is_an_arviz_elpd(fitted):
-    import arviz as az
-
     post, data = fitted
     x, y = data.x_train, data.y_train
     result = loo(post, x, y, method="exact", num_samples=NUM_SAMPLES, seed=1, chunk_size=16)  # three chunks
@@ -249,10 +248,6 @@ def test_exact_loo_refuses_what_it_cannot_refit(fitted):
 
 
 def test_diagnose_prints_the_exact_loo(fitted, capsys):
-    import click
-
-    from bnnzoo.commands.diagnose import loo_section
-
     post, data = fitted
     xy = (data.x_train, data.y_train)
     idata = post.to_arviz(xy, num_samples=NUM_SAMPLES, sites=None, seed=0)

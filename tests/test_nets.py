@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from bnnzoo.models.networks import (
     Activation,
     Conv2d,

@@ -11,18 +11,20 @@ import sys
 
 import pytest
 import torch
-from bnnzoo.models.standardizer import Standardizer
 
 import bnnzoo
 from bnnzoo import metrics
-from bnnzoo.data import DataError
+from bnnzoo.data import DataError, load_dataset
+from bnnzoo.guides.training import TrainingHistory
+from bnnzoo.models.standardizer import Standardizer
+from bnnzoo.posterior import FitState, GuidePosterior, PruningRecord
 
 
 # ------------------------------------------------------------------------------------------ fit
 @pytest.mark.parametrize("which", ["fitted_meanfield", "fitted_map"])
 def test_regression_fit_and_evaluate(which, boston, request):
     post = request.getfixturevalue(which)
-    loss = post.history["loss"]
+    loss = post.history.loss
     assert len(loss) == 8 and all(math.isfinite(v) for v in loss)
     assert loss[-1] < loss[0]
     m = post.evaluate(boston.x_test, boston.y_test, num_samples=20)
@@ -88,7 +90,7 @@ def test_map_predictions_have_no_weight_spread(fitted_map, boston):
 
 def test_classification_fit(fitted_classifier, mnist_small):
     post = fitted_classifier
-    assert post.history["loss"][-1] < post.history["loss"][0]
+    assert post.history.loss[-1] < post.history.loss[0]
     m = post.evaluate(mnist_small.x_test, mnist_small.y_test, num_samples=10)
     assert set(m) == {"accuracy", "nll", "ece", "brier"}
     assert all(math.isfinite(v) for v in m.values())
@@ -111,7 +113,7 @@ def test_fit_is_reproducible_with_a_seed(boston):
     kw = dict(epochs=2, device="cpu", progress=False, seed=11)
     a = bnnzoo.fit("meanfield-vi", boston, **kw)
     b = bnnzoo.fit("meanfield-vi", boston, **kw)
-    assert a.history["loss"] == b.history["loss"]
+    assert a.history.loss == b.history.loss
     assert all(torch.equal(a.posterior_mean()[s], b.posterior_mean()[s]) for s in a.net.sites())
 
 
@@ -160,7 +162,7 @@ def test_save_and_load_in_a_fresh_process(fitted_meanfield, fitted_classifier, b
         assert torch.equal(got[key][0], mean)
         assert torch.equal(got[key][1], samples)
     meta = json.loads((tmp_path / "reg" / "config.json").read_text())
-    assert meta["name"] == "meanfield-vi" and meta["history"]["loss"] == fitted_meanfield.history["loss"]
+    assert meta["name"] == "meanfield-vi" and meta["history"]["loss"] == fitted_meanfield.history.loss
 
 
 def test_masks_survive_save_and_load(fitted_meanfield, boston, tmp_path):
@@ -180,6 +182,74 @@ def test_masks_survive_save_and_load(fitted_meanfield, boston, tmp_path):
     assert all(torch.equal(after["keep"][k], before["keep"][k]) for k in before["keep"])
     assert all(torch.equal(back.masks()[s], post.masks()[s]) for s in post.masks())
     assert torch.equal(back.predict(boston.x_test, 5).mean, post.predict(boston.x_test, 5).mean)
+
+
+# ------------------------------------------------------------------- config, typed state, format
+# tiny settings per catalog entry (every entry runs 4 epochs of a 13-8-1 network on 60 houses)
+TINY = {
+    "bmr-iterative": {"warmup_epochs": 1},
+    "em-tdamp": {"keep": 0.5},
+    "spike-slab-sghmc": {"cycles": 2, "samples_per_cycle": 1, "thinning": 1, "em_start": 1, "prune_start": 1},
+}
+
+
+def _derived(make):
+    """``make()``, or ``None`` where the posterior has no such rule (``TypeError``)."""
+    try:
+        return make()
+    except TypeError:
+        return None
+
+
+@pytest.mark.parametrize("name", bnnzoo.list_models())
+def test_fit_prune_reduce_and_save_leave_the_config_as_asked(name, tmp_path):
+    data = load_dataset(None).subset(60, 20, seed=0)
+    post = bnnzoo.create(name, data.task, data.input_shape, data.output_dim, network={"arch": "mlp", "hidden": [8]},
+                         dataset=data.name, device="cpu", seed=0, epochs=4, **TINY.get(name, {}))
+    asked = copy.deepcopy(post.config)
+    post.fit(data.x_train, data.y_train, progress=False)
+    assert post.config == asked
+    assert isinstance(post.history, TrainingHistory) and len(post.history.loss) >= 4
+    assert isinstance(post.fit_state, FitState)
+    derived = [d for d in (_derived(post.prune), _derived(post.reduce)) if d is not None]
+    for d in derived:
+        assert d.config == asked and len(d.fit_state.pruning) == len(post.fit_state.pruning) + 1
+    assert post.config == asked
+    back = bnnzoo.load(post.save(tmp_path / "run"))
+    assert back.config == asked and back.network_spec == post.network_spec
+    assert isinstance(back.history, TrainingHistory) and back.history == post.history
+    assert back.fit_state == post.fit_state
+
+
+def test_config_json_keeps_the_network_spec_fit_state_and_history_beside_the_config(boston, tmp_path):
+    post = bnnzoo.fit("horseshoe-svi", boston, epochs=3, network={"arch": "mlp", "hidden": [8]}, device="cpu",
+                      progress=False, seed=0)
+    meta = json.loads((post.save(tmp_path / "run") / "config.json").read_text())
+    assert meta["format"] == 2 and meta["config"] == post.config
+    assert meta["network_spec"] == post.net.spec() and "network_spec" not in meta["config"]
+    assert meta["fit_state"] == {"temperature": 0.2, "pruning": [
+        {"rule": "threshold", "options": {"threshold": 1.0}, "summary": {}, "seconds": None}]}
+    assert meta["history"]["loss"] == post.history.loss
+    assert "pruned_threshold" not in meta["config"]["train"]
+
+
+def test_a_run_of_an_unknown_format_is_refused(fitted_meanfield, tmp_path):
+    path = fitted_meanfield.save(tmp_path / "run")
+    meta = json.loads((path / "config.json").read_text())
+    meta["format"] = 3
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format 3"):
+        bnnzoo.load(path)
+
+
+def test_reduce_is_refused_without_gaussian_weights(fitted_map, fitted_meanfield):
+    assert isinstance(fitted_meanfield, GuidePosterior)
+    with pytest.raises(TypeError, match="PointMass"):
+        fitted_map.reduce()
+    reduced = fitted_meanfield.reduce(rule="plain")
+    assert reduced.fit_state.pruning[-1].rule == "bmr" and reduced.fit_state.pruning[-1].options == {"rule": "plain"}
+    assert not fitted_meanfield.fit_state.pruning  # the original is untouched
+    assert isinstance(reduced.fit_state.pruning[-1], PruningRecord)
 
 
 def test_load_of_a_directory_that_is_not_a_run(tmp_path):
@@ -350,3 +420,20 @@ def test_fit_predict_save_load_on_cuda(boston, mnist_small, tmp_path):
     assert m["accuracy"] > 0.3
     probs = cls.predict(mnist_small.x_test, num_samples=5).probs
     assert probs.device.type == "cuda"
+
+
+@pytest.mark.parametrize("name", ["meanfield-vi", "em-tdamp"])
+def test_a_fit_that_fails_leaves_an_unfitted_posterior(name, boston, tmp_path):
+    """A fit stopped by an error (a divergence, an interrupt, a failing callback) is not fitted: it
+    neither predicts nor saves."""
+    posterior = bnnzoo.create(name, "regression", input_shape=(13,), output_dim=1, epochs=3)
+
+    def stop(epoch, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        posterior.fit(boston.x_train, boston.y_train, progress=False, callback=stop)
+    assert not posterior.is_fitted
+    with pytest.raises(RuntimeError, match="not fitted"):
+        posterior.save(tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 
 import pyro
+import pyro.infer.mcmc.api as mcmc_api
 import pyro.poutine as poutine
 import pytest
 import torch
+from click.testing import CliRunner
+from pyro.infer import MCMC, Predictive
+
+import bnnzoo
+from bnnzoo.cli import main
 from bnnzoo.guides import SGHMC, SpikeSlabEM
 from bnnzoo.guides.sghmc import cyclical_step_size
 from bnnzoo.guides.spike_slab_em import (
@@ -16,6 +23,7 @@ from bnnzoo.guides.spike_slab_em import (
     inclusion_probability,
     inclusion_rate,
 )
+from bnnzoo.guides.training import DivergenceError
 from bnnzoo.models import (
     BayesianNeuralNetwork,
     CategoricalLikelihood,
@@ -25,9 +33,6 @@ from bnnzoo.models import (
     SpikeSlabPrior,
 )
 from bnnzoo.models.networks import mlp
-from pyro.infer import MCMC, Predictive
-
-import bnnzoo
 
 
 def spike_slab_model(net, noise_scale=0.7, **prior):
@@ -240,7 +245,7 @@ def test_samples_are_the_last_points_of_each_cycle():
     assert history["step"] == [16, 18, 20, 36, 38, 40, 56, 58, 60]
     assert history["warmup"] == [True] * 3 + [False] * 6
     assert history["step_size"][2] == pytest.approx(cyclical_step_size(20, 1e-3, 20))
-    assert len(kernel.diagnostics()["epochs"]["epoch_seconds"]) == 60 // 4
+    assert len(kernel.diagnostics()["epochs"].epoch_seconds) == 60 // 4
 
 
 def test_get_samples_holds_only_the_requested_sites():
@@ -339,6 +344,68 @@ def test_noise_m_step_is_the_mean_squared_residual():
     torch.testing.assert_close(model.likelihood.noise_scale.detach(), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_a_diverging_chain_stops_with_the_method_and_epoch():
+    """A step size far too large makes the loss NaN in the first epoch: the epoch loop stops the
+    chain there with a DivergenceError naming the method and the epoch."""
+    net = mlp(3, [4], 1)
+    x, y = regression_data(40, 3)
+    seen = []
+    kernel = SGHMC(spike_slab_model(net), step_size=1e20, batch_size=10)
+    kernel.on_epoch_end = lambda epoch, loss: seen.append(epoch)
+    with pytest.raises(DivergenceError, match=r"SGHMC: the fit diverged in epoch 1 \(the loss is not finite") as err:
+        MCMC(kernel, num_samples=4, warmup_steps=0, disable_progbar=True).run(x, y)
+    assert err.value.method == "SGHMC" and err.value.epoch == 0 and math.isnan(err.value.loss)
+    assert seen == []  # the callback never saw the diverged epoch
+    calls = []
+    ok = SGHMC(spike_slab_model(net), batch_size=10, thinning=4)  # a sample every 4 steps: one epoch
+    ok.on_epoch_end = lambda epoch, loss: calls.append((epoch, loss))
+    MCMC(ok, num_samples=3, warmup_steps=0, disable_progbar=True).run(x, y)
+    epochs = ok.diagnostics()["epochs"]
+    assert [e for e, _ in calls] == [0, 1, 2] and [v for _, v in calls] == epochs.loss
+    assert all(math.isfinite(v) for v in epochs.loss) and len(epochs.epoch_seconds) == 3
+
+
+def test_a_diverging_fit_saves_nothing(tmp_path):
+    """The catalog entry's fit stops with the entry's name in the error; the command saves no run."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["fit", "spike-slab-sghmc", "--epochs", "6", "--lr", "1e20", "--quiet",
+                                       "--set", "cycles=3", "--set", "samples_per_cycle=2", "--set", "thinning=1",
+                                       "--out", str(out)])
+    assert result.exit_code == 1, result.output  # a clear message, not a traceback
+    assert "Error: spike-slab-sghmc: the fit diverged in epoch 1" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_a_divergence_error_survives_pickling():
+    """A chain in a worker process sends its DivergenceError back pickled: it must come back whole."""
+    err = pickle.loads(pickle.dumps(DivergenceError("spike-slab-sghmc", 3, float("nan"), "the loss is not finite")))
+    assert isinstance(err, DivergenceError) and err.method == "spike-slab-sghmc" and err.epoch == 3
+    assert "epoch 4" in str(err)
+
+
+def test_chains_whose_models_share_memory_learn_their_own_noise_scale():
+    """A chain in a spawned worker gets a copy of the model that shares its tensors' memory with the
+    other chains' copies: each chain's noise M-step must still write to a scale of its own."""
+    net = mlp(3, [4], 1)
+    x, y = regression_data(40, 3)
+    models = [spike_slab_model(net, noise_scale=3.0)]
+    models.append(copy.deepcopy(models[0]))
+    models[1].likelihood.log_noise_scale.data = models[0].likelihood.log_noise_scale.data  # one storage
+    kernels, expected = [], []
+    for seed, model in enumerate(models):
+        init = net.init_params(torch.Generator().manual_seed(seed))
+        kernel = SGHMC(model, batch_size=40, temperature=0.0, step_size=1e-3)
+        kernel.initial_params = init
+        kernel.setup(0, x, y)
+        kernels.append(kernel)
+        expected.append(float((y - net(x, init).squeeze(-1)).pow(2).mean().sqrt()))
+    for kernel in kernels:
+        kernel.sample({})  # one full-batch step = one epoch, then the noise M-step
+    got = [kernel.diagnostics()["noise_scale"] for kernel in kernels]
+    assert got == pytest.approx(expected, rel=1e-4) and abs(expected[0] - expected[1]) > 0.01
+
+
 def test_bad_input_gets_clear_errors():
     net = mlp(3, [4], 1)
     with pytest.raises(TypeError, match="GaussianPrior and SpikeSlabPrior"):
@@ -376,13 +443,14 @@ def test_fit_predict_save_load(fitted_spike_slab, boston, tmp_path):
     assert not torch.equal(post.samples["fc1.weight"][0], post.samples["fc1.weight"][1])  # two chains
     m = post.evaluate(boston.x_test, boston.y_test, num_samples=4)
     assert m["rmse"] < 8 and m["log_likelihood"] > -4
-    assert len(post.history["chains"]) == 2 and len(post.history["epoch_seconds"]) == 16
+    assert len(post.history.extra["chains"]) == 2 and len(post.history.epoch_seconds) == 16
     sp = post.sparsity()
     keep = post.masks()["fc1.bias"]
     assert sp["layers"]["fc1"]["groups_kept"] == int(keep.sum())
     for c in range(2):  # each chain's pruned groups are zero in its draws
         pruned = ~post.chain_masks["fc1.bias"][c]
         assert (post.samples["fc1.weight"][c][:, pruned] == 0).all()
+    assert_records_belong_to_their_chains(post)
     post.save(tmp_path / "run")
     same = bnnzoo.load(tmp_path / "run")
     a = post.predict(boston.x_test, num_samples=4)
@@ -390,6 +458,39 @@ def test_fit_predict_save_load(fitted_spike_slab, boston, tmp_path):
     torch.testing.assert_close(a.mean, b.mean)
     torch.testing.assert_close(a.std, b.std)
     assert same.sparsity()["architecture"] == sp["architecture"]
+
+
+def assert_records_belong_to_their_chains(post):
+    """Each chain's end-of-run record (EM state, per-sample history) is that chain's: the inclusion
+    probabilities it holds are the E-step on the chain's last stored draw, with its final ``pi``."""
+    prior = post.model.prior
+    assert len(post.chain_state) == len(post.history.extra["chains"]) == post.num_chains
+    for c, state in enumerate(post.chain_state):
+        last = {s: v[c, -1] for s, v in post.samples.items()}
+        for lay in prior.layouts:
+            expected = inclusion_probability(lay.squared_norms(last), lay.size, state["pi"], *prior.scales(lay.layer))
+            torch.testing.assert_close(state["inclusion_prob"][lay.layer], expected, rtol=1e-4, atol=1e-6)
+        assert state["pi"].item() == pytest.approx(post.history.extra["chains"][c]["pi"][-1], rel=1e-6)
+    first, second = (s["inclusion_prob"]["fc1"] for s in post.chain_state[:2])
+    assert not torch.allclose(first, second)  # the chains differ, so the check tells them apart
+
+
+@pytest.mark.parametrize("mp_context", [None, "spawn"])
+def test_chains_in_worker_processes(boston, monkeypatch, mp_context):
+    """Where the machine has the cores, MCMC runs the chains in worker processes (forced here; forked
+    by default, spawned on CUDA): each chain's record comes back through the MCMC hook and is matched
+    to its chain's draws, and each chain learns its own noise scale (the posterior's is their
+    geometric mean), even where the spawned chains share the model's memory."""
+    monkeypatch.setattr(mcmc_api.mp, "cpu_count", lambda: 8)
+    post = bnnzoo.fit("spike-slab-sghmc", boston, device="cpu", progress=False, seed=1, num_chains=2,
+                      mp_context=mp_context, **QUICK)
+    assert post.num_chains == 2 and len(post.history.loss) == 16
+    assert_records_belong_to_their_chains(post)
+    final = [record["noise_scale"][-1] for record in post.history.extra["chains"]]
+    assert post.noise_scale() == pytest.approx(math.sqrt(final[0] * final[1]), rel=1e-5)
+    for c in range(2):
+        pruned = ~post.chain_masks["fc1.bias"][c]
+        assert (post.samples["fc1.weight"][c][:, pruned] == 0).all()
 
 
 def test_one_shot_pruning(fitted_spike_slab, boston):
@@ -403,6 +504,9 @@ def test_one_shot_pruning(fitted_spike_slab, boston):
     assert pruned.sparsity()["hidden_groups_pruned_fraction"] >= post.sparsity()["hidden_groups_pruned_fraction"]
     assert torch.equal(post.masks()["fc1.bias"], fitted_spike_slab.masks()["fc1.bias"])  # original untouched
     assert pruned.to_torch()[0].out_features == int(expected_keep.sum())
+    assert pruned.config == post.config  # pruning is recorded in the fit state, not in the config
+    assert pruned.fit_state.pruning[-1].rule == "threshold" and pruned.fit_state.pruning[-1].options == {"threshold": 0.9}
+    assert post.fit_state.pruning == []
 
 
 def test_classification_entry(mnist_small):

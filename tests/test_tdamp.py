@@ -12,6 +12,10 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from pyro.infer import Predictive
+from scipy import stats
+
+import bnnzoo
 from bnnzoo.guides import TDAMPGuide
 from bnnzoo.guides.group_sparse_messages import (
     bernoulli_gaussian_posterior,
@@ -28,6 +32,7 @@ from bnnzoo.guides.moment_propagation import (
 )
 from bnnzoo.guides.tdamp import linear_tdamp
 from bnnzoo.guides.tdamp_em import m_step
+from bnnzoo.guides.training import DivergenceError
 from bnnzoo.models import (
     BayesianNeuralNetwork,
     BernoulliGaussianPrior,
@@ -39,10 +44,6 @@ from bnnzoo.models import (
 )
 from bnnzoo.models.networks import Activation, Conv2d, Dense, Flatten, Network, mlp
 from bnnzoo.models.probit_product import log_normal_cdf
-from pyro.infer import Predictive
-from scipy import stats
-
-import bnnzoo
 
 
 def tdamp_model(net, task="regression"):
@@ -186,7 +187,7 @@ def test_closed_form_message_pass_matches_autograd(task):
     x = torch.randn(9, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (9,), generator=gen) if task == "classification" else torch.randn(9, generator=gen,
                                                                                            dtype=torch.float64)
-    posts = guide._layer_posteriors()
+    posts = guide.layer_posteriors()
     moments = {name: p.weight_moments for name, p in posts.items()}
     with torch.enable_grad():
         f_mean, f_var, records = propagate(net, x, moments)
@@ -223,7 +224,7 @@ def test_hidden_layer_curvature_matches_the_exact_hessian(boston):
     post = bnnzoo.fit("em-tdamp", boston, epochs=10, device="cpu", progress=False, seed=0, prune=False,
                       network={"arch": "mlp", "hidden": [6]})
     guide = post.guide
-    posts = {n: tuple(t.double() for t in p.weight_moments) for n, p in guide._layer_posteriors().items()}
+    posts = {n: tuple(t.double() for t in p.weight_moments) for n, p in guide.layer_posteriors().items()}
     x = post.standardizer.x(boston.x_train[:64]).double()
     y = post.standardizer.y(boston.y_train[:64]).double()
     (m1, v1), (m2, v2) = posts["fc1"], posts["fc2"]
@@ -523,8 +524,8 @@ def test_one_linear_layer_is_gamp_exact_for_a_gaussian_prior():
 def test_catalog_entry_regression_fit_predict_save_load(boston, tmp_path):
     post = bnnzoo.fit("em-tdamp", boston, epochs=4, keep=0.5, device="cpu", progress=False, seed=0,
                       network={"arch": "mlp", "hidden": [10]})
-    assert len(post.history["epoch_seconds"]) == 4 and all(s > 0 for s in post.history["epoch_seconds"])
-    assert all(math.isfinite(v) for v in post.history["loss"])
+    assert len(post.history.epoch_seconds) == 4 and all(s > 0 for s in post.history.epoch_seconds)
+    assert all(math.isfinite(v) for v in post.history.loss)
     sp = post.sparsity()
     assert sp["architecture"] == "13-5-1"
     m = post.evaluate(boston.x_test, boston.y_test, num_samples=20)
@@ -536,6 +537,27 @@ def test_catalog_entry_regression_fit_predict_save_load(boston, tmp_path):
     torch.testing.assert_close(a.std, b.std)
     assert loaded.sparsity()["architecture"] == "13-5-1"
     assert post.to_torch()(loaded.standardizer.x(boston.x_test[:3])).shape == (3, 1)
+
+
+def test_passes_run_in_the_shared_epoch_loop(boston):
+    post = bnnzoo.create("em-tdamp", "regression", (13,), 1, network={"arch": "mlp", "hidden": [6]}, epochs=3,
+                         device="cpu")
+    calls = []
+    post.fit(boston.x_train[:80], boston.y_train[:80], progress=False, callback=lambda e, loss: calls.append((e, loss)))
+    assert calls == list(enumerate(post.history.loss)) and len(calls) == 3
+    assert len(post.history.extra["kept_fraction"]) == 3 and len(post.history.extra["noise_var"]) == 3
+    # a pass whose evidence is not finite stops the fit, naming the method and the pass
+    broken = bnnzoo.create("em-tdamp", "regression", (13,), 1, network={"arch": "mlp", "hidden": [6]}, epochs=3,
+                           device="cpu")
+    reset = broken.guide.reset_statistics
+
+    def poisoned() -> None:
+        reset()
+        broken.guide.log_evidence_sum.fill_(float("nan"))
+
+    broken.guide.reset_statistics = poisoned
+    with pytest.raises(DivergenceError, match="em-tdamp: the fit diverged in epoch 1"):
+        broken.fit(boston.x_train[:80], boston.y_train[:80], progress=False)
 
 
 def test_catalog_entry_classification(mnist_small):

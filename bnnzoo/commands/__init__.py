@@ -1,2 +1,2 @@
-"""Extra ``bnnzoo`` subcommands: each module here defines one ``click`` command named ``command``,
-which :mod:`bnnzoo.cli` adds to the command group."""
+"""Extra ``bnnzoo`` subcommands: each module here that defines a ``click`` command named ``command``
+has it added to the command group by :mod:`bnnzoo.cli`; :mod:`.common` holds what the commands share."""

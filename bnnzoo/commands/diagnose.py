@@ -7,6 +7,12 @@ import warnings
 from pathlib import Path
 
 import click
+import numpy as np
+
+from bnnzoo import metrics
+from bnnzoo.api import load
+from bnnzoo.data import DataError, load_dataset
+from bnnzoo.diagnostics import group_variable, save, summary_variables
 
 #: a forest plot shows at most this many groups (neurons, filters) per layer
 MAX_FOREST_GROUPS = 40
@@ -14,8 +20,6 @@ MAX_FOREST_GROUPS = 40
 
 def _dataset(posterior, data: str | None):
     """``--data`` if given, else the data the run recorded (its source, then its name)."""
-    from bnnzoo.data import DataError, load_dataset
-
     saved = posterior.config.get("data", {})
     split = saved.get("split") or 0
     candidates = [data] if data is not None else [saved.get("source"), saved.get("name")]
@@ -30,7 +34,7 @@ def _dataset(posterior, data: str | None):
 
 
 def _save(fig, path: Path, written: list[Path]) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib, kept off the CLI's start-up
 
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -39,9 +43,7 @@ def _save(fig, path: Path, written: list[Path]) -> None:
 
 # ---- sections ---------------------------------------------------------------------------------------
 def summary_table(idata, chains: int) -> None:
-    import arviz as az
-
-    from bnnzoo.diagnostics import summary_variables
+    import arviz as az  # lazy: arviz, kept off the CLI's start-up
 
     names = summary_variables(idata)
     click.echo("\nhyperparameters and per-layer scales (<layer>.rms: root mean square of its weights):")
@@ -65,7 +67,10 @@ def loo_section(idata, posterior=None, data=None, reloo: bool = False, num_sampl
     """PSIS-LOO with the Pareto-k counts; with ``reloo`` the points of k > 0.7 are refitted
     (``bnnzoo.loo``: ``az.reloo``, one full fit each) and the refitted estimate is printed too; with
     ``exact`` (``meanfield-vi``) every point is refitted, all at once (``bnnzoo.exact_loo``)."""
-    from bnnzoo.loo import K_THRESHOLD, loo
+    from bnnzoo.loo import (  # lazy: bnnzoo.loo imports arviz, kept off the CLI's start-up
+        K_THRESHOLD,
+        loo,
+    )
 
     x, y = data if data is not None else (None, None)
     result = loo(posterior, x, y, idata=idata)
@@ -109,10 +114,7 @@ def loo_section(idata, posterior=None, data=None, reloo: bool = False, num_sampl
 def calibration_section(posterior, dataset, num_samples: int, out: Path, written: list[Path]) -> None:
     """Classification: test accuracy, NLL, ECE and a reliability diagram. Regression: the held-out
     log-likelihood and the coverage of central predictive intervals from posterior predictive draws."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from bnnzoo import metrics
+    import matplotlib.pyplot as plt  # lazy: matplotlib, kept off the CLI's start-up
 
     click.echo(f"\ncalibration on the {len(dataset.x_test)} test points:")
     if posterior.task == "classification":
@@ -156,9 +158,7 @@ def plots(idata, posterior, out: Path, written: list[Path]) -> None:
 
 
 def _plots(idata, posterior, out: Path, written: list[Path]) -> None:
-    import arviz as az
-
-    from bnnzoo.diagnostics import group_variable, summary_variables
+    import arviz as az  # lazy: arviz, kept off the CLI's start-up
 
     chains = int(idata.posterior.sizes["chain"])
     net = posterior.net
@@ -198,8 +198,7 @@ def _plots(idata, posterior, out: Path, written: list[Path]) -> None:
 def _training_traces(idata, out: Path, written: list[Path]) -> None:
     """The loss (negative ELBO per example for SVI) per epoch and the pruned fraction and step size
     over time, from the ``training`` group."""
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # lazy: matplotlib, kept off the CLI's start-up
 
     if "training" not in idata.groups():
         return
@@ -243,15 +242,12 @@ def command(run_dir, out, num_samples, data, device, reloo, exact_loo) -> None:
     PNG plots (forest plot of per-neuron scales or inclusion probabilities, training trace of the loss
     and pruned fraction, posterior trace, posterior predictive check, LOO-PIT or reliability diagram).
     The ArviZ data is saved as posterior.nc."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib, kept off the CLI's start-up
 
     matplotlib.use("Agg")
     with warnings.catch_warnings():  # ArviZ 0.x announces its 1.0 refactor on import: not news to a user here
         warnings.simplefilter("ignore", FutureWarning)
-        import arviz  # noqa: F401
-
-    from bnnzoo.api import load
-    from bnnzoo.diagnostics import save
+        import arviz  # lazy: arviz, kept off the CLI's start-up  # noqa: F401
 
     try:
         posterior = load(run_dir, device=device)

@@ -11,6 +11,10 @@ import json
 
 import click
 
+from bnnzoo.data import DataError, load_dataset
+
+from .common import parse_options, print_metrics
+
 
 def federated_options(f):
     """The options the server and its clients must agree on (data, network, method options)."""
@@ -36,8 +40,7 @@ def network_of(hidden: str | None, dataset):
 
 
 def load(dataset: str, split: int):
-    from bnnzoo.data import DataError, load_dataset
-
+    """The dataset ``dataset`` (split ``split``), a data error reported as a command-line error."""
     try:
         return load_dataset(dataset, split=split)
     except DataError as err:
@@ -63,13 +66,15 @@ def load(dataset: str, split: int):
 def command(dataset, split, seed, method, hidden, options, clients, rounds, partition, alpha, local_epochs, weighting,
             eval_every, serve, device, out, verbose) -> None:
     """Federated EM-TDAMP (or FedAvg) over CLIENTS clients: a Flower server, one process per client."""
-    from bnnzoo.cli import _parse_options, _print_metrics
-    from bnnzoo.federated.run import FederatedServer, run_federated
+    from bnnzoo.federated.run import (  # lazy: flwr, kept off the CLI's start-up
+        FederatedServer,
+        run_federated,
+    )
 
     data = load(dataset, split)
     kwargs = dict(method=method, num_clients=clients, rounds=rounds, local_epochs=local_epochs, seed=seed,
                   device=device, network=network_of(hidden, data), weighting=weighting, eval_every=eval_every,
-                  quiet=not verbose, **_parse_options(options))
+                  quiet=not verbose, **parse_options(options))
     try:
         if serve:
             server = FederatedServer(data, **kwargs)
@@ -86,7 +91,7 @@ def command(dataset, split, seed, method, hidden, options, clients, rounds, part
     for rnd, value in zip(history["eval_round"], history[metric]):
         click.echo(f"  round {rnd:4d}: test {metric} {value:.4f}")
     if method == "em-tdamp":
-        _print_metrics(model.evaluate(data.x_test, data.y_test, num_samples=100))
+        print_metrics(model.evaluate(data.x_test, data.y_test, num_samples=100))
         click.echo(f"  {'architecture':>28s}: {model.sparsity()['architecture']}")
         if out:
             click.echo(f"saved to {model.save(out)}")

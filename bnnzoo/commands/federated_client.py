@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from bnnzoo.federated.partition import partition as make_partition
+
+from .common import parse_options
 from .federated import federated_options, load, network_of
 
 
@@ -22,9 +25,11 @@ def command(server, dataset, split, seed, method, hidden, options, client_index,
     """Serve as one client: the local data are part CLIENT_INDEX of the dataset's training split (or
     the whole of a data directory with --clients 1); data, network, method and --set options must
     match the server's."""
-    from bnnzoo.cli import _parse_options
-    from bnnzoo.federated.partition import partition as make_partition
-    from bnnzoo.federated.run import build_posterior, client_spec, start_client
+    from bnnzoo.federated.run import (  # lazy: flwr, kept off the CLI's start-up
+        build_posterior,
+        client_spec,
+        start_client,
+    )
 
     data = load(dataset, split)
     if not 0 <= client_index < clients:
@@ -32,7 +37,7 @@ def command(server, dataset, split, seed, method, hidden, options, client_index,
     try:
         idx = make_partition(data.y_train, clients, partition, seed=seed, alpha=alpha)[client_index]
         posterior = build_posterior(data, network=network_of(hidden, data), device=device, seed=seed,
-                                    **_parse_options(options))
+                                    **parse_options(options))
     except (ValueError, TypeError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"client {client_index} of {clients}: {len(idx)} examples, connecting to {server}")

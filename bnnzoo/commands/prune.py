@@ -8,6 +8,11 @@ from pathlib import Path
 
 import click
 
+from bnnzoo.api import load
+from bnnzoo.data import DataError, load_dataset
+
+from .common import SPARSITY_KEYS, print_metrics, run_metrics
+
 
 def _layer_fractions(sparsity: dict) -> dict:
     return {name: layer["weights_pruned_fraction"] for name, layer in sparsity["layers"].items()}
@@ -15,8 +20,6 @@ def _layer_fractions(sparsity: dict) -> dict:
 
 def _test_data(posterior, data: str | None):
     """The test data: ``--data`` if given, else what the run recorded (its source, then its name)."""
-    from bnnzoo.data import DataError, load_dataset
-
     saved = posterior.config.get("data", {})
     split = saved.get("split") or 0
     if data is not None:
@@ -48,9 +51,6 @@ def _test_data(posterior, data: str | None):
 def command(run_dir, out, rule, level, prune_last, data, num_samples, device) -> None:
     """Prune the saved run RUN_DIR by Bayesian model reduction (no refitting) and save the reduced
     run with a report: per-layer pruned fraction and test metrics before and after."""
-    from bnnzoo.api import load
-    from bnnzoo.cli import _print_metrics, _test_metrics
-
     try:
         posterior = load(run_dir, device=device)
     except (FileNotFoundError, ValueError, KeyError) as err:
@@ -73,12 +73,12 @@ def command(run_dir, out, rule, level, prune_last, data, num_samples, device) ->
         "architecture": {"before": before_sp["architecture"], "after": after_sp["architecture"]},
         "layers": {name: {"before": b, "after": _layer_fractions(after_sp)[name]}
                    for name, b in _layer_fractions(before_sp).items()},
-        "thresholds": {k: v["threshold"] for k, v in reduced.history["bmr"][-1]["layers"].items()},
+        "thresholds": {k: v["threshold"] for k, v in reduced.fit_state.pruning[-1].summary["layers"].items()},
     }
     if dataset is not None:
         report["data"] = {"name": dataset.name, "split": dataset.split}
-        report["test_before"] = _test_metrics(posterior, dataset, num_samples)
-        report["test_after"] = _test_metrics(reduced, dataset, num_samples)
+        report["test_before"] = run_metrics(posterior, dataset, num_samples)
+        report["test_after"] = run_metrics(reduced, dataset, num_samples)
 
     run = Path(out or f"{str(run_dir).rstrip('/')}-bmr-{rule}")
     reduced.save(run)
@@ -97,6 +97,5 @@ def command(run_dir, out, rule, level, prune_last, data, num_samples, device) ->
     else:
         for when in ("before", "after"):
             click.echo(f"test metrics {when}:")
-            _print_metrics({k: v for k, v in report[f"test_{when}"].items()
-                            if k not in ("weights_pruned_fraction", "hidden_groups_pruned_fraction", "architecture")})
+            print_metrics({k: v for k, v in report[f"test_{when}"].items() if k not in SPARSITY_KEYS})
     click.echo(f"saved to {run} (report: {run / 'bmr_report.json'})")

@@ -1,4 +1,4 @@
-"""Federated EM-TDAMP on Flower (Xu, Liu, Zhang & Lau 2024; methods.md section 3, "Federated").
+"""Federated EM-TDAMP on Flower (Xu, Liu, Zhang & Lau 2024).
 
 - :mod:`.aggregation`: Gaussian product / weighted geometric mean, product of odds (pure torch);
 - :mod:`.partition`: IID and label-skewed (Dirichlet) client partitions;
@@ -16,7 +16,7 @@ __all__ = ["gaussian_product", "product_of_odds", "iid", "label_skew", "partitio
 
 
 def run_federated(*args, **kwargs):
-    """See :func:`bnnzoo.federated.run.run_federated` (imported lazily: it pulls in Flower's server)."""
-    from .run import run_federated as run
+    """:func:`bnnzoo.federated.run.run_federated` (Flower is imported on the first call)."""
+    from .run import run_federated as run  # lazy: flwr (Flower's server and client)
 
     return run(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""The server's aggregation of local posteriors (EM-TDAMP, federated; methods.md section 3).
+"""The server's aggregation of local posteriors (federated EM-TDAMP).
 
 Gaussian posteriors combine by a weighted product (a weighted geometric mean when the weights sum
 to one): for client posteriors ``N(m_k, v_k)`` and weights ``w_k``,

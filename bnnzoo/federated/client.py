@@ -16,7 +16,7 @@ from abc import abstractmethod
 import torch
 from flwr.client import NumPyClient
 
-from bnnzoo.guides.training import minibatches
+from bnnzoo.guides.training import EpochLoop, TrainingHistory, minibatches
 
 from . import codec
 from .standardize import STAGE_KEY, STANDARDIZER_KEY, STATISTICS, decode, moments
@@ -41,13 +41,23 @@ def local_passes(n: int, config) -> tuple[int, float]:
 
 class StandardizedClient(NumPyClient):
     """Base of the clients: holds the raw local data, answers the statistics round and keeps the
-    local data standardised with the server's statistics (on ``device``, converted once)."""
+    local data standardised with the server's statistics (on ``device``, converted once).
+
+    The local epochs of every round run in an :class:`~bnnzoo.guides.training.EpochLoop` (timing,
+    divergence check) recording into :attr:`history`, one entry per local epoch over all rounds; a
+    diverging client raises :class:`~bnnzoo.guides.training.DivergenceError`, which Flower reports
+    to the server as a failure of that round."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, task: str, device):
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"a client needs matching, non-empty inputs and targets, got {len(x)} and {len(y)}")
         self.x_raw, self.y_raw, self.task, self.device = x, y, task, torch.device(device)
         self._blob, self.x, self.y = None, None, None
+        self.history = TrainingHistory()
+
+    def local_epochs(self, config, method: str) -> EpochLoop:
+        """The epoch loop of one round's ``config["epochs"]`` local epochs, recording into :attr:`history`."""
+        return EpochLoop(int(config.get("epochs", 1)), method=method, history=self.history)
 
     def local_data(self, config) -> tuple[torch.Tensor, torch.Tensor]:
         blob = config[STANDARDIZER_KEY]
@@ -72,7 +82,8 @@ class StandardizedClient(NumPyClient):
 class TDAMPClient(StandardizedClient):
     """A client of federated EM-TDAMP (module docstring). ``posterior`` is a
     :class:`~bnnzoo.methods.tdamp.TDAMPPosterior` of the same configuration as the server's; its
-    guide's state is replaced by the global posterior every round."""
+    guide's state is replaced by the global posterior every round. An epoch's loss in
+    :attr:`history` is its negative log evidence per local example."""
 
     def __init__(self, posterior, x: torch.Tensor, y: torch.Tensor, seed: int = 0):
         super().__init__(x, y, posterior.task, posterior.device)
@@ -89,9 +100,12 @@ class TDAMPClient(StandardizedClient):
         self.guide.set_state(codec.from_ndarrays(parameters, self.global_layout, self.device))
         self.guide.reset_statistics()
         torch.manual_seed(self.generator_seed + int(config.get("round", 0)))
-        for _ in range(int(config.get("epochs", 1))):
+        loop = self.local_epochs(config, "federated EM-TDAMP client")
+        for _ in loop:  # the pass statistics add up over the round's epochs: the server reads their sums
+            before = self.guide.log_evidence_sum.clone()
             for idx in minibatches(n, self.batch_size, self.device):
                 self.guide.update(x[idx], y[idx], num_data, likelihood_scale=scale)
+            loop.end_epoch((before - self.guide.log_evidence_sum) / n)  # negative log evidence per example
         self.guide.check_finite()
         state = self.guide.state()
         seen = float(state["num_seen"])

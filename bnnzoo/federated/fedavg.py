@@ -39,7 +39,8 @@ def loss_fn(task: str):
 
 
 class AdamClient(StandardizedClient):
-    """A FedAvg client training ``module`` (a plain ``nn.Module``) with Adam on its local data."""
+    """A FedAvg client training ``module`` (a plain ``nn.Module``) with Adam on its local data; it
+    reports ``train_loss``, the mean loss of the round's last local epoch."""
 
     def __init__(self, module: torch.nn.Module, x, y, task: str, batch_size: int, lr: float = 1e-3, seed: int = 0,
                  device="cpu"):
@@ -52,15 +53,17 @@ class AdamClient(StandardizedClient):
         x, y = self.local_data(config)
         set_weights(self.module, parameters)
         torch.manual_seed(self.seed + int(config.get("round", 0)))
-        total = torch.zeros((), device=self.device)
-        for _ in range(int(config.get("epochs", 1))):
+        loop = self.local_epochs(config, "FedAvg client")
+        for _ in loop:
+            total = torch.zeros((), device=self.device)
             for idx in minibatches(len(x), self.batch_size, self.device):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.loss(self.module(x[idx]), y[idx])
                 loss.backward()
                 self.optimizer.step()
                 total += loss.detach() * len(idx)
-        return get_weights(self.module), len(x), {"train_loss": float(total) / len(x)}
+            loop.end_epoch(total / len(x))
+        return get_weights(self.module), len(x), {"train_loss": self.history.loss[-1]}
 
 
 def fedavg_strategy(module: torch.nn.Module, *, local_epochs: int = 1, evaluate_fn=None) -> FedAvg:

@@ -21,6 +21,19 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from flwr.client import start_client as flower_start_client
+from flwr.server import ServerConfig, start_server
+
+from bnnzoo.api import create
+from bnnzoo.catalog import get_entry
+from bnnzoo.devices import resolve_device
+from bnnzoo.metrics import accuracy
+
+from .client import TDAMPClient
+from .fedavg import AdamClient, fedavg_strategy, set_weights
+from .partition import partition as make_partition
+from .standardize import StandardizingStrategy
+from .strategy import FederatedTDAMP
 
 METHODS = ("em-tdamp", "fedavg")
 
@@ -54,19 +67,12 @@ def free_port() -> int:
 
 def build_posterior(data, *, network=None, device="cpu", seed: int = 0, **options):
     """The EM-TDAMP posterior of ``data`` (its network also serves the FedAvg baseline)."""
-    import bnnzoo
-
-    return bnnzoo.create("em-tdamp", data.task, data.input_shape, data.output_dim, network=network,
-                         dataset=data.name, device=device, seed=seed, **options)
+    return create("em-tdamp", data.task, data.input_shape, data.output_dim, network=network,
+                  dataset=data.name, device=device, seed=seed, **options)
 
 
 def make_client(spec: dict, x: torch.Tensor, y: torch.Tensor):
     """The Flower client a client process runs, from a picklable ``spec`` (see :func:`client_spec`)."""
-    from bnnzoo.catalog import get_entry
-
-    from .client import TDAMPClient
-    from .fedavg import AdamClient
-
     posterior = get_entry("em-tdamp").create(copy.deepcopy(spec["config"]), device=spec["device"])
     if spec["method"] == "em-tdamp":
         return TDAMPClient(posterior, x, y, seed=spec["seed"])
@@ -86,8 +92,6 @@ def start_client(address: str, spec: dict, x: torch.Tensor, y: torch.Tensor, *, 
     """Connect a client to the server at ``address`` and serve until the run ends (blocking).
     ``crash_round`` makes the process exit abruptly when that round's work arrives (fault injection:
     a client disconnecting mid-round)."""
-    from flwr.client import start_client as flower_start_client
-
     if threads:
         torch.set_num_threads(threads)
     if quiet:
@@ -131,8 +135,6 @@ def test_metrics(task: str, y_test: torch.Tensor):
     """``metrics(pred)`` for the server's evaluation: regression ``nmse`` (MSE / var y), ``rmse``;
     classification ``error`` and ``accuracy``. ``pred`` is a posterior's
     :class:`~bnnzoo.posterior.Prediction` mean/probs or a network's outputs in original units."""
-    from bnnzoo import metrics as m
-
     if task == "regression":
         var_y = float(y_test.var())
 
@@ -142,7 +144,7 @@ def test_metrics(task: str, y_test: torch.Tensor):
         return regression
 
     def classification(probs):
-        acc = m.accuracy(probs, y_test.to(probs.device))
+        acc = accuracy(probs, y_test.to(probs.device))
         return {"error": 1.0 - acc, "accuracy": acc}
     return classification
 
@@ -162,12 +164,6 @@ class FederatedServer:
                  local_epochs: int = 1, seed: int = 0, device="cpu", network: dict | None = None,
                  weighting: str = "geometric", eval_every: int = 1, eval_samples: int = 10, quiet: bool = True,
                  **options):
-        from bnnzoo.devices import resolve_device
-
-        from .fedavg import fedavg_strategy, set_weights
-        from .standardize import StandardizingStrategy
-        from .strategy import FederatedTDAMP
-
         if method not in METHODS:
             raise ValueError(f"unknown federated method {method!r}; choose from {METHODS}")
         _check_positive_ints(num_clients=num_clients, rounds=rounds, eval_every=eval_every, local_epochs=local_epochs)
@@ -234,13 +230,11 @@ class FederatedServer:
     def serve(self, address: str, round_timeout: float | None = 600.0):
         """Run the server at ``address`` until the last round; returns the fitted model (the
         EM-TDAMP posterior pruned by its own rule, or the FedAvg network)."""
-        from flwr.server import ServerConfig, start_server
-
         start_server(server_address=address, config=ServerConfig(num_rounds=self.rounds + 1, round_timeout=round_timeout),
                      strategy=self.strategy)
         if self.method == "em-tdamp":
             self.history.update(self.inner.history)
-            if self.posterior.config["train"].get("prune", True):
+            if self.posterior.prune_at_end:
                 self.model = self.posterior.prune()
         return self.model
 
@@ -256,8 +250,6 @@ def run_federated(data, *, method: str = "em-tdamp", num_clients: int = 4, round
     ``batch_size``, ``damping``, ...; the network and batch size also serve FedAvg). The held-out
     split is evaluated with ``eval_samples`` posterior draws after every ``eval_every`` rounds.
     ``crash=(client, round)`` makes that client exit abruptly when that round's work arrives."""
-    from .partition import partition as make_partition
-
     server = FederatedServer(data, method=method, num_clients=num_clients, rounds=rounds, local_epochs=local_epochs,
                              seed=seed, device=device, network=network, weighting=weighting, eval_every=eval_every,
                              eval_samples=eval_samples, quiet=quiet, **options)

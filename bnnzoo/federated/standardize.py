@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 import torch
-from flwr.common import FitIns, Parameters
+from flwr.common import FitIns, Parameters, parameters_to_ndarrays
 from flwr.server.strategy import Strategy
 
 from bnnzoo.models.standardizer import Standardizer
@@ -104,8 +104,6 @@ class StandardizingStrategy(Strategy):
     def aggregate_fit(self, server_round, results, failures):
         if server_round > 1:
             return self.inner.aggregate_fit(server_round - 1, results, failures)
-        from flwr.common import parameters_to_ndarrays
-
         if not results:
             raise RuntimeError("no client answered the statistics round")
         parts = [parameters_to_ndarrays(res.parameters) for _, res in results]

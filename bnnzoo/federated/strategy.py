@@ -22,19 +22,19 @@ Every round the clients run TDAMP passes from the global posterior (:mod:`.clien
    ``weighting="product"`` takes every client with weight 1 and the broadcast global posterior
    with weight ``1 - K``: the global posterior times every client's new likelihood, the clients
    running with ``num_data = n`` and unscaled messages. A round again matches one centralised
-   pass, but the clients' parallel steps add up instead of being averaged, which overshoots in
-   the first rounds at the default damping (on Boston housing it needs ``damping`` ~0.3);
+   pass, but the clients' parallel steps add up instead of being averaged, so it needs a smaller
+   ``damping`` than the geometric mean;
 2. sets the global posterior to the result (:meth:`~bnnzoo.guides.TDAMPGuide.set_posterior`,
    whose per-neuron ``rho`` reproduces the combined inclusion probabilities);
-3. runs the EM M-step (:func:`~bnnzoo.methods.tdamp.m_step`: sparsity rates, optionally the slab
+3. runs the EM M-step (:func:`~bnnzoo.guides.tdamp_em.m_step`: sparsity rates, optionally the slab
    variances, and the noise variance from the clients' summed statistics) on those inclusion
    probabilities; the prior that is broadcast is the previous one moved by the M-step (the
    per-neuron adjustment of step 2 serves this round only, see :meth:`FederatedTDAMP.aggregate`;
    with a ``keep`` target the combined inclusion probabilities hold exactly its fraction of
    neurons above 1/2, the broadcast posterior about that fraction: the gap between the product of
-   odds and the evidence of the combined messages can move a neuron near 1/2 across it. Shifting
-   the broadcast prior once more to make that count exact feeds the messages' unbounded log-odds
-   back into the prior, and it diverges within a few rounds on MNIST);
+   odds and the evidence of the combined messages can move a neuron near 1/2 across it. The
+   broadcast prior is not shifted once more to make that count exact: that would feed the
+   messages' unbounded log-odds back into the prior, which is unstable);
 4. broadcasts the new global posterior.
 
 A client that fails or disconnects is left out of the round (``accept_failures``); the round goes
@@ -62,9 +62,10 @@ class FederatedTDAMP(Strategy):
     """Server side of federated EM-TDAMP (module docstring).
 
     ``posterior``: the server's :class:`~bnnzoo.methods.tdamp.TDAMPPosterior` (its guide holds the
-    global posterior, its config's ``train`` section the M-step options); ``num_data``: the total
-    number of training examples over all clients; ``evaluate_fn(round, posterior)``, if given, is
-    called after every round and returns ``(loss, metrics)`` (e.g. on held-out data).
+    global posterior; its ``keep`` and its config's ``train`` section give the M-step options);
+    ``num_data``: the total number of training examples over all clients; ``evaluate_fn(round,
+    posterior)``, if given, is called after every round and returns ``(loss, metrics)`` (e.g. on
+    held-out data).
     """
 
     def __init__(self, posterior, num_data: int, *, local_epochs: int = 1, weighting: str = "geometric",
@@ -159,7 +160,7 @@ class FederatedTDAMP(Strategy):
         combined = {name: guide.prior.logit_rho(name).clone() for name in hidden}
         guide.set_state({key: sum(r[key] for r in replies) for key in ("noise_sum", "num_seen", "log_evidence_sum")})
         train = self.posterior.config["train"]
-        keep = train.get("keep")
+        keep = self.posterior.keep
         m_step(guide, keep=keep, learn_rho=train["learn_rho"], learn_slab_var=train["learn_slab_var"],
                learn_noise=train["learn_noise"])
         if keep is not None or not train["learn_rho"]:

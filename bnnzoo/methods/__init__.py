@@ -1,2 +1,2 @@
-"""The catalog's methods: each module here registers its entries with :func:`bnnzoo.catalog.register`
-when imported (the catalog imports every module of this package on first use)."""
+"""The catalog's built-in methods: each module here registers its entries with
+:func:`bnnzoo.catalog.register` when imported; ``bnnzoo/__init__.py`` imports them all."""

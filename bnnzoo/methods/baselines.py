@@ -1,40 +1,43 @@
-"""The baselines users compare against: MAP and mean-field Gaussian VI (local reparameterisation)."""
+"""The baselines users compare against: MAP and mean-field Gaussian VI (local reparameterisation).
+
+Also the model builder the SVI and sampling entries share (:func:`build_network_of`, :func:`build_model`).
+"""
 
 from __future__ import annotations
 
 from ..catalog import CatalogEntry, register
+from ..guides import MeanFieldNormal, PointMass
+from ..models import BayesianNeuralNetwork, GaussianPrior, make_likelihood
 from ..models.networks import Network, build_network
 from ..variational import VariationalPosterior
 
 
-def build_model(config: dict, prior_factory):
-    """The Pyro model (network, prior, likelihood) that a configuration describes."""
-    from bnnzoo.models import BayesianNeuralNetwork, make_likelihood
+def build_network_of(config: dict) -> Network:
+    """The network a configuration describes: its ``network_spec`` where it carries one (a saved
+    run's exact network), else built from ``network``, ``input_shape`` and ``output_dim``. The
+    configuration is not modified."""
+    if config.get("network_spec") is not None:
+        return Network.from_spec(config["network_spec"])
+    spec = config["network"]
+    return build_network(spec["arch"], tuple(config["input_shape"]), config["output_dim"], spec.get("hidden"),
+                         spec.get("activation", "relu"))
 
-    if "network_spec" in config:
-        net = Network.from_spec(config["network_spec"])
-    else:
-        spec = config["network"]
-        net = build_network(spec["arch"], tuple(config["input_shape"]), config["output_dim"], spec.get("hidden"),
-                            spec.get("activation", "relu"))
-        config["network_spec"] = net.spec()
+
+def build_model(config: dict, prior_factory) -> BayesianNeuralNetwork:
+    """The Pyro model (network, ``prior_factory(net)``, likelihood) that a configuration describes
+    (the configuration is not modified)."""
+    net = build_network_of(config)
     lik_kwargs = {"noise_scale": config["model"]["noise_scale"]} if config["task"] == "regression" else {}
     return BayesianNeuralNetwork(net, prior_factory(net), make_likelihood(config["task"], **lik_kwargs))
 
 
 def _create_meanfield(config: dict, device="cpu") -> VariationalPosterior:
-    from bnnzoo.guides import MeanFieldNormal
-    from bnnzoo.models import GaussianPrior
-
     model = build_model(config, lambda net: GaussianPrior(net, config["model"]["prior_scale"]))
     guide = MeanFieldNormal(model, init_scale=config["guide"]["init_scale"])
     return VariationalPosterior(model, guide, name="meanfield-vi", config=config, device=device)
 
 
 def _create_map(config: dict, device="cpu") -> VariationalPosterior:
-    from bnnzoo.guides import PointMass
-    from bnnzoo.models import GaussianPrior
-
     model = build_model(config, lambda net: GaussianPrior(net, config["model"]["prior_scale"]))
     return VariationalPosterior(model, PointMass(model), name="map", config=config, device=device)
 

@@ -1,76 +1,44 @@
-"""The node-wise regularised horseshoe with SVI (issue 3): shrinkage per neuron, structured pruning.
+"""The node-wise regularised horseshoe with SVI: shrinkage per neuron / filter, structured pruning.
 
-Model :class:`~bnnzoo.models.HorseshoePrior`, guide :class:`~bnnzoo.guides.HorseshoeGuide`, trained
-with the local-reparameterisation ELBO. After training, neurons (dense) and filters (conv) whose
-scale posterior has collapsed are pruned.
+Model :class:`~bnnzoo.models.HorseshoePrior`: in every hidden layer the weights of group ``k`` (a
+neuron's incoming weights and bias, or a filter) are ``w = s_k beta`` with ``beta ~ N(0, 1)`` and
+the regularised horseshoe scale ``s_k^2 = c^2 tau^2 lambda_k^2 / (c^2 + tau^2 lambda_k^2)``
+(half-Cauchy ``tau`` per layer with scale ``tau0``, half-Cauchy ``lambda_k``, inverse-Gamma slab
+``c^2``); the output layer has a Gaussian prior of scale ``output_scale``. Guide
+:class:`~bnnzoo.guides.HorseshoeGuide`: mean-field Gaussian ``beta``, log-normal scale variables;
+trained by Adam on the local-reparameterisation ELBO with closed-form KLs
+(:class:`~bnnzoo.guides.TemperedLocalReparamELBO`).
 
 Pruning rule: group ``k`` of hidden layer ``l`` (fan-in ``n``) is removed when
 
     E_q[ln s_k] + 0.5 ln n  <  ln(prune_threshold)          (default prune_threshold = 1)
 
 ``s_k sqrt(n)`` is the standard deviation of the group's pre-activation under the decentred prior
-``beta ~ N(0, 1)`` for unit-variance inputs. The guide starts every group at ``s_k = 1/sqrt(n)``
-(PyTorch's initial scale), i.e. at 1. Groups the data need grow above it; unused ones collapse
-below it while their ``beta`` return to the prior, so the default threshold (the starting value)
-falls between the two clusters (see ``tutorials/02_horseshoe.ipynb`` for the per-layer picture).
+for unit-variance inputs. The guide starts every group at ``s_k = 1/sqrt(n)`` (the statistic at 0);
+groups the data need grow above it, unused ones collapse below it while their ``beta`` return to
+the prior, so the default threshold (the starting value) falls between the two clusters. With
+``train.prune`` (the default) the fit prunes at its end; :meth:`HorseshoePosterior.prune` returns a
+pruned copy with another threshold. Each pruning is recorded in ``fit_state.pruning``.
 
-Defaults. Both tasks fit a tempered posterior: the KL term of the ELBO is weighted by
-``kl_weight = 0.2`` (the likelihood counts five times, a "cold posterior"); ``kl_weight=1`` fits the
-exact ELBO. With the exact ELBO the mean-field posterior is dominated by the KL term on these small
-training sets and underfits: on Boston it keeps 3-5 of 50 hidden neurons (test RMSE 3.50, LL
--2.68 over the 20 splits: ``python -m benchmarks.run horseshoe-boston-exact-elbo``); on the
-5,000-image MNIST set LeNet-300-100 ends near 91-92% test accuracy, against about 94% for plain
-training and at 0.2.
+Temperature. The ELBO's KL term is weighted by ``train.kl_weight = T`` (0.2 by default: a tempered,
+"cold" posterior; ``T = 1`` is the exact ELBO). The fit records ``T`` as ``fit_state.temperature``.
+With ``untempered`` (``train.untempered``: on for regression, off for classification; the
+:attr:`HorseshoePosterior.untempered` attribute afterwards) prediction draws from ``q`` with every
+Gaussian factor widened to the untempered posterior's variance, ``1/v_1 = T/v_T + (1 - T)/prior_var``
+(:func:`~bnnzoo.guides.untempered_variance`); training, the means and the pruning rule are unchanged.
 
-Regression starts the (point-estimated) noise scale at ``noise_scale = 1``, the standard deviation
-of the standardised targets (the network explains nothing yet). Over ten Boston splits (0, 2, 4, 5,
-7, 8, 9, 10, 11, 19; 100 predictive draws) the mean test LL was -2.70 with the earlier start 0.5 and
-``kl_weight`` 0.25, -2.67 starting at 1, and -2.67 at 1 with 0.2 (RMSE 3.18 against 3.31); the
-start at 0.5 kept fewer neurons. Warmer posteriors widen the predictive where the test set has
-outlying houses (splits 4, 7-10) but fit the other splits worse: on the same ten splits, in the
-benchmark's own runs (1,000 draws), ``kl_weight`` 0.35 and 0.5 gave LL -2.72 and -2.70 (RMSE 3.50
-and 3.58) against -2.73 (RMSE 3.38) at 0.2, differences within the seed-to-seed spread, at a
-higher RMSE. Learning rate ``1e-2`` (Adam) and 100 epochs on Boston (batch 32), 60 on MNIST
-(batch 128): on the ten splits ``lr = 3e-3`` pruned only a third of the neurons in 100 epochs,
-50 epochs gave LL -2.74, and ``tau0 = 0.1`` instead of 1 gave -2.70.
+Departures from the papers (Ghosh, Yao & Doshi-Velez 2019; Louizos, Ullrich & Welling 2017):
 
-With these defaults, all 20 Boston splits (``python -m benchmarks.run horseshoe-boston``): RMSE
-3.04 +- 0.19, test LL -2.572 +- 0.085 (pruned network, 1,000 predictive draws), 68% of hidden
-neurons pruned; the mean-field baseline's -2.53 +- 0.05 comes from its wider, untempered
-posterior, which the splits with outlying test houses reward. Re-run after the training step was
-fused (same estimator, other random streams): RMSE 3.02 +- 0.18, LL -2.570 +- 0.087, 66% pruned.
-A Gamma or LogNormal posterior on the noise precision (PBP) was considered and not adopted: with
-455 training houses its predictive is a Student-t with some 460 degrees of freedom (more under the
-tempered likelihood), indistinguishable from the Gaussian with the point estimate, so it cannot
-widen the tails that the outlying test houses need.
+* the ELBO is tempered by default (``kl_weight = 0.2``) and regression predicts from the
+  untempered widening of ``q`` described above;
+* the noise scale of regression is a point estimate (starting at 1, the standardised targets' sd);
+* groups are pruned by the posterior mean of the log scale against a fixed threshold, not by a
+  signal-to-noise or variational-dropout criterion;
+* the guide packs every scale variable into one parameter and, for small dense ReLU networks,
+  computes the whole step as one autograd node (:mod:`bnnzoo.guides.horseshoe_mlp`); this changes
+  the speed, not the estimator.
 
-Untempered predictive (``train.untempered``; default on for regression, off for classification).
-Tempering is a training device here: it keeps the mean-field fit from over-pruning. But the
-tempered q is about ``kl_weight`` times too narrow wherever the data dominate, so its predictive
-is overconfident away from the bulk of the training inputs: on split 9 one test house predicted
-at 50.6 (true 21.9) got predictive sd 2.9 and log density -61. With ``untempered`` the draws for
-prediction widen every Gaussian factor of q to the untempered posterior's variance
-(:func:`~bnnzoo.guides.untempered_variance`, ``1/v_1 = T/v_T + (1 - T)/prior_var``; see
-:meth:`HorseshoeGuide.draw <bnnzoo.guides.HorseshoeGuide.draw>`); training, the means and the
-pruning rule are unchanged. On the 20 Boston splits (same fits, 1,000 draws, measured on the test
-splits themselves: the option was chosen after this comparison) the pruned network's test LL went
-from -2.577 +- 0.084 to -2.499 +- 0.045 (widening only the weights: -2.511, plain ``1/T``: -2.512),
-RMSE 3.06 in both. On MNIST (LeNet-300-100, train5k) the same widening left accuracy unchanged
-(94.47% / 94.43%) but made the predictive underconfident: ECE 0.036 -> 0.093, NLL 0.19 -> 0.25, so
-classification predicts from q itself. The benchmark with the untempered default: RMSE 3.07 +-
-0.18, test LL -2.511 +- 0.052 (dense network -2.510 +- 0.032), 66% of hidden neurons pruned, epoch
-time 2.35x plain PyTorch Adam.
-
-Speed. On Boston's 13-50-1 network a step is a few hundred tensor operations of a few hundred
-entries each, so per-operation overhead sets the epoch time. The guide packs every scale variable
-into one ``(2, V)`` parameter (one KL expression and two matrix-vector products per step for all
-of them) and runs the whole step of a small dense ReLU network, likelihood included, as one
-autograd node (:mod:`bnnzoo.guides.horseshoe_mlp`). Measured in one process with interleaved
-epochs (thread CPU time, 40 epochs, split 0, loaded machine), the step went from 17.1 to 14.6 ms
-per epoch (-15%; split 9: 18.5 to 15.8). The benchmark (wall clock, 1 thread, against plain
-PyTorch with its default Adam, interleaved epoch by epoch): Boston 2.39x (was 2.63x), LeNet-300-100
-2.20x, LeNet-5 1.26x. The methods' fused Adam (``bnnzoo.guides.training.make_adam``) is part of their
-cost; the baseline is what a user would write, ``torch.optim.Adam(params, lr)``.
+The choice of the defaults and the measured figures: ``docs/methods/horseshoe.md``.
 """
 
 from __future__ import annotations
@@ -81,6 +49,10 @@ from typing import Iterator
 import torch
 
 from ..catalog import CatalogEntry, register
+from ..guides import HorseshoeGuide, TemperedLocalReparamELBO
+from ..models import HorseshoePrior
+from ..models.horseshoe import regularised_log_scale
+from ..posterior import PruningRecord
 from ..variational import VariationalPosterior
 from .baselines import build_model
 
@@ -90,23 +62,32 @@ NAME = "horseshoe-svi"
 class HorseshoePosterior(VariationalPosterior):
     """A fitted horseshoe guide: prediction, per-layer scale summaries and the pruning rule.
 
-    With ``train.prune`` (the default) :meth:`fit` prunes at the end of training; :meth:`prune`
-    returns a pruned copy of an unpruned (or less pruned) posterior.
+    With ``prune_at_end`` (``train.prune``, the default) :meth:`fit` prunes at the end of training
+    with ``prune_threshold`` (``train.prune_threshold``); :meth:`prune` returns a pruned copy of an
+    unpruned (or less pruned) posterior. ``untempered`` (``train.untempered``) says whether
+    prediction undoes the fitted temperature (``fit_state.temperature``); it may be switched on a
+    fitted posterior.
     """
+
+    def __init__(self, model, guide, *, name: str, config: dict, device="cpu", elbo=None,
+                 untempered: bool = True, prune_at_end: bool = True, prune_threshold: float = 1.0):
+        super().__init__(model, guide, name=name, config=config, device=device, elbo=elbo)
+        self.untempered = bool(untempered)
+        self.prune_at_end = bool(prune_at_end)
+        self.prune_threshold = _check_threshold(prune_threshold)
 
     def _fit(self, x, y, progress: bool, callback=None) -> None:
         super()._fit(x, y, progress, callback)
-        if self.config["train"].get("prune", True):
+        if self.prune_at_end:
             self._prune()
 
     def _draw_kl_weight(self) -> float:
-        """The KL weight the draws undo: ``train.kl_weight`` with ``train.untempered``, else 1 (q itself)."""
-        train = self.config["train"]
-        return float(train.get("kl_weight", 1.0)) if train.get("untempered", True) else 1.0
+        """The KL weight the draws undo: the fitted temperature when ``untempered``, else 1 (q itself)."""
+        return self.fit_state.temperature if self.untempered else 1.0
 
     def draw_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Draws for prediction: from q widened to the untempered posterior (``train.untempered``)
-        or from q itself."""
+        """Draws for prediction: from q widened to the untempered posterior (``untempered``) or
+        from q itself."""
         kl_weight = self._draw_kl_weight()
         for _ in range(num_samples):
             yield self.guide.draw(kl_weight)
@@ -121,15 +102,13 @@ class HorseshoePosterior(VariationalPosterior):
         return {layer: fn(layer) for layer in self.guide.hidden}
 
     @torch.no_grad()
-    def _arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:
+    def arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:
         """ArviZ's draws from q, per hidden layer: ``<layer>.tau`` (global scale), ``<layer>.c`` (slab),
         ``<layer>.lambda`` and ``<layer>.scale`` (``s_k``) per group; one chain, drawn independently of
         the weight draws (marginals of q, not joint draws with the weights), widened as the weight
-        draws are (``train.untempered``)."""
-        from bnnzoo.models.horseshoe import regularised_log_scale
-
+        draws are (``untempered``)."""
         # ln tau^2 (per layer) then ln lambda_k^2 (per group) in one vector, ln c^2 per layer
-        (m, sd), (m_c, sd_c) = self.guide._log_moments(self._draw_kl_weight())
+        (m, sd), (m_c, sd_c) = self.guide.log_moments(self._draw_kl_weight())
         log_z = m + sd * torch.randn((1, num_draws) + m.shape, device=m.device, dtype=m.dtype)
         log_c2 = m_c + sd_c * torch.randn((1, num_draws) + m_c.shape, device=m.device, dtype=m.dtype)
         n, offsets = len(self.guide.hidden), self.guide.group_offsets
@@ -151,24 +130,26 @@ class HorseshoePosterior(VariationalPosterior):
     @torch.no_grad()
     def _prune(self, threshold: float | None = None) -> None:
         """Remove the groups whose ``E_q[ln s_k] + 0.5 ln(fan_in)`` is below ``ln(threshold)``
-        (default: ``train.prune_threshold`` of the configuration)."""
-        threshold = self.config["train"]["prune_threshold"] if threshold is None else float(threshold)
-        if not threshold > 0:
-            raise ValueError(f"the pruning threshold must be positive, got {threshold}")
+        (default: :attr:`prune_threshold`); recorded in ``fit_state.pruning``."""
+        threshold = self.prune_threshold if threshold is None else _check_threshold(threshold)
         masks = {}
         for layer, signal in self.log_signal().items():
-            keep = signal >= math.log(threshold)
+            kept = signal >= math.log(threshold)
             shape = self.net.layer(layer).weight_shape
-            masks[f"{layer}.weight"] = keep.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
-            masks[f"{layer}.bias"] = keep.clone()
+            masks[f"{layer}.weight"] = kept.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
+            masks[f"{layer}.bias"] = kept.clone()
         self.guide.set_masks(masks)
-        self.config["train"]["pruned_threshold"] = threshold
+        self.fit_state.pruning.append(PruningRecord("threshold", {"threshold": threshold}))
+
+
+def _check_threshold(threshold) -> float:
+    threshold = float(threshold)
+    if not threshold > 0:
+        raise ValueError(f"the pruning threshold must be positive, got {threshold}")
+    return threshold
 
 
 def _create(config: dict, device="cpu") -> HorseshoePosterior:
-    from bnnzoo.guides import HorseshoeGuide, TemperedLocalReparamELBO
-    from bnnzoo.models import HorseshoePrior
-
     m, g = config["model"], config["guide"]
     model = build_model(config, lambda net: HorseshoePrior(net, m["tau0"], m["slab_shape"], m["slab_scale"],
                                                            m["output_scale"]))
@@ -176,7 +157,9 @@ def _create(config: dict, device="cpu") -> HorseshoePosterior:
                            scale_gain=g["scale_gain"])
     train = config["train"]
     elbo = TemperedLocalReparamELBO(train["kl_weight"], num_particles=train.get("num_particles", 1))
-    return HorseshoePosterior(model, guide, name=NAME, config=config, device=device, elbo=elbo)
+    return HorseshoePosterior(model, guide, name=NAME, config=config, device=device, elbo=elbo,
+                              untempered=train.get("untempered", True), prune_at_end=train.get("prune", True),
+                              prune_threshold=train["prune_threshold"])
 
 
 _MODEL = {"tau0": 1.0, "slab_shape": 2.0, "slab_scale": 6.0, "output_scale": 1.0}

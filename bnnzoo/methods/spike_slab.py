@@ -1,5 +1,5 @@
-"""The group spike-and-slab prior sampled by EM-SGHMC (issue 4; Ke & Fan 2022): structured pruning
-at the cost of SGD.
+"""The group spike-and-slab prior sampled by EM-SGHMC (Ke & Fan 2022): structured pruning at the
+cost of SGD.
 
 Model :class:`~bnnzoo.models.SpikeSlabPrior`; kernel :class:`~bnnzoo.guides.SGHMC` with a diagonal
 preconditioner and a cyclical step size, run by ``pyro.infer.MCMC``; EM
@@ -8,30 +8,25 @@ decays and the inclusion rate once per ``em_every`` epochs from epoch ``em_start
 groups whose inclusion probability falls below ``prune_threshold`` (from epoch ``prune_start``).
 
 Schedule (``train`` options): ``epochs`` are cut into ``cycles`` cosine cycles of ``epochs //
-cycles`` epochs; the first ``warmup_cycles`` are warm-up (nothing is kept); every later cycle contributes its last ``samples_per_cycle`` states, ``thinning`` epochs
-apart. The stored posterior thus holds ``num_chains * (cycles - warmup_cycles) * samples_per_cycle``
-weight samples.
+cycles`` epochs; the first ``warmup_cycles`` are warm-up (nothing is kept); every later cycle
+contributes its last ``samples_per_cycle`` states, ``thinning`` epochs apart. The stored posterior
+thus holds ``num_chains * (cycles - warmup_cycles) * samples_per_cycle`` weight samples.
 
-Defaults. EM starts almost at once (``em_start``: 2 epochs),
-while the weights are still near PyTorch's initialisation and inside the spike: the groups that the
-likelihood grows leave it for the slab, the others are held by the spike's strong decay and pruned
-from ``prune_start``. Once a group sits in the slab at temperature 1 its weights spread to the slab's
-scale and EM cannot move it back, so the decision is made early.
-Regression (tuned on Boston, 13-50-1): absolute scales ``s1 = 1``, ``s0 = 0.2``, temperature 1, the
-noise scale learned by its M-step, 25 samples spread over the last 40 epochs of 5 cycles.
-Classification (tuned on LeNet-5, MNIST train5k): scales divided by the square root of each layer's
-fan-in (``s1 = 3``, ``s0 = 0.15``) and a cold posterior, temperature 0.005. In trials at temperature 1
-(6-12 epochs) the samples reached 93-95% test accuracy against 98% for Adam, and pruning
-was either light (``s0 = 0.5``, ``s1 = 1-2``: 20-68% of the weights) or collapsed the network (``s0 = 0.55-0.6``, ``s1 = 1``): the
-slab spreads the weights of wide layers to its own scale, where EM cannot tell used from unused
-groups. Cold, unsupported groups shrink into the spike and are pruned, supported ones stay, and the
-benchmark (``spike-slab-mnist``) comes within 0.3 points of Adam's accuracy with 96% of the weights
-pruned.
+Defaults. EM starts almost at once (``em_start``: 2 epochs), while the weights are still near
+PyTorch's initialisation and inside the spike: the groups that the likelihood grows leave it for the
+slab, the others are held by the spike's strong decay and pruned from ``prune_start``. Once a group
+sits in the slab at temperature 1 its weights spread to the slab's scale and EM cannot move it back,
+so the decision is made early.
+Regression: absolute scales ``s1 = 1``, ``s0 = 0.2``, temperature 1, the noise scale learned by its
+M-step. Classification: scales divided by the square root of each layer's fan-in (``s1 = 3``,
+``s0 = 0.15``) and a cold posterior, temperature 0.005, under which unsupported groups shrink into
+the spike and are pruned while supported ones stay.
 
 One-shot pruning after the fit (:meth:`SpikeSlabPosterior.prune`): the posterior inclusion
 probability of a group is estimated by the E-step averaged over the stored draws of its chain
 (with that chain's final ``pi``); groups whose estimate is below ``threshold`` in every chain
-(default 0.5: the median probability model) are removed from every draw.
+(default 0.5: the median probability model) are removed from every draw. The pruning is recorded
+in ``fit_state.pruning`` (rule ``"threshold"``).
 """
 
 from __future__ import annotations
@@ -41,6 +36,10 @@ import math
 import torch
 
 from ..catalog import CatalogEntry, register
+from ..guides.sghmc import SGHMC
+from ..guides.spike_slab_em import SpikeSlabEM, inclusion_probability
+from ..models.spike_slab import SpikeSlabPrior
+from ..posterior import PruningRecord
 from ..sampling import SamplePosterior
 from .baselines import build_model
 
@@ -69,8 +68,6 @@ class SpikeSlabPosterior(SamplePosterior):
                 "prune_start": int(round(t["prune_start"] * spe))}
 
     def _make_kernel(self, num_data: int):
-        from bnnzoo.guides import SGHMC, SpikeSlabEM
-
         t, g = self.config["train"], self.config["guide"]
         plan = self.schedule(num_data)
         em = SpikeSlabEM(self.model.prior, start=plan["em_start"], every=plan["em_every"],
@@ -79,7 +76,7 @@ class SpikeSlabPosterior(SamplePosterior):
                        batch_size=t["batch_size"], precondition=g["precondition"], precond_decay=g["precond_decay"],
                        precond_eps=g["precond_eps"], cycle_length=plan["cycle_length"],
                        samples_per_cycle=plan["samples_per_cycle"], thinning=plan["thinning"], em=em,
-                       learn_noise=t.get("learn_noise", True))
+                       learn_noise=t.get("learn_noise", True), method=self.name)
         return kernel, plan["warmup_steps"], plan["num_samples"]
 
     # ---- inclusion probabilities and one-shot pruning -----------------------------------------------
@@ -87,8 +84,6 @@ class SpikeSlabPosterior(SamplePosterior):
     def inclusion_probabilities(self, per_draw: bool = False) -> dict[str, torch.Tensor]:
         """Per grouped layer, the E-step averaged over each chain's stored draws (with the chain's
         final ``pi``): shape ``(chain, G)``; with ``per_draw``, at every draw: ``(chain, draw, G)``."""
-        from bnnzoo.guides.spike_slab_em import inclusion_probability
-
         self._require_fitted()
         prior = self.model.prior
         out = {}
@@ -102,14 +97,14 @@ class SpikeSlabPosterior(SamplePosterior):
             out[lay.layer] = torch.stack(per_chain)
         return out
 
-    def _arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:
+    def arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:
         """ArviZ's per-draw inclusion probabilities, ``"<layer>.inclusion_probability"``."""
         return {f"{layer}.inclusion_probability": p for layer, p in self.inclusion_probabilities(True).items()}
 
     @torch.no_grad()
     def _prune(self, threshold: float = 0.5) -> None:
         """Remove the groups whose estimated posterior inclusion probability is below ``threshold``
-        in every chain (zeroed in all draws, masked)."""
+        in every chain (zeroed in all draws, masked; recorded in ``fit_state.pruning``)."""
         threshold = float(threshold)
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
@@ -120,12 +115,10 @@ class SpikeSlabPosterior(SamplePosterior):
                 view = lay.view(site, keep.to(self.samples[site].dtype))
                 self.samples[site] = self.samples[site] * view
                 self.chain_masks[site] = self.chain_masks[site] & lay.expand(site, keep)
-        self.config["train"]["pruned_threshold"] = threshold
+        self.fit_state.pruning.append(PruningRecord("threshold", {"threshold": threshold}))
 
 
 def _create(config: dict, device="cpu") -> SpikeSlabPosterior:
-    from bnnzoo.models import SpikeSlabPrior
-
     m = config["model"]
     model = build_model(config, lambda net: SpikeSlabPrior(net, m["slab_scale"], m["spike_scale"], m["a"], m["b"],
                                                            m["output_scale"], m["first_layer"], m["scaling"]))

@@ -13,9 +13,13 @@ With a target ``keep`` fraction the rate M-step is constrained instead: each hid
 log-odds are shifted by the one constant that puts exactly ``round(keep * K)`` of its ``K`` neurons
 above inclusion probability 1/2 (the midpoint between the k-th and (k+1)-th group log-odds), as
 the paper's sparsity sweeps fix the fraction of neurons kept. After the last pass the neurons below
-1/2 (or outside the top ``keep`` fraction) are pruned.
+1/2 (or outside the top ``keep`` fraction) are pruned; the pruning is recorded in
+``fit_state.pruning``. ``history`` (a :class:`~bnnzoo.guides.training.TrainingHistory`) holds per
+pass the ``loss`` (minus the mean log evidence of the pass's minibatches under the beliefs they
+met) and ``epoch_seconds`` (the pass and its M-step) and, in ``extra``, ``kept_fraction`` (hidden
+neurons with inclusion probability above 1/2) and, for regression, ``noise_var``.
 
-Departures from the reference notes (``methods.md``, section 3), as implemented:
+Departures from the paper, as implemented:
 
 * **Module A** is the batch form of PBP's assumed-density update (a second-order expansion of
   ``sum_n log Z_n`` around the beliefs, per-example curvature taken at the pre-activations, a
@@ -24,11 +28,11 @@ Departures from the reference notes (``methods.md``, section 3), as implemented:
   that is Bernoulli-Gaussian turbo GAMP, whose fixed point is exact for a Gaussian prior.
 * **Messages are kept for several passes**: the state is the data's summed message with a forgetting
   factor ``1 - beta B / (N T)`` per batch of ``B`` of ``N`` examples, ``T = memory = 10`` passes by
-  default (``memory=1`` counts every example once, as the notes describe); a longer memory tempers
+  default (``memory=1`` counts every example once); a longer memory tempers
   the posterior like repeated assumed-density passes and stabilises the minibatch updates.
 * **Damping** ``beta = 0.8`` scales each batch's message as it enters the state (rather than
   averaging messages between turbo iterations), and **one turbo iteration** per minibatch by default.
-* **Line search and trust region** (not in the notes): each neuron's step is the exact minimiser of the
+* **Line search and trust region** (not in the paper): each neuron's step is the exact minimiser of the
   batch's quadratic model along the update direction (the diagonal message ignores the coupling of a
   neuron's weights through shared inputs and overshoots otherwise), estimated on 32 examples of the
   batch, and capped so that the neuron's pre-activation means move by at most one predictive standard
@@ -47,34 +51,52 @@ Departures from the reference notes (``methods.md``, section 3), as implemented:
 from __future__ import annotations
 
 import math
-import time
+import numbers
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from ..catalog import CatalogEntry, register
+from ..guides import TDAMPGuide
 from ..guides.tdamp_em import keep_count, m_step
-from ..guides.training import minibatches
-from ..posterior import Posterior, Prediction
+from ..guides.training import EpochLoop, minibatches
+from ..models import (
+    BayesianNeuralNetwork,
+    BernoulliGaussianPrior,
+    GaussianLikelihood,
+    ProbitProductLikelihood,
+)
+from ..posterior import GuidePosterior, Prediction, PruningRecord
+from .baselines import build_network_of
 
 NAME = "em-tdamp"
 
 
 # ---- the posterior ------------------------------------------------------------------------------
-class TDAMPPosterior(Posterior):
+def check_keep(keep) -> float | None:
+    """A target fraction of hidden neurons to keep: ``None`` (no target) or a number in (0, 1]."""
+    if keep is None:
+        return None
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0 < keep <= 1:
+        raise ValueError(f"keep must be a fraction of neurons in (0, 1] or null, got {keep!r}")
+    return float(keep)
+
+
+class TDAMPPosterior(GuidePosterior):
     """A Bernoulli-Gaussian posterior fitted by EM-TDAMP (module docstring).
 
-    ``history``: per pass ``loss`` (minus the mean log evidence of the pass's minibatches under the
-    beliefs they met), ``epoch_seconds`` (the pass and its M-step), ``kept_fraction`` (hidden
-    neurons with inclusion probability above 1/2) and, for regression, ``noise_var``.
+    ``keep``: the target fraction of hidden neurons kept (``train.keep``; ``None`` for none), used
+    by the constrained M-step and the pruning; with ``prune_at_end`` (``train.prune``) the fit
+    prunes after its last pass, at ``prune_threshold`` (``train.prune_threshold``) when there is no
+    target.
     """
 
-    def __init__(self, model, guide, *, name: str, config: dict, device="cpu"):
-        super().__init__(model, name=name, config=config, device=device)
-        self.guide = guide.to(self.device)
-        for key in ("kept_fraction", "noise_var"):
-            self.history.setdefault(key, [])
+    def __init__(self, model, guide, *, name: str, config: dict, device="cpu", keep: float | None = None,
+                 prune_at_end: bool = True, prune_threshold: float = 0.5):
+        super().__init__(model, guide, name=name, config=config, device=device)
+        self.keep = check_keep(keep)
+        self.prune_at_end = bool(prune_at_end)
+        self.prune_threshold = _check_threshold(prune_threshold)
 
     # ---- fitting ----------------------------------------------------------------------------------
     def _fit(self, x: torch.Tensor, y: torch.Tensor, progress: bool, callback=None) -> None:
@@ -89,34 +111,35 @@ class TDAMPPosterior(Posterior):
                 torch.set_flush_denormal(False)
 
     def _passes(self, x: torch.Tensor, y: torch.Tensor, progress: bool, callback=None) -> None:
+        """EM passes: TDAMP over the minibatches, then the M-step; each pass is an epoch of an
+        :class:`~bnnzoo.guides.training.EpochLoop` (timing, divergence check, progress)."""
         train = self.config["train"]
-        keep = train.get("keep")
         n = len(x)
         sync = self.device.type == "cuda"
-        bar = tqdm(range(train["epochs"]), desc=self.name, disable=not progress, leave=False)
-        for epoch in bar:
-            self.guide.reset_statistics()
-            if sync:
-                torch.cuda.synchronize(self.device)
-            start = time.perf_counter()
-            for idx in minibatches(n, train["batch_size"], x.device):
-                self.guide.update(x[idx], y[idx], n)
-            m_step(self.guide, keep=keep, learn_rho=train["learn_rho"], learn_slab_var=train["learn_slab_var"],
-                   learn_noise=train["learn_noise"])
-            if sync:
-                torch.cuda.synchronize(self.device)
-            self.history["epoch_seconds"].append(time.perf_counter() - start)
-            self.guide.check_finite()  # one host read per pass; a NaN stops the fit with a clear error
-            loss = -float(self.guide.log_evidence_sum) / n
-            kept = self._kept_fraction()
-            self.history["loss"].append(loss)
-            self.history["kept_fraction"].append(kept)
-            if self.task == "regression":
-                self.history["noise_var"].append(float(self.guide.noise_var()))
-            bar.set_postfix(loss=f"{loss:.4g}", kept=f"{kept:.2f}")
-            if callback is not None:
-                callback(epoch, loss)
-        if train.get("prune", True):
+        extra = self.history.extra
+        loop = EpochLoop(train["epochs"], method=self.name, progress=progress, history=self.history)
+        try:
+            for epoch in range(loop.epochs):
+                self.guide.reset_statistics()
+                if sync:
+                    torch.cuda.synchronize(self.device)
+                loop.begin_epoch()
+                for idx in minibatches(n, train["batch_size"], x.device):
+                    self.guide.update(x[idx], y[idx], n)
+                m_step(self.guide, keep=self.keep, learn_rho=train["learn_rho"],
+                       learn_slab_var=train["learn_slab_var"], learn_noise=train["learn_noise"])
+                if sync:
+                    torch.cuda.synchronize(self.device)
+                loss = loop.end_epoch(-self.guide.log_evidence_sum / n)
+                self.guide.check_finite()  # one host read per pass; a NaN stops the fit with a clear error
+                extra.setdefault("kept_fraction", []).append(self._kept_fraction())
+                if self.task == "regression":
+                    extra.setdefault("noise_var", []).append(float(self.guide.noise_var()))
+                if callback is not None:
+                    callback(epoch, loss)
+        finally:
+            loop.close()
+        if self.prune_at_end:
             self._prune()
 
     def _kept_fraction(self) -> float:
@@ -127,15 +150,10 @@ class TDAMPPosterior(Posterior):
     @torch.no_grad()
     def _prune(self, keep: float | None = None, threshold: float | None = None) -> None:
         """Remove hidden neurons: the top ``keep`` fraction by inclusion probability of each layer
-        is kept (default: ``train.keep``), or, without a target, those with inclusion probability at
-        least ``threshold`` (default ``train.prune_threshold``, 1/2)."""
-        train = self.config["train"]
-        keep = train.get("keep") if keep is None else keep
-        threshold = train.get("prune_threshold", 0.5) if threshold is None else float(threshold)
-        if keep is not None and not 0 < keep <= 1:
-            raise ValueError(f"keep must be a fraction in (0, 1], got {keep!r}")
-        if not 0 < threshold < 1:
-            raise ValueError(f"the pruning threshold must lie in (0, 1), got {threshold!r}")
+        is kept (default: :attr:`keep`), or, without a target, those with inclusion probability at
+        least ``threshold`` (default :attr:`prune_threshold`, 1/2). Recorded in ``fit_state.pruning``."""
+        keep = self.keep if keep is None else check_keep(keep)
+        threshold = self.prune_threshold if threshold is None else _check_threshold(threshold)
         posts = self.guide.group_posteriors()
         masks = {}
         for layer in self.net.hidden_layers():
@@ -149,16 +167,13 @@ class TDAMPPosterior(Posterior):
             masks[f"{layer.name}.weight"] = kept.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
             masks[f"{layer.name}.bias"] = kept
         self.guide.set_masks(masks)
+        record = PruningRecord("keep", {"keep": keep}) if keep is not None else \
+            PruningRecord("threshold", {"threshold": threshold})
+        self.fit_state.pruning.append(record)
 
     # ---- the posterior ----------------------------------------------------------------------------
     def draw_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
         return self.guide.draws(num_samples)
-
-    def posterior_mean(self) -> dict[str, torch.Tensor]:
-        return self.guide.posterior_mean()
-
-    def masks(self) -> dict[str, torch.Tensor]:
-        return dict(self.guide.masks.items())
 
     def inclusion(self) -> dict[str, torch.Tensor]:
         """``P(s_g = 1 | D)`` of every hidden neuron (0 for pruned ones)."""
@@ -197,38 +212,15 @@ class TDAMPPosterior(Posterior):
             acc = lp if acc is None else torch.logaddexp(acc, lp)
         return acc - math.log(num_samples)
 
-    # ---- state ------------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        return {"guide": {k: v.detach().cpu() for k, v in self.guide.state_dict().items()}}
-
-    def _load_state(self, state: dict) -> None:
-        self.guide.load_state_dict(state["guide"])
-
-    def _to(self, device: torch.device) -> None:
-        self.guide.to(device)
-
 
 # ---- the catalog entry --------------------------------------------------------------------------
-def build_tdamp_model(config: dict):
-    """The Pyro model of a configuration: network, Bernoulli-Gaussian prior, likelihood."""
-    from bnnzoo.models import (
-        BayesianNeuralNetwork,
-        BernoulliGaussianPrior,
-        GaussianLikelihood,
-        ProbitProductLikelihood,
-    )
-
-    from ..models.networks import Network, build_network
-
-    if "network_spec" in config:
-        net = Network.from_spec(config["network_spec"])
-    else:
-        spec = config["network"]
-        if spec["arch"] not in ("mlp", "lenet-300-100"):
-            raise ValueError(f"{NAME} runs on dense ReLU networks (arch 'mlp' or 'lenet-300-100'), not {spec['arch']!r}")
-        net = build_network(spec["arch"], tuple(config["input_shape"]), config["output_dim"], spec.get("hidden"),
-                            spec.get("activation", "relu"))
-        config["network_spec"] = net.spec()
+def build_tdamp_model(config: dict) -> BayesianNeuralNetwork:
+    """The Pyro model of a configuration: network, Bernoulli-Gaussian prior, likelihood (the
+    configuration is not modified)."""
+    spec = config["network"]
+    if config.get("network_spec") is None and spec["arch"] not in ("mlp", "lenet-300-100"):
+        raise ValueError(f"{NAME} runs on dense ReLU networks (arch 'mlp' or 'lenet-300-100'), not {spec['arch']!r}")
+    net = build_network_of(config)
     m = config["model"]
     prior = BernoulliGaussianPrior(net, rho=m["rho"], slab_scale=m["slab_scale"])
     if config["task"] == "regression":
@@ -238,13 +230,15 @@ def build_tdamp_model(config: dict):
     return BayesianNeuralNetwork(net, prior, likelihood)
 
 
-def _create(config: dict, device="cpu") -> TDAMPPosterior:
-    from bnnzoo.guides import TDAMPGuide
+def _check_threshold(threshold) -> float:
+    threshold = float(threshold)
+    if not 0 < threshold < 1:
+        raise ValueError(f"the pruning threshold must lie in (0, 1), got {threshold!r}")
+    return threshold
 
+
+def _create(config: dict, device="cpu") -> TDAMPPosterior:
     train = config["train"]
-    keep = train.get("keep")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1):
-        raise ValueError(f"keep must be a fraction of neurons in (0, 1] or null, got {keep!r}")
     for key in ("epochs", "batch_size"):
         value = train[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -253,7 +247,8 @@ def _create(config: dict, device="cpu") -> TDAMPPosterior:
     g = config["guide"]
     guide = TDAMPGuide(model, damping=g["damping"], turbo_iterations=g["turbo_iterations"],
                        init_precision=g["init_precision"], memory=g["memory"])
-    return TDAMPPosterior(model, guide, name=NAME, config=config, device=device)
+    return TDAMPPosterior(model, guide, name=NAME, config=config, device=device, keep=train.get("keep"),
+                          prune_at_end=train.get("prune", True), prune_threshold=train.get("prune_threshold", 0.5))
 
 
 _GUIDE = {"damping": 0.8, "turbo_iterations": 1, "init_precision": 1.0, "memory": 10.0}
@@ -263,8 +258,8 @@ _TRAIN = {"keep": None, "learn_rho": True, "learn_slab_var": False, "learn_noise
 register(CatalogEntry(
     name=NAME,
     summary="EM-TDAMP: turbo deep approximate message passing, group-sparse spike-and-slab, neuron pruning",
-    paper="Xu, Liu, Zhang & Lau 2024, Sparse Bayesian deep learning via turbo deep approximate message passing "
-          "(arXiv 2402.07366)",
+    paper="Xu, Liu, Zhang & Lau 2024, Bayesian deep learning via expectation maximization and turbo deep "
+          "approximate message passing (arXiv 2402.07366)",
     tasks=("regression", "classification"),
     create=_create,
     defaults={

@@ -70,3 +70,20 @@ def fitted_map(boston):
 def fitted_classifier(mnist_small):
     return bnnzoo.fit("meanfield-vi", mnist_small, network={"arch": "mlp", "hidden": [50]}, epochs=5,
                       batch_size=50, lr=1e-2, device="cpu", progress=False, seed=0)
+
+
+def spread_state(guide, seed=0, precision=3.0):
+    """Give the guide's messages spread-out values so posteriors are neither prior nor point masses
+    (message precisions up to ``precision / sigma^2``)."""
+    gen = torch.Generator().manual_seed(seed)
+    for site, shape in guide.net.sites().items():
+        layer = site.rpartition(".")[0]
+        s2 = guide.prior.slab_var(layer).reshape((-1,) + (1,) * (len(shape) - 1))
+        lam = torch.rand(shape, generator=gen) * precision / s2
+        mu = torch.randn(shape, generator=gen) * s2.sqrt()
+        eta_view, precision_view = guide.message(site)
+        precision_view.copy_(lam)
+        eta_view.copy_(lam * mu)
+    for layer in guide.net.hidden_layers():
+        guide.prior.set_group_parameters(layer.name, logit_rho=torch.randn(layer.num_groups, generator=gen))
+    return guide

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_model, randomise_guide
+from conftest import make_model, randomise_guide, spread_state
 from scipy import integrate, special
 
 import bnnzoo
@@ -284,17 +284,7 @@ def horseshoe_guide():
 def tdamp_guide():
     net = mlp(6, [8, 5], 1)
     guide = TDAMPGuide(BayesianNeuralNetwork(net, BernoulliGaussianPrior(net, rho=0.5), GaussianLikelihood(0.5)))
-    gen = torch.Generator().manual_seed(7)
-    for site, shape in guide.net.sites().items():  # messages of precision up to 3 / sigma^2
-        s2 = guide.prior.slab_var(site.rpartition(".")[0]).reshape((-1,) + (1,) * (len(shape) - 1))
-        lam = torch.rand(shape, generator=gen) * 3.0 / s2
-        mu = torch.randn(shape, generator=gen) * s2.sqrt()
-        eta, precision = guide.message(site)
-        precision.copy_(lam)
-        eta.copy_(lam * mu)
-    for layer in guide.net.hidden_layers():
-        guide.prior.set_group_parameters(layer.name, logit_rho=torch.randn(layer.num_groups, generator=gen))
-    return guide
+    return spread_state(guide, seed=7)  # messages of precision up to 3 / sigma^2
 
 
 GUIDES = {"meanfield": meanfield_guide, "horseshoe": horseshoe_guide, "tdamp": tdamp_guide}

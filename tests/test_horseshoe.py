@@ -1,4 +1,4 @@
-"""The node-wise horseshoe (issue 3): closed-form KLs, the auxiliary Half-Cauchy construction, the
+"""The node-wise horseshoe: closed-form KLs, the auxiliary Half-Cauchy construction, the
 guide's fast loss against Pyro's TraceMeanField_ELBO, pruning and export, the catalog entry."""
 
 from __future__ import annotations

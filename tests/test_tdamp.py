@@ -1,4 +1,4 @@
-"""EM-TDAMP (issue 5): moment propagation against Monte Carlo, Module B against direct enumeration,
+"""EM-TDAMP: moment propagation against Monte Carlo, Module B against direct enumeration,
 the spike-and-slab and probit-product model parts, the guide's samples, the one-layer reduction to
 Bernoulli-Gaussian turbo GAMP, numerical safety, and the catalog entry."""
 
@@ -12,6 +12,7 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from conftest import spread_state
 from pyro.infer import Predictive
 from scipy import stats
 
@@ -49,23 +50,6 @@ from bnnzoo.models.probit_product import log_normal_cdf
 def tdamp_model(net, task="regression"):
     lik = GaussianLikelihood(0.5) if task == "regression" else ProbitProductLikelihood(1.0)
     return BayesianNeuralNetwork(net, BernoulliGaussianPrior(net, rho=0.5), lik)
-
-
-def spread_state(guide, seed=0, precision=3.0):
-    """Give the guide's messages spread-out values so posteriors are neither prior nor point masses
-    (message precisions up to ``precision / sigma^2``)."""
-    gen = torch.Generator().manual_seed(seed)
-    for site, shape in guide.net.sites().items():
-        layer = site.rpartition(".")[0]
-        s2 = guide.prior.slab_var(layer).reshape((-1,) + (1,) * (len(shape) - 1))
-        lam = torch.rand(shape, generator=gen) * precision / s2
-        mu = torch.randn(shape, generator=gen) * s2.sqrt()
-        eta_view, precision_view = guide.message(site)
-        precision_view.copy_(lam)
-        eta_view.copy_(lam * mu)
-    for layer in guide.net.hidden_layers():
-        guide.prior.set_group_parameters(layer.name, logit_rho=torch.randn(layer.num_groups, generator=gen))
-    return guide
 
 
 # ------------------------------------------------------------------------- Module A: moments

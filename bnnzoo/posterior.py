@@ -39,6 +39,7 @@ from .devices import resolve_device
 from .diagnostics import to_arviz
 from .guides import bmr
 from .guides.training import TrainingHistory
+from .models.errors import NotFittedError
 from .models.sparsity import sparsity_report
 from .models.standardizer import Standardizer
 
@@ -170,7 +171,7 @@ class Posterior(ABC):
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
-            raise RuntimeError(f"this {self.name} posterior is not fitted yet: call fit(x, y) first")
+            raise NotFittedError(f"this {self.name} posterior is not fitted yet: call fit(x, y) first")
 
     # ---- fit ----------------------------------------------------------------------------------
     def validate(self, x, y=None, what="data") -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,6 +14,8 @@ import pyro
 import torch
 from tqdm import tqdm
 
+from ..models.errors import BnnzooError
+
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy, torch (every device) and Pyro."""
@@ -70,7 +72,7 @@ class TrainingHistory:
                    extra=values)
 
 
-class DivergenceError(FloatingPointError):
+class DivergenceError(BnnzooError, FloatingPointError):
     """A fit's loss became non-finite or exploded: the fit is stopped and nothing is saved as fitted."""
 
     def __init__(self, method: str, epoch: int, loss: float, reason: str):

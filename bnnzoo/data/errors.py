@@ -1,7 +1,7 @@
-"""The one exception type for bad data."""
+"""The one exception type for bad data (defined with the package's other errors)."""
 
 from __future__ import annotations
 
+from ..models.errors import DataError
 
-class DataError(ValueError):
-    """Bad or missing data. The message names the file, column or argument at fault."""
+__all__ = ["DataError"]

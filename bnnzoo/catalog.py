@@ -1,8 +1,27 @@
-"""The catalog: a registry of named methods (model + inference + defaults + paper).
+"""The catalog: a registry of named methods (model + inference + defaults + option schema + paper).
 
 A method's module registers its :class:`CatalogEntry` with :func:`register` when it is imported;
 ``import bnnzoo`` imports the built-in methods (:mod:`bnnzoo.methods`), so :func:`list_models` and
 :func:`get_entry` see them. This module imports no method: it is the registry the methods write to.
+
+Options. Every key of an entry's ``defaults[task]`` sections (``model``, ``guide``, ``train``) is an
+option of the entry, and each has an :class:`Option` in the entry's schema: its type (``int``,
+``float``, ``bool`` or ``str``), its range (``gt``/``ge``/``lt``/``le``), its allowed values
+(``choices``) and whether ``None`` is allowed (``nullable``, for options whose default is ``None``:
+``keep=None`` means "no target"). :meth:`CatalogEntry.configure` checks every value the user gives
+against it, and then the entry's cross-option ``checks``, before anything is built or fitted; a value
+that fails raises :class:`~bnnzoo.errors.ConfigError` naming the entry, the option, the value and
+what is allowed. ``None`` is an ordinary value there: it is refused for an option that is not
+nullable (leave the option out to keep its default). An integer option takes only integers (``2.5``
+and ``True`` are refused); a float option takes any finite real number and stores it as ``float``.
+:func:`register` checks that the defaults of every task pass the schema.
+
+An entry declares its schema in ``options``; :data:`TRAINING_OPTIONS` holds the options shared by
+the gradient-trained entries (``epochs``, ``batch_size``, ``lr``). An option an entry does not
+declare (an entry of another package written before schemas existed) gets the schema of
+:data:`TRAINING_OPTIONS` where the name is one of those, else one inferred from the type of its
+default (:meth:`Option.infer`), so ``epochs <= 0`` or a negative learning rate is refused by every
+entry.
 
 Another installed package adds entries the same way, from its own modules, and advertises them with
 an entry point in the ``bnnzoo.catalog`` group (``[project.entry-points."bnnzoo.catalog"]``,
@@ -15,15 +34,20 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import numbers
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Callable
+from typing import Any
+
+from bnnzoo.models.errors import ConfigError
 
 #: the entry-point group through which other packages add catalog entries
 ENTRY_POINT_GROUP = "bnnzoo.catalog"
 
-_REGISTRY: dict[str, "CatalogEntry"] = {}
+_REGISTRY: dict[str, CatalogEntry] = {}
 _LOADED_ENTRY_POINTS: set[tuple[str, str, str]] = set()
 
 # the default network of each bundled or standard dataset (by Dataset.name)
@@ -36,6 +60,123 @@ DEFAULT_NETWORKS: dict[str, dict] = {
     "protein": {"arch": "mlp", "hidden": [100]},
     "mnist": {"arch": "lenet-300-100"},
     "sparse-teacher": {"arch": "mlp", "hidden": [5, 3]},
+}
+
+
+class UnknownOptionError(ConfigError, TypeError):
+    """An option the entry does not have (also a ``TypeError``, as an unexpected keyword argument)."""
+
+
+class UnknownModelError(ConfigError, KeyError):
+    """A model name that is not in the catalog (also a ``KeyError``, as a failed look-up)."""
+
+    __str__ = ConfigError.__str__  # the message as written, not quoted as KeyError quotes it
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_SECTIONS = ("model", "guide", "train")
+
+
+@dataclass(frozen=True)
+class Option:
+    """The schema of one option: its ``type`` (``int``, ``float``, ``bool`` or ``str``), its range
+    (``gt`` / ``ge`` / ``lt`` / ``le`` bounds, for numbers), its allowed values (``choices``),
+    whether ``None`` is allowed (``nullable``) and a one-line ``help``.
+
+    :meth:`check` returns the value in its canonical form (``float`` for a float option) or raises
+    :class:`~bnnzoo.errors.ConfigError`: a bool is never a number, an integer option refuses
+    ``2.5``, a float option refuses NaN and infinities, a string option takes only its ``choices``
+    (when it has them)."""
+
+    type: type
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple | None = None
+    nullable: bool = False
+    help: str = ""
+    why: str = ""  # the reason for the range, added to a range error (e.g. what float32 can hold)
+
+    def __post_init__(self):
+        if self.type not in _TYPE_NAMES:
+            raise TypeError(f"an option's type is int, float, bool or str, not {self.type!r}")
+
+    @classmethod
+    def infer(cls, default) -> Option:
+        """The schema of an undeclared option, from the type of its ``default``: the same type (a
+        non-negative default bounds a number below by 0), nullable where the default is ``None``
+        (any value is then taken as it is; the entry's ``create`` checks it)."""
+        if isinstance(default, bool):
+            return cls(bool)
+        if isinstance(default, numbers.Integral):
+            return cls(int, ge=0 if default >= 0 else None)
+        if isinstance(default, numbers.Real):
+            return cls(float, ge=0 if default >= 0 else None)
+        if isinstance(default, str):
+            return cls(str)
+        return _ANY
+
+    def describe(self) -> str:
+        """What the option allows, e.g. ``"an integer >= 1"``, ``"one of 'ss', 'plain'"``,
+        ``"a number in (0, 1], or null"``."""
+        if self is _ANY:
+            return "any JSON value"
+        if self.choices is not None:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        else:
+            text = _TYPE_NAMES[self.type]
+            low = (self.gt, "(") if self.gt is not None else (self.ge, "[") if self.ge is not None else None
+            high = (self.lt, ")") if self.lt is not None else (self.le, "]") if self.le is not None else None
+            if low and high:
+                text += f" in {low[1]}{low[0]:g}, {high[0]:g}{high[1]}"
+            elif low:
+                text += f" {'>' if low[1] == '(' else '>='} {low[0]:g}"
+            elif high:
+                text += f" {'<' if high[1] == ')' else '<='} {high[0]:g}"
+        return text + (", or null" if self.nullable else "")
+
+    def check(self, name: str, value, where: str = "") -> Any:
+        """``value`` in canonical form if it is allowed for option ``name``, else a
+        :class:`~bnnzoo.errors.ConfigError` naming ``where`` (the entry), the option, the value and
+        what is allowed."""
+        if self is _ANY or (value is None and self.nullable):
+            return value
+        if value is None:
+            raise ConfigError(f"{where}option {name!r} cannot be null: it must be {self.describe()} "
+                              "(leave it out to keep its default)")
+        ok = True
+        if self.type is bool:
+            ok = isinstance(value, bool)
+        elif self.type is str:
+            ok = isinstance(value, str)
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+            ok = False
+        elif self.type is int:
+            ok = isinstance(value, numbers.Integral)
+            value = int(value) if ok else value
+        else:
+            ok = math.isfinite(value)
+            value = float(value) if ok else value
+        if ok and self.choices is not None:
+            ok = value in self.choices
+        if ok and self.type in (int, float):
+            ok = ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                  and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+        if not ok:
+            why = f" ({self.why})" if self.why else ""
+            raise ConfigError(f"{where}option {name!r} must be {self.describe()}, got {value!r}{why}")
+        return value
+
+
+_ANY = Option(str, nullable=True, help="not declared by the entry; any value")
+
+#: the options of gradient-trained entries; also the schema of these names in an entry that does
+#: not declare them
+TRAINING_OPTIONS: dict[str, Option] = {
+    "epochs": Option(int, ge=1, help="passes over the training data"),
+    "batch_size": Option(int, ge=1, help="examples per minibatch"),
+    "lr": Option(float, gt=0, help="learning rate (step size)"),
 }
 
 
@@ -53,7 +194,10 @@ class CatalogEntry:
 
     ``create(config, device)`` builds an unfitted :class:`~bnnzoo.posterior.Posterior` from a full
     configuration; ``defaults[task]`` holds the per-task defaults that :meth:`configure` merges with a
-    dataset and the user's overrides.
+    dataset and the user's overrides; ``options`` is the schema of those options (name ->
+    :class:`Option`, one schema for every task); ``checks`` are functions of a full configuration
+    that raise :class:`~bnnzoo.errors.ConfigError` for a combination of values the entry cannot
+    run (``warmup_epochs`` not below ``epochs``...), run by :meth:`configure` after the schema.
     """
 
     name: str
@@ -63,35 +207,76 @@ class CatalogEntry:
     create: Callable
     defaults: dict = field(default_factory=dict)
     network_overrides: dict = field(default_factory=dict)  # dataset name -> network for this method
+    options: dict = field(default_factory=dict)
+    checks: tuple = ()
+
+    def option_names(self, task: str) -> list[str]:
+        """The options of ``task``: every key of its ``model``, ``guide`` and ``train`` defaults."""
+        return sorted({k for s in _SECTIONS for k in self.defaults[task].get(s, {})})
+
+    def schema(self, task: str) -> dict[str, Option]:
+        """Option name -> :class:`Option` for ``task`` (an undeclared option's schema as in the
+        module docstring)."""
+        self._check_task(task)
+        out = {}
+        for s in _SECTIONS:
+            for key, default in self.defaults[task].get(s, {}).items():
+                out[key] = self.options.get(key) or TRAINING_OPTIONS.get(key) or Option.infer(default)
+        return out
+
+    def check_options(self, task: str, options: dict) -> dict:
+        """``options`` (name -> value) checked against :meth:`schema` of ``task``, in canonical form.
+        An unknown name raises :class:`UnknownOptionError` (a :class:`~bnnzoo.errors.ConfigError`)
+        suggesting the closest ones and listing the options; a bad value names the option and what it allows."""
+        schema = self.schema(task)
+        out = {}
+        for key, value in options.items():
+            if key not in schema:
+                close = difflib.get_close_matches(key, list(schema), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise UnknownOptionError(f"{self.name} has no option {key!r}{hint} "
+                                         f"Options: {', '.join(sorted(schema))}")
+            out[key] = schema[key].check(key, value, f"{self.name}: ")
+        return out
 
     def configure(self, task: str, input_shape: tuple[int, ...], output_dim: int, dataset_name: str = "",
                   network: dict | None = None, **overrides) -> dict:
         """The full configuration for ``task`` on data of ``input_shape``; ``overrides`` replace any
-        default found in the ``model``, ``guide`` or ``train`` sections (unknown keys are errors)."""
-        if task not in self.tasks:
-            raise ValueError(f"{self.name} supports {', '.join(self.tasks)}, not {task}")
+        default found in the ``model``, ``guide`` or ``train`` sections. Every override is checked
+        against the entry's schema and the result against its ``checks`` before it is returned
+        (:class:`~bnnzoo.errors.ConfigError` otherwise; unknown keys are errors)."""
+        self._check_task(task)
+        overrides = self.check_options(task, overrides)
         config = copy.deepcopy(self.defaults[task])
         net = network or self.network_overrides.get(dataset_name) or default_network(dataset_name, task, input_shape)
         config.update(task=task, input_shape=list(input_shape), output_dim=int(output_dim), network=dict(net),
                       dataset=dataset_name)
         for key, value in overrides.items():
-            if value is None:
-                continue
-            sections = [s for s in ("model", "guide", "train") if key in config.get(s, {})]
-            if not sections:
-                known = sorted(k for s in ("model", "guide", "train") for k in config.get(s, {}))
-                close = difflib.get_close_matches(key, known, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise TypeError(f"{self.name} has no option {key!r}{hint} Options: {', '.join(known)}")
-            for s in sections:
-                config[s][key] = value
+            for s in _SECTIONS:
+                if key in config.get(s, {}):
+                    config[s][key] = value
+        for check in self.checks:
+            check(config)
         return config
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise ConfigError(f"{self.name} supports {', '.join(self.tasks)}, not {task}")
 
 
 def register(entry: CatalogEntry) -> CatalogEntry:
-    """Add ``entry`` to the catalog under ``entry.name`` (a name can be registered once); returns it."""
+    """Add ``entry`` to the catalog under ``entry.name`` (a name can be registered once, and the
+    defaults of each of its tasks must pass its schema and its checks); returns it."""
     if entry.name in _REGISTRY:
         raise ValueError(f"a catalog entry named {entry.name!r} exists already")
+    for task in entry.tasks:
+        defaults = {k: v for s in _SECTIONS for k, v in entry.defaults[task].get(s, {}).items()}
+        try:
+            entry.check_options(task, defaults)
+            for check in entry.checks:
+                check({**copy.deepcopy(entry.defaults[task]), "task": task})
+        except ConfigError as err:
+            raise ValueError(f"the {task} defaults of {entry.name!r} fail its own schema: {err}") from None
     _REGISTRY[entry.name] = entry
     return entry
 
@@ -125,11 +310,12 @@ def list_models(task: str | None = None) -> list[str]:
 
 
 def get_entry(name: str) -> CatalogEntry:
-    """The catalog entry called ``name``; an unknown name suggests the closest ones."""
+    """The catalog entry called ``name``; an unknown name raises :class:`UnknownModelError` (a
+    :class:`~bnnzoo.errors.ConfigError`) suggesting the closest ones."""
     if name not in _REGISTRY:
         load_entry_points()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise KeyError(f"unknown model {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
+        raise UnknownModelError(f"unknown model {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

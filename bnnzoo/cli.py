@@ -1,4 +1,5 @@
-"""The ``bnnzoo`` command line: list the catalog, fit a model, evaluate a saved run."""
+"""The ``bnnzoo`` command line: list the catalog and fit a model; the other commands live in
+:mod:`bnnzoo.commands` (``evaluate``, ``prune``, ``diagnose``, ``federated``)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,18 @@ import click
 
 from . import commands
 from .api import fit as fit_model
-from .api import load
 from .catalog import get_entry, list_models
-from .commands.common import parse_options, print_metrics, run_metrics
+from .checkpoint import has_checkpoint
+from .commands.common import (
+    check_options,
+    check_out,
+    merge_options,
+    parse_options,
+    print_metrics,
+    run_metrics,
+)
 from .data import load_dataset
+from .errors import RunError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,12 +34,37 @@ def main() -> None:
 
 
 @main.command("list")
+@click.argument("name", required=False)
 @click.option("--task", type=click.Choice(["regression", "classification"]), default=None)
-def list_cmd(task: str | None) -> None:
-    """List the catalog's models."""
-    for name in list_models(task):
+def list_cmd(name: str | None, task: str | None) -> None:
+    """List the catalog's models; with NAME, that entry's options (what --set accepts): each one's
+    allowed values and its default for each task."""
+    if name is None:
+        for model in list_models(task):
+            entry = get_entry(model)
+            click.echo(f"{model:<20s} {'/'.join(entry.tasks):<27s} {entry.summary}")
+        return
+    try:
         entry = get_entry(name)
-        click.echo(f"{name:<20s} {'/'.join(entry.tasks):<27s} {entry.summary}")
+    except KeyError as err:
+        raise click.ClickException(str(err)) from None
+    tasks = [t for t in entry.tasks if task in (None, t)]
+    if not tasks:
+        raise click.ClickException(f"{name} supports {', '.join(entry.tasks)}, not {task}")
+    click.echo(f"{name}: {entry.summary}\npaper: {entry.paper}\ntasks: {', '.join(entry.tasks)}")
+    click.echo(f"options (--set KEY=VALUE, a JSON value; default for {' / '.join(tasks)}):")
+    rows = {}
+    for t in tasks:
+        defaults = {k: v for section in entry.defaults[t].values() if isinstance(section, dict)
+                    for k, v in section.items()}
+        for key, option in entry.schema(t).items():
+            rows.setdefault(key, [option, {}])[1][t] = defaults[key]
+    width = max(len(k) for k in rows)
+    for key, (option, defaults) in rows.items():
+        shown = " / ".join(json.dumps(defaults[t]) if t in defaults else "-" for t in tasks)
+        click.echo(f"  {key:<{width}s}  {option.describe()}; default {shown}")
+        if option.help:
+            click.echo(f"  {'':<{width}s}    {option.help}")
 
 
 @main.command()
@@ -38,16 +72,25 @@ def list_cmd(task: str | None) -> None:
 @click.option("--data", "data", default=None,
               help="boston (bundled, the default), concrete, energy, yacht, wine, protein, mnist, sparse-teacher, or a directory")
 @click.option("--split", default=0, show_default=True, help="UCI split index")
-@click.option("--epochs", type=int, default=None, help="passes over the training data (the entry's default otherwise)")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", type=int, default=None,
+              help="passes over the training data (the entry's default otherwise); as --set epochs=N")
+@click.option("--batch-size", type=int, default=None, help="as --set batch_size=N")
+@click.option("--lr", type=float, default=None, help="learning rate; as --set lr=X")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto")
-@click.option("--num-samples", default=100, show_default=True, help="posterior draws for the test metrics")
-@click.option("--set", "options", multiple=True, metavar="KEY=VALUE", help="any other option of the entry")
+@click.option("--num-samples", type=click.IntRange(min=1), default=100, show_default=True,
+              help="posterior draws for the test metrics")
+@click.option("--set", "options", multiple=True, metavar="KEY=VALUE",
+              help="any option of the entry, the value a JSON literal (bnnzoo list NAME shows them)")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory (default runs/NAME-DATA-...)")
+@click.option("--overwrite", is_flag=True, help="replace an existing run at --out (otherwise refused)")
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="continue the interrupted fit whose checkpoint is in this run directory (same NAME and options)")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
+              help="write a checkpoint every N epochs (default: at an epoch's end once a minute, and on Ctrl-C)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def fit(name, data, split, epochs, batch_size, lr, seed, device, num_samples, options, out, quiet) -> None:
+def fit(name, data, split, epochs, batch_size, lr, seed, device, num_samples, options, out, overwrite, resume,
+        checkpoint_every, quiet) -> None:
     """Fit catalog model NAME, save the posterior and its test metrics to a run directory."""
     try:
         get_entry(name)
@@ -57,39 +100,42 @@ def fit(name, data, split, epochs, batch_size, lr, seed, device, num_samples, op
         dataset = load_dataset(data, split=split)
     except ValueError as err:  # DataError: unknown name, missing or bad files
         raise click.ClickException(str(err)) from None
+    overrides = check_options(name, dataset.task, merge_options(parse_options(options), epochs=epochs,
+                                                                batch_size=batch_size, lr=lr))
+    run = Path(out or resume or f"runs/{name}-{dataset.name}-split{dataset.split}-seed{seed}")
+    try:
+        if resume is None or run.resolve() != Path(resume).resolve():
+            if has_checkpoint(run) and not overwrite:  # checkpoints live in the run directory
+                raise RunError(f"{run} holds the checkpoint of an interrupted fit: continue it with --resume {run}, "
+                               f"or pass --overwrite to start again")
+            check_out(run, overwrite)  # refused before the fit, not after it
+    except RunError as err:
+        raise click.ClickException(str(err)) from None
     click.echo(f"fitting {name} on {dataset.name} (split {dataset.split}): {len(dataset.x_train)} training, "
                f"{len(dataset.x_test)} test examples")
     start = time.perf_counter()
     try:
-        posterior = fit_model(name, dataset, seed=seed, device=device, progress=not quiet, epochs=epochs,
-                              batch_size=batch_size, lr=lr, **parse_options(options))
+        posterior = fit_model(name, dataset, seed=seed, device=device, progress=not quiet, run_dir=run, resume=resume,
+                              checkpoint_every=checkpoint_every, **overrides)
+    except KeyboardInterrupt:
+        if has_checkpoint(run):
+            click.echo(f"\ninterrupted: the fit's last checkpoint is in {run / 'checkpoint'}; continue it with the "
+                       f"same command and --resume {run}", err=True)
+        raise click.exceptions.Exit(130) from None
     except (TypeError, ValueError, RuntimeError, FloatingPointError) as err:  # FloatingPointError: DivergenceError
         raise click.ClickException(str(err)) from None
     seconds = time.perf_counter() - start
     metrics = run_metrics(posterior, dataset, num_samples)
     metrics["fit_seconds"] = seconds
-    run = Path(out or f"runs/{name}-{dataset.name}-split{dataset.split}-seed{seed}")
-    posterior.save(run)
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    try:  # the run and its metrics appear at once
+        # replace what only this fit put there (its checkpoint), or the run a resumed fit was allowed to replace
+        own = resume is not None or (has_checkpoint(run) and {p.name for p in run.iterdir()} == {"checkpoint"})
+        posterior.save(run, overwrite=overwrite or own, extra_files={"metrics.json": json.dumps(metrics, indent=2)})
+    except RunError as err:
+        raise click.ClickException(str(err)) from None
     click.echo(f"{posterior!r}\ntest metrics:")
     print_metrics(metrics)
     click.echo(f"saved to {run}")
-
-
-@main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--num-samples", default=100, show_default=True)
-def evaluate(run_dir, device, num_samples) -> None:
-    """Reload a saved run and evaluate it on the test data it was fitted for."""
-    try:
-        posterior = load(run_dir, device=device)
-        data = posterior.config.get("data", {})
-        dataset = load_dataset(data.get("source") or data.get("name"), split=data.get("split") or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:  # not a run, bad format, data, device
-        raise click.ClickException(str(err)) from None
-    click.echo(f"{posterior!r} on {dataset.name} split {dataset.split}:")
-    print_metrics(run_metrics(posterior, dataset, num_samples))
 
 
 def add_package_commands() -> None:

@@ -13,9 +13,10 @@ how the posterior is fitted (:meth:`_fit`) and how weights are drawn from it (:m
 pruning and reduction never write to it. What they decide goes to ``history`` and ``fit_state``.
 
 Saved runs (:meth:`Posterior.save`): ``config.json`` holds the format number, the entry name, the
-config, the network's spec, the fit state and the history; ``posterior.pt`` the tensors. Format 2
-is written; formats 1 (the network spec and the pruning threshold inside the config, no fit state)
-and 2 are read.
+config, the network's spec, the fit state and the history; ``posterior.pt`` the tensors;
+``manifest.json`` every file's size and SHA-256 (:mod:`bnnzoo.runs`: written atomically, verified
+on load). Format 2 is written; formats 1 (the network spec and the pruning threshold inside the
+config, no fit state) and 2 are read, with or without a manifest.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ from typing import Any, Iterator
 
 import torch
 
-from . import metrics
+from . import metrics, runs
 from .catalog import get_entry
 from .data import validate_arrays
 from .devices import resolve_device
 from .diagnostics import to_arviz
 from .guides import bmr
 from .guides.training import TrainingHistory
-from .models.errors import NotFittedError
+from .models.errors import ConfigError, DataError, NotFittedError, RunError
 from .models.sparsity import sparsity_report
 from .models.standardizer import Standardizer
 
@@ -176,14 +177,10 @@ class Posterior(ABC):
     # ---- fit ----------------------------------------------------------------------------------
     def validate(self, x, y=None, what="data") -> tuple[torch.Tensor, torch.Tensor | None]:
         num_classes = self.net.output_dim if self.task == "classification" else None
-        if y is None:
-            x, _ = validate_arrays(x, torch.zeros(len(x), dtype=torch.long) if self.task == "classification"
-                                   else torch.zeros(len(x)), self.task, num_classes, what)
-        else:
-            x, y = validate_arrays(x, y, self.task, num_classes, what)
+        x, y = validate_arrays(x, y, self.task, num_classes, what)  # y=None: the inputs alone
         expected = tuple(self.net.input_shape)
         if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{what}: inputs have shape {tuple(x.shape[1:])} per example, "
+            raise DataError(f"{what}: inputs have shape {tuple(x.shape[1:])} per example, "
                              f"but the network {self.net.name} expects {expected}")
         return x, y
 
@@ -214,7 +211,7 @@ class Posterior(ABC):
         """
         for arg, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{arg} must be a positive integer, got {value!r}")
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
@@ -371,56 +368,115 @@ class Posterior(ABC):
         """Move method-specific state (a guide is moved by its subclass)."""
 
     # ---- save / load --------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Save to directory ``path``: ``posterior.pt`` (tensors) and ``config.json`` (readable: the
-        entry name, the config, the network spec, the fit state and the history)."""
+    def save(self, path: str | Path, overwrite: bool = False,
+             extra_files: dict[str, str | bytes] | None = None) -> Path:
+        """Save to the run directory ``path``, atomically (:func:`bnnzoo.runs.write_run`).
+
+        The run holds ``posterior.pt`` (tensors), ``config.json`` (readable: the entry name, the
+        config, the network spec, the fit state and the history), ``extra_files`` (name -> text or
+        bytes, e.g. the CLI's ``metrics.json``) and ``manifest.json`` (each file's size and SHA-256).
+        Everything is written in a temporary directory beside ``path`` and renamed into place when
+        complete: a save that fails or is interrupted leaves no run, or the previous one untouched.
+        An existing run at ``path`` is replaced (no stale file kept) only with ``overwrite``;
+        otherwise :class:`~bnnzoo.errors.RunError` is raised before anything is written.
+        """
         self._require_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        extra_files = dict(extra_files or {})
+        for name in extra_files:
+            parts = Path(name).parts
+            if (Path(name).is_absolute() or not parts or ".." in parts
+                    or name in (*RUN_FILES, runs.MANIFEST)):
+                raise ConfigError(f"extra_files: file name {name!r}: expected a relative path inside the run, "
+                                 f"other than {', '.join((*RUN_FILES, runs.MANIFEST))}")
         state = {
             "format": FORMAT_VERSION,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "posterior": self._state(),
             "standardizer": self.standardizer.state_dict(),
         }
-        torch.save(state, path / "posterior.pt")
         meta = {"format": FORMAT_VERSION, "name": self.name, "config": self.config,
                 "network_spec": self.network_spec, "fit_state": self.fit_state.to_dict(),
-                "history": self.history.to_dict()}
-        (path / "config.json").write_text(json.dumps(meta, indent=2))
+                "history": self.history.to_dict(), "manifest": runs.MANIFEST}
+        path = Path(path)
+        with runs.write_run(path, overwrite=overwrite) as tmp:
+            torch.save(state, tmp / "posterior.pt")
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            for name, content in extra_files.items():
+                target = tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, bytes):
+                    target.write_bytes(content)
+                else:
+                    target.write_text(content)
         return path
 
     @staticmethod
     def load(path: str | Path, device="cpu") -> "Posterior":
         """Load a posterior saved with :meth:`save` (format 1 or 2); it predicts exactly as the
         saved one did. The network is rebuilt from the saved spec: the entry's ``create`` gets the
-        config with a ``network_spec`` key, the posterior keeps the config without it."""
+        config with a ``network_spec`` key, the posterior keeps the config without it.
+
+        The run is checked before it is used: its files against ``manifest.json``
+        (:func:`bnnzoo.runs.verify_run`; runs saved without a manifest skip this), then the layout
+        of ``config.json`` and ``posterior.pt``, that no saved tensor holds a NaN, that the
+        standardiser is finite, that the tensors fit the network the config describes and that the
+        loaded posterior predicts a finite value. Any failure raises one
+        :class:`~bnnzoo.errors.RunError` naming the run directory and the file at fault.
+        """
         path = Path(path)
-        if not (path / "config.json").is_file() or not (path / "posterior.pt").is_file():
-            raise FileNotFoundError(f"{path} is not a saved bnnzoo posterior (config.json and posterior.pt expected)")
-        meta = json.loads((path / "config.json").read_text())
-        if meta.get("format") not in READABLE_FORMATS:
-            raise ValueError(f"{path}: saved with format {meta.get('format')}, this bnnzoo reads formats "
-                             f"{', '.join(map(str, READABLE_FORMATS))}")
-        state = torch.load(path / "posterior.pt", map_location="cpu", weights_only=True)
+        _refuse_other_format(path)  # a newer layout is named as such, not as a manifest mismatch
+        manifest = runs.verify_run(path)
+        missing = [name for name in RUN_FILES if not (path / name).is_file()]
+        if missing:
+            raise RunError(f"{path} is not a saved bnnzoo posterior ({' and '.join(RUN_FILES)} expected, "
+                           f"{' and '.join(missing)} missing)")
+        meta = _read_meta(path)
+        if manifest is None and "manifest" in meta:
+            raise RunError(f"{path}: {runs.MANIFEST} is missing, but config.json says the run was saved with one")
+        state = _read_state(path)
         config = copy.deepcopy(meta["config"])
         if meta["format"] == 1:  # the network spec and the pruning threshold were kept in the config
             spec = config.pop("network_spec", None)
-            threshold = config.get("train", {}).pop("pruned_threshold", None)
+            train = config.get("train")
+            threshold = train.pop("pruned_threshold", None) if isinstance(train, dict) else None
         else:
             spec, threshold = meta["network_spec"], None
         build = {**config, "network_spec": spec} if spec is not None else config
-        posterior = get_entry(meta["name"]).create(build, device="cpu")
+        try:
+            entry = get_entry(meta["name"])
+        except KeyError as err:
+            raise RunError(f"{path}: config.json names {err.args[0]}") from None
+        try:
+            posterior = entry.create(build, device="cpu")
+        except Exception as err:  # noqa: BLE001 -- whatever a config of the wrong shape makes create raise
+            raise RunError(f"{path}: config.json does not describe a {meta['name']} posterior: "
+                           f"{type(err).__name__}: {err}") from None
         posterior.config = config
-        posterior.model.load_state_dict(state["model"])
-        posterior._load_state(state["posterior"])
-        posterior.standardizer = Standardizer.from_state_dict(state["standardizer"])
-        posterior.history = TrainingHistory.from_dict(meta.get("history", {}))
-        if "fit_state" in meta:
-            posterior.fit_state = FitState.from_dict(meta["fit_state"])
-        else:
-            pruning = [PruningRecord("threshold", {"threshold": threshold})] if threshold is not None else []
-            posterior.fit_state = FitState(temperature=posterior.training_temperature, pruning=pruning)
+        try:
+            posterior.model.load_state_dict(state["model"])
+            posterior._load_state(state["posterior"])
+            posterior.standardizer = Standardizer.from_state_dict(state["standardizer"])
+        except Exception as err:  # noqa: BLE001 -- tensors of another network or method
+            raise RunError(f"{path}: posterior.pt does not match the network and method of config.json: "
+                           f"{type(err).__name__}: {err}") from None
+        try:
+            posterior.history = TrainingHistory.from_dict(meta.get("history", {}))
+            if "fit_state" in meta:
+                posterior.fit_state = FitState.from_dict(meta["fit_state"])
+            else:
+                pruning = [PruningRecord("threshold", {"threshold": threshold})] if threshold is not None else []
+                posterior.fit_state = FitState(temperature=posterior.training_temperature, pruning=pruning)
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            raise RunError(f"{path}: config.json has a history or fit state of the wrong shape: "
+                           f"{type(err).__name__}: {err}") from None
+        try:
+            probe = posterior.predict(torch.zeros(1, *posterior.net.input_shape), num_samples=1)
+            finite = bool(torch.isfinite(probe.mean).all())
+        except Exception as err:  # noqa: BLE001 -- tensors of the right names but the wrong shapes
+            raise RunError(f"{path}: posterior.pt does not give a working {meta['name']} posterior: "
+                           f"{type(err).__name__}: {err}") from None
+        if not finite:
+            raise RunError(f"{path}: posterior.pt gives non-finite predictions")
         return posterior.to(device)
 
     def __repr__(self) -> str:
@@ -484,3 +540,82 @@ class GuidePosterior(Posterior):
         summary = {**reduction.summary(), "weights_pruned_fraction": reduced.sparsity()["weights_pruned_fraction"]}
         reduced.fit_state.pruning.append(PruningRecord("bmr", {"rule": rule, **options}, summary, seconds))
         return reduced
+
+
+#: the files every saved run holds
+RUN_FILES = ("config.json", "posterior.pt")
+
+
+def _refuse_other_format(path: Path) -> None:
+    """Raise :class:`~bnnzoo.errors.RunError` if ``config.json`` of ``path`` parses and names a
+    format this bnnzoo does not read (an unreadable one is left to the full checks)."""
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if isinstance(meta, dict) and isinstance(meta.get("format"), int) and meta["format"] not in READABLE_FORMATS:
+        raise RunError(f"{path}: config.json says format {meta['format']!r}, this bnnzoo reads formats "
+                       f"{', '.join(map(str, READABLE_FORMATS))}")
+
+
+def _read_meta(path: Path) -> dict:
+    """``config.json`` of the run ``path``, its layout checked (:class:`~bnnzoo.errors.RunError` if wrong)."""
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunError(f"{path}: config.json is unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise RunError(f"{path}: config.json holds a {type(meta).__name__}, not an object with the keys "
+                       f"format, name, config")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise RunError(f"{path}: config.json says format {meta.get('format')!r}, this bnnzoo reads formats "
+                       f"{', '.join(map(str, READABLE_FORMATS))}")
+    expected = {"name": str, "config": dict, "history": dict, "fit_state": dict}
+    if meta["format"] >= 2:
+        expected["network_spec"] = dict
+    for key, kind in expected.items():
+        optional = key in ("history", "fit_state")
+        if (key not in meta and not optional) or (key in meta and not isinstance(meta[key], kind)):
+            got = type(meta[key]).__name__ if key in meta else "nothing"
+            raise RunError(f"{path}: config.json: {key!r} must be a JSON {'string' if kind is str else 'object'}, "
+                           f"got {got}")
+    return meta
+
+
+def _read_state(path: Path) -> dict:
+    """``posterior.pt`` of the run ``path``: readable, of the saved layout, no NaN in any tensor, the
+    standardiser finite with positive scales (:class:`~bnnzoo.errors.RunError` if not)."""
+    file = path / "posterior.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- torch raises many types for a truncated or foreign file
+        raise RunError(f"{path}: posterior.pt is unreadable (truncated, or not a file saved by torch): "
+                       f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    layout = ("model", "posterior", "standardizer")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), dict) for k in layout):
+        raise RunError(f"{path}: posterior.pt does not hold the saved layout (a dict with model, posterior and "
+                       f"standardizer entries)")
+    for key in ("x_mean", "x_std"):
+        if not isinstance(state["standardizer"].get(key), torch.Tensor):
+            raise RunError(f"{path}: posterior.pt: the standardiser has no {key} tensor")
+    for name, tensor in _tensors(state):  # infinities can be meant (a logit of an inclusion probability 1)
+        if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
+            raise RunError(f"{path}: posterior.pt: {name} holds NaN values")
+    for key, value in state["standardizer"].items():
+        if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+            raise RunError(f"{path}: posterior.pt: the standardiser's {key} holds infinite values")
+        if key.endswith("_std") and isinstance(value, torch.Tensor) and not bool((value > 0).all()):
+            raise RunError(f"{path}: posterior.pt: the standardiser's {key} is not positive")
+    return state
+
+
+def _tensors(value, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor inside nested dicts, lists and tuples, with a dotted name."""
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors(item, f"{prefix}[{i}]")

@@ -15,11 +15,20 @@ class VariationalPosterior(GuidePosterior):
     ``train`` section of the config (``epochs``, ``batch_size``, ``lr``, ``num_particles``). An
     ELBO with a ``kl_weight`` (:class:`~bnnzoo.guides.TemperedLocalReparamELBO`) fits a tempered
     posterior; the fit records that weight as ``fit_state.temperature``.
+
+    Checkpoints: when :attr:`checkpoint` is set (a :class:`bnnzoo.checkpoint.Checkpointer`, as
+    ``bnnzoo.fit(..., run_dir=, resume=)`` does), the SVI loop writes checkpoints through it and
+    resumes from the one it was given (model, guide, Adam, history, fit state, RNG states).
     """
+
+    #: this posterior's fit can write and resume checkpoints (:mod:`bnnzoo.checkpoint`)
+    supports_checkpoints = True
 
     def __init__(self, model, guide, *, name: str, config: dict, device="cpu", elbo=None):
         super().__init__(model, guide, name=name, config=config, device=device)
         self.elbo = elbo
+        #: the :class:`~bnnzoo.guides.training.Checkpoint` the next fit writes to and resumes from
+        self.checkpoint = None
 
     @property
     def training_temperature(self) -> float:
@@ -31,5 +40,6 @@ class VariationalPosterior(GuidePosterior):
         run = fit_svi(
             self.model, self.guide, x, y, elbo=elbo, epochs=train["epochs"], batch_size=train["batch_size"],
             lr=train["lr"], progress=progress, description=self.name, on_epoch_end=callback,
+            checkpoint=self.checkpoint,
         )
         self.history.extend(run)

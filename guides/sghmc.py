@@ -54,6 +54,16 @@ progress bar: ``MCMC`` has its own) times the epoch, stops a diverging chain wit
 :class:`~bnnzoo.guides.training.DivergenceError` (a non-finite or exploding loss) and runs the
 callback; the per-sample diagnostics stay on the device until :meth:`diagnostics`.
 
+A chain can diverge without a non-finite loss: with a step size far too large the weights grow by
+orders of magnitude in the first epoch, the learned noise scale follows the residuals, and the loss
+(per example, ``ln sigma + 1/2``) then stays flat at a value no relative test can tell from a slow
+fit. So every epoch is also compared with the trivial prediction (:meth:`SGHMC.check_fit`): a
+Gaussian chain whose residuals' root mean square exceeds ``DIVERGENCE_FACTOR`` (10) times that of
+the targets (the residuals of predicting 0, i.e. the standardised targets' mean), or a categorical
+chain whose mean negative log-likelihood exceeds 10 times that of a uniform guess (``ln K``), is
+stopped with :class:`~bnnzoo.guides.training.DivergenceError` naming the epoch, the step and the
+step size. A working chain stays within a small factor of both from its first epoch on.
+
 Several chains: ``MCMC(kernel, ..., num_chains=C)`` runs chains in processes when the machine has
 the cores (the kernel pickles without its data or callback; use ``mp_context="spawn"`` with CUDA)
 and one after the other otherwise; :meth:`setup` starts every chain from a fresh initialisation.
@@ -72,9 +82,13 @@ from ..models.likelihoods import GaussianLikelihood
 from ..models.priors import GaussianPrior
 from ..models.spike_slab import SpikeSlabPrior
 from .spike_slab_em import SpikeSlabEM
-from .training import EpochLoop, TrainingHistory, minibatches
+from .training import DivergenceError, EpochLoop, TrainingHistory, minibatches
 
 PRECONDITIONERS = ("warmup", "always", "none")
+
+#: a chain whose epoch fits the data this many times worse than a constant prediction has diverged
+#: (see :meth:`SGHMC.check_fit`)
+DIVERGENCE_FACTOR = 10.0
 
 
 def cyclical_step_size(k: int, step_size: float, cycle_length: int | None) -> float:
@@ -278,6 +292,7 @@ class SGHMC(MCMCKernel):
             log_s = self.model.likelihood.log_noise_scale
             log_s.data = log_s.detach().clone()
         self._inv_var = self._inverse_noise_variance()
+        self._reference = self._trivial_statistic(y)
         self._sample_examples = 0
         self._eta = cyclical_step_size(1, self.step_size, self.cycle_length)
         self._history = {k: [] for k in ("step", "step_size", "potential", "groups_pruned_fraction",
@@ -465,8 +480,42 @@ class SGHMC(MCMCKernel):
         # pruned groups: momentum zero (and sqrt(G) zero), so that they stay exactly zero
         torch._foreach_mul_(self._momentum, self._keep)
 
+    def _trivial_statistic(self, y: torch.Tensor) -> float:
+        """The per-example statistic of the trivial prediction: the mean squared target (predicting 0)
+        for a Gaussian likelihood, ``ln K`` (a uniform guess over ``K`` classes) otherwise."""
+        if self._gaussian:
+            mean_square = float(y.detach().double().pow(2).mean())
+            return mean_square if mean_square > 0 else 1.0
+        return math.log(max(int(self.model.net.output_dim), 2))
+
+    def check_fit(self, statistic: float, examples: int) -> None:
+        """Raise :class:`~bnnzoo.guides.training.DivergenceError` when the summed minibatch statistic
+        of ``examples`` examples (squared residuals, or negative log-likelihoods) is non-finite or
+        ``DIVERGENCE_FACTOR`` times worse than the trivial prediction (the module docstring)."""
+        per_example = statistic / max(examples, 1)
+        epoch = self._loop.epoch if self._loop is not None else 0
+        where = f"at step {self._step} (base step size {self.step_size:g})"
+        if not math.isfinite(per_example):
+            what = "squared residuals" if self._gaussian else "log-likelihood"
+            raise DivergenceError(self.method, epoch, per_example,
+                                  f"the loss is not finite: the {what} overflowed {where}")
+        if self._gaussian:
+            ratio = math.sqrt(per_example / self._reference)
+            if ratio > DIVERGENCE_FACTOR:
+                raise DivergenceError(
+                    self.method, epoch, per_example,
+                    f"the residuals' root mean square is {ratio:.3g} times the targets' {where}, worse than a "
+                    f"constant prediction: the step size (lr) is most likely too large for this data")
+        elif per_example > DIVERGENCE_FACTOR * self._reference:
+            raise DivergenceError(
+                self.method, epoch, per_example,
+                f"the mean negative log-likelihood {per_example:.4g} is over {DIVERGENCE_FACTOR:g} times a uniform "
+                f"guess's ({self._reference:.3g}) {where}: the step size (lr) is most likely too large for this data")
+
     def _end_epoch(self) -> None:
-        """Noise M-step, then the epoch loop's end of epoch: timing, divergence check, callback."""
+        """Divergence check against the trivial prediction, noise M-step, then the epoch loop's end of
+        epoch: timing, check of the loss, callback."""
+        self.check_fit(float(self._epoch_stat), self._n)
         loss = self._nll(self._epoch_stat, self._n) / self._n
         if self.learn_noise:  # sigma^2 = the epoch's sum of squared residuals / N
             with torch.no_grad():

@@ -1,13 +1,14 @@
 """Training loops shared by the catalog's fitting procedures: seeding, minibatches, Adam, the
-epoch loop (progress, timing, divergence checks, callbacks) and SVI."""
+epoch loop (progress, timing, divergence checks, callbacks, checkpoints) and SVI."""
 
 from __future__ import annotations
 
 import math
 import random
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Protocol, Self
 
 import numpy as np
 import pyro
@@ -52,7 +53,7 @@ class TrainingHistory:
     epoch_seconds: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def extend(self, other: "TrainingHistory") -> None:
+    def extend(self, other: TrainingHistory) -> None:
         """Append ``other``'s epochs (a fit continued by another loop)."""
         self.loss.extend(other.loss)
         self.epoch_seconds.extend(other.epoch_seconds)
@@ -66,7 +67,7 @@ class TrainingHistory:
         return {"loss": list(self.loss), "epoch_seconds": list(self.epoch_seconds), **self.extra}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainingHistory":
+    def from_dict(cls, values: dict) -> TrainingHistory:
         values = dict(values)
         return cls(loss=list(values.pop("loss", [])), epoch_seconds=list(values.pop("epoch_seconds", [])),
                    extra=values)
@@ -86,8 +87,27 @@ class DivergenceError(BnnzooError, FloatingPointError):
         return type(self), (self.method, self.epoch, self.loss, self.reason)
 
 
+class Checkpoint(Protocol):
+    """Saves and restores a fit's progress for an :class:`EpochLoop` (the package's
+    :class:`bnnzoo.checkpoint.Checkpointer` implements it; this layer only calls it).
+
+    ``restore(loop)`` runs once when the loop is built: it puts back the state of a checkpoint, if
+    there is one to resume (the posterior's tensors, ``loop.state``'s objects, the history, the RNG
+    states), and sets ``loop.epoch`` (epochs done) and ``loop.best``. ``epoch_end(loop)`` runs after
+    every completed epoch (after ``on_epoch_end``) and writes a checkpoint when one is due.
+    ``interrupted(loop)`` runs when a ``KeyboardInterrupt`` leaves the loop: it writes the state of
+    the last completed epoch; the interrupt is then re-raised.
+    """
+
+    def restore(self, loop: EpochLoop) -> None: ...
+
+    def epoch_end(self, loop: EpochLoop) -> None: ...
+
+    def interrupted(self, loop: EpochLoop) -> None: ...
+
+
 class EpochLoop:
-    """Progress bar, timing, divergence checks and callbacks for the epochs of one fit.
+    """Progress bar, timing, divergence checks, callbacks and checkpoints for the epochs of one fit.
 
     Either iterate (``for epoch in loop: ...; loop.end_epoch(loss)``) or, for an event-driven
     sampler whose epochs end inside a kernel's ``sample``, call :meth:`begin_epoch` and
@@ -96,22 +116,37 @@ class EpochLoop:
     exceeds the best loss so far by more than ``explode_factor * max(1, |best|)``, records it and the
     epoch's wall time in :attr:`history`, then runs ``on_epoch_end(epoch, loss)`` outside the timed
     part.
+
+    Checkpoints: with a ``checkpoint`` (a :class:`Checkpoint`), the loop resumes where that
+    checkpoint left off (:attr:`epoch` starts at the epochs it holds; iterating yields only the
+    remaining ones), offers the checkpoint every completed epoch, and, used as a context manager
+    (``with loop: for epoch in loop: ...``), hands it a ``KeyboardInterrupt`` before re-raising
+    it. ``state`` names the fit's own stateful objects the checkpoint saves and restores beside the
+    posterior (``{"optimizer": optimizer}``: anything with ``state_dict`` / ``load_state_dict``).
     """
 
     def __init__(self, epochs: int, *, method: str, progress: bool = False, description: str | None = None,
                  on_epoch_end: Callable[[int, float], None] | None = None, explode_factor: float = 1e6,
-                 history: TrainingHistory | None = None):
+                 history: TrainingHistory | None = None, checkpoint: Checkpoint | None = None,
+                 state: Mapping[str, Any] | None = None):
         self.epochs = int(epochs)
         self.method = method
         self.on_epoch_end = on_epoch_end
         self.explode_factor = explode_factor
         self.history = history if history is not None else TrainingHistory()
+        self.state = dict(state or {})
+        self.checkpoint = checkpoint
+        #: epochs completed (by this loop, or by the fit a checkpoint resumed)
         self.epoch = 0
-        self._best = math.inf
+        #: the lowest loss so far (the reference of the explosion check)
+        self.best = math.inf
         self._start: float | None = None
+        if checkpoint is not None:
+            checkpoint.restore(self)
         # no bar at all unless asked: creating one (even disabled) takes tqdm's global lock, which a
         # process forked while another thread held it would wait for forever
-        self._bar = tqdm(total=self.epochs, desc=description or method, leave=False) if progress else None
+        self._bar = tqdm(total=self.epochs, initial=min(self.epoch, self.epochs), desc=description or method,
+                         leave=False) if progress else None
 
     def __iter__(self) -> Iterator[int]:
         try:
@@ -122,6 +157,22 @@ class EpochLoop:
                     raise RuntimeError("an EpochLoop epoch ended without end_epoch(loss)")
         finally:
             self.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+                self.interrupted()
+        finally:
+            self.close()
+        return False
+
+    def interrupted(self) -> None:
+        """The fit was interrupted (Ctrl-C): let the checkpoint write the last completed epoch."""
+        if self.checkpoint is not None:
+            self.checkpoint.interrupted(self)
 
     def begin_epoch(self) -> None:
         self._start = time.perf_counter()
@@ -134,11 +185,11 @@ class EpochLoop:
         if not math.isfinite(value):
             self.close()
             raise DivergenceError(self.method, self.epoch, value, "the loss is not finite")
-        if self._best < math.inf and value > self._best + self.explode_factor * max(1.0, abs(self._best)):
+        if self.best < math.inf and value > self.best + self.explode_factor * max(1.0, abs(self.best)):
             self.close()
             raise DivergenceError(self.method, self.epoch, value,
-                                  f"the loss exploded from its best value {self._best:.4g}")
-        self._best = min(self._best, value)
+                                  f"the loss exploded from its best value {self.best:.4g}")
+        self.best = min(self.best, value)
         self.history.loss.append(value)
         self.history.epoch_seconds.append(seconds)
         if self._bar is not None:
@@ -147,11 +198,25 @@ class EpochLoop:
         epoch, self.epoch = self.epoch, self.epoch + 1
         if self.on_epoch_end is not None:
             self.on_epoch_end(epoch, value)
+        if self.checkpoint is not None:
+            self.checkpoint.epoch_end(self)
         return value
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def raise_if_parameters_diverged(params, loop: EpochLoop, step: int, cause: BaseException | None = None) -> None:
+    """Raise :class:`DivergenceError` for ``loop``'s method and epoch, naming minibatch ``step``
+    (0-based within the epoch), when any of ``params`` holds NaN or inf; return otherwise. A fit
+    calls it where an error of a library (e.g. Pyro's argument checks) may stem from weights that
+    the previous optimiser step made non-finite, so that the user sees the divergence instead."""
+    if all(bool(torch.isfinite(p).all()) for p in params):
+        return
+    loop.close()
+    raise DivergenceError(loop.method, loop.epoch, math.nan,
+                          f"the weights became NaN or inf before minibatch step {step + 1} of the epoch") from cause
 
 
 def fit_svi(
@@ -167,6 +232,7 @@ def fit_svi(
     progress: bool = True,
     on_epoch_end: Callable[[int, float], None] | None = None,
     description: str = "SVI",
+    checkpoint: Checkpoint | None = None,
 ) -> TrainingHistory:
     """Stochastic variational inference: Adam on ``elbo(model, guide)`` over shuffled minibatches.
 
@@ -175,18 +241,28 @@ def fit_svi(
     epoch, so there is no host-device copy in the inner loop. ``on_epoch_end(epoch, loss)`` runs
     after each epoch, outside the timed part (pruning schedules and benchmarks use it); a
     non-finite or exploding loss raises :class:`DivergenceError`.
+
+    With a ``checkpoint`` (:class:`Checkpoint`) the fit resumes from it (the optimiser's state is
+    saved and restored with it, under ``"optimizer"``), offers it every epoch and hands it a
+    ``KeyboardInterrupt``; the returned history then holds only the epochs run by this call.
     """
     n = len(x)
     loss_fn = elbo(model, guide)
     optimizer = make_adam(loss_fn.parameters(), lr)
-    loop = EpochLoop(epochs, method=description, progress=progress, on_epoch_end=on_epoch_end)
-    for _ in loop:
-        total = torch.zeros((), device=x.device)
-        for idx in minibatches(n, batch_size, x.device):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(x[idx], y[idx], n)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(idx)
-        loop.end_epoch(total / n / n)
+    loop = EpochLoop(epochs, method=description, progress=progress, on_epoch_end=on_epoch_end,
+                     checkpoint=checkpoint, state={"optimizer": optimizer})
+    with loop:
+        for _ in loop:
+            total = torch.zeros((), device=x.device)
+            for step, idx in enumerate(minibatches(n, batch_size, x.device)):
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    loss = loss_fn(x[idx], y[idx], n)
+                except ValueError as exc:  # Pyro's support checks fail on a weight the last step made NaN/inf
+                    raise_if_parameters_diverged(loss_fn.parameters(), loop, step, exc)
+                    raise
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(idx)
+            loop.end_epoch(total / n / n)
     return loop.history

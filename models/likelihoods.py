@@ -12,6 +12,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
+_TINY = torch.finfo(torch.float32).tiny
+#: the scales (standard deviations) a float32 model can use: ``scale^2`` and ``1/scale^2`` both normal
+#: float32 numbers, neither underflowing nor overflowing
+FLOAT32_SCALE_RANGE = (math.sqrt(_TINY), 1.0 / math.sqrt(_TINY))
+
+
+def check_scale(name: str, value) -> float:
+    """``value`` as a float when it is a real number inside :data:`FLOAT32_SCALE_RANGE`; else a
+    :class:`~bnnzoo.models.errors.ConfigError` naming option ``name``, its value and the range.
+
+    A Gaussian scale outside that range gives a variance or a precision that float32 cannot hold
+    (``1e-30 ** -2`` overflows to inf, and the fit's first loss is NaN), so it is refused before any work.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"option {name!r} must be a positive finite number, got {value!r}")
+    lo, hi = FLOAT32_SCALE_RANGE
+    if not lo <= value <= hi:
+        raise ConfigError(
+            f"option {name!r} = {value:g} is outside [{lo:.3g}, {hi:.3g}], the scales whose variance and "
+            f"precision (1/{name}^2) float32 can hold: the fit would divide by zero or overflow")
+    return float(value)
+
 
 class Likelihood(nn.Module, ABC):
     """``p(y | f)``: observed under Pyro in :meth:`forward`, pointwise in :meth:`log_prob`."""
@@ -38,15 +62,16 @@ class Likelihood(nn.Module, ABC):
 class GaussianLikelihood(Likelihood):
     """``y ~ N(f, noise_scale^2)`` with the noise scale learned as a point estimate.
 
-    The scale is stored as its logarithm so that optimisation is unconstrained.
+    The scale is stored as its logarithm so that optimisation is unconstrained. The initial
+    ``noise_scale`` must lie in :data:`FLOAT32_SCALE_RANGE` (:func:`check_scale`; a
+    :class:`~bnnzoo.models.errors.ConfigError` otherwise).
     """
 
     task = "regression"
 
     def __init__(self, noise_scale: float = 0.5):
         super().__init__()
-        if isinstance(noise_scale, bool) or not isinstance(noise_scale, numbers.Real) or not 0 < noise_scale < math.inf:
-            raise ValueError(f"noise scale must be a positive finite number, got {noise_scale!r}")
+        noise_scale = check_scale("noise_scale", noise_scale)
         self.log_noise_scale = nn.Parameter(torch.tensor(math.log(noise_scale)))
 
     @property

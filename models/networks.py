@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "tanh": torch.tanh,
@@ -129,10 +131,10 @@ class Network:
         self.param_layers: list[ParamLayer] = [l for l in self.layers if isinstance(l, (Dense, Conv2d))]
         names = [l.name for l in self.param_layers]
         if len(set(names)) != len(names):
-            raise ValueError(f"layer names must be unique, got {names}")
+            raise ConfigError(f"layer names must be unique, got {names}")
         for layer in self.layers:
             if isinstance(layer, Activation) and layer.fn not in ACTIVATIONS:
-                raise ValueError(f"unknown activation {layer.fn!r}; choose one of {sorted(ACTIVATIONS)}")
+                raise ConfigError(f"unknown activation {layer.fn!r}; choose one of {sorted(ACTIVATIONS)}")
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -259,8 +261,13 @@ class Network:
 def mlp(in_features: int, hidden: list[int] | tuple[int, ...], out_features: int, activation: str = "relu",
         name: str | None = None) -> Network:
     """A fully connected network ``in - hidden... - out`` with ``activation`` between layers."""
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, (list, tuple)) or not all(
+            isinstance(h, int) and not isinstance(h, bool) for h in hidden):
+        raise ConfigError(f"hidden must be a list of layer widths (positive integers), got {hidden!r}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
     if in_features < 1 or out_features < 1 or any(int(h) < 1 for h in hidden):
-        raise ValueError(f"layer widths must be positive, got {in_features}, {list(hidden)}, {out_features}")
+        raise ConfigError(f"layer widths must be positive, got {in_features}, {list(hidden)}, {out_features}")
     widths = [int(in_features), *map(int, hidden), int(out_features)]
     layers: list = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -294,7 +301,10 @@ ARCHITECTURES = {"mlp": mlp, "lenet-300-100": lenet_300_100, "lenet5": lenet5}
 
 def build_network(arch: str, input_shape: tuple[int, ...], output_dim: int, hidden: list[int] | None = None,
                   activation: str = "relu") -> Network:
-    """Build a catalog architecture by name for data of ``input_shape`` and ``output_dim`` outputs."""
+    """Build a catalog architecture by name for data of ``input_shape`` and ``output_dim`` outputs;
+    a :class:`~bnnzoo.models.errors.ConfigError` names what is wrong with a bad description."""
+    if not isinstance(arch, str):
+        raise ConfigError(f"the network's arch must be a name, one of {sorted(ARCHITECTURES)}; got {arch!r}")
     if arch in ("mlp", "lenet-300-100"):
         in_features = math.prod(input_shape)
         if arch == "mlp":
@@ -306,6 +316,6 @@ def build_network(arch: str, input_shape: tuple[int, ...], output_dim: int, hidd
         return net
     if arch == "lenet5":
         if len(input_shape) != 3:
-            raise ValueError(f"lenet5 needs image inputs (channels, height, width), got shape {input_shape}")
+            raise ConfigError(f"lenet5 needs image inputs (channels, height, width), got shape {input_shape}")
         return lenet5(input_shape[0], output_dim, input_shape[1])
-    raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")

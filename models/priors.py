@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .likelihoods import check_scale
 from .networks import Network
 
 
@@ -24,8 +22,7 @@ class GaussianPrior(nn.Module):
 
     def __init__(self, net: Network, scale: float = 1.0):
         super().__init__()
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
-            raise ValueError(f"prior scale must be a positive finite number, got {scale!r}")
+        scale = check_scale("prior_scale", scale)  # a ConfigError outside float32's usable range
         self.net = net
         self.scale_value = float(scale)
         self.register_buffer("scale", torch.tensor(float(scale)), persistent=False)

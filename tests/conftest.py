@@ -5,8 +5,11 @@ Tests marked ``@pytest.mark.cuda`` are skipped on machines without CUDA.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 import bnnzoo
 from bnnzoo.data import load_dataset, load_mnist
@@ -15,6 +18,12 @@ from bnnzoo.models import BayesianNeuralNetwork, GaussianPrior, make_likelihood
 # The test networks are tiny: one thread is faster than two, and on a busy machine a second
 # OpenMP thread spin-waits for a core (tiny fits then run 10-40 times slower).
 torch.set_num_threads(1)
+
+# Property-based tests draw the same examples on every run (a failure in CI reproduces locally);
+# BNNZOO_HYPOTHESIS_PROFILE_GLOBAL=explore draws new ones.
+settings.register_profile("suite", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("BNNZOO_HYPOTHESIS_PROFILE_GLOBAL", "suite"))
 
 
 def pytest_collection_modifyitems(config, items):

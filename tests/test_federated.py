@@ -4,16 +4,24 @@ processes)."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import math
+import multiprocessing as mp
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from bnnzoo.cli import main
 from bnnzoo.data import load_dataset
+from bnnzoo.errors import ConfigError
 from bnnzoo.federated import (
     codec,
     gaussian_product,
@@ -24,9 +32,18 @@ from bnnzoo.federated import (
 )
 from bnnzoo.federated.client import StandardizedClient, local_passes
 from bnnzoo.federated.fedavg import get_weights
+from bnnzoo.federated.handshake import (
+    FederatedError,
+    mismatches,
+    resolve_min_clients,
+    run_spec,
+)
 from bnnzoo.federated.run import (
+    FederatedServer,
+    _client_process,
     build_posterior,
     client_spec,
+    free_port,
     make_client,
     run_federated,
 )
@@ -303,8 +320,9 @@ def test_two_client_loopback_run_completes_and_improves(boston):
 
 
 def test_a_client_that_disconnects_mid_round_does_not_stop_the_server(boston):
-    run = run_federated(boston, num_clients=3, rounds=3, seed=1, partition="label-skew", crash=(0, 2))
+    run = run_federated(boston, num_clients=3, rounds=3, seed=1, partition="label-skew", crash=(0, 2), min_clients=2)
     h = run.history
+    assert list(run.failed_clients) == ["client 0"] and run.failed_clients["client 0"].startswith("round 2:")
     assert h["round"] == [1, 2, 3]
     assert h["clients"][0] == 3 and h["clients"][1] == 2 and h["clients"][2] == 2
     assert h["failures"][1] == 1
@@ -345,3 +363,202 @@ def test_a_client_without_local_fit_cannot_be_made():
 
     with pytest.raises(TypeError, match="local_fit"):
         Incomplete(torch.zeros(3, 2), torch.zeros(3), "regression", "cpu")
+
+
+# ---- honest rounds: the handshake, the minimum per round, TLS, clear failures -------------------
+def _tls_certificates() -> tuple[bytes, bytes, bytes]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (PEM: CA certificate,
+    server certificate, server key), made here and never written to the repository."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject, key, issuer, issuer_key, ca):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bnnzoo test CA")])
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    ca = certificate(ca_name, ca_key, ca_name, ca_key, True)
+    cert = certificate(server_name, server_key, ca_name, ca_key, False)
+    pem = serialization.Encoding.PEM
+    key = server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return ca.public_bytes(pem), cert.public_bytes(pem), key
+
+
+def _serve(server, clients, certificates=None, timeout=60.0, client_tls=True):
+    """Serve ``server`` on a free loopback port, with TLS when given ``certificates``, and one forked
+    process per client ``(spec, x, y, crash_round)`` (trusting the CA of ``certificates`` unless
+    ``client_tls`` is false); returns the model (or the raised error) and the clients' exit codes."""
+    address = f"127.0.0.1:{free_port()}"
+    root = None if certificates is None or not client_tls else certificates[0]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_client_process, daemon=True,
+                         args=(address, spec, x, y, 1, True, crash, root, timeout)) for spec, x, y, crash in clients]
+    for proc in procs:
+        proc.start()
+    try:
+        try:
+            outcome = server.serve(address, timeout, certificates)
+        except FederatedError as err:
+            outcome = err
+    finally:
+        for proc in procs:
+            proc.join(timeout=20)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=10)
+    return outcome, [proc.exitcode for proc in procs]
+
+
+@pytest.mark.parametrize("min_clients", [2, 3])
+def test_a_tls_run_names_a_misconfigured_and_a_killed_client(boston, capfd, min_clients):
+    """Four clients over TLS: client 2 was started with another hidden width, client 3 dies in round
+    2. The handshake refuses client 2 by name (it exits non-zero saying why, without a traceback);
+    with a minimum of 2 the run finishes with clients 0 and 1 and names client 3 as failed in round
+    2; with a minimum of 3, round 2 falls short and the run fails loudly, naming both."""
+    network = {"arch": "mlp", "hidden": [8]}
+    reports = []
+    server = FederatedServer(boston, num_clients=4, rounds=3, network=network, min_clients=min_clients, keep=0.5,
+                             report=reports.append)
+    other = build_posterior(boston, network={"arch": "mlp", "hidden": [9]}, keep=0.5)
+    parts = iid(len(boston.y_train), 4, seed=0)
+    specs = [server.client_spec(k, name=f"client {k}") for k in range(4)]
+    specs[2] = client_spec("em-tdamp", other.config, "cpu", 2, name="client 2")
+    clients = [(spec, boston.x_train[p], boston.y_train[p], 2 if k == 3 else None)
+               for k, (spec, p) in enumerate(zip(specs, parts))]
+    outcome, codes = _serve(server, clients, _tls_certificates())
+    err = capfd.readouterr().err
+    assert list(server.roster.refused) == ["client 2"]
+    assert server.roster.refused["client 2"] == "network mlp-13-9-1, the server's mlp-13-8-1"
+    assert list(server.roster.failed) == ["client 3"] and server.roster.failed["client 3"].startswith("round 2: ")
+    assert "client 2: the server at 127.0.0.1" in err and "refused this client: network mlp-13-9-1" in err
+    assert "Traceback" not in err
+    assert codes[2] == 2 and codes[3] == 3  # refused; killed
+    assert any("refused client 'client 2'" in r for r in reports) and any("'client 3' failed" in r for r in reports)
+    if min_clients == 2:
+        assert isinstance(outcome, TDAMPPosterior), outcome
+        assert server.history["clients"] == [3, 2, 2] and server.history["eval_round"] == [1, 2, 3]
+        assert all(math.isfinite(v) for v in server.history["nmse"])
+        assert codes[:2] == [0, 0]
+    else:
+        assert isinstance(outcome, FederatedError)
+        message = str(outcome)
+        assert message.startswith("round 2: 2 of the 3 clients asked answered, fewer than the minimum 3")
+        assert "client 3: round 2: " in message and "client 2: refused (network mlp-13-9-1" in message
+        assert server.history["eval_round"] == [1]  # nothing evaluated after the short round
+        assert codes[:2] == [2, 2] and err.count("the server stopped the run: round 2") == 2
+
+
+def test_a_server_waits_reporting_progress_and_refuses_a_wrong_token(boston, capfd):
+    """One of two clients connects, with the wrong token: the server reports the waiting, starts
+    with it when the wait times out (the minimum is 1), refuses it in the handshake and fails with
+    no client left; the client says the server ended the run before its first round."""
+    reports = []
+    server = FederatedServer(boston, num_clients=2, rounds=2, network={"arch": "mlp", "hidden": [4]}, min_clients=1,
+                             token="s3cret", wait_timeout=3.0, report_every=1.0, report=reports.append)
+    spec = server.client_spec(0, name="intruder", token="guess")
+    outcome, codes = _serve(server, [(spec, boston.x_train[:100], boston.y_train[:100], None)])
+    assert any(r.startswith("waiting for clients: ") and "of 2 connected" in r for r in reports)
+    assert any(r.startswith("starting with 1 of 2 clients after") for r in reports)
+    assert server.roster.refused == {"intruder": "wrong or missing token"}
+    assert isinstance(outcome, FederatedError)
+    assert str(outcome).startswith("the handshake and statistics round: 0 of the 1 clients asked were accepted")
+    assert codes == [2] and "ended the run before this client's first round" in capfd.readouterr().err
+
+
+def test_a_server_whose_clients_never_come_fails_naming_the_count(boston):
+    server = FederatedServer(boston, num_clients=3, rounds=1, network={"arch": "mlp", "hidden": [4]},
+                             min_clients=0.5, wait_timeout=0.5, report_every=0.2)
+    outcome, _ = _serve(server, [])
+    assert isinstance(outcome, FederatedError)
+    assert str(outcome).startswith("only 0 of 3 clients connected in 0 s; the run needs at least 2 (")
+
+
+def test_a_client_without_tls_cannot_join_a_tls_server(boston, capfd):
+    server = FederatedServer(boston, num_clients=1, rounds=1, network={"arch": "mlp", "hidden": [4]}, wait_timeout=2)
+    spec = server.client_spec(0, name="plain")
+    outcome, codes = _serve(server, [(spec, boston.x_train, boston.y_train, None)], _tls_certificates(), timeout=1.0,
+                            client_tls=False)
+    assert isinstance(outcome, FederatedError) and str(outcome).startswith("only 0 of 1 clients connected")
+    err = capfd.readouterr().err
+    assert codes == [2] and "plain: the connection to the server at 127.0.0.1:" in err
+    assert "whether it uses TLS (then give --root-certificates)" in err and "Traceback" not in err
+
+
+def test_min_clients_counts_and_fractions():
+    assert resolve_min_clients(None, 4) == 4 and resolve_min_clients(3, 4) == 3
+    assert resolve_min_clients(0.5, 4) == 2 and resolve_min_clients(0.6, 4) == 3 and resolve_min_clients(1.0, 4) == 4
+    for bad in (0, 5, 0.0, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="min_clients"):
+            resolve_min_clients(bad, 4)
+
+
+def test_the_handshake_names_every_difference(boston):
+    server = build_posterior(boston, network={"arch": "mlp", "hidden": [8]}, keep=0.5)
+    same = build_posterior(boston, network={"arch": "mlp", "hidden": [8]}, keep=0.3, seed=4)  # server-side options
+    other = build_posterior(boston, network={"arch": "mlp", "hidden": [8, 4]}, damping=0.5, batch_size=64)
+    assert mismatches(run_spec("em-tdamp", server), run_spec("em-tdamp", same)) == []
+    assert mismatches(run_spec("em-tdamp", server), run_spec("fedavg", other)) == [
+        'method "fedavg", the server\'s "em-tdamp"', "network mlp-13-8-4-1, the server's mlp-13-8-1",
+        "option guide.damping 0.5, the server's 0.8", "option train.batch_size 64, the server's 32"]
+
+
+def test_a_client_pointed_at_a_closed_port_says_so():
+    port = free_port()
+    result = CliRunner().invoke(main, ["federated-client", "--server", f"127.0.0.1:{port}", "--timeout", "0.5"])
+    assert result.exit_code == 1 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert f"cannot reach the server at 127.0.0.1:{port}" in result.output and "Traceback" not in result.output
+
+
+def test_bad_server_options_are_refused_before_any_work(tmp_path):
+    runner = CliRunner()
+    short = runner.invoke(main, ["federated", "--clients", "2", "--min-clients", "3"])
+    assert short.exit_code == 2 and "--min-clients" in short.output and "[1, 2]" in short.output
+    half_tls = runner.invoke(main, ["federated", "--serve", "127.0.0.1:1", "--ssl-certfile", __file__])
+    assert half_tls.exit_code == 2 and "--ssl-ca-certfile" in half_tls.output
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    no_token = runner.invoke(main, ["federated", "--token-file", str(empty)])
+    assert no_token.exit_code == 2 and "is empty" in no_token.output
+
+
+def test_cli_server_with_tls_and_token_fails_when_a_client_runs_another_network(boston, tmp_path):
+    """``bnnzoo federated --serve`` with TLS and a token, two clients of which one runs another
+    hidden width: the handshake leaves one client, fewer than all (the default minimum), so the
+    command fails naming the refused client and its network instead of reporting the prior's metrics."""
+    files = dict(zip(("ca.pem", "server.pem", "server.key", "token"), (*_tls_certificates(), b"s3cret\n")))
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+    address = f"127.0.0.1:{free_port()}"
+    good = build_posterior(boston, network={"arch": "mlp", "hidden": [6]})
+    bad = build_posterior(boston, network={"arch": "mlp", "hidden": [7]})
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_client_process, daemon=True,
+                         args=(address, client_spec("em-tdamp", post.config, "cpu", k, name=f"host-{k}", token="s3cret"),
+                               boston.x_train[k::2], boston.y_train[k::2], 1, True, None, files["ca.pem"], 30.0))
+             for k, post in enumerate((good, bad))]
+    for proc in procs:
+        proc.start()
+    try:
+        result = CliRunner().invoke(main, [
+            "federated", "--serve", address, "--clients", "2", "--rounds", "2", "--hidden", "6",
+            "--ssl-ca-certfile", str(tmp_path / "ca.pem"), "--ssl-certfile", str(tmp_path / "server.pem"),
+            "--ssl-keyfile", str(tmp_path / "server.key"), "--token-file", str(tmp_path / "token"),
+            "--wait-timeout", "30"])
+    finally:
+        for proc in procs:
+            proc.join(timeout=20)
+            if proc.is_alive():
+                proc.terminate()
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the handshake and statistics round: 1 of the 2 clients asked were accepted")
+    assert "host-1: refused (network mlp-13-7-1, the server's mlp-13-6-1)" in last
+    assert "TLS, token required" in result.output and "nmse" not in result.output
+    assert [p.exitcode for p in procs] == [2, 2]

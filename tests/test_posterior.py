@@ -15,6 +15,7 @@ import torch
 import bnnzoo
 from bnnzoo import metrics
 from bnnzoo.data import DataError, load_dataset
+from bnnzoo.errors import ConfigError, RunError
 from bnnzoo.guides.training import TrainingHistory
 from bnnzoo.models.standardizer import Standardizer
 from bnnzoo.posterior import FitState, GuidePosterior, PruningRecord
@@ -254,9 +255,9 @@ def test_reduce_is_refused_without_gaussian_weights(fitted_map, fitted_meanfield
 
 def test_load_of_a_directory_that_is_not_a_run(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(FileNotFoundError, match="is not a saved bnnzoo posterior"):
+    with pytest.raises(RunError, match="is not a saved bnnzoo posterior"):
         bnnzoo.load(tmp_path)
-    with pytest.raises(FileNotFoundError, match="is not a saved bnnzoo posterior"):
+    with pytest.raises(RunError, match="is not a saved bnnzoo posterior"):
         bnnzoo.load(tmp_path / "missing")
 
 
@@ -318,11 +319,11 @@ def test_unknown_names_and_options(boston):
 
 def test_bad_prior_scale():
     for bad in (-1.0, 0.0, float("nan"), float("inf"), "abc", [1.0]):
-        with pytest.raises(ValueError, match="prior scale"):
+        with pytest.raises(ConfigError, match="prior_scale"):
             bnnzoo.create("meanfield-vi", "regression", (13,), 1, prior_scale=bad, device="cpu")
     with pytest.raises(ValueError, match="init_scale"):
         bnnzoo.create("meanfield-vi", "regression", (13,), 1, init_scale=0.0, device="cpu")
-    with pytest.raises(ValueError, match="noise scale"):
+    with pytest.raises(ConfigError, match="noise_scale"):
         bnnzoo.create("map", "regression", (13,), 1, noise_scale=-2.0, device="cpu")
 
 

@@ -1,5 +1,6 @@
 """Runs saved by an earlier layout of the package (format 1: the networks in ``bnnzoo.nets``, the
-methods under ``bnnzoo.methods``) still load and predict exactly as they did when saved."""
+methods under ``bnnzoo.methods``; format 2 before runs had a manifest) still load and predict
+exactly as they did when saved."""
 
 from __future__ import annotations
 
@@ -48,3 +49,20 @@ def test_run_saved_in_format1_loads_into_the_typed_state(name, tmp_path):
     a, b = posterior.predict(x, num_samples=8, seed=0), again.predict(x, num_samples=8, seed=0)
     assert torch.equal(a.mean, b.mean) and torch.equal(a.std, b.std)
     assert again.config == posterior.config and again.fit_state == posterior.fit_state
+
+
+@pytest.mark.parametrize("name", sorted(SAVED["predictions"]))
+def test_run_saved_in_format2_without_a_manifest_still_loads(name, tmp_path):
+    """Format 2 as first saved (no manifest.json, no "manifest" key in config.json) loads with the
+    structural checks only, and predicts as saved."""
+    path = bnnzoo.load(RUNS / name).save(tmp_path / "run")
+    (path / "manifest.json").unlink()
+    meta = json.loads((path / "config.json").read_text())
+    del meta["manifest"]
+    (path / "config.json").write_text(json.dumps(meta, indent=2))
+    posterior = bnnzoo.load(path)
+    x = torch.tensor(SAVED["x"])
+    pred = posterior.predict(x, num_samples=8, seed=0)
+    expected = SAVED["predictions"][name]
+    torch.testing.assert_close(pred.mean, torch.tensor(expected["mean"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pred.std, torch.tensor(expected["std"]), rtol=1e-5, atol=1e-5)

@@ -1,27 +1,99 @@
-"""What the ``bnnzoo`` commands share: ``--set KEY=VALUE`` parsing and the test metrics of a run."""
+"""What the ``bnnzoo`` commands share: ``--set KEY=VALUE`` parsing and the checks run before any
+work (options against the entry's schema, the output directory), and the test metrics of a run."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import click
+
+from ..catalog import get_entry
+from ..errors import ConfigError, RunError
+from ..runs import check_target
+
+#: ``--set`` values written the Python way, read as their JSON counterparts
+_PYTHON_LITERALS = {"True": True, "False": False, "None": None}
 
 #: the entries of :func:`run_metrics` that describe the network rather than its predictions
 SPARSITY_KEYS = ("weights_pruned_fraction", "hidden_groups_pruned_fraction", "architecture")
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict:
-    """``("key=value", ...)`` as a dict; a value is read as JSON where it parses, else kept as text."""
+    """``("key=value", ...)`` as a dict. A value is read as a JSON literal where it parses (``3``,
+    ``2.5``, ``1e-3``, ``true``, ``null``, ``[50, 20]``, ``"text"``; also Python's ``True``,
+    ``False`` and ``None``), else kept as text (``rule=ss``); the entry's schema then checks it
+    (:func:`check_options`), so ``lr=abc`` is refused there as not a number. A key given twice with
+    different values is a usage error."""
     out = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
+        key, sep, text = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        if text.strip() in _PYTHON_LITERALS:
+            value = _PYTHON_LITERALS[text.strip()]
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+        if key in out and out[key] != value:
+            raise click.BadParameter(f"{key} is given twice, as {out[key]!r} and {value!r}", param_hint="--set")
+        out[key] = value
     return out
+
+
+def merge_options(options: dict, **flags) -> dict:
+    """``options`` (from ``--set``) joined with the command's own option flags (``--epochs``...,
+    ``None`` where not given): a flag and a ``--set`` of the same option must agree, else a usage
+    error naming both."""
+    out = dict(options)
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in out and out[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise click.UsageError(f"{flag} {value} and --set {key}={json.dumps(out[key])} disagree: give one")
+        out[key] = value
+    return out
+
+
+def check_options(name: str, task: str, options: dict) -> dict:
+    """``options`` of catalog entry ``name`` checked against its schema for ``task`` before any
+    work (:meth:`~bnnzoo.catalog.CatalogEntry.check_options`); an unknown entry or option, or a
+    value of the wrong type or out of range, is a command-line error naming the option and what it
+    allows. Returns the options in canonical form."""
+    try:
+        return get_entry(name).check_options(task, options)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def check_out(path, overwrite: bool = False, what: str = "--out") -> Path:
+    """Check before any work that a run can be written at ``path``: its nearest existing ancestor
+    is a writable directory, the path is not a file, and an existing non-empty directory needs
+    ``overwrite`` (:func:`bnnzoo.runs.check_target`). A command-line error otherwise."""
+    path = Path(path)
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.ClickException(f"{what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise click.ClickException(f"{what} {path}: the directory {parent} is not writable")
+    try:
+        return check_target(path, overwrite)
+    except RunError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def check_federated_out(method: str, out) -> None:
+    """``bnnzoo federated``: ``--out`` saves an EM-TDAMP run, so with ``--method fedavg`` (a plain
+    network, no posterior to save) it is a usage error, raised before any round."""
+    if out is not None and method != "em-tdamp":
+        raise click.UsageError(f"--out saves EM-TDAMP runs; --method {method} returns a plain network: drop --out")
 
 
 def print_metrics(metrics: dict) -> None:

@@ -10,27 +10,12 @@ import click
 import numpy as np
 
 from bnnzoo import metrics
-from bnnzoo.api import load
-from bnnzoo.data import DataError, load_dataset
 from bnnzoo.diagnostics import group_variable, save, summary_variables
+
+from .evaluate import dataset_for_run, load_run
 
 #: a forest plot shows at most this many groups (neurons, filters) per layer
 MAX_FOREST_GROUPS = 40
-
-
-def _dataset(posterior, data: str | None):
-    """``--data`` if given, else the data the run recorded (its source, then its name)."""
-    saved = posterior.config.get("data", {})
-    split = saved.get("split") or 0
-    candidates = [data] if data is not None else [saved.get("source"), saved.get("name")]
-    errors = []
-    for candidate in filter(None, candidates):
-        try:
-            return load_dataset(candidate, split=split)
-        except DataError as err:
-            errors.append(str(err))
-    detail = f": {errors[-1]}" if errors else ""
-    raise click.ClickException(f"no usable data for this run (pass --data NAME_OR_DIR){detail}")
 
 
 def _save(fig, path: Path, written: list[Path]) -> None:
@@ -249,11 +234,8 @@ def command(run_dir, out, num_samples, data, device, reloo, exact_loo) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         import arviz  # lazy: arviz, kept off the CLI's start-up  # noqa: F401
 
-    try:
-        posterior = load(run_dir, device=device)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
-        raise click.ClickException(str(err.args[0] if err.args else err)) from None
-    dataset = _dataset(posterior, data)
+    posterior = load_run(run_dir, device)
+    dataset = dataset_for_run(posterior, data, None)
     out = Path(out or Path(run_dir) / "diagnostics")
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

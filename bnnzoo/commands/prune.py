@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
-from bnnzoo.api import load
-from bnnzoo.data import DataError, load_dataset
+from bnnzoo.errors import BnnzooError, RunError
+from bnnzoo.runs import check_target, run_dataset
 
 from .common import SPARSITY_KEYS, print_metrics, run_metrics
+from .evaluate import load_run
 
 
 def _layer_fractions(sparsity: dict) -> dict:
@@ -19,21 +20,14 @@ def _layer_fractions(sparsity: dict) -> dict:
 
 
 def _test_data(posterior, data: str | None):
-    """The test data: ``--data`` if given, else what the run recorded (its source, then its name)."""
-    saved = posterior.config.get("data", {})
-    split = saved.get("split") or 0
-    if data is not None:
-        try:
-            return load_dataset(data, split=split)
-        except DataError as err:
+    """The test data (:func:`bnnzoo.runs.run_dataset`): ``--data`` if given (an error if unusable),
+    else what the run recorded (its source if it exists here, then its name), else ``None``."""
+    try:
+        return run_dataset(posterior.config.get("data", {}), data)
+    except BnnzooError as err:  # DataError
+        if data is not None:
             raise click.ClickException(str(err)) from None
-    for candidate in (saved.get("source"), saved.get("name")):
-        if candidate:
-            try:
-                return load_dataset(candidate, split=split)
-            except DataError:
-                continue
-    return None
+        return None
 
 
 @click.command("prune")
@@ -48,13 +42,16 @@ def _test_data(posterior, data: str | None):
 @click.option("--data", "data", default=None, help="test data (default: the data the run was fitted on)")
 @click.option("--num-samples", default=100, show_default=True, help="posterior draws for the test metrics")
 @click.option("--device", default="cpu", show_default=True)
-def command(run_dir, out, rule, level, prune_last, data, num_samples, device) -> None:
+@click.option("--overwrite", is_flag=True, help="replace an existing run at --out (otherwise refused)")
+def command(run_dir, out, rule, level, prune_last, data, num_samples, device, overwrite) -> None:
     """Prune the saved run RUN_DIR by Bayesian model reduction (no refitting) and save the reduced
     run with a report: per-layer pruned fraction and test metrics before and after."""
+    run = Path(out or f"{str(run_dir).rstrip('/')}-bmr-{rule}")
     try:
-        posterior = load(run_dir, device=device)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        raise click.ClickException(str(err.args[0] if err.args else err)) from None
+        check_target(run, overwrite)  # refused before the work, not after it
+    except RunError as err:
+        raise click.ClickException(str(err)) from None
+    posterior = load_run(run_dir, device)
     dataset = _test_data(posterior, data)
 
     start = time.perf_counter()
@@ -80,11 +77,13 @@ def command(run_dir, out, rule, level, prune_last, data, num_samples, device) ->
         report["test_before"] = run_metrics(posterior, dataset, num_samples)
         report["test_after"] = run_metrics(reduced, dataset, num_samples)
 
-    run = Path(out or f"{str(run_dir).rstrip('/')}-bmr-{rule}")
-    reduced.save(run)
+    extra = {"bmr_report.json": json.dumps(report, indent=2)}
     if dataset is not None:
-        (run / "metrics.json").write_text(json.dumps(report["test_after"], indent=2))
-    (run / "bmr_report.json").write_text(json.dumps(report, indent=2))
+        extra["metrics.json"] = json.dumps(report["test_after"], indent=2)
+    try:  # the reduced run, its metrics and its report appear at once
+        reduced.save(run, overwrite=overwrite, extra_files=extra)
+    except RunError as err:
+        raise click.ClickException(str(err)) from None
 
     click.echo(f"{posterior!r}: Bayesian model reduction ({rule}, {level}) in {seconds:.3f} s")
     click.echo(f"  {'layer':>10s}  pruned before -> after")

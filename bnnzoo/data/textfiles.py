@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .validate import MAX_MAGNITUDE
 
 
 def _read_text(path: Path) -> str:
@@ -31,7 +32,8 @@ def _content_lines(path: Path) -> list[str]:
 
 
 def read_table(path: Path) -> np.ndarray:
-    """A float64 matrix from a whitespace-separated file; rejects ragged rows, non-numbers, NaN, inf."""
+    """A float64 matrix from a whitespace-separated file; rejects ragged rows, non-numbers, NaN, inf
+    and magnitudes above :data:`~bnnzoo.data.validate.MAX_MAGNITUDE` (beyond what a float32 fit can use)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing file: {path}")
@@ -68,6 +70,14 @@ def _read_table_cached(path_str: str, _mtime: int, _size: int) -> np.ndarray:
         raise DataError(
             f"{path} line {i + 1}, column {j + 1}: value {rows[i][j]!r} is not finite "
             f"({nrows} rows hold NaN or inf)"
+        )
+    big = np.abs(table) > MAX_MAGNITUDE
+    if big.any():
+        i, j = (int(v) for v in np.argwhere(big)[0])
+        raise DataError(
+            f"{path} line {i + 1}, column {j + 1}: value {rows[i][j]!r} exceeds {MAX_MAGNITUDE:g} in magnitude "
+            f"(rows holding such values: {int(big.any(axis=1).sum())}): fits compute in float32, where such "
+            f"values overflow; rescale the column (e.g. change its units)"
         )
     table.setflags(write=False)
     return table

@@ -6,13 +6,24 @@
 - :mod:`.client`: the Flower client (TDAMP passes on local data from the global posterior);
 - :mod:`.strategy`: the Flower strategy (aggregation, EM step, broadcast);
 - :mod:`.fedavg`: the FedAvg-of-Adam baseline on Flower's ``FedAvg``;
+- :mod:`.handshake`: the run spec server and clients must share, :class:`FederatedError`;
+- :mod:`.roster`: who takes part: waiting, the handshake, the minimum of clients per round;
 - :mod:`.run`: one-machine runs, server plus client processes on loopback.
 """
 
 from .aggregation import gaussian_product, product_of_odds
+from .handshake import FederatedError
 from .partition import iid, label_skew, partition
 
-__all__ = ["gaussian_product", "product_of_odds", "iid", "label_skew", "partition", "run_federated"]
+__all__ = [
+    "FederatedError",
+    "gaussian_product",
+    "iid",
+    "label_skew",
+    "partition",
+    "product_of_odds",
+    "run_federated",
+]
 
 
 def run_federated(*args, **kwargs):

@@ -6,11 +6,12 @@ runs ``epochs`` TDAMP passes over its own examples (with the geometric weighting
 scaled so that the local posterior stands for the whole training set: :func:`local_passes`) and
 returns its local posterior: slab means and variances, inclusion probabilities and the noise
 statistics of its passes. The EM step is the server's. Round 1 of a run is the statistics round
-(:mod:`.standardize`).
+(:mod:`.standardize`), which also carries the handshake (:mod:`.handshake`).
 """
 
 from __future__ import annotations
 
+import json
 from abc import abstractmethod
 
 import torch
@@ -18,7 +19,7 @@ from flwr.client import NumPyClient
 
 from bnnzoo.guides.training import EpochLoop, TrainingHistory, minibatches
 
-from . import codec
+from . import codec, handshake
 from .standardize import STAGE_KEY, STANDARDIZER_KEY, STATISTICS, decode, moments
 
 
@@ -46,7 +47,11 @@ class StandardizedClient(NumPyClient):
     The local epochs of every round run in an :class:`~bnnzoo.guides.training.EpochLoop` (timing,
     divergence check) recording into :attr:`history`, one entry per local epoch over all rounds; a
     diverging client raises :class:`~bnnzoo.guides.training.DivergenceError`, which Flower reports
-    to the server as a failure of that round."""
+    to the server as a failure of that round.
+
+    Introduced (:meth:`introduce`), a client answers the handshake of the statistics round with
+    its name, run spec and token, and records in :attr:`refusal` how its spec differs from the
+    server's; :attr:`rounds_done` counts the local rounds it ran."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, task: str, device):
         if len(x) != len(y) or len(x) == 0:
@@ -54,6 +59,17 @@ class StandardizedClient(NumPyClient):
         self.x_raw, self.y_raw, self.task, self.device = x, y, task, torch.device(device)
         self._blob, self.x, self.y = None, None, None
         self.history = TrainingHistory()
+        self.identity: dict | None = None  # the handshake reply (see introduce)
+        self._spec: dict | None = None
+        self.refusal: list[str] = []  # how this client's run spec differs from the server's
+        self.rounds_done = 0  # local rounds run (the statistics round not counted)
+
+    def introduce(self, name: str, spec: dict, token: str | None = None) -> None:
+        """Take part in the server's handshake (:mod:`.handshake`) as ``name`` with the run spec
+        ``spec`` and the shared ``token``: the statistics round's reply then carries them, and
+        :attr:`refusal` lists how ``spec`` differs from the server's."""
+        self.identity = handshake.introduce(name, spec, token)
+        self._spec = spec
 
     def local_epochs(self, config, method: str) -> EpochLoop:
         """The epoch loop of one round's ``config["epochs"]`` local epochs, recording into :attr:`history`."""
@@ -70,8 +86,23 @@ class StandardizedClient(NumPyClient):
 
     def fit(self, parameters, config):
         if config.get(STAGE_KEY) == STATISTICS:
-            return moments(self.x_raw, self.y_raw, self.task), len(self.x_raw), {}
-        return self.local_fit(parameters, config)
+            metrics = {}
+            if self.identity is not None:
+                metrics = dict(self.identity)
+                if handshake.HANDSHAKE_KEY in config:
+                    self.refusal = handshake.mismatches(json.loads(str(config[handshake.HANDSHAKE_KEY])), self._spec)
+            return moments(self.x_raw, self.y_raw, self.task), len(self.x_raw), metrics
+        out = self.local_fit(parameters, config)
+        self.rounds_done += 1
+        return out
+
+    def evaluate(self, parameters, config):
+        """The clients evaluate nothing (the server holds the test data); the one evaluation
+        instruction they get is the server's notice that the run stopped (stage ``"abort"``), raised
+        here as :class:`~.handshake.FederatedError` with the server's reason."""
+        if config.get(STAGE_KEY) == handshake.ABORT:
+            raise handshake.FederatedError(f"the server stopped the run: {config.get(handshake.REASON_KEY, '')}")
+        return 0.0, 0, {}
 
     @abstractmethod
     def local_fit(self, parameters, config):

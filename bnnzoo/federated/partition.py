@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from bnnzoo.errors import ConfigError
+
 SCHEMES = ("iid", "label-skew")
 
 
@@ -26,7 +28,7 @@ def label_skew(labels: torch.Tensor, num_clients: int, alpha: float = 0.5, seed:
     labels = torch.as_tensor(labels).cpu()
     _check(len(labels), num_clients, min_size)
     if not alpha > 0:
-        raise ValueError(f"alpha must be positive, got {alpha!r}")
+        raise ConfigError(f"alpha must be positive, got {alpha!r}")
     if labels.is_floating_point():
         edges = torch.quantile(labels.double(), torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)[1:-1])
         labels = torch.bucketize(labels.double(), edges)
@@ -63,11 +65,11 @@ def partition(targets: torch.Tensor, num_clients: int, scheme: str = "iid", seed
         return iid(len(targets), num_clients, seed)
     if scheme == "label-skew":
         return label_skew(targets, num_clients, alpha=alpha, seed=seed, **options)
-    raise ValueError(f"unknown partition {scheme!r}; choose from {SCHEMES}")
+    raise ConfigError(f"unknown partition {scheme!r}; choose from {SCHEMES}")
 
 
 def _check(num_examples: int, num_clients: int, min_size: int = 1) -> None:
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
+        raise ConfigError(f"num_clients must be a positive integer, got {num_clients!r}")
     if num_examples < num_clients * min_size:
         raise ValueError(f"{num_examples} examples cannot give {num_clients} clients {min_size} examples each")

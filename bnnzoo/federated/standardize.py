@@ -19,6 +19,8 @@ from flwr.server.strategy import Strategy
 
 from bnnzoo.models.standardizer import Standardizer
 
+from .handshake import FederatedError
+
 STAGE_KEY, STATISTICS, STANDARDIZER_KEY = "stage", "statistics", "standardizer"
 
 
@@ -72,15 +74,15 @@ def decode(blob: bytes, device="cpu") -> Standardizer:
 
 
 class StandardizingStrategy(Strategy):
-    """``inner`` (any Flower strategy) preceded by the statistics round: round 1 waits for
-    ``num_clients`` clients, collects their :func:`moments` and builds the standardiser (handed to
-    ``on_standardizer``); server round ``r >= 2`` is the inner strategy's round ``r - 1``, with the
-    standardiser added to every client's fit configuration."""
+    """``inner`` (any Flower strategy) preceded by the statistics round: round 1 goes to every
+    connected client (waiting for them, and checking who may take part, is
+    :class:`~.roster.RosterStrategy`'s), collects their :func:`moments` and builds the standardiser
+    (handed to ``on_standardizer``); server round ``r >= 2`` is the inner strategy's round
+    ``r - 1``, with the standardiser added to every client's fit configuration."""
 
-    def __init__(self, inner: Strategy, num_clients: int, task: str, image: bool, on_standardizer=None,
-                 wait_seconds: float = 600.0):
-        self.inner, self.num_clients, self.task, self.image = inner, num_clients, task, image
-        self.on_standardizer, self.wait_seconds = on_standardizer, wait_seconds
+    def __init__(self, inner: Strategy, task: str, image: bool, on_standardizer=None):
+        self.inner, self.task, self.image = inner, task, image
+        self.on_standardizer = on_standardizer
         self.standardizer: Standardizer | None = None
         self._blob = b""
 
@@ -92,8 +94,6 @@ class StandardizingStrategy(Strategy):
 
     def configure_fit(self, server_round, parameters, client_manager):
         if server_round == 1:
-            if not client_manager.wait_for(self.num_clients, timeout=self.wait_seconds):
-                raise TimeoutError(f"fewer than {self.num_clients} clients connected in {self.wait_seconds:.0f} s")
             ins = FitIns(Parameters(tensors=[], tensor_type="numpy.ndarray"), {STAGE_KEY: STATISTICS})
             return [(c, ins) for c in client_manager.all().values()]
         out = self.inner.configure_fit(server_round - 1, parameters, client_manager)
@@ -105,7 +105,7 @@ class StandardizingStrategy(Strategy):
         if server_round > 1:
             return self.inner.aggregate_fit(server_round - 1, results, failures)
         if not results:
-            raise RuntimeError("no client answered the statistics round")
+            raise FederatedError("no client answered the statistics round")
         parts = [parameters_to_ndarrays(res.parameters) for _, res in results]
         self.standardizer = standardizer_from_moments(parts, self.task, self.image)
         self._blob = encode(self.standardizer)

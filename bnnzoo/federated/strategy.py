@@ -37,8 +37,10 @@ Every round the clients run TDAMP passes from the global posterior (:mod:`.clien
    messages' unbounded log-odds back into the prior, which is unstable);
 4. broadcasts the new global posterior.
 
-A client that fails or disconnects is left out of the round (``accept_failures``); the round goes
-on with the others, and a round with no answers leaves the global posterior unchanged.
+A client that fails or disconnects is left out of the round; the round goes on with the others
+while they meet the run's minimum (:class:`~.roster.RosterStrategy`, which names the failed
+clients and stops a run whose round falls short), and a round with no answers leaves the global
+posterior unchanged.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import torch
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import Strategy
 
+from bnnzoo.errors import ConfigError
 from bnnzoo.guides.tdamp_em import m_step
 
 from . import codec
@@ -71,10 +74,10 @@ class FederatedTDAMP(Strategy):
     def __init__(self, posterior, num_data: int, *, local_epochs: int = 1, weighting: str = "geometric",
                  min_fit_clients: int = 1, evaluate_fn=None, wait_seconds: float = 600.0):
         if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
+            raise ConfigError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
         for name, value in (("num_data", num_data), ("local_epochs", local_epochs), ("min_fit_clients", min_fit_clients)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.posterior, self.guide = posterior, posterior.guide
         self.num_data, self.local_epochs, self.weighting = num_data, local_epochs, weighting
         self.min_fit_clients, self.evaluate_fn, self.wait_seconds = min_fit_clients, evaluate_fn, wait_seconds

@@ -5,9 +5,10 @@ Also the model builder the SVI and sampling entries share (:func:`build_network_
 
 from __future__ import annotations
 
-from ..catalog import CatalogEntry, register
+from ..catalog import TRAINING_OPTIONS, CatalogEntry, Option, register
 from ..guides import MeanFieldNormal, PointMass
 from ..models import BayesianNeuralNetwork, GaussianPrior, make_likelihood
+from ..models.likelihoods import FLOAT32_SCALE_RANGE
 from ..models.networks import Network, build_network
 from ..variational import VariationalPosterior
 
@@ -42,6 +43,24 @@ def _create_map(config: dict, device="cpu") -> VariationalPosterior:
     return VariationalPosterior(model, PointMass(model), name="map", config=config, device=device)
 
 
+#: the options of the Gaussian-prior SVI entries (map, meanfield-vi, and bmr's base)
+def scale_option(help: str, **kwargs) -> Option:
+    """The schema of a scale-like option (a standard deviation, a variance, a temperature): a float
+    inside :data:`~bnnzoo.models.likelihoods.FLOAT32_SCALE_RANGE`, the values whose square and inverse
+    square float32 can hold, so that a fit never starts from an overflowing variance or precision."""
+    low, high = FLOAT32_SCALE_RANGE
+    return Option(float, ge=low, le=high, help=help,
+                  why="a scale outside it gives a variance or precision that float32 cannot hold", **kwargs)
+
+
+GAUSSIAN_SVI_OPTIONS = {
+    **TRAINING_OPTIONS,
+    "prior_scale": scale_option(help="standard deviation of the N(0, s^2) prior on every weight and bias"),
+    "noise_scale": scale_option(help="regression: the Gaussian noise scale the fit starts from (standardised "
+                                            "targets); it is learned (null is refused)"),
+    "init_scale": scale_option(help="the guide's initial standard deviation of every weight"),
+}
+
 _REGRESSION_TRAIN = {"epochs": 100, "batch_size": 32, "lr": 3e-3}
 _CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3}
 
@@ -58,6 +77,7 @@ register(CatalogEntry(
         "classification": {"model": {"prior_scale": 1.0}, "guide": {"init_scale": 1e-3},
                            "train": dict(_CLASSIFICATION_TRAIN)},
     },
+    options=GAUSSIAN_SVI_OPTIONS,
 ))
 
 register(CatalogEntry(
@@ -71,4 +91,5 @@ register(CatalogEntry(
                        "train": dict(_REGRESSION_TRAIN)},
         "classification": {"model": {"prior_scale": 1.0}, "guide": {}, "train": dict(_CLASSIFICATION_TRAIN)},
     },
+    options=GAUSSIAN_SVI_OPTIONS,
 ))

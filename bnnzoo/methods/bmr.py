@@ -20,13 +20,14 @@ import time
 
 import torch
 
-from ..catalog import CatalogEntry, register
+from ..catalog import CatalogEntry, Option, register
+from ..errors import ConfigError
 from ..guides import MeanFieldNormal
 from ..guides.bmr import LEVELS, RULES, Reduction, reduce
 from ..models import GaussianPrior
 from ..posterior import PruningRecord
 from ..variational import VariationalPosterior
-from .baselines import build_model
+from .baselines import GAUSSIAN_SVI_OPTIONS, build_model
 
 
 def _options(train: dict) -> dict:
@@ -67,7 +68,7 @@ class IterativeBMR(VariationalPosterior):
         options = _options(train)
         warmup, epochs = int(train["warmup_epochs"]), int(train["epochs"])
         if not 1 <= warmup < epochs:
-            raise ValueError(f"{self.name}: need 1 <= warmup_epochs < epochs, got {warmup} and {epochs}")
+            raise ConfigError(f"{self.name}: need 1 <= warmup_epochs < epochs, got {warmup} and {epochs}")
         sync = self.device.type == "cuda"
         extra = self.history.extra
 
@@ -98,7 +99,7 @@ def _creator(cls, name: str):
     def create(config: dict, device="cpu"):
         for key, allowed in (("rule", RULES), ("level", LEVELS)):
             if config["train"][key] not in allowed:
-                raise ValueError(f"{name}: {key} must be one of {allowed}, got {config['train'][key]!r}")
+                raise ConfigError(f"{name}: {key} must be one of {allowed}, got {config['train'][key]!r}")
         model = build_model(config, lambda net: GaussianPrior(net, config["model"]["prior_scale"]))
         guide = MeanFieldNormal(model, init_scale=config["guide"]["init_scale"])
         return cls(model, guide, name=name, config=config, device=device)
@@ -109,6 +110,23 @@ def _creator(cls, name: str):
 # The defaults differ by task (learning rate, initial guide scale, epochs); how each was chosen is
 # in docs/methods/bmr.md.
 _BMR = {"rule": "ss", "level": "weight", "prune_last": False}
+_OPTIONS = {
+    **GAUSSIAN_SVI_OPTIONS,
+    "rule": Option(str, choices=RULES, help="ss: the per-layer spike-and-slab threshold; plain: prune where dF > 0"),
+    "level": Option(str, choices=LEVELS, help="reduce single weights or whole groups (neurons / filters)"),
+    "prune_last": Option(bool, help="reduce the output layer too"),
+    "warmup_epochs": Option(int, ge=1, help="bmr-iterative: SVI epochs before the first reduction (< epochs)"),
+}
+
+
+def _check_warmup(config: dict) -> None:
+    """bmr-iterative needs ``1 <= warmup_epochs < epochs`` (at least one reduction, and an epoch
+    after it)."""
+    train = config["train"]
+    if not train["warmup_epochs"] < train["epochs"]:
+        raise ConfigError(f"bmr-iterative: option 'warmup_epochs' must be below 'epochs', got warmup_epochs="
+                          f"{train['warmup_epochs']} with epochs={train['epochs']}")
+
 _PAPER = "Markovic, Friston & Kiebel 2023, Bayesian sparsification for deep neural networks with Bayesian model reduction"
 
 register(CatalogEntry(
@@ -123,6 +141,7 @@ register(CatalogEntry(
         "classification": {"model": {"prior_scale": 1.0}, "guide": {"init_scale": 1e-3},
                            "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, **_BMR}},
     },
+    options=_OPTIONS,
 ))
 
 register(CatalogEntry(
@@ -137,4 +156,6 @@ register(CatalogEntry(
         "classification": {"model": {"prior_scale": 1.0}, "guide": {"init_scale": 1e-3},
                            "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 1, **_BMR}},
     },
+    options=_OPTIONS,
+    checks=(_check_warmup,),
 ))

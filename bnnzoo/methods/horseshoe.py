@@ -48,13 +48,14 @@ from typing import Iterator
 
 import torch
 
-from ..catalog import CatalogEntry, register
+from ..catalog import TRAINING_OPTIONS, CatalogEntry, Option, register
 from ..guides import HorseshoeGuide, TemperedLocalReparamELBO
 from ..models import HorseshoePrior
+from ..models.errors import ConfigError
 from ..models.horseshoe import regularised_log_scale
 from ..posterior import PruningRecord
 from ..variational import VariationalPosterior
-from .baselines import build_model
+from .baselines import build_model, scale_option
 
 NAME = "horseshoe-svi"
 
@@ -145,7 +146,7 @@ class HorseshoePosterior(VariationalPosterior):
 def _check_threshold(threshold) -> float:
     threshold = float(threshold)
     if not threshold > 0:
-        raise ValueError(f"the pruning threshold must be positive, got {threshold}")
+        raise ConfigError(f"the pruning threshold must be positive, got {threshold}")
     return threshold
 
 
@@ -164,6 +165,22 @@ def _create(config: dict, device="cpu") -> HorseshoePosterior:
 
 _MODEL = {"tau0": 1.0, "slab_shape": 2.0, "slab_scale": 6.0, "output_scale": 1.0}
 _GUIDE = {"init_scale": 1e-2, "init_log_scale_sd": 0.1, "scale_gain": 10.0}
+_OPTIONS = {
+    **TRAINING_OPTIONS,
+    "tau0": scale_option(help="scale of each hidden layer's half-Cauchy global shrinkage tau"),
+    "slab_shape": Option(float, gt=0, help="shape of the inverse-Gamma slab c^2"),
+    "slab_scale": scale_option(help="scale of the inverse-Gamma slab c^2"),
+    "output_scale": scale_option(help="standard deviation of the output layer's Gaussian prior"),
+    "noise_scale": scale_option(help="regression: the noise scale the fit starts from; it is learned "
+                                            "(null is refused)"),
+    "init_scale": scale_option(help="the guide's initial standard deviation of beta"),
+    "init_log_scale_sd": Option(float, gt=0, help="the guide's initial standard deviation of the log scales"),
+    "scale_gain": Option(float, gt=0, help="learning-rate gain of the packed scale parameters"),
+    "kl_weight": scale_option(help="temperature T of the ELBO's KL term (1: the exact ELBO)"),
+    "untempered": Option(bool, help="predict from q widened to the untempered posterior's variance"),
+    "prune": Option(bool, help="prune neurons / filters at the end of the fit"),
+    "prune_threshold": Option(float, gt=0, help="prune a group when E[ln s] + 0.5 ln(fan_in) < ln(threshold)"),
+}
 
 register(CatalogEntry(
     name=NAME,
@@ -180,4 +197,5 @@ register(CatalogEntry(
                            "train": {"epochs": 60, "batch_size": 128, "lr": 1e-2, "kl_weight": 0.2,
                                      "untempered": False, "prune": True, "prune_threshold": 1.0}},
     },
+    options=_OPTIONS,
 ))

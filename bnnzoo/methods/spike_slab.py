@@ -35,13 +35,15 @@ import math
 
 import torch
 
-from ..catalog import CatalogEntry, register
-from ..guides.sghmc import SGHMC
+from ..catalog import TRAINING_OPTIONS, CatalogEntry, Option, register
+from ..errors import ConfigError
+from ..guides.sghmc import PRECONDITIONERS, SGHMC
 from ..guides.spike_slab_em import SpikeSlabEM, inclusion_probability
-from ..models.spike_slab import SpikeSlabPrior
+from ..models.likelihoods import check_scale
+from ..models.spike_slab import FIRST_LAYER_GROUPS, SCALINGS, SpikeSlabPrior
 from ..posterior import PruningRecord
 from ..sampling import SamplePosterior
-from .baselines import build_model
+from .baselines import build_model, scale_option
 
 NAME = "spike-slab-sghmc"
 
@@ -55,13 +57,13 @@ class SpikeSlabPosterior(SamplePosterior):
         spe = math.ceil(num_data / t["batch_size"])
         cycles, warm = int(t["cycles"]), int(t["warmup_cycles"])
         if not 0 <= warm < cycles:
-            raise ValueError(f"warmup_cycles must be in [0, cycles), got {warm} with cycles={cycles}")
+            raise ConfigError(f"warmup_cycles must be in [0, cycles), got {warm} with cycles={cycles}")
         cycle_epochs = int(t["epochs"]) // cycles
         if cycle_epochs < 1:
-            raise ValueError(f"{t['epochs']} epochs cannot hold {cycles} cycles")
+            raise ConfigError(f"{t['epochs']} epochs cannot hold {cycles} cycles")
         s, thin = int(t["samples_per_cycle"]), int(t["thinning"])
         if (s - 1) * thin >= cycle_epochs:
-            raise ValueError(f"{s} samples {thin} epochs apart do not fit in cycles of {cycle_epochs} epochs")
+            raise ConfigError(f"{s} samples {thin} epochs apart do not fit in cycles of {cycle_epochs} epochs")
         return {"steps_per_epoch": spe, "cycle_length": cycle_epochs * spe, "samples_per_cycle": s,
                 "thinning": thin * spe, "warmup_steps": warm * s, "num_samples": (cycles - warm) * s,
                 "em_start": int(round(t["em_start"] * spe)), "em_every": max(1, int(round(t["em_every"] * spe))),
@@ -107,7 +109,7 @@ class SpikeSlabPosterior(SamplePosterior):
         in every chain (zeroed in all draws, masked; recorded in ``fit_state.pruning``)."""
         threshold = float(threshold)
         if not 0 < threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+            raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
         probs = self.inclusion_probabilities()
         for lay in self.model.prior.layouts:
             keep = (probs[lay.layer] >= threshold).any(0)
@@ -118,10 +120,34 @@ class SpikeSlabPosterior(SamplePosterior):
         self.fit_state.pruning.append(PruningRecord("threshold", {"threshold": threshold}))
 
 
+def check_prior_scales(prior: SpikeSlabPrior) -> None:
+    """Raise :class:`~bnnzoo.errors.ConfigError` naming the option when a scale the sampler uses (the
+    spike, slab and output scales of every layer, after the ``fan_in`` scaling) lies outside the range
+    float32 can square and invert (:func:`~bnnzoo.models.likelihoods.check_scale`): a spike of
+    ``1e-30`` has the precision ``1e60``, which overflows, and the chain's loss turns NaN."""
+    for lay in prior.layouts:
+        factor = prior.layer_factor(lay.layer)
+        spike, slab = prior.scales(lay.layer)
+        check_scale("spike_scale" if factor == 1 else f"spike_scale / sqrt(fan_in) of layer {lay.layer}", spike)
+        check_scale("slab_scale" if factor == 1 else f"slab_scale / sqrt(fan_in) of layer {lay.layer}", slab)
+    for site in prior.net.sites():
+        if prior.grouped_site(site) is None:
+            layer = site.rpartition(".")[0]
+            name = "output_scale" if layer == prior.net.param_layers[-1].name else "slab_scale"
+            check_scale(name if prior.layer_factor(layer) == 1 else f"{name} / sqrt(fan_in) of layer {layer}",
+                        prior.fixed_scale(site))
+
+
 def _create(config: dict, device="cpu") -> SpikeSlabPosterior:
     m = config["model"]
-    model = build_model(config, lambda net: SpikeSlabPrior(net, m["slab_scale"], m["spike_scale"], m["a"], m["b"],
-                                                           m["output_scale"], m["first_layer"], m["scaling"]))
+
+    def prior(net):
+        made = SpikeSlabPrior(net, m["slab_scale"], m["spike_scale"], m["a"], m["b"], m["output_scale"],
+                              m["first_layer"], m["scaling"])
+        check_prior_scales(made)
+        return made
+
+    model = build_model(config, prior)
     return SpikeSlabPosterior(model, name=NAME, config=config, device=device)
 
 
@@ -129,6 +155,58 @@ _MODEL = {"slab_scale": 1.0, "spike_scale": 0.2, "a": 1.0, "b": 1.0, "output_sca
           "scaling": "absolute"}
 _GUIDE = {"friction": 0.1, "temperature": 1.0, "precondition": "always", "precond_decay": 0.99, "precond_eps": 1e-5}
 _CHAINS = {"num_chains": 1, "mp_context": None}
+_OPTIONS = {
+    **TRAINING_OPTIONS,
+    "lr": Option(float, gt=0, help="SGHMC's base step size eps_0 (the peak of each cosine cycle)"),
+    "slab_scale": scale_option(help="standard deviation s1 of the slab (above spike_scale)"),
+    "spike_scale": scale_option(help="standard deviation s0 of the spike (below slab_scale)"),
+    "a": Option(float, gt=0, help="Beta(a, b) prior of the inclusion rate: a"),
+    "b": Option(float, gt=0, help="Beta(a, b) prior of the inclusion rate: b"),
+    "output_scale": scale_option(nullable=True,
+                           help="standard deviation of the output layer's Gaussian prior; null: slab_scale"),
+    "first_layer": Option(str, choices=FIRST_LAYER_GROUPS, help="group the first layer by neurons or by inputs"),
+    "scaling": Option(str, choices=SCALINGS, help="absolute scales, or divided by sqrt(fan_in) per layer"),
+    "noise_scale": scale_option(help="regression: the noise scale the chain starts from (learned with "
+                                            "learn_noise; null is refused)"),
+    "friction": Option(float, gt=0, le=1, help="SGHMC friction alpha (1 - alpha is the momentum)"),
+    "temperature": Option(float, ge=0, help="posterior temperature (1: the posterior; below 1: colder)"),
+    "precondition": Option(str, choices=PRECONDITIONERS, help="when the diagonal preconditioner adapts"),
+    "precond_decay": Option(float, ge=0, lt=1, help="decay of the preconditioner's running mean of squared gradients"),
+    "precond_eps": Option(float, gt=0, help="preconditioner's floor"),
+    "cycles": Option(int, ge=1, help="cosine step-size cycles (epochs // cycles epochs each)"),
+    "warmup_cycles": Option(int, ge=0, help="cycles of warm-up, nothing kept (below cycles)"),
+    "samples_per_cycle": Option(int, ge=1, help="states kept at the end of each later cycle"),
+    "thinning": Option(int, ge=1, help="epochs between kept states"),
+    "em_start": Option(float, ge=0, help="epoch of the first EM update"),
+    "em_every": Option(float, gt=0, help="epochs between EM updates"),
+    "prune_start": Option(float, ge=0, help="epoch from which EM prunes groups"),
+    "prune_threshold": Option(float, gt=0, lt=1, help="EM prunes a group whose inclusion probability falls below this"),
+    "learn_noise": Option(bool, help="regression: learn the noise scale (else it stays at noise_scale)"),
+    "num_chains": Option(int, ge=1, help="independent chains"),
+    "mp_context": Option(str, choices=("spawn", "fork", "forkserver"), nullable=True,
+                         help="multiprocessing start method of parallel chains; null: spawn on CUDA, else torch's"),
+}
+
+
+def _check_schedule(config: dict) -> None:
+    """The prior's scales and the cyclical schedule must fit together: ``spike_scale <
+    slab_scale``, ``warmup_cycles < cycles``, at least one epoch per cycle and the kept states of a
+    cycle inside it (``(samples_per_cycle - 1) * thinning < epochs // cycles``)."""
+    m, t = config["model"], config["train"]
+    if not m["spike_scale"] < m["slab_scale"]:
+        raise ConfigError(f"{NAME}: option 'spike_scale' must be below 'slab_scale', got spike_scale="
+                          f"{m['spike_scale']} with slab_scale={m['slab_scale']}")
+    if not t["warmup_cycles"] < t["cycles"]:
+        raise ConfigError(f"{NAME}: option 'warmup_cycles' must be below 'cycles', got warmup_cycles="
+                          f"{t['warmup_cycles']} with cycles={t['cycles']}")
+    cycle_epochs = t["epochs"] // t["cycles"]
+    if cycle_epochs < 1:
+        raise ConfigError(f"{NAME}: options 'epochs' and 'cycles': {t['epochs']} epochs cannot hold {t['cycles']} "
+                          "cycles (at least one epoch per cycle)")
+    if (t["samples_per_cycle"] - 1) * t["thinning"] >= cycle_epochs:
+        raise ConfigError(f"{NAME}: options 'samples_per_cycle' and 'thinning': {t['samples_per_cycle']} samples "
+                          f"{t['thinning']} epochs apart do not fit in cycles of {cycle_epochs} epochs "
+                          f"(epochs={t['epochs']}, cycles={t['cycles']})")
 
 register(CatalogEntry(
     name=NAME,
@@ -150,4 +228,6 @@ register(CatalogEntry(
                       "samples_per_cycle": 2, "thinning": 1, "em_start": 2, "em_every": 1, "prune_start": 4,
                       "prune_threshold": 1e-3, **_CHAINS}},
     },
+    options=_OPTIONS,
+    checks=(_check_schedule,),
 ))

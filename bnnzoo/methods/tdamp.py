@@ -56,7 +56,7 @@ from typing import Iterator
 
 import torch
 
-from ..catalog import CatalogEntry, register
+from ..catalog import CatalogEntry, Option, register
 from ..guides import TDAMPGuide
 from ..guides.tdamp_em import keep_count, m_step
 from ..guides.training import EpochLoop, minibatches
@@ -66,8 +66,9 @@ from ..models import (
     GaussianLikelihood,
     ProbitProductLikelihood,
 )
+from ..models.errors import ConfigError
 from ..posterior import GuidePosterior, Prediction, PruningRecord
-from .baselines import build_network_of
+from .baselines import build_network_of, scale_option
 
 NAME = "em-tdamp"
 
@@ -78,7 +79,7 @@ def check_keep(keep) -> float | None:
     if keep is None:
         return None
     if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0 < keep <= 1:
-        raise ValueError(f"keep must be a fraction of neurons in (0, 1] or null, got {keep!r}")
+        raise ConfigError(f"keep must be a fraction of neurons in (0, 1] or null, got {keep!r}")
     return float(keep)
 
 
@@ -97,6 +98,12 @@ class TDAMPPosterior(GuidePosterior):
         self.keep = check_keep(keep)
         self.prune_at_end = bool(prune_at_end)
         self.prune_threshold = _check_threshold(prune_threshold)
+        #: the :class:`~bnnzoo.guides.training.Checkpoint` the next fit writes to and resumes from
+        #: (the guide's messages and statistics, the prior's rates, history, RNG states)
+        self.checkpoint = None
+
+    #: this posterior's fit can write and resume checkpoints (:mod:`bnnzoo.checkpoint`)
+    supports_checkpoints = True
 
     # ---- fitting ----------------------------------------------------------------------------------
     def _fit(self, x: torch.Tensor, y: torch.Tensor, progress: bool, callback=None) -> None:
@@ -112,14 +119,25 @@ class TDAMPPosterior(GuidePosterior):
 
     def _passes(self, x: torch.Tensor, y: torch.Tensor, progress: bool, callback=None) -> None:
         """EM passes: TDAMP over the minibatches, then the M-step; each pass is an epoch of an
-        :class:`~bnnzoo.guides.training.EpochLoop` (timing, divergence check, progress)."""
+        :class:`~bnnzoo.guides.training.EpochLoop` (timing, divergence check, progress, and, with
+        :attr:`checkpoint`, checkpoints and resuming from the pass a checkpoint reached)."""
         train = self.config["train"]
         n = len(x)
         sync = self.device.type == "cuda"
         extra = self.history.extra
-        loop = EpochLoop(train["epochs"], method=self.name, progress=progress, history=self.history)
-        try:
-            for epoch in range(loop.epochs):
+
+        def pass_end(epoch: int, loss: float) -> None:  # runs inside end_epoch, before any checkpoint
+            self.guide.check_finite()  # one host read per pass; a NaN stops the fit with a clear error
+            extra.setdefault("kept_fraction", []).append(self._kept_fraction())
+            if self.task == "regression":
+                extra.setdefault("noise_var", []).append(float(self.guide.noise_var()))
+            if callback is not None:
+                callback(epoch, loss)
+
+        loop = EpochLoop(train["epochs"], method=self.name, progress=progress, history=self.history,
+                         on_epoch_end=pass_end, checkpoint=self.checkpoint)
+        with loop:
+            for _ in range(loop.epoch, loop.epochs):
                 self.guide.reset_statistics()
                 if sync:
                     torch.cuda.synchronize(self.device)
@@ -130,15 +148,7 @@ class TDAMPPosterior(GuidePosterior):
                        learn_slab_var=train["learn_slab_var"], learn_noise=train["learn_noise"])
                 if sync:
                     torch.cuda.synchronize(self.device)
-                loss = loop.end_epoch(-self.guide.log_evidence_sum / n)
-                self.guide.check_finite()  # one host read per pass; a NaN stops the fit with a clear error
-                extra.setdefault("kept_fraction", []).append(self._kept_fraction())
-                if self.task == "regression":
-                    extra.setdefault("noise_var", []).append(float(self.guide.noise_var()))
-                if callback is not None:
-                    callback(epoch, loss)
-        finally:
-            loop.close()
+                loop.end_epoch(-self.guide.log_evidence_sum / n)
         if self.prune_at_end:
             self._prune()
 
@@ -219,7 +229,7 @@ def build_tdamp_model(config: dict) -> BayesianNeuralNetwork:
     configuration is not modified)."""
     spec = config["network"]
     if config.get("network_spec") is None and spec["arch"] not in ("mlp", "lenet-300-100"):
-        raise ValueError(f"{NAME} runs on dense ReLU networks (arch 'mlp' or 'lenet-300-100'), not {spec['arch']!r}")
+        raise ConfigError(f"{NAME} runs on dense ReLU networks (arch 'mlp' or 'lenet-300-100'), not {spec['arch']!r}")
     net = build_network_of(config)
     m = config["model"]
     prior = BernoulliGaussianPrior(net, rho=m["rho"], slab_scale=m["slab_scale"])
@@ -233,7 +243,7 @@ def build_tdamp_model(config: dict) -> BayesianNeuralNetwork:
 def _check_threshold(threshold) -> float:
     threshold = float(threshold)
     if not 0 < threshold < 1:
-        raise ValueError(f"the pruning threshold must lie in (0, 1), got {threshold!r}")
+        raise ConfigError(f"the pruning threshold must lie in (0, 1), got {threshold!r}")
     return threshold
 
 
@@ -242,7 +252,7 @@ def _create(config: dict, device="cpu") -> TDAMPPosterior:
     for key in ("epochs", "batch_size"):
         value = train[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     model = build_tdamp_model(config)
     g = config["guide"]
     guide = TDAMPGuide(model, damping=g["damping"], turbo_iterations=g["turbo_iterations"],
@@ -254,6 +264,25 @@ def _create(config: dict, device="cpu") -> TDAMPPosterior:
 _GUIDE = {"damping": 0.8, "turbo_iterations": 1, "init_precision": 1.0, "memory": 10.0}
 _TRAIN = {"keep": None, "learn_rho": True, "learn_slab_var": False, "learn_noise": True, "prune": True,
           "prune_threshold": 0.5}
+_OPTIONS = {
+    "epochs": Option(int, ge=1, help="TDAMP passes over the training data, each followed by the M-step"),
+    "batch_size": Option(int, ge=1, help="examples per minibatch"),
+    "rho": Option(float, gt=0, lt=1, help="initial inclusion rate of every hidden neuron"),
+    "slab_scale": scale_option(help="slab variance of a layer with fan-in n: slab_scale^2 / n"),
+    "noise_var": scale_option(help="noise variance (regression: the starting value, learned with "
+                                          "learn_noise; classification: the probit-product variance)"),
+    "damping": Option(float, gt=0, le=1, help="fraction of each batch's message entering the state"),
+    "turbo_iterations": Option(int, ge=1, help="turbo iterations per minibatch"),
+    "init_precision": scale_option(help="initial message precision"),
+    "memory": Option(float, ge=1, help="passes the state remembers (forgetting factor 1 - beta B / (N T))"),
+    "keep": Option(float, gt=0, le=1, nullable=True,
+                   help="target fraction of hidden neurons kept; null: no target (EM learns the rates)"),
+    "learn_rho": Option(bool, help="M-step of the inclusion rates"),
+    "learn_slab_var": Option(bool, help="M-step of the slab variances"),
+    "learn_noise": Option(bool, help="regression: M-step of the noise variance"),
+    "prune": Option(bool, help="prune the neurons below prune_threshold after the last pass"),
+    "prune_threshold": Option(float, gt=0, lt=1, help="inclusion probability below which a neuron is pruned"),
+}
 
 register(CatalogEntry(
     name=NAME,
@@ -268,4 +297,5 @@ register(CatalogEntry(
         "classification": {"model": {"rho": 0.5, "slab_scale": 2.0, "noise_var": 1.0}, "guide": dict(_GUIDE),
                            "train": {**_TRAIN, "epochs": 20, "batch_size": 128}},
     },
+    options=_OPTIONS,
 ))

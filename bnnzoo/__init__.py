@@ -9,7 +9,7 @@ registers its own with :func:`bnnzoo.catalog.register` when imported.
 
 __version__ = "0.1.0"
 
-from .api import create, fit, load
+from .api import BuiltModel, build, create, fit, load
 from .catalog import get_entry, list_models
 from .data import Dataset, load_dataset
 from .methods import (  # importing each registers its catalog entries
@@ -23,4 +23,4 @@ from .posterior import Posterior, Prediction
 
 del baselines, bmr, horseshoe, spike_slab, tdamp  # the method modules stay out of this namespace
 
-__all__ = ["Dataset", "Posterior", "Prediction", "create", "fit", "get_entry", "list_models", "load", "load_dataset"]
+__all__ = ["BuiltModel", "Dataset", "Posterior", "Prediction", "build", "create", "fit", "get_entry", "list_models", "load", "load_dataset"]

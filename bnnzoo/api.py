@@ -1,20 +1,26 @@
-"""The user-facing functions: ``create`` an unfitted posterior, ``fit`` one by catalog name, ``load``."""
+"""The user-facing functions: ``create`` an unfitted posterior, ``fit`` one by catalog name, ``load``, and
+``build`` a catalog model and guide for plain Pyro code."""
 
 from __future__ import annotations
 
 import numbers
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
 
 from .catalog import get_entry
 from .checkpoint import Checkpointer, fit_identity, supports_checkpoints
 from .data import Dataset, load_dataset
+from .guides import MeanFieldNormal, PointMass, PyroAutoGuide
 from .guides.training import set_seed
 from .models.errors import ConfigError
+from .models.standardizer import Standardizer
 from .posterior import Posterior
 
 
 def create(name: str, task: str, input_shape, output_dim: int, *, network: dict | None = None,
-           dataset: str = "", device="auto", seed: int = 0, **options) -> Posterior:
+           dataset: str = "", device="auto", seed: int = 0, guide=None, **options) -> Posterior:
     """An unfitted posterior of catalog model ``name`` for data of ``input_shape`` (per example)
     and ``output_dim`` outputs (1 for regression, the number of classes for classification).
 
@@ -22,13 +28,19 @@ def create(name: str, task: str, input_shape, output_dim: int, *, network: dict 
     override the entry's defaults; each is checked against the entry's schema first (a
     :class:`~bnnzoo.errors.ConfigError` names the option, the value and what is allowed; see
     ``bnnzoo list NAME``).
+
+    ``guide``: a Pyro autoguide class (``pyro.infer.autoguide.AutoNormal``, ``AutoDelta``...) or a
+    callable ``model -> AutoGuide`` to fit in place of the entry's own guide
+    (:class:`~bnnzoo.guides.PyroAutoGuide`); only the entries whose guide is a plain distribution over
+    the weights of a Gaussian-prior model take one (``map``, ``meanfield-vi``), the others raise
+    :class:`~bnnzoo.errors.ConfigError`. Such a posterior fits, predicts and evaluates, but is not saved.
     """
     return _create(name, task, input_shape, output_dim, network=network, dataset=dataset, device=device,
-                   seed=seed, options=options)
+                   seed=seed, options=options, guide=guide)
 
 
 def _create(name: str, task: str, input_shape, output_dim: int, *, network: dict | None, dataset: str, device,
-            seed: int, options: dict, data: dict | None = None) -> Posterior:
+            seed: int, options: dict, data: dict | None = None, guide=None) -> Posterior:
     """The posterior of :func:`create`; ``data`` (where the training data came from) joins the config.
     The options are checked against the entry's schema (:meth:`CatalogEntry.configure`) before
     anything is built."""
@@ -40,16 +52,80 @@ def _create(name: str, task: str, input_shape, output_dim: int, *, network: dict
     if data is not None:
         config["data"] = data
     set_seed(seed)
-    return entry.create(config, device=device)
+    posterior = entry.create(config, device=device)
+    if guide is not None:
+        _use_autoguide(posterior, guide)
+    return posterior
+
+
+#: the entries whose own guide an autoguide may replace: SVI over a Gaussian-prior model's weights
+AUTOGUIDE_ENTRIES = ("map", "meanfield-vi")
+
+
+def _use_autoguide(posterior: Posterior, autoguide) -> None:
+    """Replace ``posterior``'s guide by a :class:`~bnnzoo.guides.PyroAutoGuide` of ``autoguide``."""
+    if posterior.name not in AUTOGUIDE_ENTRIES or not isinstance(getattr(posterior, "guide", None),
+                                                                 (MeanFieldNormal, PointMass)):
+        raise ConfigError(f"entry {posterior.name!r} cannot fit an autoguide in place of its own guide: only "
+                          f"{', '.join(AUTOGUIDE_ENTRIES)} can (the others' fits rely on their guide's structure)")
+    posterior.guide = PyroAutoGuide(posterior.model.cpu(), autoguide).to(posterior.device)
+    posterior.model.to(posterior.device)
+
+
+class BuiltModel(NamedTuple):
+    """What :func:`build` returns: a Pyro ``model`` and ``guide`` working in standardised units, and
+    the ``standardizer`` of the data given (``None`` without data)."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    standardizer: Standardizer | None
+
+
+def build(name: str, task: str, *, input_shape, output_dim: int, data=None, network: dict | None = None,
+          seed: int = 0, **options) -> BuiltModel:
+    """The Pyro model and guide of catalog entry ``name`` for your own Pyro code, on the CPU.
+
+    ``model(x, y=None, num_data=None)`` is a :class:`~bnnzoo.models.BayesianNeuralNetwork`
+    (observed site ``"obs"`` in a ``"data"`` plate, network outputs at ``"f"``) and ``guide`` the
+    entry's guide, built exactly as :func:`create` builds them (``options`` as there). Both
+    register their parameters with Pyro when called, so ``pyro.infer.SVI(model, guide,
+    pyro.optim.ClippedAdam(...), TraceMeanField_ELBO())`` trains them, and ``Predictive`` and
+    ``poutine`` handlers work on them. They work in standardised units: pass
+    ``standardizer.x(x)`` and ``standardizer.y(y)``, and map predictions back with
+    ``standardizer.y_inverse``. ``data`` (a :class:`~bnnzoo.data.Dataset`, whose training split is
+    used, or an ``(x, y)`` pair of tensors) gives the standardizer's statistics; without it the
+    standardizer is ``None``.
+
+    Returns a :class:`BuiltModel` named tuple ``(model, guide, standardizer)``.
+    """
+    posterior = _create(name, task, input_shape, output_dim, network=network, dataset="", device="cpu",
+                        seed=seed, options=options)
+    standardizer = None
+    if data is not None:
+        if isinstance(data, Dataset):
+            x, y = data.x_train, data.y_train
+        elif isinstance(data, tuple) and len(data) == 2:
+            x, y = data
+        else:
+            raise ConfigError(f"data must be a Dataset or an (x, y) pair of tensors, got {type(data).__name__}")
+        x, y = posterior.validate(x, y, "data")
+        standardizer = Standardizer.from_data(x, y, posterior.task)
+    guide = getattr(posterior, "guide", None)
+    if guide is None:
+        raise ConfigError(f"entry {name!r} is not fitted through a Pyro guide (it samples or passes messages); "
+                          f"build gives the model and guide of a guide-based entry")
+    return BuiltModel(posterior.model, guide, standardizer)
 
 
 def fit(name: str, data: Dataset | str | None = None, *, split: int = 0, network: dict | None = None,
         seed: int = 0, device="auto", progress: bool = True, run_dir=None, resume=None,
-        checkpoint_every: int | None = None, **options) -> Posterior:
+        checkpoint_every: int | None = None, guide=None, **options) -> Posterior:
     """Fit catalog model ``name`` on ``data`` (a :class:`~bnnzoo.data.Dataset`, a dataset name, a
     directory, or ``None`` for the bundled Boston housing split ``split``).
 
     ``options`` override the entry's defaults (``epochs``, ``batch_size``, ``lr``, prior settings...).
+    ``guide``: an autoguide to fit in place of the entry's own guide, as in :func:`create` (no
+    checkpoints then: ``run_dir`` and ``resume`` raise :class:`~bnnzoo.errors.ConfigError`).
 
     Checkpoints (:mod:`bnnzoo.checkpoint`): with ``run_dir`` the fit writes checkpoints into
     ``run_dir/checkpoint/`` (every ``checkpoint_every`` epochs, or by default once a minute at an
@@ -67,10 +143,13 @@ def fit(name: str, data: Dataset | str | None = None, *, split: int = 0, network
     directory = resume if resume is not None else run_dir
     if checkpoint_every is not None and directory is None:
         raise ConfigError("checkpoint_every needs a run directory to write checkpoints to: give run_dir= or resume=")
+    if guide is not None and directory is not None:
+        raise ConfigError("an autoguide's fit cannot checkpoint: give guide= without run_dir= and resume=")
     dataset = data if isinstance(data, Dataset) else load_dataset(data, split=split)
     posterior = _create(name, dataset.task, dataset.input_shape, dataset.output_dim, network=network,
                         dataset=dataset.name, device=device, seed=seed, options=options,
-                        data={"name": dataset.name, "split": dataset.split, "source": dataset.source})
+                        data={"name": dataset.name, "split": dataset.split, "source": dataset.source},
+                        guide=guide)
     if directory is None or (resume is None and checkpoint_every is None and not supports_checkpoints(posterior)):
         return posterior.fit(dataset.x_train, dataset.y_train, progress=progress)
     identity = fit_identity(name, posterior.config, dataset.x_train, dataset.y_train)

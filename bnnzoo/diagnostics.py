@@ -15,14 +15,27 @@ posterior and builds these groups, every array laid out ``(chain, draw, *dims)``
 ``log_likelihood``
     ``obs`` (dims ``chain, draw, obs_id``: Pyro's site name; a dimension cannot share the name of a
     one-dimensional variable, which xarray would turn into a coordinate): ``log p(y_n | x_n, w)`` for every draw, in the original units
-    of ``y`` (regression subtracts ``log y_std``), so that ``az.loo`` and ``az.waic`` apply.
+    of ``y`` (regression subtracts ``log y_std``), so that ``az.loo`` applies.
 ``posterior_predictive`` / ``observed_data``
-    ``obs``: replicated targets (one per draw, original units) and the observed ones.
+    ``obs``: replicated targets (one per draw, original units; ``num_samples`` of them at the one
+    draw of a point estimate, whose predictive is still a distribution) and the observed ones.
+``prior`` / ``prior_predictive``
+    Draws of the model alone (``pyro.infer.Predictive`` on ``posterior.model``, no guide, at the
+    training inputs; ``prior_samples`` of them, one chain): the chosen weight sites, every layer's
+    ``group_norm`` and ``rms`` as in ``posterior``, and ``obs``, the prior predictive targets in the
+    original units. Made with ``data``.
+``predictions`` / ``predictions_constant_data``
+    With ``new_data``: ``new_obs`` (dim ``pred_id``), a target drawn at every posterior draw for
+    every new input (original units), and ``new_x``, those inputs.
 ``constant_data``
-    ``"<layer>.keep"``: the groups (neurons, filters) kept after pruning.
+    ``"<layer>.keep"``: the groups (neurons, filters) kept after pruning; and what the fit decided
+    that is not drawn (the optional ``arviz_constant_data`` hook): em-tdamp's
+    ``"<layer>.inclusion_probability"`` and ``noise_variance``, BMR's ``"<site>.mask"`` and
+    ``"<site>.delta_f"`` (dF per weight), with the site's dims.
 ``sample_stats``
-    Per-draw statistics of a sampler (the ``arviz_sample_stats`` hook: step size, potential, ...).
-    Absent for guides, whose draws are independent.
+    Per-draw statistics of a sampler (the ``arviz_sample_stats`` hook) under ArviZ's names where it
+    has them: ``lp`` (the log joint up to a constant), ``step_size``; then the sampler's own (pruned
+    fractions, ...). Absent for guides, whose draws are independent.
 ``training``
     The fit's :class:`~bnnzoo.guides.training.TrainingHistory`: ``loss`` (the negative ELBO per
     example for SVI) and ``epoch_seconds`` per epoch (dim ``epoch``; ``chain, epoch`` for a posterior
@@ -37,11 +50,16 @@ posterior and builds these groups, every array laid out ``(chain, draw, *dims)``
 The attributes (of the ``InferenceData`` / the tree's root) name the model, the task, the network,
 the kind of inference, the chains and draws, which weights were kept and the configuration (JSON);
 for regression also ``y_loc`` and ``y_scale`` (the training standardisation) and ``noise_scale``, the
-likelihood's point estimate in the original units.
+likelihood's point estimate in the original units. The weights' input dimension of a dense first
+layer is labelled by ``feature_names`` where given (integers otherwise).
 
-Guides (``map``, ``meanfield-vi``, ...) give one chain of ``num_samples`` independent draws; sample
+Guides (``meanfield-vi``, ...) give one chain of ``num_samples`` independent draws; sample
 posteriors give their stored ``(chain, draw)`` samples (``num_samples`` is ignored), so R-hat and the
-effective sample sizes are real. With ArviZ 0.x the result is an ``InferenceData``; everything that
+effective sample sizes are real. A point estimate (``posterior.point_estimate``: ``map``) gives one
+draw and carries the attribute ``point_estimate = 1`` (on the root and on the ``posterior`` group):
+no spread, effective sample size, R-hat or LOO is claimed for it (:func:`is_point_estimate`;
+:func:`bnnzoo.loo.loo` refuses it). :func:`summary` is the short table of :func:`summary_variables`
+(per-layer and hyperparameter variables, tens of rows), the full one on request. With ArviZ 0.x the result is an ``InferenceData``; everything that
 depends on the ArviZ version is in :func:`_build`, which also targets ArviZ 1.x (``DataTree``).
 
 What the conversion needs of a posterior is the protocol :class:`ArvizExportable`: every
@@ -59,8 +77,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from pyro.infer import Predictive
 
+from . import arviz_compat
 from .guides.training import TrainingHistory
+from .models.errors import ConfigError
 
 #: networks with at most this many weights keep every weight in the ``posterior`` group by default
 MAX_AUTO_WEIGHTS = 20_000
@@ -88,7 +109,8 @@ class ArvizExportable(Protocol):
     for), ``arviz_hyperparameters(num_draws)`` (``{name: (chain, draw, ...)}`` tensors, drawn after
     the weights; ``"<layer>.<var>"`` of shape ``(chain, draw, groups)`` is indexed by the layer's
     groups) and ``arviz_sample_stats()`` (``{name: (chain, draw)}`` per-draw sampler statistics,
-    empty for a guide).
+    empty for a guide). Optional, read when present: ``point_estimate`` (one draw, marked as a
+    point estimate) and ``arviz_constant_data()`` (``{name: tensor}`` for ``constant_data``).
     """
 
     name: str
@@ -141,9 +163,8 @@ def _check_exportable(posterior) -> None:
 
 
 def arviz_major() -> int:
-    import arviz  # lazy: heavy, kept off the path of import bnnzoo and the CLI's start-up
-
-    return int(arviz.__version__.split(".")[0])
+    """The major version of the installed ArviZ (:func:`bnnzoo.arviz_compat.arviz_major`)."""
+    return arviz_compat.arviz_major()
 
 
 # ---- which weights -----------------------------------------------------------------------------------
@@ -237,9 +258,11 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def _draw(posterior, x, y, chains: int, draws: int, sites: list[str], chunk_size: int, seed: int | None) -> dict:
+def _draw(posterior, x, y, chains: int, draws: int, sites: list[str], chunk_size: int, seed: int | None,
+          x_new=None, per_draw: int = 1) -> dict:
     """Run through ``chains * draws`` weight draws once: kept sites, group norms, and on data the
-    pointwise log-likelihood and a replicated target per draw; then the hyperparameters."""
+    pointwise log-likelihood and ``per_draw`` replicated targets per draw, on new inputs ``x_new``
+    ``per_draw`` predicted targets per draw; then the hyperparameters."""
     net, lik, std = posterior.net, posterior.model.likelihood, posterior.standardizer
     regression = posterior.task == "regression"
     log_y_scale = math.log(std.y_scale) if regression else 0.0
@@ -249,7 +272,7 @@ def _draw(posterior, x, y, chains: int, draws: int, sites: list[str], chunk_size
         raise FloatingPointError(f"{posterior.name}: the likelihood's {', '.join(bad)} is not finite: the fit diverged")
     kept = {s: [] for s in sites}
     norms = {layer.name: [] for layer in net.param_layers}
-    loglik, replicas = [], []
+    loglik, replicas, predictions = [], [], []
     devices = [posterior.device] if posterior.device.type == "cuda" else []
     count = 0
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
@@ -271,19 +294,26 @@ def _draw(posterior, x, y, chains: int, draws: int, sites: list[str], chunk_size
                     if seed is not None:
                         torch.manual_seed(seed + count)
                     try:
-                        rep = lik.distribution(f).sample()
+                        rep = lik.distribution(f).sample((per_draw,))
                     except ValueError as err:  # Pyro validates the parameters: non-finite outputs
                         raise FloatingPointError(f"{posterior.name}: draw {count - 1} gives invalid network "
                                                  f"outputs ({err.args[0].splitlines()[0]})") from None
                 replicas.append(std.y_inverse(rep) if regression else rep)
+            if x_new is not None:
+                f = torch.cat([net(x_new[i:i + chunk_size], params) for i in range(0, len(x_new), chunk_size)])
+                with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+                    if seed is not None:
+                        torch.manual_seed(seed + chains * draws + count)
+                    rep = lik.distribution(f).sample((per_draw,))
+                predictions.append(std.y_inverse(rep) if regression else rep)
         if count != chains * draws:
             raise RuntimeError(f"{posterior.name}: draw_weights({chains * draws}) gave {count} draws")
         hyper = posterior.arviz_hyperparameters(draws)
     _check_draws(f"{type(posterior).__name__}.arviz_hyperparameters", hyper, chains, draws)
 
-    def stack(values):
+    def stack(values, per: int = 1):  # values of (per, ...) when per > 1
         t = torch.stack(values)
-        return t.reshape(chains, draws, *t.shape[1:])
+        return t.reshape(chains, draws * per, *t.shape[(2 if per > 1 else 1):])
 
     out = {"sites": {s: stack(v) for s, v in kept.items()}, "hyper": hyper, "norms": {}, "rms": {}}
     for layer in net.param_layers:
@@ -291,12 +321,43 @@ def _draw(posterior, x, y, chains: int, draws: int, sites: list[str], chunk_size
         size = math.prod(layer.weight_shape) + layer.num_groups
         out["norms"][layer.name] = sq.sqrt()
         out["rms"][layer.name] = (sq.sum(-1) / size).sqrt()
+    if x_new is not None:
+        out["predictions"] = stack([p if per_draw > 1 else p[0] for p in predictions], per_draw)
     if x is not None:
-        out["loglik"], out["replicas"] = stack(loglik), stack(replicas)
+        out["loglik"] = stack(loglik)
+        out["replicas"] = stack([r if per_draw > 1 else r[0] for r in replicas], per_draw)
         finite = torch.isfinite(out["loglik"]).all((1, 2))
         if not finite.all():
             raise FloatingPointError(f"{posterior.name}: the log-likelihood is not finite for chains "
                                      f"{torch.nonzero(~finite).flatten().tolist()}: their draws diverged")
+    return out
+
+
+@torch.no_grad()
+def _draw_prior(posterior, x, num_draws: int, sites: list[str], seed: int | None) -> dict:
+    """``num_draws`` draws of the model with no guide and no data (``pyro.infer.Predictive`` on
+    ``posterior.model`` at the standardised inputs ``x``): the kept weight sites, every layer's group
+    norms and weight RMS as in the posterior group, and the replicated targets (original units)."""
+    net, std = posterior.net, posterior.standardizer
+    all_sites = list(net.sites())
+    devices = [posterior.device] if posterior.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        drawn = Predictive(posterior.model, num_samples=num_draws, return_sites=[*all_sites, "obs"])(x)
+    values = {}  # Predictive may put a batch dim of 1 before a site outside any plate: (draw, *site shape)
+    for layer in net.param_layers:
+        values[f"{layer.name}.weight"] = drawn[f"{layer.name}.weight"].reshape(num_draws, *layer.weight_shape)
+        values[f"{layer.name}.bias"] = drawn[f"{layer.name}.bias"].reshape(num_draws, layer.num_groups)
+    out = {"sites": {s: values[s][None] for s in sites}, "norms": {}, "rms": {}}
+    for layer in net.param_layers:
+        w = values[f"{layer.name}.weight"].reshape(num_draws, layer.num_groups, -1)
+        sq = w.pow(2).sum(-1) + values[f"{layer.name}.bias"].pow(2)
+        size = math.prod(layer.weight_shape) + layer.num_groups
+        out["norms"][layer.name] = sq.sqrt()[None]
+        out["rms"][layer.name] = (sq.sum(-1) / size).sqrt()[None]
+    obs = drawn["obs"].reshape(num_draws, len(x))
+    out["obs"] = (std.y_inverse(obs) if posterior.task == "regression" else obs)[None]
     return out
 
 
@@ -334,32 +395,66 @@ def _training_group(posterior: ArvizExportable, chains: int) -> dict[str, tuple[
     return out
 
 
+def _count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def _feature_coords(net, feature_names) -> dict[str, list]:
+    """``{"<first layer>.in": names}`` when the first layer is dense and takes one input per name."""
+    if feature_names is None:
+        return {}
+    names = [str(n) for n in feature_names]
+    first = net.param_layers[0]
+    if len(first.weight_shape) != 2 or first.weight_shape[1] != len(names):
+        raise ConfigError(f"feature_names: {len(names)} names for a first layer {first.name!r} of weight shape "
+                          f"{tuple(first.weight_shape)}: expected one name per input of a dense first layer")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"feature_names must be distinct, got {names}")
+    return {f"{first.name}.in": names}
+
+
 def to_arviz(posterior: ArvizExportable, data=None, *, num_samples: int = 100, sites="auto", seed: int | None = 0,
-             chunk_size: int = 4096):
+             chunk_size: int = 4096, new_data=None, prior_samples: int = 100, feature_names=None):
     """ArviZ data of a fitted ``posterior`` (layout in the module docstring).
 
     ``data = (x, y)`` (raw units; usually the training data, for LOO) adds the ``log_likelihood``,
-    ``posterior_predictive`` and ``observed_data`` groups. ``num_samples`` draws from a guide (one
-    chain); a sample posterior gives all its stored draws. ``sites`` chooses the weights to keep
-    (:func:`select_sites`). With a ``seed`` the draws are reproducible and the global random state is
-    left untouched. ``posterior`` is anything that implements :class:`ArvizExportable`.
+    ``posterior_predictive`` and ``observed_data`` groups, and with ``prior_samples > 0`` the
+    ``prior`` and ``prior_predictive`` groups (that many draws of the model alone, at ``x``).
+    ``new_data`` (raw inputs) adds the ``predictions`` group: a target drawn for every new input at
+    every posterior draw (``obs``, dim ``pred_id``), with the inputs in ``predictions_constant_data``.
+    ``num_samples`` draws from a guide (one chain); a sample posterior gives all its stored draws; a
+    point estimate (``posterior.point_estimate``, MAP) gives one draw and is marked so by the
+    attribute ``point_estimate = 1`` of the result and of its ``posterior`` group. ``sites`` chooses
+    the weights to keep (:func:`select_sites`); ``feature_names`` (one per input of a dense first
+    layer; a :class:`~bnnzoo.data.Dataset` that has names carries them as ``meta["feature_names"]``)
+    label the first layer's input dimension, integers otherwise. With a ``seed`` the draws are
+    reproducible and the global random state is left untouched. ``posterior`` is anything that
+    implements :class:`ArvizExportable`.
     """
     _check_exportable(posterior)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    num_samples = _count("num_samples", num_samples, 1)
+    chunk_size = _count("chunk_size", chunk_size, 1)
+    prior_samples = _count("prior_samples", prior_samples, 0)
     net = posterior.net
     chosen, note = select_sites(net, sites)
+    coords: dict[str, list] = _feature_coords(net, feature_names)
     x, y = _as_data(posterior, data)
+    x_new = x_new_raw = None
+    if new_data is not None:
+        x_new_raw = posterior.validate(new_data, None, "new_data")[0].to(posterior.device)
+        x_new = posterior.standardizer.x(x_new_raw)
+    point = bool(getattr(posterior, "point_estimate", False))
     chains = int(posterior.num_chains)
-    draws = int(posterior.arviz_draws_per_chain(int(num_samples)))
+    draws = int(posterior.arviz_draws_per_chain(num_samples))
     if chains < 1 or draws < 1:
         raise RuntimeError(f"{posterior.name} has no draws to convert ({chains} chains of {draws} draws)")
-    got = _draw(posterior, x, y, chains, draws, chosen, chunk_size, seed)
+    # a point estimate's predictive is still a distribution: num_samples replicas at its one draw
+    got = _draw(posterior, x, y, chains, draws, chosen, chunk_size, seed, x_new, num_samples if point else 1)
 
     post, dims = {}, {}
-    coords: dict[str, list] = {}
     for layer in net.param_layers:
         coords[f"{layer.name}.out"] = list(range(layer.num_groups))
     for s, value in got["sites"].items():
@@ -387,6 +482,11 @@ def to_arviz(posterior: ArvizExportable, data=None, *, num_samples: int = 100, s
     for layer in net.param_layers:
         constant[f"{layer.name}.keep"] = keep[layer.name].cpu().numpy()
         dims[f"{layer.name}.keep"] = [f"{layer.name}.out"]
+    for name, value in getattr(posterior, "arviz_constant_data", dict)().items():
+        constant[name] = _numpy(value)
+        d = _constant_dims(net, name, tuple(value.shape))
+        if d is not None:
+            dims[name] = d
     groups["constant_data"] = constant
 
     if x is not None:
@@ -395,43 +495,64 @@ def to_arviz(posterior: ArvizExportable, data=None, *, num_samples: int = 100, s
         groups["observed_data"] = {"obs": _numpy(y)}
         dims["obs"] = ["obs_id"]
         coords["obs_id"] = list(range(len(y)))
+        if prior_samples:
+            prior = _draw_prior(posterior, x, prior_samples, chosen, seed)
+            groups["prior"] = {s: _numpy(v) for s, v in prior["sites"].items()}
+            for layer in net.param_layers:
+                groups["prior"][f"{layer.name}.group_norm"] = _numpy(prior["norms"][layer.name])
+                groups["prior"][f"{layer.name}.rms"] = _numpy(prior["rms"][layer.name])
+            groups["prior_predictive"] = {"obs": _numpy(prior["obs"])}
+    if x_new is not None:
+        groups["predictions"] = {"new_obs": _numpy(got["predictions"])}
+        groups["predictions_constant_data"] = {"new_x": _numpy(x_new_raw)}
+        input_dims = [f"{net.param_layers[0].name}.in"] if x_new.dim() == 2 else \
+            [f"input_dim_{i}" for i in range(x_new.dim() - 1)]
+        dims["new_obs"], dims["new_x"] = ["pred_id"], ["pred_id", *input_dims]
+        coords["pred_id"] = list(range(len(x_new)))
 
+    inference = "stored samples" if posterior.stores_samples else "independent draws of a guide"
     attrs = {
         "bnnzoo_model": posterior.name,
         "task": posterior.task,
         "network": repr(net),
-        "inference": "stored samples" if posterior.stores_samples else "independent draws of a guide",
+        "inference": "a point estimate (one draw: no ESS, R-hat or LOO)" if point else inference,
         "num_chains": chains,
         "num_draws": draws,
         "weights": note,
         "config": json.dumps(posterior.config, default=str),
     }
+    if point:
+        attrs["point_estimate"] = 1
     if posterior.task == "regression":
         std = posterior.standardizer
         attrs.update(y_loc=float(std.y_mean), y_scale=std.y_scale, noise_scale=posterior.noise_scale() * std.y_scale)
-    return _build(groups, dims=dims, coords=coords, attrs=attrs, extra={"training": _training_group(posterior, chains)})
+    out = _build(groups, dims=dims, coords=coords, attrs=attrs, extra={"training": _training_group(posterior, chains)})
+    if point:
+        out["posterior"].attrs["point_estimate"] = 1
+    return out
+
+
+def _constant_dims(net, name: str, shape: tuple[int, ...]) -> list[str] | None:
+    """``"<site>.<var>"`` of the site's shape -> the site's dims; ``"<layer>.<var>"`` of the layer's
+    group count -> ``<layer>.out``."""
+    site = name.rpartition(".")[0]
+    if site in set(net.sites()):
+        layer = net.layer(site.rpartition(".")[0])
+        site_shape = tuple(layer.weight_shape) if site.endswith(".weight") else (layer.num_groups,)
+        return site_dims(net, site) if shape == site_shape else None
+    return _hyper_dims(net, name, shape)
+
+
+def is_point_estimate(idata) -> bool:
+    """Whether ArviZ data from :func:`to_arviz` holds a point estimate (one draw, MAP)."""
+    return bool(idata.attrs.get("point_estimate", 0)) or bool(idata["posterior"].attrs.get("point_estimate", 0))
 
 
 def _build(groups: dict[str, dict[str, np.ndarray]], *, dims: dict, coords: dict, attrs: dict,
            extra: dict[str, dict[str, tuple[np.ndarray, list[str]]]]):
-    """The ArviZ object from ``{group: {var: array}}`` (sample groups ``(chain, draw, ...)``; the data
-    groups ``observed_data`` / ``constant_data`` without them), named ``dims`` and ``coords``, and
-    ``extra`` groups of ``{var: (array, dims)}`` that are not indexed by draw. The only function here
-    that depends on the ArviZ version: 0.x ``InferenceData``, 1.x ``xarray.DataTree``."""
-    import arviz as az  # lazy: heavy, kept off the path of import bnnzoo and the CLI's start-up
-    import xarray as xr  # lazy: heavy, as arviz
-
-    extras = {name: xr.Dataset({k: (d, v) for k, (v, d) in variables.items()})
-              for name, variables in extra.items() if variables}
-    if arviz_major() >= 1:  # arviz-base: one nested dict (groups named "*data*" get no sample dims), a DataTree
-        tree = az.from_dict(groups, dims=dims, coords=coords, attrs={"/": attrs})
-        for name, ds in extras.items():
-            tree[name] = xr.DataTree(ds)
-        return tree
-    idata = az.from_dict(**groups, dims=dims, coords=coords, attrs=attrs)
-    if extras:
-        idata.add_groups(extras)
-    return idata
+    """The ArviZ object from ``{group: {var: array}}``: :func:`bnnzoo.arviz_compat.from_dict` (0.x
+    ``InferenceData``, 1.x ``xarray.DataTree``)."""
+    return arviz_compat.from_dict(groups, dims=dims, coords=coords, attrs=attrs, extra=extra)
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -463,9 +584,13 @@ def group_variable(idata, layer: str) -> str:
     raise KeyError(f"no per-group variable of layer {layer!r} in the posterior group")
 
 
-def summary_variables(idata) -> list[str]:
-    """The posterior variables of the summary table: hyperparameters and per-layer scales, i.e. every
-    variable that is neither a weight site nor indexed by a layer's groups."""
+def summary_variables(idata, full: bool = False) -> list[str]:
+    """The posterior variables of the summary table. By default the short one: hyperparameters and
+    per-layer scales, i.e. every variable that is neither a weight site nor indexed by a layer's
+    groups (tens of rows, whatever the network's size); with ``full`` every posterior variable (a row
+    per weight, per group, per hyperparameter)."""
+    if full:
+        return list(idata.posterior.data_vars)
     out = []
     for name, var in idata.posterior.data_vars.items():
         sample_dims = [d for d in var.dims if d not in ("chain", "draw")]
@@ -473,3 +598,12 @@ def summary_variables(idata) -> list[str]:
             continue
         out.append(name)
     return out
+
+
+def summary(idata, full: bool = False, round_to: int = 4):
+    """The summary table (:func:`bnnzoo.arviz_compat.summary`, the same on both ArviZ lines) of
+    :func:`summary_variables`: short by default, every variable with ``full``. A point estimate
+    (:func:`is_point_estimate`) gets its values only: one draw has no spread, effective sample size
+    or R-hat."""
+    return arviz_compat.summary(idata, summary_variables(idata, full), diagnostics=not is_point_estimate(idata),
+                                round_to=round_to)

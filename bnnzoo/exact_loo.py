@@ -36,22 +36,17 @@ inputs) can be refitted this way; other posteriors get :func:`bnnzoo.loo.loo` wi
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 import xarray as xr
-
-# ArviZ 0.x has no public constructor for the result of ``az.loo``: its class lives in a private
-# module. This import and :func:`elpd_data` are the one place bnnzoo depends on it (ArviZ 1.x
-# replaces both; a port changes only these lines).
-from arviz.stats.stats_utils import ELPDData
 from tqdm import tqdm
 
+from .arviz_compat import elpd_data
 from .catalog import get_entry
 from .guides import MeanFieldNormal
 from .guides.loo_refits import MeanFieldRefits
 from .models import GaussianPrior
+from .models.errors import ConfigError, NotFittedError
 from .models.networks import Activation, Dense, Flatten
 
 #: the catalog entry whose fits this module refits
@@ -60,7 +55,8 @@ SUPPORTED_ENTRY = "meanfield-vi"
 
 def check_refittable(posterior) -> None:
     """Raise a ``TypeError`` naming the problem unless ``posterior`` is a fitted ``meanfield-vi``
-    posterior of a dense network with the catalog's loss (a posterior not fitted yet: ``RuntimeError``)."""
+    posterior of a dense network with the catalog's loss (a posterior not fitted yet:
+    :class:`~bnnzoo.errors.NotFittedError`)."""
     name = getattr(posterior, "name", type(posterior).__name__)
     if name != SUPPORTED_ENTRY:
         raise TypeError(f"exact LOO by vectorised refits supports the {SUPPORTED_ENTRY!r} catalog entry only, not "
@@ -75,7 +71,7 @@ def check_refittable(posterior) -> None:
         raise TypeError(f"exact LOO by vectorised refits needs a dense network; {posterior.net.name} has "
                         f"{', '.join(sorted({layer.kind for layer in other}))} layers")
     if not posterior.is_fitted:
-        raise RuntimeError(f"this {name} posterior is not fitted yet: call fit(x, y) first")
+        raise NotFittedError(f"this {name} posterior is not fitted yet: call fit(x, y) first")
 
 
 def _catalog_start(posterior):
@@ -112,11 +108,11 @@ def exact_loo_terms(posterior, x, y, *, points=None, num_samples: int = 200, see
     check_refittable(posterior)
     for arg, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{arg} must be a positive integer, got {value!r}")
     n = len(y)
     points = torch.arange(n) if points is None else torch.as_tensor(points, dtype=torch.long).reshape(-1)
     if len(points) and (int(points.min()) < 0 or int(points.max()) >= n):
-        raise ValueError(f"points must index the {n} training points")
+        raise ConfigError(f"points must index the {n} training points")
     chunks = list(points.split(chunk_size))
     epochs = int(posterior.config["train"]["epochs"])
     out = []
@@ -132,26 +128,19 @@ def exact_loo_terms(posterior, x, y, *, points=None, num_samples: int = 200, see
 def exact_loo(posterior, x, y, *, num_samples: int = 200, seed: int = 0, chunk_size: int = 512,
               progress: bool = False):
     """Exact LOO of a fitted ``meanfield-vi`` posterior on its training data ``(x, y)`` (raw units):
-    one refit per training point, all trained at once (see the module docstring). Returns ArviZ's
-    ``ELPDData`` as ``az.loo(..., pointwise=True)`` builds it: ``elpd_loo`` (sum of ``loo_i``),
-    ``se`` (``sqrt(n var(loo_i))``), ``p_loo`` (the posterior's in-sample log predictive density
-    minus ``elpd_loo``), ``loo_i``, ``pareto_k`` (zero: no importance sampling, as ``az.reloo`` marks
-    refitted points), and ``refits``. Raises ``TypeError`` for a posterior it cannot refit this way."""
+    one refit per training point, all trained at once (see the module docstring). Returns the
+    installed ArviZ's ``ELPDData`` as ``az.loo(..., pointwise=True)`` builds it, made through its
+    public API (:func:`bnnzoo.arviz_compat.elpd_data`): the ELPD (0.x ``elpd_loo``, 1.x ``elpd``: the
+    sum of the pointwise terms, 0.x ``loo_i``, 1.x ``elpd_i``), ``se`` (``sqrt(n var(terms))``), the
+    effective number of parameters (0.x ``p_loo``, 1.x ``p``: the posterior's in-sample log predictive
+    density minus the ELPD), ``pareto_k`` (zero: no importance sampling, as ``az.reloo`` marks
+    refitted points), and ``result["refits"]``. Raises ``TypeError`` for a posterior it cannot refit this way."""
     check_refittable(posterior)
     terms = exact_loo_terms(posterior, x, y, num_samples=num_samples, seed=seed, chunk_size=chunk_size,
                             progress=progress).cpu().double().numpy()
     n = len(terms)
     lppd = float(posterior.log_likelihood(x, y, num_samples=num_samples, seed=seed).double().sum())
     elpd = float(terms.sum())
-    loo_i = xr.DataArray(terms, dims=["obs_id"], coords={"obs_id": np.arange(n)}, name="loo_i")
-    pareto_k = xr.zeros_like(loo_i).rename("pareto_k")
-    return elpd_data(elpd_loo=elpd, se=float(np.sqrt(n * np.var(terms))), p_loo=lppd - elpd, n_samples=num_samples,
-                     n_data_points=n, warning=False, loo_i=loo_i, pareto_k=pareto_k, scale="log",
-                     good_k=min(1 - 1 / np.log10(num_samples), 0.7), refits=n)
-
-
-def elpd_data(**entries) -> ELPDData:
-    """ArviZ 0.x's ``ELPDData`` (the type ``az.loo`` returns) holding ``entries`` in their order."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return ELPDData(data=list(entries.values()), index=list(entries))
+    terms_da = xr.DataArray(terms, dims=["obs_id"], coords={"obs_id": np.arange(n)})
+    return elpd_data(elpd=elpd, se=float(np.sqrt(n * np.var(terms))), p=lppd - elpd, pointwise=terms_da,
+                     n_samples=num_samples, good_k=min(1 - 1 / np.log10(num_samples), 0.7), warning=False, refits=n)

@@ -13,26 +13,27 @@ for small data sets (a few hundred points, a few seconds per fit).
 For the mean-field baseline every point can be refitted at once: ``loo(..., method="exact")``
 (:mod:`bnnzoo.exact_loo`) trains all ``n`` leave-one-out refits as one batched computation.
 
-Written for the ArviZ 0.x API (``az.SamplingWrapper``, ``az.reloo``), the version the package installs.
+Works with both ArviZ lines (0.x on Python 3.11, 1.x on Python 3.12 and newer): every call that
+differs between them goes through :mod:`bnnzoo.arviz_compat`; the results are the installed line's
+own ``ELPDData`` (read them with :func:`bnnzoo.arviz_compat.loo_fields`).
 """
 
 from __future__ import annotations
 
-import warnings
-
-import arviz as az
 import numpy as np
 import torch
 
+from . import arviz_compat
 from .catalog import get_entry
 from .exact_loo import exact_loo
 from .guides.training import set_seed
+from .models.errors import ConfigError
 
 #: ArviZ's threshold above which PSIS-LOO terms are unreliable and ``reloo`` refits
 K_THRESHOLD = 0.7
 
 
-class RefitWrapper(az.SamplingWrapper):
+class RefitWrapper(arviz_compat.sampling_wrapper_base()):
     """The ``az.SamplingWrapper`` that refits a catalog posterior without some observations.
 
     ``posterior``: the fitted posterior (its catalog entry and configuration define a refit);
@@ -77,30 +78,31 @@ def loo(posterior, x, y, *, method: str = "psis", reloo: bool = False, k_thresho
     """LOO of a fitted ``posterior`` on its training data ``(x, y)``.
 
     ``method="psis"``: ``az.loo`` (pointwise), and with ``reloo=True`` the exact refit for every point
-    whose Pareto k exceeds ``k_threshold`` (``az.reloo``). Returns ArviZ's ``ELPDData``; with
-    ``reloo`` it has two more entries: ``refits`` (how many points were refitted) and
-    ``pareto_k_psis`` (the Pareto k of PSIS before the refits, which ``az.reloo`` sets to 0 for the
-    refitted points). ``idata``: the posterior's ArviZ data on ``(x, y)`` if already made.
+    whose Pareto k exceeds ``k_threshold`` (``az.reloo``). Returns the installed ArviZ's ``ELPDData``
+    (field names differ between the lines: :func:`bnnzoo.arviz_compat.loo_fields` reads either); with
+    ``reloo`` it has two more entries, ``result["refits"]`` (how many points were refitted) and
+    ``result["pareto_k_psis"]`` (the Pareto k of PSIS before the refits, which ``az.reloo`` sets to 0
+    for the refitted points). ``idata``: the posterior's ArviZ data on ``(x, y)`` if already made.
 
     ``method="exact"``: exact LOO, one refit per training point, all trained at once in chunks of
     ``chunk_size`` (``meanfield-vi`` on a dense network only; see :mod:`bnnzoo.exact_loo`)."""
     if method == "exact":
         if reloo:
-            raise ValueError("reloo refits the high-Pareto-k points of PSIS-LOO; method='exact' refits every point")
+            raise ConfigError("reloo refits the high-Pareto-k points of PSIS-LOO; method='exact' refits every point")
         return exact_loo(posterior, x, y, num_samples=num_samples, seed=seed, chunk_size=chunk_size,
                          progress=progress)
     if method != "psis":
-        raise ValueError(f"unknown LOO method {method!r}; choose 'psis' (with reloo=True for az.reloo) or 'exact'")
+        raise ConfigError(f"unknown LOO method {method!r}; choose 'psis' (with reloo=True for az.reloo) or 'exact'")
+    if getattr(posterior, "point_estimate", False):
+        raise ConfigError(f"LOO needs posterior draws: {posterior.name} is a point estimate (one draw)")
     if idata is None:
         idata = posterior.to_arviz((x, y), num_samples=num_samples, sites=None, seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # high Pareto k: the caller reads pareto_k
-        result = az.loo(idata, pointwise=True)
-        if not reloo:
-            return result
-        wrapper = RefitWrapper(posterior, x, y, num_samples=num_samples, seed=seed, idata_orig=idata)
-        pareto_k_psis = result.pareto_k.copy()
-        refitted = az.reloo(wrapper, loo_orig=result, k_thresh=k_threshold)
+    result = arviz_compat.loo(idata, pointwise=True)  # high Pareto k: the caller reads pareto_k
+    if not reloo:
+        return result
+    wrapper = RefitWrapper(posterior, x, y, num_samples=num_samples, seed=seed, idata_orig=idata)
+    pareto_k_psis = result["pareto_k"].copy()
+    refitted = arviz_compat.reloo(wrapper, result, k_threshold)
     refitted["refits"] = wrapper.refits
     refitted["pareto_k_psis"] = pareto_k_psis
     return refitted

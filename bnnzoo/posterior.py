@@ -322,10 +322,12 @@ class Posterior(ABC):
 
     # ---- ArviZ --------------------------------------------------------------------------------
     def to_arviz(self, data=None, *, num_samples: int = 100, sites="auto", seed: int | None = 0,
-                 chunk_size: int = 4096):
+                 chunk_size: int = 4096, new_data=None, prior_samples: int = 100, feature_names=None):
         """The posterior as ArviZ data; ``data = (x, y)`` adds the pointwise log-likelihood (for
-        ``az.loo``) and the posterior predictive. See :func:`bnnzoo.diagnostics.to_arviz`."""
-        return to_arviz(self, data, num_samples=num_samples, sites=sites, seed=seed, chunk_size=chunk_size)
+        ``az.loo``), the posterior predictive and the prior groups, ``new_data`` the predictions.
+        See :func:`bnnzoo.diagnostics.to_arviz`."""
+        return to_arviz(self, data, num_samples=num_samples, sites=sites, seed=seed, chunk_size=chunk_size,
+                        new_data=new_data, prior_samples=prior_samples, feature_names=feature_names)
 
     # The ArviZ export hook (:class:`bnnzoo.diagnostics.ArvizExportable`): ``stores_samples``,
     # ``num_chains`` and the three ``arviz_*`` methods; a guide's defaults below.
@@ -333,6 +335,10 @@ class Posterior(ABC):
     #: whether the draws are a fixed set of stored samples (a sampler's chains) rather than
     #: independent draws of a guide
     stores_samples: bool = False
+
+    #: whether the posterior is a single point (MAP): ArviZ gets one draw, marked as a point
+    #: estimate, and no effective sample size or LOO is claimed for it
+    point_estimate: bool = False
 
     @property
     def num_chains(self) -> int:
@@ -344,7 +350,7 @@ class Posterior(ABC):
         if self.num_chains != 1:
             raise TypeError(f"{type(self).__name__} has {self.num_chains} chains: it must say how "
                             f"many draws each holds (arviz_draws_per_chain)")
-        return num_samples
+        return 1 if self.point_estimate else num_samples
 
     def arviz_hyperparameters(self, num_draws: int) -> dict[str, torch.Tensor]:
         """Hyperparameter and scale-variable draws ``{name: (chain, draw, ...)}`` (none by default);
@@ -353,6 +359,12 @@ class Posterior(ABC):
 
     def arviz_sample_stats(self) -> dict[str, torch.Tensor]:
         """Per-draw sampler statistics ``{name: (chain, draw)}`` (none for a guide)."""
+        return {}
+
+    def arviz_constant_data(self) -> dict[str, torch.Tensor]:
+        """What the fit decided that is not drawn: ``{name: tensor}`` for ArviZ's ``constant_data``
+        group (none by default). ``"<site>.<var>"`` of the site's shape is indexed by the site's
+        dimensions, ``"<layer>.<var>"`` of shape ``(groups,)`` by the layer's groups."""
         return {}
 
     # ---- device -------------------------------------------------------------------------------

@@ -171,8 +171,15 @@ class SamplePosterior(Posterior):
         return next(iter(self.samples.values())).shape[1] if self.samples else 0
 
     def arviz_sample_stats(self) -> dict[str, torch.Tensor]:
-        """Each chain's per-sample record at its stored draws (step size, potential, pruned fractions...)."""
-        return stored_draw_records(self.history.extra.get("chains", []), self.arviz_draws_per_chain(0), self.device)
+        """Each chain's per-sample record at its stored draws, under ArviZ's names where it has one:
+        ``lp`` (minus the kernel's recorded potential ``U``: its estimate of the log joint density up
+        to a constant, from the minibatches seen since the previous sample), ``step_size``; the rest (pruned fractions, ``pi``, ...) under the kernel's
+        own names. The global ``step`` counter is not a statistic and is left out."""
+        stats = stored_draw_records(self.history.extra.get("chains", []), self.arviz_draws_per_chain(0), self.device)
+        stats.pop("step", None)
+        if "potential" in stats:
+            stats["lp"] = -stats.pop("potential")
+        return stats
 
     def masks(self) -> dict[str, torch.Tensor]:
         """A weight is pruned when every chain pruned it."""

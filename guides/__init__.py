@@ -16,7 +16,7 @@ from .sghmc import SGHMC
 from .spike_slab_em import SpikeSlabEM
 from .tdamp import TDAMPGuide
 from .tempered_elbo import TemperedLocalReparamELBO, untempered_variance
-from .weight_guide import WeightGuide
+from .weight_guide import PyroAutoGuide, WeightGuide
 
 __all__ = [
     "SGHMC",
@@ -24,6 +24,7 @@ __all__ = [
     "LocalReparamELBO",
     "MeanFieldNormal",
     "PointMass",
+    "PyroAutoGuide",
     "SpikeSlabEM",
     "TDAMPGuide",
     "TemperedLocalReparamELBO",

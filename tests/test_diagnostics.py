@@ -17,9 +17,11 @@ import xarray as xr
 from click.testing import CliRunner
 
 import bnnzoo
-from bnnzoo import diagnostics
+from bnnzoo import arviz_compat, diagnostics
+from bnnzoo.arviz_compat import MIN_PSIS_DRAWS, group, groups
 from bnnzoo.data import load_dataset
 from bnnzoo.diagnostics import stored_draw_records
+from bnnzoo.errors import ConfigError
 from bnnzoo.guides.training import TrainingHistory
 from bnnzoo.variational import VariationalPosterior
 
@@ -59,20 +61,21 @@ def arviz_quietly(fn, *args, **kwargs):
 
 
 def assert_same_data(a, b):
-    assert set(a.groups()) == set(b.groups())
-    for group in a.groups():
-        xr.testing.assert_identical(a[group].drop_attrs(), b[group].drop_attrs())
+    assert set(groups(a)) == set(groups(b))
+    for name in groups(a):
+        xr.testing.assert_identical(group(a, name).drop_attrs(), group(b, name).drop_attrs())
 
 
 # ------------------------------------------------------------------------------- every catalog model
-@pytest.mark.parametrize("name", bnnzoo.list_models())
+# map exports a point estimate (one draw, no LOO): tests/test_exports.py checks it
+@pytest.mark.parametrize("name", [n for n in bnnzoo.list_models() if n != "map"])
 def test_every_catalog_model_converts(name, tiny, tmp_path):
     post = fit_tiny(name, tiny)
-    idata = post.to_arviz((tiny.x_train, tiny.y_train), num_samples=12)
+    idata = post.to_arviz((tiny.x_train, tiny.y_train), num_samples=MIN_PSIS_DRAWS)
     chains = post.num_chains
     draws = idata.posterior.sizes["draw"]
-    assert set(idata.groups()) >= SAMPLE_GROUPS | DATA_GROUPS
-    assert idata.posterior.sizes["chain"] == chains and draws == (12 if chains == 1 else draws)
+    assert set(groups(idata)) >= SAMPLE_GROUPS | DATA_GROUPS
+    assert idata.posterior.sizes["chain"] == chains and draws == (MIN_PSIS_DRAWS if chains == 1 else draws)
 
     # weights by named dims with coords; per-group and per-layer variables
     w = idata.posterior["fc1.weight"]
@@ -97,11 +100,21 @@ def test_every_catalog_model_converts(name, tiny, tmp_path):
     if chains > 1:  # a sampler: per-draw statistics of every chain
         assert idata.sample_stats["step_size"].dims == ("chain", "draw")
 
-    # ArviZ's diagnostics run on it
-    summary = arviz_quietly(az.summary, idata, var_names=diagnostics.summary_variables(idata))
+    # ArviZ's diagnostics run on it, through the same calls on both ArviZ lines
+    names = diagnostics.summary_variables(idata)
+    summary = arviz_quietly(az.summary, idata, var_names=names)
     assert {"mean", "sd", "ess_bulk", "r_hat"} <= set(summary.columns) and len(summary) >= 2
-    loo = arviz_quietly(az.loo, idata, pointwise=True)
-    assert math.isfinite(loo.elpd_loo) and loo.pareto_k.shape == (60,)
+    table = arviz_quietly(arviz_compat.summary, idata, names)
+    assert list(table.index) == names and list(table.columns) == [
+        "mean", "sd", "eti_3%", "eti_97%", "mcse_mean", "ess_bulk", "ess_tail", *(["r_hat"] if chains > 1 else [])]
+    np.testing.assert_allclose(table["mean"], [float(idata.posterior[n].mean()) for n in names], atol=1e-4)
+    assert (table["ess_bulk"] > 0).all()
+    if chains * draws >= MIN_PSIS_DRAWS:
+        loo = arviz_compat.loo_fields(arviz_compat.loo(idata))
+        assert math.isfinite(loo.elpd) and loo.pareto_k.shape == loo.pointwise.shape == (60,)
+    else:  # too few stored draws to smooth: one error naming the option, on both lines
+        with pytest.raises(ConfigError, match=f"PSIS-LOO needs at least {MIN_PSIS_DRAWS} posterior draws"):
+            arviz_compat.loo(idata)
     rhat = arviz_quietly(az.rhat, idata, var_names=["fc2.bias"])["fc2.bias"].values  # the output layer is never pruned
     assert (np.isfinite(rhat) if chains > 1 else np.isnan(rhat)).all()
 
@@ -157,7 +170,7 @@ def test_group_norms_and_layer_rms(fitted_meanfield):
     np.testing.assert_allclose(post["fc1.group_norm"].values, norms, rtol=1e-5)
     np.testing.assert_allclose(post["fc1.rms"].values, np.sqrt((norms**2).sum(-1) / (w[0, 0].size + b[0, 0].size)),
                                rtol=1e-5)
-    assert "log_likelihood" not in idata.groups()  # no data: no likelihood groups
+    assert "log_likelihood" not in groups(idata)  # no data: no likelihood groups
 
 
 def test_seeded_conversion_is_reproducible_and_leaves_the_global_state(fitted_meanfield, boston):
@@ -166,8 +179,8 @@ def test_seeded_conversion_is_reproducible_and_leaves_the_global_state(fitted_me
     assert torch.equal(state, torch.get_rng_state())
     b = fitted_meanfield.to_arviz((boston.x_test, boston.y_test), num_samples=4, seed=3)
     c = fitted_meanfield.to_arviz((boston.x_test, boston.y_test), num_samples=4, seed=4)
-    for group in ("posterior", "log_likelihood", "posterior_predictive"):
-        xr.testing.assert_identical(a[group].drop_attrs(), b[group].drop_attrs())
+    for name in ("posterior", "log_likelihood", "posterior_predictive"):
+        xr.testing.assert_identical(group(a, name).drop_attrs(), group(b, name).drop_attrs())
     assert not np.array_equal(a.posterior["fc1.weight"].values, c.posterior["fc1.weight"].values)
     # independent guide draws differ from one another
     assert not np.array_equal(a.posterior["fc1.weight"].values[0, 0], a.posterior["fc1.weight"].values[0, 1])
@@ -351,7 +364,7 @@ def test_runs_saved_in_format_1_convert(name, boston):
         assert idata.training["chains.potential"].shape[1] == len(records[0]["potential"])
         assert idata.attrs["inference"] == "stored samples"
     else:
-        assert "sample_stats" not in idata.groups()
+        assert "sample_stats" not in groups(idata)
         assert idata.attrs["inference"] == "independent draws of a guide"
 
 
@@ -408,7 +421,7 @@ def test_diagnose_command_writes_tables_and_plots(saved_run, tmp_path, monkeypat
 
     monkeypatch.setenv("MPLBACKEND", "Agg")
     out = tmp_path / "diag"
-    result = CliRunner().invoke(main, ["diagnose", str(saved_run), "--out", str(out), "--num-samples", "10"])
+    result = CliRunner().invoke(main, ["diagnose", str(saved_run), "--out", str(out), "--num-samples", "30"])
     assert result.exit_code == 0, result.output
     text = result.output
     n_train = len(load_dataset(None).x_train)  # the run recorded its data: Boston split 0
@@ -418,7 +431,7 @@ def test_diagnose_command_writes_tables_and_plots(saved_run, tmp_path, monkeypat
     for png in ("forest", "trace", "trace_posterior", "ppc", "loo_pit"):
         assert (out / f"{png}.png").stat().st_size > 1000, png
     back = diagnostics.load(out / "posterior.nc")
-    assert back.posterior.sizes["draw"] == 10 and "training" in back.groups()
+    assert back.posterior.sizes["draw"] == 30 and "training" in groups(back)
 
 
 def test_diagnose_classification_reliability(fitted_classifier, mnist_small, tmp_path, capsys):
@@ -449,3 +462,22 @@ def test_conversion_on_cuda(boston):
     lpd = np.logaddexp.reduce(ll, axis=0) - math.log(10)
     expected = post.log_likelihood(boston.x_test, boston.y_test, num_samples=10, seed=1).cpu().numpy()
     np.testing.assert_allclose(lpd, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_diagnose_reports_a_point_estimate_as_one(boston, tmp_path, monkeypatch):
+    """MAP exports one draw: the report gives its values, says it is a point estimate, and claims no
+    ESS, R-hat or LOO; the plots that need draws (posterior trace, LOO-PIT) are not written."""
+    from bnnzoo.cli import main
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    run = fit_tiny("map", boston).save(tmp_path / "map")
+    out = tmp_path / "diag"
+    result = CliRunner().invoke(main, ["diagnose", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "a point estimate" in text and "LOO: none for a point estimate" in text
+    assert "ess_bulk" not in text and "r_hat" not in text and "PSIS-LOO on" not in text
+    assert "fc1.rms" in text and "value" in text
+    written = {p.name for p in out.iterdir()}
+    assert {"forest.png", "ppc.png", "posterior.nc"} <= written
+    assert not {"trace_posterior.png", "loo_pit.png"} & written

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import warnings
 
-import arviz as az
 import click
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from scipy.special import logsumexp
 
 import bnnzoo
 from bnnzoo import loo as loo_module
+from bnnzoo.arviz_compat import compare, loo_fields
 from bnnzoo.catalog import get_entry
 from bnnzoo.commands.diagnose import loo_section
 from bnnzoo.exact_loo import exact_loo, exact_loo_terms, mean_field_refits
@@ -62,8 +62,8 @@ def test_reloo_replaces_high_k_terms_by_exact_refits(fitted):
     np.testing.assert_array_equal(refitted["pareto_k_psis"].values, k)
     assert (refitted.pareto_k.values[chosen] == 0).all()
     others = np.setdiff1d(np.arange(len(y)), chosen)
-    np.testing.assert_allclose(refitted.loo_i.values[others], psis.loo_i.values[others])
-    assert refitted.elpd_loo == pytest.approx(refitted.loo_i.values.sum())
+    np.testing.assert_allclose(loo_fields(refitted).pointwise[others], loo_fields(psis).pointwise[others])
+    assert loo_fields(refitted).elpd == pytest.approx(loo_fields(refitted).pointwise.sum())
 
     # each refitted term is the log predictive density of the point under a fresh fit without it
     i = int(chosen[0])
@@ -74,8 +74,8 @@ def test_reloo_replaces_high_k_terms_by_exact_refits(fitted):
     fresh.fit(x[keep], y[keep], progress=False)
     lp = fresh.to_arviz((x[i:i + 1], y[i:i + 1]), num_samples=NUM_SAMPLES, sites=None, seed=1)
     expected = logsumexp(lp.log_likelihood["obs"].values.ravel()) - np.log(NUM_SAMPLES)
-    assert refitted.loo_i.values[i] == pytest.approx(expected, abs=1e-5)
-    assert abs(refitted.loo_i.values[i] - psis.loo_i.values[i]) > 1e-3  # a refit, not the PSIS term
+    assert loo_fields(refitted).pointwise[i] == pytest.approx(expected, abs=1e-5)
+    assert abs(loo_fields(refitted).pointwise[i] - loo_fields(psis).pointwise[i]) > 1e-3  # a refit, not the PSIS term
 
 
 def test_no_refit_below_the_threshold(fitted):
@@ -205,20 +205,20 @@ def test_exact_loo_is_an_arviz_elpd(fitted):
     x, y = data.x_train, data.y_train
     result = loo(post, x, y, method="exact", num_samples=NUM_SAMPLES, seed=1, chunk_size=16)  # three chunks
     n = len(y)
-    terms = result.loo_i.values
+    terms = loo_fields(result).pointwise
     assert result.n_data_points == n == len(terms) and result["refits"] == n and not result.warning
-    assert result.elpd_loo == pytest.approx(terms.sum())
+    assert loo_fields(result).elpd == pytest.approx(terms.sum())
     assert result.se == pytest.approx(np.sqrt(n * terms.var()))
     lppd = float(post.log_likelihood(x, y, num_samples=NUM_SAMPLES, seed=1).double().sum())
-    assert result.p_loo == pytest.approx(lppd - result.elpd_loo)
+    assert loo_fields(result).p == pytest.approx(lppd - loo_fields(result).elpd)
     assert (result.pareto_k.values == 0).all()
     # ArviZ reads it as its own LOO: compare it with the PSIS estimate of the same posterior
     psis = loo(post, x, y, num_samples=NUM_SAMPLES, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        table = az.compare({"exact": result, "psis": psis}, ic="loo")
+        table = compare({"exact": result, "psis": psis})
     assert set(table.index) == {"exact", "psis"}
-    assert table.loc["exact", "elpd_loo"] == pytest.approx(result.elpd_loo)
+    assert table.loc["exact", "elpd"] == pytest.approx(loo_fields(result).elpd)
 
 
 def test_exact_loo_refuses_what_it_cannot_refit(fitted):
@@ -255,11 +255,16 @@ def test_diagnose_prints_the_exact_loo(fitted, capsys):
     text = capsys.readouterr().out
     assert f"exact LOO ({len(xy[1])} refits" in text
     expected = loo(post, *xy, method="exact", num_samples=NUM_SAMPLES)
-    assert out["elpd_exact"] == pytest.approx(expected.elpd_loo)
+    assert out["elpd_exact"] == pytest.approx(loo_fields(expected).elpd)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         map_post = bnnzoo.fit("map", data, network={"arch": "mlp", "hidden": [8]}, device="cpu", progress=False,
                               epochs=1)
-    map_idata = map_post.to_arviz(xy, num_samples=2, sites=None)
+        other = bnnzoo.fit("horseshoe-svi", data, network={"arch": "mlp", "hidden": [8]}, device="cpu",
+                           progress=False, epochs=1)
+    # a point estimate has no LOO at all: the section says so instead of refitting or smoothing one draw
+    assert loo_section(map_post.to_arviz(xy, sites=None), map_post, xy, exact=True) == {"point_estimate": True}
+    assert "none for a point estimate" in capsys.readouterr().out
     with pytest.raises(click.ClickException, match="supports the 'meanfield-vi' catalog entry only"):
-        loo_section(map_idata, map_post, xy, exact=True, num_samples=2)
+        loo_section(other.to_arviz(xy, num_samples=NUM_SAMPLES, sites=None), other, xy, exact=True,
+                    num_samples=NUM_SAMPLES)

@@ -9,8 +9,15 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bnnzoo import metrics
-from bnnzoo.diagnostics import group_variable, save, summary_variables
+from bnnzoo import arviz_compat, metrics
+from bnnzoo.diagnostics import (
+    group_variable,
+    is_point_estimate,
+    save,
+    summary,
+    summary_variables,
+)
+from bnnzoo.errors import ConfigError
 
 from .evaluate import dataset_for_run, load_run
 
@@ -28,21 +35,18 @@ def _save(fig, path: Path, written: list[Path]) -> None:
 
 # ---- sections ---------------------------------------------------------------------------------------
 def summary_table(idata, chains: int) -> None:
-    import arviz as az  # lazy: arviz, kept off the CLI's start-up
-
-    names = summary_variables(idata)
+    """The hyperparameters and per-layer scales: mean, sd, central 94% interval, and for draws
+    MCSE, bulk/tail ESS and (two chains or more) R-hat (:func:`bnnzoo.arviz_compat.summary`: the
+    same table on ArviZ 0.x and 1.x). A point estimate gets its values only."""
+    point = is_point_estimate(idata)
     click.echo("\nhyperparameters and per-layer scales (<layer>.rms: root mean square of its weights):")
-    if chains > 1:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # R-hat of a constant (pruned) variable
-            table = az.summary(idata, var_names=names, kind="all", round_to=4)
-    else:  # R-hat needs two chains: ArviZ would only warn; the ESS of one chain is still meaningful
-        one_chain = {"mcse_mean": lambda v: float(az.mcse(v[None], method="mean")),
-                     "ess_bulk": lambda v: float(az.ess(v[None], method="bulk")),
-                     "ess_tail": lambda v: float(az.ess(v[None], method="tail"))}
-        table = az.summary(idata, var_names=names, kind="stats", stat_funcs=one_chain, extend=True, round_to=4)
+    table = summary(idata)
+    if point:
+        table = table[["mean"]].rename(columns={"mean": "value"})
     click.echo(table.to_string())
-    if chains < 2:
+    if point:
+        click.echo("(a point estimate: one draw, so no sd, ESS, R-hat or LOO)")
+    elif chains < 2:
         click.echo("(one chain of independent draws: no R-hat, which needs two chains or more; the ESS measures "
                    "the Monte Carlo precision of the draws)")
 
@@ -58,17 +62,24 @@ def loo_section(idata, posterior=None, data=None, reloo: bool = False, num_sampl
     )
 
     x, y = data if data is not None else (None, None)
-    result = loo(posterior, x, y, idata=idata)
+    if is_point_estimate(idata):
+        click.echo("\nLOO: none for a point estimate (one draw: PSIS-LOO needs posterior draws)")
+        return {"point_estimate": True}
+    try:
+        result = arviz_compat.loo_fields(loo(posterior, x, y, idata=idata))
+    except ConfigError as err:  # too few draws to smooth
+        click.echo(f"\nPSIS-LOO: none ({err})")
+        return {"too_few_draws": True}
     n = int(result.n_data_points)
-    k = result.pareto_k.values
+    k = result.pareto_k
     good = float(result.good_k)
     counts = {"good": int((k <= good).sum()), "bad": int(((k > good) & (k <= 1)).sum()), "very bad": int((k > 1).sum())}
     click.echo(f"\nPSIS-LOO on the {n} training points ({int(result.n_samples)} draws): elpd_loo "
-               f"{result.elpd_loo:.2f} +- {result.se:.2f} ({result.elpd_loo / n:.4f} +- {result.se / n:.4f} per point), "
-               f"p_loo {result.p_loo:.2f}")
+               f"{result.elpd:.2f} +- {result.se:.2f} ({result.elpd / n:.4f} +- {result.se / n:.4f} per point), "
+               f"p_loo {result.p:.2f}")
     click.echo(f"  Pareto k: {counts['good']} good (<= {good:.2f}), {counts['bad']} bad (<= 1), "
                f"{counts['very bad']} very bad (> 1)")
-    out = {"elpd_loo": float(result.elpd_loo), "se": float(result.se), "n": n, "pareto_k": counts}
+    out = {"elpd_loo": float(result.elpd), "se": float(result.se), "n": n, "pareto_k": counts}
     if counts["bad"] or counts["very bad"]:
         worst = sorted(range(n), key=lambda i: -k[i])[:5]
         click.echo(f"  warning: {counts['bad'] + counts['very bad']} points have Pareto k > {good:.2f}: their LOO "
@@ -79,20 +90,22 @@ def loo_section(idata, posterior=None, data=None, reloo: bool = False, num_sampl
         if int(result.n_samples) < 100:
             click.echo(f"  (only {int(result.n_samples)} draws: Pareto smoothing needs a hundred or more)")
     if reloo and (k > K_THRESHOLD).any():
-        refitted = loo(posterior, x, y, reloo=True, k_threshold=K_THRESHOLD, num_samples=num_samples, idata=idata)
-        click.echo(f"  with exact refits for the {int(refitted['refits'])} points of k > {K_THRESHOLD}: elpd_loo "
-                   f"{refitted.elpd_loo:.2f} +- {refitted.se:.2f} ({refitted.elpd_loo / n:.4f} +- "
-                   f"{refitted.se / n:.4f} per point), p_loo {refitted.p_loo:.2f}")
-        out.update(elpd_reloo=float(refitted.elpd_loo), se_reloo=float(refitted.se), refits=int(refitted["refits"]))
+        native = loo(posterior, x, y, reloo=True, k_threshold=K_THRESHOLD, num_samples=num_samples, idata=idata)
+        refits, refitted = int(native["refits"]), arviz_compat.loo_fields(native)
+        click.echo(f"  with exact refits for the {refits} points of k > {K_THRESHOLD}: elpd_loo "
+                   f"{refitted.elpd:.2f} +- {refitted.se:.2f} ({refitted.elpd / n:.4f} +- "
+                   f"{refitted.se / n:.4f} per point), p_loo {refitted.p:.2f}")
+        out.update(elpd_reloo=refitted.elpd, se_reloo=refitted.se, refits=refits)
     if exact:
         try:
-            result = loo(posterior, x, y, method="exact", num_samples=num_samples, progress=True)
+            native = loo(posterior, x, y, method="exact", num_samples=num_samples, progress=True)
         except TypeError as err:
             raise click.ClickException(str(err)) from None
-        click.echo(f"  exact LOO ({int(result['refits'])} refits, one without each training point, trained at once): "
-                   f"elpd_loo {result.elpd_loo:.2f} +- {result.se:.2f} ({result.elpd_loo / n:.4f} +- "
-                   f"{result.se / n:.4f} per point), p_loo {result.p_loo:.2f}")
-        out.update(elpd_exact=float(result.elpd_loo), se_exact=float(result.se))
+        result = arviz_compat.loo_fields(native)
+        click.echo(f"  exact LOO ({int(native['refits'])} refits, one without each training point, trained at once): "
+                   f"elpd_loo {result.elpd:.2f} +- {result.se:.2f} ({result.elpd / n:.4f} +- "
+                   f"{result.se / n:.4f} per point), p_loo {result.p:.2f}")
+        out.update(elpd_exact=result.elpd, se_exact=result.se)
     return out
 
 
@@ -143,9 +156,8 @@ def plots(idata, posterior, out: Path, written: list[Path]) -> None:
 
 
 def _plots(idata, posterior, out: Path, written: list[Path]) -> None:
-    import arviz as az  # lazy: arviz, kept off the CLI's start-up
-
     chains = int(idata.posterior.sizes["chain"])
+    point = is_point_estimate(idata)
     net = posterior.net
     layers = [layer.name for layer in (net.hidden_layers() or net.param_layers)]
     names = [group_variable(idata, layer) for layer in layers]
@@ -156,28 +168,24 @@ def _plots(idata, posterior, out: Path, written: list[Path]) -> None:
             if size > MAX_FOREST_GROUPS:
                 coords[dim] = list(range(MAX_FOREST_GROUPS))
             rows, total = rows + min(size, MAX_FOREST_GROUPS), total + size
-    axes = az.plot_forest(idata, var_names=names, coords=coords, combined=True, r_hat=chains > 1, ess=True,
-                          figsize=(9, max(3.0, 0.3 * rows)))
-    fig = axes.ravel()[0].figure
+    fig = arviz_compat.plot_forest(idata, names, coords, chains=chains, figsize=(9, max(3.0, 0.3 * rows)))
     note = f"; first {MAX_FOREST_GROUPS} groups per layer" if rows < total else ""
     fig.suptitle("per-group (neuron / filter) posterior: " + ", ".join(names) + note, fontsize=9)
     _save(fig, out / "forest.png", written)
 
     _training_traces(idata, out, written)
 
-    axes = az.plot_trace(idata, var_names=summary_variables(idata), compact=True)
-    fig = axes.ravel()[0].figure
-    fig.tight_layout()
-    _save(fig, out / "trace_posterior.png", written)
+    if not point:  # one draw has no trace
+        fig = arviz_compat.plot_trace(idata, summary_variables(idata))
+        fig.tight_layout()
+        _save(fig, out / "trace_posterior.png", written)
 
     draws = int(idata.posterior_predictive.sizes["chain"] * idata.posterior_predictive.sizes["draw"])
-    ax = az.plot_ppc(idata, num_pp_samples=min(50, draws), random_seed=0)
-    ax = ax.ravel()[0] if hasattr(ax, "ravel") else ax
-    _save(ax.figure, out / "ppc.png", written)
-    if posterior.task == "regression":
-        ax = az.plot_loo_pit(idata, y="obs")
-        ax.set_title("LOO-PIT: uniform when the predictive is calibrated")
-        _save(ax.figure, out / "loo_pit.png", written)
+    _save(arviz_compat.plot_ppc(idata, min(50, draws)), out / "ppc.png", written)
+    if posterior.task == "regression" and not point:  # LOO-PIT weighs draws by PSIS: none for one draw
+        fig = arviz_compat.plot_loo_pit(idata, "obs")
+        fig.axes[0].set_title("LOO-PIT: uniform when the predictive is calibrated")
+        _save(fig, out / "loo_pit.png", written)
 
 
 def _training_traces(idata, out: Path, written: list[Path]) -> None:
@@ -185,11 +193,11 @@ def _training_traces(idata, out: Path, written: list[Path]) -> None:
     over time, from the ``training`` group."""
     import matplotlib.pyplot as plt  # lazy: matplotlib, kept off the CLI's start-up
 
-    if "training" not in idata.groups():
+    if "training" not in arviz_compat.groups(idata):
         return
     training = idata["training"]
     panels = [v for v in training.data_vars
-              if v == "loss" or "pruned_fraction" in v or v.endswith("step_size") or v.endswith("potential")]
+              if v == "loss" or "pruned_fraction" in v or v.endswith(("step_size", "potential"))]
     if not panels:
         return
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), squeeze=False)
@@ -241,7 +249,8 @@ def command(run_dir, out, num_samples, data, device, reloo, exact_loo) -> None:
     written: list[Path] = []
 
     try:
-        idata = posterior.to_arviz((dataset.x_train, dataset.y_train), num_samples=num_samples)
+        idata = posterior.to_arviz((dataset.x_train, dataset.y_train), num_samples=num_samples,
+                                   feature_names=dataset.meta.get("feature_names"))
     except (TypeError, ValueError, FloatingPointError) as err:
         raise click.ClickException(str(err)) from None
     chains, draws = int(idata.posterior.sizes["chain"]), int(idata.posterior.sizes["draw"])

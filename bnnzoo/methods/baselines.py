@@ -40,7 +40,9 @@ def _create_meanfield(config: dict, device="cpu") -> VariationalPosterior:
 
 def _create_map(config: dict, device="cpu") -> VariationalPosterior:
     model = build_model(config, lambda net: GaussianPrior(net, config["model"]["prior_scale"]))
-    return VariationalPosterior(model, PointMass(model), name="map", config=config, device=device)
+    posterior = VariationalPosterior(model, PointMass(model), name="map", config=config, device=device)
+    posterior.point_estimate = True  # a point mass: one draw for ArviZ, no ESS or LOO
+    return posterior
 
 
 #: the options of the Gaussian-prior SVI entries (map, meanfield-vi, and bmr's base)

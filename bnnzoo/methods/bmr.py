@@ -23,7 +23,7 @@ import torch
 from ..catalog import CatalogEntry, Option, register
 from ..errors import ConfigError
 from ..guides import MeanFieldNormal
-from ..guides.bmr import LEVELS, RULES, Reduction, reduce
+from ..guides.bmr import LEVELS, RULES, Reduction, evidence_changes, reduce
 from ..models import GaussianPrior
 from ..posterior import PruningRecord
 from ..variational import VariationalPosterior
@@ -34,7 +34,22 @@ def _options(train: dict) -> dict:
     return {"rule": train["rule"], "level": train["level"], "prune_last": train["prune_last"]}
 
 
-class PostHocBMR(VariationalPosterior):
+class _ReducedExport:
+    """The ArviZ export of a reduced mean-field posterior: the pruning masks and dF per weight."""
+
+    @torch.no_grad()
+    def arviz_constant_data(self) -> dict[str, torch.Tensor]:
+        """``"<site>.mask"`` (kept = 1) for every weight site and ``"<site>.delta_f"``, the change in
+        free energy ``dF`` of removing each weight, recomputed from the fitted guide
+        (:func:`~bnnzoo.guides.bmr.evidence_changes` at the weight level, with the entry's
+        ``prune_last``; ``+inf`` where the weight is pruned) for the sites BMR considers."""
+        out = {f"{site}.mask": keep.to(torch.int8) for site, keep in self.masks().items()}
+        changes = evidence_changes(self.guide, level="weight", prune_last=self.config["train"]["prune_last"])
+        out.update({f"{site}.delta_f": d_f for site, d_f in changes.items()})
+        return out
+
+
+class PostHocBMR(_ReducedExport, VariationalPosterior):
     """Mean-field Gaussian VI, then one Bayesian model reduction of the fitted guide.
 
     ``history.extra["bmr_seconds"]`` holds the reduction's wall time; ``fit_state.pruning`` its
@@ -51,7 +66,7 @@ class PostHocBMR(VariationalPosterior):
         self.fit_state.pruning.append(PruningRecord("bmr", options, summary, seconds))
 
 
-class IterativeBMR(VariationalPosterior):
+class IterativeBMR(_ReducedExport, VariationalPosterior):
     """BMR-S&S during training (Markovic et al.'s schedule): ``warmup_epochs`` of SVI, then
     {reduce; train one epoch} until ``epochs`` are done, so the last epoch trains the final
     reduced model (there is no reduction after it).

@@ -190,6 +190,17 @@ class TDAMPPosterior(GuidePosterior):
         return self.guide.inclusion()
 
     @torch.no_grad()
+    def arviz_constant_data(self) -> dict[str, torch.Tensor]:
+        """The fitted quantities that are not drawn: ``"<layer>.inclusion_probability"``, the
+        posterior inclusion probability ``P(s_g = 1 | D)`` of every hidden neuron (0 once pruned), and
+        ``"noise_variance"``, the M-step's noise variance ``v`` (regression: in the squared original
+        units of ``y``; classification: the probit-product variance)."""
+        out = {f"{layer}.inclusion_probability": p for layer, p in self.inclusion().items()}
+        scale = self.standardizer.y_scale ** 2 if self.task == "regression" and self.standardizer else 1.0
+        out["noise_variance"] = self.guide.noise_var().detach().reshape(()) * scale
+        return out
+
+    @torch.no_grad()
     def predict(self, x, num_samples: int = 100, chunk_size: int = 4096, return_samples: bool = False,
                 seed: int | None = 0) -> Prediction:
         """As :meth:`Posterior.predict`; for classification the class probabilities of each draw are

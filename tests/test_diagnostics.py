@@ -481,3 +481,18 @@ def test_diagnose_reports_a_point_estimate_as_one(boston, tmp_path, monkeypatch)
     written = {p.name for p in out.iterdir()}
     assert {"forest.png", "ppc.png", "posterior.nc"} <= written
     assert not {"trace_posterior.png", "loo_pit.png"} & written
+
+
+def test_diagnose_summary_is_short_unless_full_is_asked(boston, tmp_path, monkeypatch):
+    """The default summary has the per-layer and hyper-parameter rows only; ``--full`` adds one row
+    per weight."""
+    from bnnzoo.cli import main
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    run = fit_tiny("meanfield-vi", boston).save(tmp_path / "mf")
+    short = CliRunner().invoke(main, ["diagnose", str(run), "--out", str(tmp_path / "a"), "--num-samples", "30"])
+    full = CliRunner().invoke(main, ["diagnose", str(run), "--out", str(tmp_path / "b"), "--num-samples", "30",
+                                     "--full"])
+    assert short.exit_code == 0 and full.exit_code == 0, short.output + full.output
+    assert "fc1.rms" in short.output and "fc1.weight[" not in short.output
+    assert full.output.count("fc1.weight[") == 13 * 6  # the network is 13-6-1

@@ -34,13 +34,14 @@ def _save(fig, path: Path, written: list[Path]) -> None:
 
 
 # ---- sections ---------------------------------------------------------------------------------------
-def summary_table(idata, chains: int) -> None:
-    """The hyperparameters and per-layer scales: mean, sd, central 94% interval, and for draws
+def summary_table(idata, chains: int, full: bool = False) -> None:
+    """The hyperparameters and per-layer scales (with ``full``, every weight too): mean, sd, central 94% interval, and for draws
     MCSE, bulk/tail ESS and (two chains or more) R-hat (:func:`bnnzoo.arviz_compat.summary`: the
     same table on ArviZ 0.x and 1.x). A point estimate gets its values only."""
     point = is_point_estimate(idata)
-    click.echo("\nhyperparameters and per-layer scales (<layer>.rms: root mean square of its weights):")
-    table = summary(idata)
+    what = "every variable" if full else "hyperparameters and per-layer scales (<layer>.rms: root mean square of its weights)"
+    click.echo(f"\n{what}:")
+    table = summary(idata, full=full)
     if point:
         table = table[["mean"]].rename(columns={"mean": "value"})
     click.echo(table.to_string())
@@ -229,7 +230,8 @@ def _training_traces(idata, out: Path, written: list[Path]) -> None:
               "report the exact-LOO-corrected estimate (one fit per such point: for small data sets)")
 @click.option("--exact-loo", "exact_loo", is_flag=True, help="exact LOO of a meanfield-vi run: one refit without "
               "each training point, all trained at once as one batched computation")
-def command(run_dir, out, num_samples, data, device, reloo, exact_loo) -> None:
+@click.option("--full", is_flag=True, help="summarise every weight, not only the per-layer and hyper-parameter variables")
+def command(run_dir, out, num_samples, data, device, reloo, exact_loo, full) -> None:
     """ArviZ diagnostics of the saved run RUN_DIR: a summary table of the hyperparameters and per-layer
     scales (ESS, R-hat with chains), PSIS-LOO with Pareto-k warnings, calibration on the test data, and
     PNG plots (forest plot of per-neuron scales or inclusion probabilities, training trace of the loss
@@ -260,7 +262,7 @@ def command(run_dir, out, num_samples, data, device, reloo, exact_loo) -> None:
                f"{idata.attrs['weights']}")
     click.echo(f"  pruned: {sp['weights_pruned_fraction']:.1%} of the weights, "
                f"{sp['hidden_groups_pruned_fraction']:.1%} of the hidden groups ({sp['architecture']})")
-    summary_table(idata, chains)
+    summary_table(idata, chains, full)
     loo_section(idata, posterior, (dataset.x_train, dataset.y_train), reloo=reloo, num_samples=num_samples,
                 exact=exact_loo)
     calibration_section(posterior, dataset, num_samples, out, written)

@@ -24,10 +24,22 @@ from .commands.common import (
     run_metrics,
 )
 from .data import load_dataset
-from .errors import RunError
+from .errors import BnnzooError, RunError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class BnnzooGroup(click.Group):
+    """The command group: an error bnnzoo raises on purpose (:class:`~bnnzoo.errors.BnnzooError`,
+    whose message names the option, file or epoch at fault) ends any command with that one line and
+    exit code 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BnnzooError as err:
+            raise click.ClickException(str(err)) from None
+
+
+@click.group(cls=BnnzooGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnnzoo")
 def main() -> None:
     """bnnzoo: sparse Bayesian neural networks on Pyro and PyTorch."""
@@ -44,10 +56,7 @@ def list_cmd(name: str | None, task: str | None) -> None:
             entry = get_entry(model)
             click.echo(f"{model:<20s} {'/'.join(entry.tasks):<27s} {entry.summary}")
         return
-    try:
-        entry = get_entry(name)
-    except KeyError as err:
-        raise click.ClickException(str(err)) from None
+    entry = get_entry(name)
     tasks = [t for t in entry.tasks if task in (None, t)]
     if not tasks:
         raise click.ClickException(f"{name} supports {', '.join(entry.tasks)}, not {task}")
@@ -92,25 +101,16 @@ def list_cmd(name: str | None, task: str | None) -> None:
 def fit(name, data, split, epochs, batch_size, lr, seed, device, num_samples, options, out, overwrite, resume,
         checkpoint_every, quiet) -> None:
     """Fit catalog model NAME, save the posterior and its test metrics to a run directory."""
-    try:
-        get_entry(name)
-    except KeyError as err:
-        raise click.ClickException(err.args[0]) from None
-    try:
-        dataset = load_dataset(data, split=split)
-    except ValueError as err:  # DataError: unknown name, missing or bad files
-        raise click.ClickException(str(err)) from None
+    get_entry(name)
+    dataset = load_dataset(data, split=split)
     overrides = check_options(name, dataset.task, merge_options(parse_options(options), epochs=epochs,
                                                                 batch_size=batch_size, lr=lr))
     run = Path(out or resume or f"runs/{name}-{dataset.name}-split{dataset.split}-seed{seed}")
-    try:
-        if resume is None or run.resolve() != Path(resume).resolve():
-            if has_checkpoint(run) and not overwrite:  # checkpoints live in the run directory
-                raise RunError(f"{run} holds the checkpoint of an interrupted fit: continue it with --resume {run}, "
-                               f"or pass --overwrite to start again")
-            check_out(run, overwrite)  # refused before the fit, not after it
-    except RunError as err:
-        raise click.ClickException(str(err)) from None
+    if resume is None or run.resolve() != Path(resume).resolve():
+        if has_checkpoint(run) and not overwrite:  # checkpoints live in the run directory
+            raise RunError(f"{run} holds the checkpoint of an interrupted fit: continue it with --resume {run}, "
+                           f"or pass --overwrite to start again")
+        check_out(run, overwrite)  # refused before the fit, not after it
     click.echo(f"fitting {name} on {dataset.name} (split {dataset.split}): {len(dataset.x_train)} training, "
                f"{len(dataset.x_test)} test examples")
     start = time.perf_counter()
@@ -122,17 +122,15 @@ def fit(name, data, split, epochs, batch_size, lr, seed, device, num_samples, op
             click.echo(f"\ninterrupted: the fit's last checkpoint is in {run / 'checkpoint'}; continue it with the "
                        f"same command and --resume {run}", err=True)
         raise click.exceptions.Exit(130) from None
-    except (TypeError, ValueError, RuntimeError, FloatingPointError) as err:  # FloatingPointError: DivergenceError
+    except RuntimeError as err:  # the device asked for is not available (bnnzoo's own errors: BnnzooGroup)
         raise click.ClickException(str(err)) from None
     seconds = time.perf_counter() - start
     metrics = run_metrics(posterior, dataset, num_samples)
     metrics["fit_seconds"] = seconds
-    try:  # the run and its metrics appear at once
-        # replace what only this fit put there (its checkpoint), or the run a resumed fit was allowed to replace
-        own = resume is not None or (has_checkpoint(run) and {p.name for p in run.iterdir()} == {"checkpoint"})
-        posterior.save(run, overwrite=overwrite or own, extra_files={"metrics.json": json.dumps(metrics, indent=2)})
-    except RunError as err:
-        raise click.ClickException(str(err)) from None
+    # the run and its metrics appear at once; replace what only this fit put there (its checkpoint), or
+    # the run a resumed fit was allowed to replace
+    own = resume is not None or (has_checkpoint(run) and {p.name for p in run.iterdir()} == {"checkpoint"})
+    posterior.save(run, overwrite=overwrite or own, extra_files={"metrics.json": json.dumps(metrics, indent=2)})
     click.echo(f"{posterior!r}\ntest metrics:")
     print_metrics(metrics)
     click.echo(f"saved to {run}")

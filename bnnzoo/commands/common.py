@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 
 from ..catalog import get_entry
-from ..errors import ConfigError, RunError
 from ..runs import check_target
 
 #: ``--set`` values written the Python way, read as their JSON counterparts
@@ -65,10 +64,7 @@ def check_options(name: str, task: str, options: dict) -> dict:
     work (:meth:`~bnnzoo.catalog.CatalogEntry.check_options`); an unknown entry or option, or a
     value of the wrong type or out of range, is a command-line error naming the option and what it
     allows. Returns the options in canonical form."""
-    try:
-        return get_entry(name).check_options(task, options)
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
+    return get_entry(name).check_options(task, options)
 
 
 def check_out(path, overwrite: bool = False, what: str = "--out") -> Path:
@@ -83,10 +79,7 @@ def check_out(path, overwrite: bool = False, what: str = "--out") -> Path:
         raise click.ClickException(f"{what} {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise click.ClickException(f"{what} {path}: the directory {parent} is not writable")
-    try:
-        return check_target(path, overwrite)
-    except RunError as err:
-        raise click.ClickException(str(err)) from None
+    return check_target(path, overwrite)
 
 
 def check_federated_out(method: str, out) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from bnnzoo.errors import BnnzooError, RunError
+from bnnzoo.errors import BnnzooError
 from bnnzoo.runs import check_target, run_dataset
 
 from .common import SPARSITY_KEYS, print_metrics, run_metrics
@@ -47,10 +47,7 @@ def command(run_dir, out, rule, level, prune_last, data, num_samples, device, ov
     """Prune the saved run RUN_DIR by Bayesian model reduction (no refitting) and save the reduced
     run with a report: per-layer pruned fraction and test metrics before and after."""
     run = Path(out or f"{str(run_dir).rstrip('/')}-bmr-{rule}")
-    try:
-        check_target(run, overwrite)  # refused before the work, not after it
-    except RunError as err:
-        raise click.ClickException(str(err)) from None
+    check_target(run, overwrite)  # refused before the work, not after it
     posterior = load_run(run_dir, device)
     dataset = _test_data(posterior, data)
 
@@ -80,10 +77,7 @@ def command(run_dir, out, rule, level, prune_last, data, num_samples, device, ov
     extra = {"bmr_report.json": json.dumps(report, indent=2)}
     if dataset is not None:
         extra["metrics.json"] = json.dumps(report["test_after"], indent=2)
-    try:  # the reduced run, its metrics and its report appear at once
-        reduced.save(run, overwrite=overwrite, extra_files=extra)
-    except RunError as err:
-        raise click.ClickException(str(err)) from None
+    reduced.save(run, overwrite=overwrite, extra_files=extra)  # the run, its metrics and report at once
 
     click.echo(f"{posterior!r}: Bayesian model reduction ({rule}, {level}) in {seconds:.3f} s")
     click.echo(f"  {'layer':>10s}  pruned before -> after")

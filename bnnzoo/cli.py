@@ -133,6 +133,11 @@ def fit(name, data, split, epochs, batch_size, lr, seed, device, num_samples, op
     posterior.save(run, overwrite=overwrite or own, extra_files={"metrics.json": json.dumps(metrics, indent=2)})
     click.echo(f"{posterior!r}\ntest metrics:")
     print_metrics(metrics)
+    refit = posterior.fit_state.pruning[-1].summary.get("noise_refit") if posterior.fit_state.pruning else None
+    if refit:
+        click.echo(f"pruned to {posterior.sparsity()['architecture']}; noise scale refitted on the training data "
+                   f"{refit['noise_scale_before']:.4g} -> {refit['noise_scale_after']:.4g} "
+                   f"(training mean z^2 {refit['train_mean_z2']:.3f})")
     click.echo(f"saved to {run}")
 
 

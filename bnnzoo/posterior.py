@@ -26,6 +26,7 @@ import json
 import math
 import numbers
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,10 +42,13 @@ from .diagnostics import to_arviz
 from .guides import bmr
 from .guides.training import TrainingHistory
 from .models.errors import ConfigError, DataError, NotFittedError, RunError
+from .models.likelihoods import noise_m_step
 from .models.sparsity import sparsity_report
 from .models.standardizer import Standardizer
 
 FORMAT_VERSION = 2
+#: weight draws behind the noise refit after pruning (:meth:`Posterior.refit_noise`)
+NOISE_REFIT_DRAWS = 100
 READABLE_FORMATS = (1, 2)
 
 
@@ -196,16 +200,65 @@ class Posterior(ABC):
         self.fit_state = FitState(temperature=self.training_temperature)
         try:
             self._fit(x, y, progress, callback)
+            if self.task == "regression" and self.fit_state.pruning:
+                self._refit_noise(x, y)
         except BaseException:  # a diverged or interrupted fit leaves an unfitted posterior, never a half-fitted one
             self.standardizer = None
             raise
         return self
 
+    # ---- the noise after a structural change ----------------------------------------------------
+    @torch.no_grad()
+    def refit_noise(self, x, y, num_samples: int = NOISE_REFIT_DRAWS, chunk_size: int = 4096,
+                    seed: int | None = 0) -> dict[str, float]:
+        """Regression: re-estimate the noise scale on training data ``(x, y)`` (raw units) for the
+        network as it is now, in place; returns (and records with the last pruning) what changed.
+
+        Pruning changes the function the network computes, so the noise fitted with the dense
+        network no longer matches its residuals. The refit is the EM M-step of the Gaussian
+        likelihood's variance with the weights' posterior held fixed,
+        ``sigma^2 = mean_n E_q[(y_n - f(x_n; w))^2]`` (:func:`~bnnzoo.models.likelihoods.noise_m_step`),
+        over ``num_samples`` draws of the posterior as it was fitted (:meth:`fitted_weights`) — the
+        value the fit's own noise update reaches for that posterior. The record gives the scale before
+        and after (units of ``y``) and the mean squared standardised residual
+        ``z^2 = (y - mean)^2 / predictive variance`` of the predictive on the data (near 1 when it is
+        calibrated there). A fit that prunes calls this on its own training data; :meth:`prune` and
+        :meth:`reduce` call it when given ``data``.
+        """
+        self._require_fitted()
+        if self.task != "regression":
+            raise TypeError(f"refit_noise is for regression; {self.name} was fitted for {self.task}")
+        x, y = self.validate(x, y, "training data")
+        return self._refit_noise(self.standardizer.x(x.to(self.device)), self.standardizer.y(y.to(self.device)),
+                                 num_samples, chunk_size, seed)
+
+    def _refit_noise(self, x: torch.Tensor, y: torch.Tensor, num_samples: int = NOISE_REFIT_DRAWS,
+                     chunk_size: int = 4096, seed: int | None = 0) -> dict[str, float]:
+        """:meth:`refit_noise` on standardised data."""
+        f = torch.stack([d.squeeze(-1) for d in self._output_draws(x, num_samples, chunk_size, seed, fitted=True)])
+        before = self.noise_scale(original_units=True)
+        with torch.no_grad():
+            self.model.likelihood.log_noise_scale.copy_(noise_m_step(f, y))
+        pred = torch.stack([d.squeeze(-1) for d in self._output_draws(x, num_samples, chunk_size, seed)])
+        var = pred.var(0, unbiased=False) + self.noise_scale() ** 2
+        record = {"noise_scale_before": before, "noise_scale_after": self.noise_scale(original_units=True),
+                  "train_mean_z2": float(((y - pred.mean(0)) ** 2 / var).mean()), "num_samples": num_samples}
+        if self.fit_state.pruning:
+            self.fit_state.pruning[-1].summary["noise_refit"] = record
+        return record
+
+    def fitted_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Draws of the weights from the posterior as the fit found it; :meth:`draw_weights` (the
+        draws prediction uses) unless an entry predicts from something else (the horseshoe's
+        untempered widening)."""
+        return self.draw_weights(num_samples)
+
     # ---- predict --------------------------------------------------------------------------------
     @torch.no_grad()
     def _output_draws(self, x: torch.Tensor, num_samples: int, chunk_size: int,
-                      seed: int | None) -> Iterator[torch.Tensor]:
-        """For each weight draw, the network outputs for all of ``x`` (standardised units).
+                      seed: int | None, fitted: bool = False) -> Iterator[torch.Tensor]:
+        """For each weight draw, the network outputs for all of ``x`` (standardised units); the
+        draws of :meth:`draw_weights`, or with ``fitted`` those of :meth:`fitted_weights`.
 
         With a ``seed`` the draws are reproducible and the global random state is left untouched.
         """
@@ -216,7 +269,7 @@ class Posterior(ABC):
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            for params in self.draw_weights(num_samples):
+            for params in (self.fitted_weights if fitted else self.draw_weights)(num_samples):
                 yield torch.cat([self.net(x[i:i + chunk_size], params) for i in range(0, len(x), chunk_size)])
 
     @torch.no_grad()
@@ -290,24 +343,38 @@ class Posterior(ABC):
         """Fraction of weights and of groups pruned, per layer and overall, and the kept architecture."""
         return sparsity_report(self.net, self.masks())
 
-    def prune(self, **options) -> "Posterior":
+    def prune(self, data=None, **options) -> "Posterior":
         """A pruned copy of this posterior, by the method's own rule (the original is untouched).
 
         Methods with a pruning rule (shrinkage scales, inclusion probabilities, evidence changes)
         implement :meth:`_prune`, which appends a :class:`PruningRecord` to the copy's
-        :attr:`fit_state`; see each catalog entry for its options and thresholds.
+        :attr:`fit_state`; see each catalog entry for its options and thresholds. A rule that would
+        empty a hidden layer keeps its best group and warns, unless ``allow_empty=True``.
+        Regression: with ``data = (x_train, y_train)`` the copy's noise is refitted to the pruned
+        network (:meth:`refit_noise`); without it the noise stays as fitted and a warning says so.
         """
         self._require_fitted()
         pruned = copy.deepcopy(self)
         pruned._prune(**options)
+        pruned._after_structural_change(data)
         return pruned
+
+    def _after_structural_change(self, data) -> None:
+        """Refit a regression noise on ``data`` after a pruning or reduction (or warn that it is not)."""
+        if self.task != "regression":
+            return
+        if data is None:
+            warnings.warn(f"{self.name}: the noise scale was not refitted to the pruned network; pass "
+                          f"data=(x_train, y_train) to refit it", UserWarning, stacklevel=3)
+            return
+        self.refit_noise(*data)
 
     def _prune(self, **options) -> None:
         """Prune this (copied) posterior in place. Methods without a rule of their own raise."""
         raise TypeError(f"{self.name} has no pruning rule of its own: reduce it with Bayesian model reduction "
                         f"(bnnzoo prune / the bmr entries) instead")
 
-    def reduce(self, rule: str = "ss", **options) -> "Posterior":
+    def reduce(self, rule: str = "ss", data=None, **options) -> "Posterior":
         """Bayesian model reduction: a sparser copy of a posterior with Gaussian weights. Only a
         :class:`GuidePosterior` whose guide implements :class:`~bnnzoo.guides.bmr.GaussianWeights`
         has them; any other posterior raises ``TypeError``."""
@@ -529,7 +596,7 @@ class GuidePosterior(Posterior):
     def _to(self, device: torch.device) -> None:
         self.guide.to(device)
 
-    def reduce(self, rule: str = "ss", **options) -> "GuidePosterior":
+    def reduce(self, rule: str = "ss", data=None, **options) -> "GuidePosterior":
         """Bayesian model reduction (Markovic, Friston & Kiebel 2023): a sparser deep copy (the
         original is untouched) that predicts, evaluates, exports and saves like any other.
 
@@ -537,7 +604,8 @@ class GuidePosterior(Posterior):
         per-layer spike-and-slab threshold on the evidence changes; ``"plain"``: prune where
         ``dF > 0``; ``options``: ``level``, ``prune_last``, ``layers``, ``reduced_var``,
         ``num_iters``, as there). The decision is appended to the copy's ``fit_state.pruning``
-        (rule ``"bmr"``: the options, the per-layer summary and the pruned fraction). A guide that
+        (rule ``"bmr"``: the options, the per-layer summary and the pruned fraction). Regression: with
+        ``data = (x_train, y_train)`` the copy's noise is refitted (:meth:`refit_noise`). A guide that
         does not implement :class:`~bnnzoo.guides.bmr.GaussianWeights` raises ``TypeError``.
         """
         self._require_fitted()
@@ -551,6 +619,7 @@ class GuidePosterior(Posterior):
         seconds = time.perf_counter() - start
         summary = {**reduction.summary(), "weights_pruned_fraction": reduced.sparsity()["weights_pruned_fraction"]}
         reduced.fit_state.pruning.append(PruningRecord("bmr", {"rule": rule, **options}, summary, seconds))
+        reduced._after_structural_change(data)
         return reduced
 
 

@@ -106,3 +106,12 @@ def make_likelihood(task: str, **kwargs) -> Likelihood:
     if task == "classification":
         return CategoricalLikelihood()
     raise ValueError(f"unknown task {task!r}; expected 'regression' or 'classification'")
+
+
+
+def noise_m_step(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The log noise scale that maximises ``E_q[sum_n log N(y_n | f_n, sigma^2)]`` for draws ``f``
+    ``(S, N)`` of the network's output under ``q``: the EM M-step of a Gaussian likelihood's
+    variance, ``sigma^2 = (1/(S N)) sum_{s,n} (y_n - f_sn)^2`` (residual plus the spread of ``q``).
+    Accumulated in float64; returns a 0-d tensor on ``f``'s device (no host copy)."""
+    return 0.5 * torch.log(((y.double() - f.double()) ** 2).mean())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -84,3 +85,32 @@ def sparsity_report(net: Network, masks: dict[str, torch.Tensor]) -> dict:
         "architecture": "-".join([inputs] + [str(layers[l.name]["groups_kept"]) for l in net.param_layers]),
         "keep": keep,
     }
+
+
+class EmptyLayerWarning(UserWarning):
+    """A pruning rule would have removed every group of a layer; the best group was kept."""
+
+
+def protect_layers(keep: dict[str, torch.Tensor], score: dict[str, torch.Tensor], *,
+                   allow_empty: bool = False) -> dict[str, torch.Tensor]:
+    """The keep masks of a pruning decision, with no hidden layer emptied unless asked.
+
+    ``keep[layer]`` is a boolean tensor over the layer's groups (neurons or filters) that a rule
+    keeps; ``score[layer]`` has the same shape, higher meaning more worth keeping (an inclusion
+    probability, a log-odds, minus an evidence change, a signal-to-noise ratio). A layer whose mask
+    is all ``False`` would cut the network in two (its output would no longer depend on the input),
+    so unless ``allow_empty`` the single best-scoring group is kept and an
+    :class:`EmptyLayerWarning` names the layer. Returns new tensors; the inputs are untouched.
+    """
+    out = {}
+    for layer, mask in keep.items():
+        mask = mask.clone()
+        if mask.numel() and not bool(mask.any()) and not allow_empty:
+            if layer not in score:
+                raise KeyError(f"no score for layer {layer!r}, whose groups would all be pruned")
+            mask.view(-1)[torch.argmax(score[layer].reshape(-1))] = True
+            warnings.warn(f"the pruning rule would remove every group of layer {layer!r}; its best group is "
+                          f"kept (pass allow_empty=True to remove the layer anyway)", EmptyLayerWarning,
+                          stacklevel=2)
+        out[layer] = mask
+    return out

@@ -208,3 +208,16 @@ def test_console_script_lists_the_catalog():
     proc = subprocess.run(["bnnzoo", "list"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "meanfield-vi" in proc.stdout and "map" in proc.stdout
+
+
+def test_cli_fit_of_a_pruning_entry_reports_the_noise_refit(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["fit", "horseshoe-svi", "--epochs", "3", "--out", str(out), "--quiet",
+                                       "--num-samples", "5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "config.json").read_text())["fit_state"]["pruning"][-1]["summary"]["noise_refit"]
+    line = re.search(r"noise scale refitted on the training data (\S+) -> (\S+) \(training mean z\^2 (\S+)\)",
+                     result.output)
+    assert line is not None, result.output
+    assert float(line.group(2)) == pytest.approx(record["noise_scale_after"], rel=1e-3)
+    assert float(line.group(3)) == pytest.approx(record["train_mean_z2"], abs=1e-3)

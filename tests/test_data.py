@@ -406,3 +406,26 @@ def test_sparse_teacher_noise_and_signal():
         make_sparse_teacher(n_features=20, n_relevant=30)
     with pytest.raises(DataError, match="activation"):
         make_sparse_teacher(n_features=20, activation="gelu")
+
+
+def test_validation_split_carves_the_training_part_and_never_touches_the_test_part():
+    data = load_uci("boston", split=3)
+    val = data.validation_split(0.2, seed=1)
+    assert val.n_train + val.n_test == data.n_train and val.n_test == round(0.2 * data.n_train)
+    train_rows = {tuple(r) for r in data.x_train.tolist()}
+    test_rows = {tuple(r) for r in data.x_test.tolist()}
+    for x in (val.x_train, val.x_test):
+        rows = {tuple(r) for r in x.tolist()}
+        assert rows <= train_rows and not rows & (test_rows - train_rows)
+    assert not {tuple(r) for r in val.x_train.tolist()} & {tuple(r) for r in val.x_test.tolist()}
+    again = data.validation_split(0.2, seed=1)
+    assert torch.equal(again.x_test, val.x_test) and not torch.equal(data.validation_split(0.2, seed=2).x_test, val.x_test)
+    with pytest.raises(DataError, match="fraction"):
+        data.validation_split(1.0)
+
+
+def test_validation_split_without_a_seed_holds_out_the_last_rows_in_order():
+    data = load_uci("yacht", split=0)
+    val = data.validation_split(0.25, seed=None)
+    n_val = round(0.25 * data.n_train)
+    assert torch.equal(val.x_test, data.x_train[-n_val:]) and torch.equal(val.y_train, data.y_train[:-n_val])

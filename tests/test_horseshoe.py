@@ -3,6 +3,7 @@ guide's fast loss against Pyro's TraceMeanField_ELBO, pruning and export, the ca
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -25,6 +26,7 @@ from bnnzoo.models import (
     make_likelihood,
 )
 from bnnzoo.models.horseshoe import regularised_log_scale
+from bnnzoo.models.sparsity import EmptyLayerWarning
 from bnnzoo.models.networks import (
     Activation,
     Conv2d,
@@ -66,9 +68,13 @@ def spread_guide(guide, seed=0):
 
 
 def switch_off(guide, layer, groups):
-    """Put the local scales of ``groups`` of ``layer`` far below everything else."""
+    """Put the local scales of ``groups`` of ``layer`` far below everything else, and their
+    decentred weights' q at ``N(0, 0.5^2)`` (data-free: removing them raises the evidence)."""
     first = len(guide.hidden) + guide.group_offsets[guide.hidden.index(layer)]
     guide.scale_params[0, first + torch.tensor(groups)] = -30.0 / guide.scale_gain  # lambda_a
+    for param in ("weight", "bias"):
+        get_site(guide.locs, f"{layer}.{param}")[groups] = 0.0
+        get_site(guide.log_scales, f"{layer}.{param}")[groups] = math.log(0.5)
 
 
 # ------------------------------------------------------------------------------------------ KLs
@@ -496,16 +502,32 @@ def fitted_dense(boston):
     return bnnzoo.fit("horseshoe-svi", boston, epochs=30, prune=False, device="cpu", progress=False, seed=0)
 
 
-def test_prune_removes_exactly_the_groups_below_the_threshold(fitted_dense, boston):
-    post = fitted_dense
+def _group_savage_dickey(post, layer):
+    """Each group's dF, computed here from the guide's decentred q(beta) against N(0, 1)."""
+    total = 0.0
+    for param in ("weight", "bias"):
+        mu = get_site(post.guide.locs, f"{layer}.{param}").detach()
+        var = torch.exp(2 * get_site(post.guide.log_scales, f"{layer}.{param}").detach())
+        d_f = 0.5 * torch.log(1 / var) - 0.5 * mu**2 / var
+        total = total + d_f.reshape(d_f.shape[0], -1).sum(1)
+    return total
+
+
+@pytest.mark.parametrize("rule", ["evidence", "scale"])
+def test_prune_removes_exactly_the_groups_its_rule_names(fitted_dense, boston, rule):
+    post = copy.deepcopy(fitted_dense)
     assert post.sparsity()["weights_pruned_fraction"] == 0.0
     # force three neurons off and check the rule removes them (and whatever else it decides) exactly
     with torch.no_grad():
         switch_off(post.guide, "fc1", [3, 7, 11])
-    signal = post.log_signal()["fc1"]
-    expected = signal < math.log(post.config["train"]["prune_threshold"])
-    assert expected[[3, 7, 11]].all()
-    pruned = post.prune()
+    if rule == "scale":
+        expected = post.log_signal()["fc1"] < math.log(post.config["train"]["prune_threshold"])
+    else:
+        expected = _group_savage_dickey(post, "fc1") > 0
+        assert torch.allclose(post.group_evidence_changes()["fc1"].float(), _group_savage_dickey(post, "fc1"),
+                              rtol=1e-4, atol=1e-3)
+    assert expected[[3, 7, 11]].all() and not expected.all()
+    pruned = post.prune(rule=rule, data=(boston.x_train, boston.y_train))
     assert post.sparsity()["weights_pruned_fraction"] == 0.0  # the original is untouched
     sp = pruned.sparsity()
     assert torch.equal(sp["keep"]["fc1"], ~expected)
@@ -523,7 +545,38 @@ def test_prune_removes_exactly_the_groups_below_the_threshold(fitted_dense, bost
     # the pruned network is measured, not assumed: its metrics are finite and differ from the dense
     assert math.isfinite(pruned.evaluate(boston.x_test, boston.y_test)["rmse"])
     with pytest.raises(ValueError, match="threshold"):
-        post.prune(threshold=0.0)
+        post.prune(rule="scale", threshold=0.0)
+    with pytest.raises(ValueError, match="rule"):
+        post.prune(rule="median")
+
+
+def test_a_rule_that_would_empty_a_layer_keeps_its_best_group(fitted_dense, boston):
+    post = copy.deepcopy(fitted_dense)
+    with torch.no_grad():
+        switch_off(post.guide, "fc1", list(range(50)))
+        get_site(post.guide.locs, "fc1.weight")[17] = 0.3       # the least bad group: dF smallest
+    with pytest.warns(EmptyLayerWarning, match="fc1"):
+        pruned = post.prune(data=(boston.x_train, boston.y_train))
+    assert pruned.sparsity()["architecture"] == "13-1-1" and pruned.sparsity()["keep"]["fc1"][17]
+    emptied = post.prune(data=(boston.x_train, boston.y_train), allow_empty=True)
+    assert emptied.sparsity()["architecture"] == "13-0-1"
+
+
+def test_the_evidence_rule_does_not_depend_on_the_number_of_inputs():
+    """The former scale rule's statistic shifts by 0.5 ln(fan_in); the evidence rule's does not: the
+    same q(beta) per group gives the same decision whatever the number of inputs."""
+    decisions = []
+    for d in (2, 4, 16, 64):
+        post = bnnzoo.create("horseshoe-svi", "regression", (d,), 1, network={"arch": "mlp", "hidden": [6]})
+        with torch.no_grad():
+            for param, width in (("weight", d), ("bias", None)):
+                loc, log_scale = get_site(post.guide.locs, f"fc1.{param}"), get_site(post.guide.log_scales, f"fc1.{param}")
+                loc.zero_()
+                log_scale.fill_(math.log(0.5))
+                loc[:3] = 2.0 / math.sqrt(width or 1)     # three groups carry a signal of the same size
+                log_scale[:3] = math.log(0.05)
+        decisions.append(post.group_evidence_changes()["fc1"] > 0)
+    assert all(torch.equal(dec, torch.tensor([False] * 3 + [True] * 3)) for dec in decisions)
 
 
 def test_prune_conv_filters_and_export():
@@ -539,7 +592,7 @@ def test_prune_conv_filters_and_export():
     with torch.no_grad():
         switch_off(post.guide, "conv1", [0, 2])
         switch_off(post.guide, "fc1", [1])
-    pruned = post.prune()
+    pruned = post.prune(rule="scale")
     keep = pruned.sparsity()["keep"]
     assert not keep["conv1"][0] and not keep["conv1"][2] and not keep["fc1"][1]
     module = pruned.to_torch(pruned=True)

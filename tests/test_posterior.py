@@ -228,8 +228,12 @@ def test_config_json_keeps_the_network_spec_fit_state_and_history_beside_the_con
     meta = json.loads((post.save(tmp_path / "run") / "config.json").read_text())
     assert meta["format"] == 2 and meta["config"] == post.config
     assert meta["network_spec"] == post.net.spec() and "network_spec" not in meta["config"]
+    record = post.fit_state.pruning[0]
     assert meta["fit_state"] == {"temperature": 0.2, "pruning": [
-        {"rule": "threshold", "options": {"threshold": 1.0}, "summary": {}, "seconds": None}]}
+        {"rule": "evidence", "options": {"allow_empty": False}, "summary": record.summary, "seconds": None}]}
+    assert meta["fit_state"]["pruning"][0]["summary"]["fc1"]["groups"] == 8
+    assert set(meta["fit_state"]["pruning"][0]["summary"]["noise_refit"]) == {
+        "noise_scale_before", "noise_scale_after", "train_mean_z2", "num_samples"}
     assert meta["history"]["loss"] == post.history.loss
     assert "pruned_threshold" not in meta["config"]["train"]
 

@@ -44,16 +44,19 @@ def _test_data(posterior, data: str | None):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace an existing run at --out (otherwise refused)")
 def command(run_dir, out, rule, level, prune_last, data, num_samples, device, overwrite) -> None:
-    """Prune the saved run RUN_DIR by Bayesian model reduction (no refitting) and save the reduced
-    run with a report: per-layer pruned fraction and test metrics before and after."""
+    """Prune the saved run RUN_DIR by Bayesian model reduction and save the reduced run with a
+    report: per-layer pruned fraction and test metrics before and after. The weights are not
+    refitted; a regression run's noise is re-estimated on the data it was fitted on."""
     run = Path(out or f"{str(run_dir).rstrip('/')}-bmr-{rule}")
     check_target(run, overwrite)  # refused before the work, not after it
     posterior = load_run(run_dir, device)
     dataset = _test_data(posterior, data)
 
+    # the noise of a regression run is re-estimated on the data it was fitted on (never on --data)
+    train = (dataset.x_train, dataset.y_train) if dataset is not None and data is None else None
     start = time.perf_counter()
     try:
-        reduced = posterior.reduce(rule=rule, level=level, prune_last=prune_last)
+        reduced = posterior.reduce(rule=rule, data=train, level=level, prune_last=prune_last)
     except (TypeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     seconds = time.perf_counter() - start

@@ -97,6 +97,29 @@ class Dataset:
         x_te, y_te = pick(self.x_test, self.y_test, n_test, "n_test")
         return replace(self, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, meta=dict(self.meta))
 
+    def validation_split(self, fraction: float = 0.2, seed: int | None = 0) -> "Dataset":
+        """The training part cut in two: ``1 - fraction`` of its rows become the training part and
+        the rest the test part; the test part is dropped, so defaults chosen on the result never see
+        the test data (the UCI protocol's model selection). With a ``seed`` the validation rows are
+        the first ``fraction`` of a fixed random permutation; with ``seed=None`` they are the last
+        ``fraction`` of the rows as stored (the UCI splits' training rows are in random order; MNIST's
+        are sorted by label, so it needs a seed)."""
+        if not 0 < fraction < 1:
+            raise DataError(f"validation_split: fraction must be in (0, 1), got {fraction!r}")
+        n = self.n_train
+        n_val = round(fraction * n)
+        if n_val < 1 or n_val >= n:
+            raise DataError(f"validation_split: {n} training rows cannot give a validation part of {fraction:g}")
+        if seed is None:
+            order = torch.arange(n - 1, -1, -1)
+            fit, val = order[n_val:].flip(0), order[:n_val].flip(0)
+        else:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            fit, val = order[n_val:], order[:n_val]
+        fit, val = fit.to(self.x_train.device), val.to(self.x_train.device)
+        return replace(self, x_train=self.x_train[fit], y_train=self.y_train[fit], x_test=self.x_train[val],
+                       y_test=self.y_train[val], meta={**self.meta, "validation": {"fraction": fraction, "seed": seed}})
+
     def __repr__(self) -> str:
         extra = f", num_classes={self.num_classes}" if self.num_classes is not None else ""
         split = f", split={self.split}" if self.split is not None else ""

@@ -9,16 +9,21 @@ the regularised horseshoe scale ``s_k^2 = c^2 tau^2 lambda_k^2 / (c^2 + tau^2 la
 trained by Adam on the local-reparameterisation ELBO with closed-form KLs
 (:class:`~bnnzoo.guides.TemperedLocalReparamELBO`).
 
-Pruning rule: group ``k`` of hidden layer ``l`` (fan-in ``n``) is removed when
-
-    E_q[ln s_k] + 0.5 ln n  <  ln(prune_threshold)          (default prune_threshold = 1)
-
-``s_k sqrt(n)`` is the standard deviation of the group's pre-activation under the decentred prior
-for unit-variance inputs. The guide starts every group at ``s_k = 1/sqrt(n)`` (the statistic at 0);
-groups the data need grow above it, unused ones collapse below it while their ``beta`` return to
-the prior, so the default threshold (the starting value) falls between the two clusters. With
-``train.prune`` (the default) the fit prunes at its end; :meth:`HorseshoePosterior.prune` returns a
-pruned copy with another threshold. Each pruning is recorded in ``fit_state.pruning``.
+Pruning rule (``train.prune_rule = "evidence"``, the default): group ``k`` of a hidden layer is
+removed when removing it raises the model evidence. With ``q`` held fixed, removing the group sets
+its decentred weights ``beta`` (and bias) to 0; Bayesian model reduction gives the change in log
+evidence in closed form, the sum over the group's weights of the Savage-Dickey ratio
+``dF = ln N(0; mu, sigma^2) - ln N(0; 0, 1)``, and the group goes when ``dF > 0`` (a Bayes factor
+above 1 for the smaller model). The rule compares two models of the same data, so it means the same
+for any number of inputs, rows or units; a group whose scale collapsed leaves ``q(beta)`` at its
+prior and gets ``dF`` near 0 from either side, so both clusters are decided by the data. A rule
+that would empty a layer keeps its best group and warns (``allow_empty=True`` removes it anyway).
+The former rule, ``"scale"`` (``E_q[ln s_k] + 0.5 ln(fan_in) < ln(prune_threshold)``), stays as an
+option: its threshold sits between the two clusters only for some fan-ins (with 4 inputs it removed
+every neuron of a fit that needs them). With ``train.prune`` (the default) the fit prunes at its end
+and, for regression, re-estimates the noise for the pruned network
+(:meth:`~bnnzoo.posterior.Posterior.refit_noise`); :meth:`HorseshoePosterior.prune` returns a
+pruned copy by either rule. Each pruning is recorded in ``fit_state.pruning``.
 
 Temperature. The ELBO's KL term is weighted by ``train.kl_weight = T`` (0.2 by default: a tempered,
 "cold" posterior; ``T = 1`` is the exact ELBO). The fit records ``T`` as ``fit_state.temperature``.
@@ -32,8 +37,8 @@ Departures from the papers (Ghosh, Yao & Doshi-Velez 2019; Louizos, Ullrich & We
 * the ELBO is tempered by default (``kl_weight = 0.2``) and regression predicts from the
   untempered widening of ``q`` described above;
 * the noise scale of regression is a point estimate (starting at 1, the standardised targets' sd);
-* groups are pruned by the posterior mean of the log scale against a fixed threshold, not by a
-  signal-to-noise or variational-dropout criterion;
+* groups are pruned by the evidence change of removing them (BMR on the decentred weights), not
+  by the papers' thresholds on the scales' posterior (a variational-dropout or shrinkage criterion);
 * the guide packs every scale variable into one parameter and, for small dense ReLU networks,
   computes the whole step as one autograd node (:mod:`bnnzoo.guides.horseshoe_mlp`); this changes
   the speed, not the estimator.
@@ -49,32 +54,37 @@ from typing import Iterator
 import torch
 
 from ..catalog import TRAINING_OPTIONS, CatalogEntry, Option, register
-from ..guides import HorseshoeGuide, TemperedLocalReparamELBO
+from ..guides import HorseshoeGuide, TemperedLocalReparamELBO, bmr
 from ..models import HorseshoePrior
 from ..models.errors import ConfigError
 from ..models.horseshoe import regularised_log_scale
+from ..models.sparsity import protect_layers
 from ..posterior import PruningRecord
 from ..variational import VariationalPosterior
 from .baselines import build_model, scale_option
 
 NAME = "horseshoe-svi"
+#: the pruning rules of :meth:`HorseshoePosterior._prune`
+PRUNE_RULES = ("evidence", "snr", "scale")
 
 
 class HorseshoePosterior(VariationalPosterior):
     """A fitted horseshoe guide: prediction, per-layer scale summaries and the pruning rule.
 
     With ``prune_at_end`` (``train.prune``, the default) :meth:`fit` prunes at the end of training
-    with ``prune_threshold`` (``train.prune_threshold``); :meth:`prune` returns a pruned copy of an
+    by ``prune_rule`` (``train.prune_rule``); :meth:`prune` returns a pruned copy of an
     unpruned (or less pruned) posterior. ``untempered`` (``train.untempered``) says whether
     prediction undoes the fitted temperature (``fit_state.temperature``); it may be switched on a
     fitted posterior.
     """
 
     def __init__(self, model, guide, *, name: str, config: dict, device="cpu", elbo=None,
-                 untempered: bool = True, prune_at_end: bool = True, prune_threshold: float = 1.0):
+                 untempered: bool = True, prune_at_end: bool = True, prune_rule: str = "evidence",
+                 prune_threshold: float = 1.0):
         super().__init__(model, guide, name=name, config=config, device=device, elbo=elbo)
         self.untempered = bool(untempered)
         self.prune_at_end = bool(prune_at_end)
+        self.prune_rule = _check_rule(prune_rule)
         self.prune_threshold = _check_threshold(prune_threshold)
 
     def _fit(self, x, y, progress: bool, callback=None) -> None:
@@ -92,6 +102,11 @@ class HorseshoePosterior(VariationalPosterior):
         kl_weight = self._draw_kl_weight()
         for _ in range(num_samples):
             yield self.guide.draw(kl_weight)
+
+    def fitted_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Draws from q itself (the fitted, possibly tempered posterior; no widening)."""
+        for _ in range(num_samples):
+            yield self.guide.draw(1.0)
 
     @torch.no_grad()
     def scales(self, statistic: str = "mean") -> dict[str, torch.Tensor]:
@@ -129,18 +144,73 @@ class HorseshoePosterior(VariationalPosterior):
                 for layer, v in self.scales("log_mean").items()}
 
     @torch.no_grad()
-    def _prune(self, threshold: float | None = None) -> None:
-        """Remove the groups whose ``E_q[ln s_k] + 0.5 ln(fan_in)`` is below ``ln(threshold)``
-        (default: :attr:`prune_threshold`); recorded in ``fit_state.pruning``."""
-        threshold = self.prune_threshold if threshold is None else _check_threshold(threshold)
+    def group_evidence_changes(self) -> dict[str, torch.Tensor]:
+        """Per hidden layer, each group's ``dF``: the change in log evidence when the group is
+        removed (its decentred weights ``beta`` and bias reduced to 0 under their ``N(0, 1)``
+        prior), the sum of the Savage-Dickey ratios of its weights (``+inf`` if already pruned)."""
+        d_f = bmr.evidence_changes(self.guide, level="group")
+        return {layer.name: bmr.group_delta_f(d_f[f"{layer.name}.weight"], d_f[f"{layer.name}.bias"])
+                for layer in self.net.hidden_layers()}
+
+    @torch.no_grad()
+    def group_signal_to_noise(self) -> dict[str, torch.Tensor]:
+        """Per hidden layer, each group's posterior signal-to-noise ratio
+        ``sum_j E_q[w_kj]^2 / sum_j Var_q[w_kj]`` over its effective weights ``w = s_k beta``
+        (bias included), with ``E[s_k]`` and ``E[s_k^2]`` by quadrature over q of the scales."""
+        weights = self.guide.gaussian_weights("weight")
+        out = {}
+        for layer in self.net.hidden_layers():
+            e_s = self.guide.expect_scale(layer.name, torch.exp)
+            e_s2 = self.guide.expect_scale(layer.name, lambda v: torch.exp(2 * v))
+            signal = noise = 0.0
+            for site in (f"{layer.name}.weight", f"{layer.name}.bias"):
+                mu, var, _ = weights[site]
+                mu, var = mu.reshape(mu.shape[0], -1), var.reshape(var.shape[0], -1)
+                mean = e_s[:, None] * mu
+                signal = signal + (mean**2).sum(1)
+                noise = noise + (e_s2[:, None] * (var + mu**2) - mean**2).sum(1)
+            out[layer.name] = signal / noise
+        return out
+
+    @torch.no_grad()
+    def _prune(self, rule: str | None = None, threshold: float | None = None, allow_empty: bool = False) -> None:
+        """Remove hidden groups by ``rule`` (default :attr:`prune_rule`): ``"evidence"`` removes
+        the groups whose removal raises the evidence (``dF > 0``, :meth:`group_evidence_changes`);
+        ``"snr"`` those whose posterior signal-to-noise ratio is below 1
+        (:meth:`group_signal_to_noise`; for regression: on classification networks it removes
+        nearly every group, docs/methods/horseshoe.md); ``"scale"`` those whose ``E_q[ln s_k] + 0.5 ln(fan_in)`` is below ``ln(threshold)``
+        (default :attr:`prune_threshold`). A layer the rule would empty keeps its best group
+        (:func:`~bnnzoo.models.sparsity.protect_layers`) unless ``allow_empty``. Recorded in
+        ``fit_state.pruning``."""
+        rule = self.prune_rule if rule is None else _check_rule(rule)
+        if rule == "evidence":
+            d_f = self.group_evidence_changes()
+            keep, score = {k: v <= 0 for k, v in d_f.items()}, {k: -v for k, v in d_f.items()}
+            record = PruningRecord("evidence", {"allow_empty": allow_empty})
+        elif rule == "snr":
+            score = self.group_signal_to_noise()
+            keep = {k: v >= 1 for k, v in score.items()}
+            record = PruningRecord("snr", {"allow_empty": allow_empty})
+        else:
+            threshold = self.prune_threshold if threshold is None else _check_threshold(threshold)
+            score = self.log_signal()
+            keep = {k: v >= math.log(threshold) for k, v in score.items()}
+            record = PruningRecord("threshold", {"threshold": threshold, "allow_empty": allow_empty})
+        keep = protect_layers(keep, score, allow_empty=allow_empty)
         masks = {}
-        for layer, signal in self.log_signal().items():
-            kept = signal >= math.log(threshold)
+        for layer, kept in keep.items():
             shape = self.net.layer(layer).weight_shape
             masks[f"{layer}.weight"] = kept.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
             masks[f"{layer}.bias"] = kept.clone()
         self.guide.set_masks(masks)
-        self.fit_state.pruning.append(PruningRecord("threshold", {"threshold": threshold}))
+        record.summary = {layer: {"groups": int(k.numel()), "groups_kept": int(k.sum())} for layer, k in keep.items()}
+        self.fit_state.pruning.append(record)
+
+
+def _check_rule(rule) -> str:
+    if rule not in PRUNE_RULES:
+        raise ConfigError(f"unknown horseshoe pruning rule {rule!r}; choose one of {PRUNE_RULES}")
+    return rule
 
 
 def _check_threshold(threshold) -> float:
@@ -160,7 +230,7 @@ def _create(config: dict, device="cpu") -> HorseshoePosterior:
     elbo = TemperedLocalReparamELBO(train["kl_weight"], num_particles=train.get("num_particles", 1))
     return HorseshoePosterior(model, guide, name=NAME, config=config, device=device, elbo=elbo,
                               untempered=train.get("untempered", True), prune_at_end=train.get("prune", True),
-                              prune_threshold=train["prune_threshold"])
+                              prune_rule=train.get("prune_rule", "scale"), prune_threshold=train["prune_threshold"])
 
 
 _MODEL = {"tau0": 1.0, "slab_shape": 2.0, "slab_scale": 6.0, "output_scale": 1.0}
@@ -179,7 +249,13 @@ _OPTIONS = {
     "kl_weight": scale_option(help="temperature T of the ELBO's KL term (1: the exact ELBO)"),
     "untempered": Option(bool, help="predict from q widened to the untempered posterior's variance"),
     "prune": Option(bool, help="prune neurons / filters at the end of the fit"),
-    "prune_threshold": Option(float, gt=0, help="prune a group when E[ln s] + 0.5 ln(fan_in) < ln(threshold)"),
+    "prune_rule": Option(str, choices=PRUNE_RULES,
+                         help="evidence: prune a group when its removal raises the evidence (BMR's dF > 0); "
+                              "snr (regression only: on MNIST it removes nearly every group): when its "
+                              "weights' posterior signal-to-noise ratio is below 1; "
+                              "scale: when E[ln s] + 0.5 ln(fan_in) < ln(prune_threshold)"),
+    "prune_threshold": Option(float, gt=0, help="the scale rule's threshold: prune a group when "
+                                                "E[ln s] + 0.5 ln(fan_in) < ln(threshold)"),
 }
 
 register(CatalogEntry(
@@ -192,10 +268,12 @@ register(CatalogEntry(
     defaults={
         "regression": {"model": {**_MODEL, "noise_scale": 1.0}, "guide": dict(_GUIDE),
                        "train": {"epochs": 100, "batch_size": 32, "lr": 1e-2, "kl_weight": 0.2,
-                                 "untempered": True, "prune": True, "prune_threshold": 1.0}},
+                                 "untempered": True, "prune": True, "prune_rule": "evidence",
+                                 "prune_threshold": 1.0}},
         "classification": {"model": dict(_MODEL), "guide": dict(_GUIDE),
                            "train": {"epochs": 60, "batch_size": 128, "lr": 1e-2, "kl_weight": 0.2,
-                                     "untempered": False, "prune": True, "prune_threshold": 1.0}},
+                                     "untempered": False, "prune": True, "prune_rule": "evidence",
+                                     "prune_threshold": 1.0}},
     },
     options=_OPTIONS,
 ))

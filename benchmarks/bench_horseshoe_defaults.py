@@ -1,0 +1,181 @@
+"""How horseshoe-svi's defaults were chosen: on validation data only, never on test splits.
+
+Suite ``horseshoe-prune-rules`` (the pruning rule): for each data set, the entry is fitted with its defaults but
+without its closing prune on 80% of a training split, then pruned by each rule of
+:data:`bnnzoo.methods.horseshoe.PRUNE_RULES` (``evidence``: BMR's ``dF > 0``; ``snr``: posterior
+signal-to-noise below 1; ``scale``: the former fan-in threshold), with the noise refitted on the
+80%, and scored on the remaining 20% (:meth:`bnnzoo.data.Dataset.validation_split`); the test
+splits are never read. Data: the five small bundled UCI sets (splits 0-4) and synthetic sets that
+stress the fan-in: a dense ReLU teacher (every input relevant) with 2, 4, 16 and 64 inputs, and a
+near-linear target with 4 inputs and 9,500 rows (the shape on which the scale rule removed every
+neuron). The rule: the default is the rule with the highest validation log-likelihood averaged
+over all sets, among rules that never need the empty-layer guard.
+
+Suite ``horseshoe-select`` (the temperature, the predictive and the step size): each candidate of
+:data:`CANDIDATES` fitted with the entry's closing prune on the same 80/20 parts of splits 0-2 of
+the five UCI sets and of one dense teacher (16 inputs) and the near-linear set; the default is the
+candidate with the highest validation log-likelihood averaged over the sets.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+
+import torch
+
+import bnnzoo
+from bnnzoo.data import Dataset, load_dataset, load_uci
+from bnnzoo.methods.horseshoe import PRUNE_RULES
+from bnnzoo.models.sparsity import EmptyLayerWarning
+
+from .harness import TEST_DRAWS, mean_se
+
+UCI_SETS = ("boston", "concrete", "energy", "yacht", "wine")
+SPLITS = range(5)
+TEACHER_INPUTS = (2, 4, 16, 64)
+NUM_SAMPLES = TEST_DRAWS
+
+
+def dense_teacher(inputs: int, seed: int, n: int = 2000, noise: float = 0.1) -> Dataset:
+    """A random one-hidden-layer ReLU teacher (50 units) using every input, noise sd ``noise`` of
+    the signal's; the "test" part of the result is a validation part of the same size."""
+    g = torch.Generator().manual_seed(seed)
+    w1, w2 = torch.randn(inputs, 50, generator=g) / math.sqrt(inputs), torch.randn(50, generator=g) / math.sqrt(50)
+    x = torch.randn(2 * n, inputs, generator=g)
+    f = torch.relu(x @ w1 + 0.1) @ w2
+    y = f + noise * f.std() * torch.randn(2 * n, generator=g)
+    return Dataset(f"teacher-{inputs}", "regression", x[:n], y[:n], x[n:], y[n:], split=seed)
+
+
+def near_linear(seed: int, n: int = 9500, inputs: int = 4) -> Dataset:
+    """A near-linear target of ``inputs`` inputs with a weak interaction, in the units of a
+    power-plant output (mean 450, sd 15), noise a quarter of the signal's spread."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * n, inputs, generator=g)
+    f = x @ torch.randn(inputs, generator=g) + 0.3 * torch.tanh(x[:, 0] * x[:, 1])
+    y = 450 + 15 * (f / f.std() + 0.25 * torch.randn(2 * n, generator=g))
+    # only the first n rows are ever used: the validation part is carved out of them
+    return Dataset(f"near-linear-{inputs}", "regression", x[:n], y[:n], x[n:], y[n:], split=seed)
+
+
+def _sets():
+    for name in UCI_SETS:
+        for split in SPLITS:
+            yield name, split, load_uci(name, split=split).validation_split(0.2, seed=split)
+    for d in TEACHER_INPUTS:
+        for seed in range(2):
+            yield f"teacher-{d}", seed, dense_teacher(d, seed).validation_split(0.2, seed=seed)
+    for seed in range(2):
+        yield "near-linear-4", seed, near_linear(seed).validation_split(0.2, seed=seed)
+
+
+def prune_rules(device) -> dict:
+    rows = []
+    for name, split, data in _sets():
+        post = bnnzoo.create("horseshoe-svi", "regression", data.input_shape, 1, dataset=data.name, device=device,
+                             seed=split, prune=False).fit(data.x_train, data.y_train, progress=False)
+        dense = post.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)
+        row = {"set": name, "split": split, "dense_rmse": dense["rmse"], "dense_log_likelihood": dense["log_likelihood"]}
+        for rule in PRUNE_RULES:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", EmptyLayerWarning)
+                pruned = post.prune(rule=rule, data=(data.x_train, data.y_train))
+            m = pruned.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)
+            sp = pruned.sparsity()
+            row[rule] = {"rmse": m["rmse"], "log_likelihood": m["log_likelihood"], "architecture": sp["architecture"],
+                         "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"],
+                         "guard_needed": any(issubclass(w.category, EmptyLayerWarning) for w in caught),
+                         "train_mean_z2": pruned.fit_state.pruning[-1].summary["noise_refit"]["train_mean_z2"]}
+        rows.append(row)
+        print(f"  {name} {split}: dense {dense['log_likelihood']:.3f} " + " ".join(
+            f"{r} {row[r]['log_likelihood']:.3f} ({row[r]['architecture']})" for r in PRUNE_RULES), flush=True)
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    per_set = {s: {rule: {k: mean_se([r[rule][k] for r in rows if r["set"] == s])
+                          for k in ("log_likelihood", "rmse", "hidden_groups_pruned_fraction")}
+                   | {"guard_needed": sum(r[rule]["guard_needed"] for r in rows if r["set"] == s)}
+                   for rule in PRUNE_RULES}
+               | {"dense": {k: mean_se([r[f"dense_{k}"] for r in rows if r["set"] == s])
+                            for k in ("log_likelihood", "rmse")}}
+               for s in sets}
+    score = {rule: statistics.mean(per_set[s][rule]["log_likelihood"]["mean"] for s in sets) for rule in PRUNE_RULES}
+    eligible = [rule for rule in PRUNE_RULES if not any(per_set[s][rule]["guard_needed"] for s in sets)]
+    chosen = max(eligible, key=score.get) if eligible else None
+    return {"horseshoe-prune-rules": {
+        "model": "horseshoe-svi", "protocol": "fit on 80% of each training split, score on the other 20%",
+        "num_samples": NUM_SAMPLES, "per_set": per_set, "mean_validation_log_likelihood": score,
+        "chosen": chosen, "rows": rows}}
+
+
+
+#: the candidates of ``horseshoe-select`` (options over the entry's defaults)
+CANDIDATES = {
+    "T=0.2, untempered": {"kl_weight": 0.2, "untempered": True},
+    "T=0.2, tempered": {"kl_weight": 0.2, "untempered": False},
+    "T=0.5, untempered": {"kl_weight": 0.5, "untempered": True},
+    "T=1 (exact ELBO)": {"kl_weight": 1.0, "untempered": False},
+    "T=0.2, untempered, lr 3e-3": {"kl_weight": 0.2, "untempered": True, "lr": 3e-3},
+}
+
+
+def _select_sets():
+    for name in UCI_SETS:
+        for split in range(3):
+            yield name, split, load_uci(name, split=split).validation_split(0.2, seed=split)
+    yield "teacher-16", 0, dense_teacher(16, 0).validation_split(0.2, seed=0)
+    yield "near-linear-4", 0, near_linear(0).validation_split(0.2, seed=0)
+
+
+def select(device) -> dict:
+    rows = []
+    for name, split, data in _select_sets():
+        row = {"set": name, "split": split}
+        for label, options in CANDIDATES.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", EmptyLayerWarning)
+                post = bnnzoo.create("horseshoe-svi", "regression", data.input_shape, 1, dataset=data.name,
+                                     device=device, seed=split, **options).fit(data.x_train, data.y_train, progress=False)
+            m = post.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)
+            row[label] = {"rmse": m["rmse"], "log_likelihood": m["log_likelihood"],
+                          "architecture": post.sparsity()["architecture"]}
+        rows.append(row)
+        print(f"  {name} {split}: " + " | ".join(f"{k} {row[k]['log_likelihood']:.3f}" for k in CANDIDATES), flush=True)
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    per_set = {s: {c: mean_se([r[c]["log_likelihood"] for r in rows if r["set"] == s]) for c in CANDIDATES}
+               for s in sets}
+    score = {c: statistics.mean(per_set[s][c]["mean"] for s in sets) for c in CANDIDATES}
+    return {"horseshoe-select": {
+        "model": "horseshoe-svi", "protocol": "fit on 80% of each training split, score on the other 20%",
+        "num_samples": NUM_SAMPLES, "candidates": CANDIDATES, "per_set_validation_log_likelihood": per_set,
+        "mean_validation_log_likelihood": score, "chosen": max(score, key=score.get), "rows": rows}}
+
+
+def prune_rules_mnist(device) -> dict:
+    """The rules on classification: LeNet-5 and LeNet-300-100 fitted on 80% of MNIST train5k
+    (without the closing prune), each rule scored on the other 20% (accuracy, NLL, ECE, pruned)."""
+    data = load_dataset("mnist").validation_split(0.2, seed=0)
+    out = {}
+    for arch in ("lenet5", "lenet-300-100"):
+        post = bnnzoo.create("horseshoe-svi", "classification", data.input_shape, data.output_dim, dataset=data.name,
+                             device=device, seed=0, network={"arch": arch}, prune=False)
+        post.fit(data.x_train, data.y_train, progress=False)
+        row = {"dense": post.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)}
+        for rule in PRUNE_RULES:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", EmptyLayerWarning)
+                pruned = post.prune(rule=rule)
+            sp = pruned.sparsity()
+            row[rule] = {**pruned.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES),
+                         "weights_pruned_fraction": sp["weights_pruned_fraction"], "architecture": sp["architecture"],
+                         "guard_needed": any(issubclass(w.category, EmptyLayerWarning) for w in caught)}
+            print(f"  mnist {arch} {rule}: accuracy {row[rule]['accuracy']:.4f} nll {row[rule]['nll']:.3f} "
+                  f"{sp['architecture']} ({100 * sp['weights_pruned_fraction']:.1f}% pruned)", flush=True)
+        out[arch] = row
+    return {"horseshoe-prune-rules-mnist": {
+        "model": "horseshoe-svi", "protocol": "fit on 80% of MNIST train5k, score on the other 20%",
+        "num_samples": NUM_SAMPLES, "validation": out}}
+
+
+SUITES = {"horseshoe-prune-rules": prune_rules, "horseshoe-prune-rules-mnist": prune_rules_mnist,
+          "horseshoe-select": select}

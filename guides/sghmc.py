@@ -1,6 +1,7 @@
 """Stochastic-gradient Hamiltonian Monte Carlo over a Bayesian network's weights, as a Pyro
-``MCMCKernel`` (Chen, Fox & Guestrin 2014; preconditioning as pSGLD, Li et al. 2016; cyclical step
-sizes, Zhang et al. 2019; EM for the spike-and-slab prior, Ke & Fan 2022).
+``MCMCKernel`` (Chen, Fox & Guestrin 2014; preconditioning as pSGLD, Li et al. 2016, or as Ke &
+Fan 2022's adaptive optimiser; cyclical step sizes, Zhang et al. 2020; EM for the spike-and-slab
+prior, Ke & Fan 2022).
 
 The potential of weights ``theta`` on a minibatch ``B`` of ``N`` training examples is
 
@@ -17,13 +18,38 @@ is about ``eps`` times the preconditioned mean gradient), friction ``alpha`` and
     theta <- theta + v
 
 This is SGHMC with the diagonal mass matrix ``N/G`` and the gradient-noise estimate taken as 0; with
-``G`` held fixed it leaves ``exp(-U/T)`` invariant up to the discretisation error. The damping term
+``G`` held fixed it leaves ``exp(-U/T)`` invariant up to the discretisation error
+(:func:`sghmc_update`). Two choices of ``G`` (``preconditioner``):
+
+``"rmsprop"`` (pSGLD's statistics, as above). The damping term
 ``sqrt(d)/N`` is the mean gradient of the prior term at a typical prior draw (``|theta| ~ d^-1/2``): it
 bounds ``(eps/N) G d``, the squared frequency of the prior's harmonic force per step, by
 ``eps sqrt(d)``, so that weights without a likelihood gradient (dead units, irrelevant inputs) or in
-the stiff spike stay stable instead of getting ``G = 1/lambda``. The preconditioner
-adapts during warm-up and is frozen afterwards (``precondition="warmup"``, exact sampling), adapts
-throughout (``"always"``, pSGLD without its correction term) or is the identity (``"none"``).
+the stiff spike stay stable instead of getting ``G = 1/lambda``.
+
+``"ke-fan"`` (Ke & Fan 2022, "On the optimization and pruning for Bayesian deep learning", their
+adaptive variational-Bayes optimiser read as SGHMC): ``G = tau = sigmoid(rho)`` per weight, in
+``(0, 1)``, starting at ``1/2``. Before each step's momentum update ``rho`` takes a step on the
+gradient in ``tau`` of the per-example negative ELBO of ``q = N(theta, (s tau)^2)``
+(:func:`ke_fan_rho_gradient`):
+
+    rho <- rho - tau_lr * ( s^2 (d/N) tau + s xi_prev (g/N) - 1/(N tau) ),    s = eps^(3/4) / sqrt(N)
+
+with ``g`` the likelihood part of ``grad U``, ``xi_prev`` the standard normal draws injected at the
+previous step (zero before the first and at ``T = 0``) and ``eps`` the current step size (their
+``C^2``; their ``T = N^(-1/2)`` in ``s = T C^(3/2)``, as in their regression notebooks and README).
+The entropy term ``-1/(N tau)`` pushes ``tau`` up, the prior and curvature terms down. Their
+optimiser carries ``m`` and steps ``theta += tau m``; here the momentum ``v`` is kept in ``theta``
+units and ``tau`` enters as ``G`` above, which is the same iteration while ``tau`` is fixed (and a
+higher-order difference while it moves by ``O(tau_lr/N)`` per step). Their momentum coefficient
+0.1 is ``friction = 0.9``. Their injected noise, ``sqrt(2 + 2 beta^2) C^(3/2) T tau xi`` in ``theta``,
+is replaced by SGHMC's ``sqrt(2 alpha (eps/N) tau T) xi`` so that the chain samples ``exp(-U/T)``:
+theirs is SGHMC at the weight- and step-dependent temperature ``tau (1 + beta^2) sqrt(eps) / (1 - beta)``
+(``beta = 0.1``; for ``eps = 1e-2``, ``tau = 1/2``: about ``0.056``).
+
+The preconditioner adapts during warm-up and is frozen afterwards (``precondition="warmup"``, exact
+sampling), adapts throughout (``"always"``, pSGLD without its correction term; Ke & Fan's optimiser)
+or is the identity (``"none"``).
 
 Cyclical step size over cycles of ``L`` steps (global step ``k = 1, 2, ...``):
 
@@ -46,11 +72,13 @@ bookkeeping dominates. The Pyro model remains the statement of what is believed:
 log joint.
 
 Memory: between steps the kernel keeps the weights, the momentum and one preconditioner tensor
-(the RMSprop statistics ``S`` while adapting, ``sqrt(S)`` once frozen): three times the parameters,
-plus three small per-group vectors for EM (decay, preconditioner offset, mask; see
-:meth:`state_bytes`). Nothing is copied to the host inside an epoch: the epoch's loss is read back
-once at its end, where the shared epoch loop (:class:`~bnnzoo.guides.training.EpochLoop`, without a
-progress bar: ``MCMC`` has its own) times the epoch, stops a diverging chain with
+(the RMSprop statistics ``S`` while adapting, ``sqrt(S)`` once frozen; Ke & Fan ``sqrt(tau)`` once
+frozen): three times the parameters, plus three small per-group vectors for EM (decay,
+preconditioner offset, mask; see :meth:`state_bytes`). Ke & Fan's preconditioner while it adapts
+keeps two tensors, ``rho`` and the previous step's draws: four times the parameters (their code
+keeps six: ``rho``, ``tau``, momentum, noise and two masks). Nothing is copied to the host inside
+an epoch: the epoch's loss is read back once at its end, where the shared epoch loop
+(:class:`~bnnzoo.guides.training.EpochLoop`, without a progress bar: ``MCMC`` has its own) times the epoch, stops a diverging chain with
 :class:`~bnnzoo.guides.training.DivergenceError` (a non-finite or exploding loss) and runs the
 callback; the per-sample diagnostics stay on the device until :meth:`diagnostics`.
 
@@ -85,6 +113,8 @@ from .spike_slab_em import SpikeSlabEM
 from .training import DivergenceError, EpochLoop, TrainingHistory, minibatches
 
 PRECONDITIONERS = ("warmup", "always", "none")
+#: which diagonal preconditioner ``G``: RMSprop statistics (pSGLD) or Ke & Fan's learned ``tau``
+PRECONDITIONER_KINDS = ("rmsprop", "ke-fan")
 
 #: a chain whose epoch fits the data this many times worse than a constant prediction has diverged
 #: (see :meth:`SGHMC.check_fit`)
@@ -96,6 +126,54 @@ def cyclical_step_size(k: int, step_size: float, cycle_length: int | None) -> fl
     if cycle_length is None:
         return step_size
     return 0.5 * step_size * (math.cos(math.pi * ((k - 1) % cycle_length) / cycle_length) + 1.0)
+
+
+def ke_fan_noise_scale(step_size: float, num_data: int) -> float:
+    """Ke & Fan's scale ``s = T C^(3/2)`` of their variational standard deviation ``sigma = s tau``,
+    with ``C = sqrt(step_size)`` and their ``T = N^(-1/2)``: ``s = step_size^(3/4) / sqrt(N)``."""
+    return step_size ** 0.75 / math.sqrt(num_data)
+
+
+def ke_fan_rho_gradient(tau: torch.Tensor, xi: torch.Tensor, lik_grad: torch.Tensor, decay, step_size: float,
+                        num_data: int) -> torch.Tensor:
+    """The gradient that moves Ke & Fan's dual variable ``rho`` (``tau = sigmoid(rho)``), for one site:
+
+        r = s^2 (d/N) tau + s xi (g/N) - 1/(N tau),        s = ke_fan_noise_scale(step_size, N)
+
+    ``g`` is the gradient of the likelihood part of ``U`` (``-(N/B) grad sum_B ln p``) and ``d`` the
+    prior precision, so ``g/N`` and ``d/N`` are their per-example gradient and weight decay; ``xi``
+    is the standard normal draw injected at the previous step (zero before the first). It is the
+    derivative in ``tau`` of the per-example negative ELBO of ``q = N(theta, (s tau)^2)``: the prior
+    term ``d E_q[w^2] / 2N``, the likelihood term through the reparameterisation ``w = mu + s tau xi``
+    (``s xi g/N``), and the entropy ``-(1/N) ln(s tau)``."""
+    s = ke_fan_noise_scale(step_size, num_data)
+    return (s * s / num_data) * decay * tau + (s / num_data) * xi * lik_grad - 1.0 / (num_data * tau)
+
+
+def sghmc_update(params: list[torch.Tensor], momentum: list[torch.Tensor], grad_u: list[torch.Tensor],
+                 root_g: list[torch.Tensor], noise: list[torch.Tensor] | None, step_size: float, friction: float,
+                 temperature: float, num_data: int) -> None:
+    """One SGHMC step, in place (``grad_u`` is overwritten):
+
+        v     <- (1 - alpha) v - (eps/N) G grad U + sqrt(2 alpha (eps/N) G T) xi
+        theta <- theta + v
+
+    ``root_g`` is ``sqrt(G)`` per site (broadcasting), ``noise`` the standard normal draws ``xi``
+    (``None`` at ``T = 0``). Computed as ``v <- (1 - alpha) v + alpha zeta`` with ``zeta = sqrt(G)
+    ((sigma/alpha) xi - (eps/(N alpha)) sqrt(G) grad U)``, ``sigma^2 = 2 alpha (eps/N) T``, in fused
+    ``torch._foreach_*`` calls."""
+    alpha, n = friction, num_data
+    torch._foreach_mul_(grad_u, root_g)  # sqrt(G) grad U
+    if temperature > 0:
+        sigma = math.sqrt(2.0 * alpha * step_size * temperature / n)
+        xi = torch._foreach_mul(noise, sigma / alpha)
+        torch._foreach_add_(xi, grad_u, alpha=-step_size / (n * alpha))
+    else:
+        xi = grad_u
+        torch._foreach_mul_(xi, -step_size / (n * alpha))
+    torch._foreach_mul_(xi, root_g)
+    torch._foreach_lerp_(momentum, xi, alpha)
+    torch._foreach_add_(params, momentum)
 
 
 def _check(name: str, value, low: float, high: float = math.inf, integer: bool = False, low_open=False):
@@ -114,8 +192,10 @@ class SGHMC(MCMCKernel):
 
     ``step_size`` ``eps_0``; ``friction`` ``alpha`` in ``(0, 1]`` (``1 - alpha`` is the momentum
     coefficient of SGD with momentum); ``temperature`` ``T`` (1 samples the posterior, 0 optimises);
-    ``batch_size``; ``precondition`` (``"warmup"``, ``"always"``, ``"none"``), ``precond_decay``
-    ``rho`` and ``precond_eps`` ``lambda``; ``cycle_length`` in steps (``None``: constant step size),
+    ``batch_size``; ``preconditioner`` (``"rmsprop"`` or ``"ke-fan"``), ``precondition``
+    (``"warmup"``, ``"always"``, ``"none"``: when it adapts), ``precond_decay`` ``rho`` and
+    ``precond_eps`` ``lambda`` (RMSprop), ``tau_lr`` (Ke & Fan: the step size of their ``rho``,
+    0.1 in their code); ``cycle_length`` in steps (``None``: constant step size),
     ``samples_per_cycle``, ``thinning`` in steps. With a spike-and-slab prior, ``em`` is the
     :class:`~bnnzoo.guides.SpikeSlabEM` schedule (a default one if not given). ``learn_noise``:
     for a Gaussian likelihood, the noise scale gets an M-step at the end of every epoch,
@@ -135,7 +215,7 @@ class SGHMC(MCMCKernel):
                  batch_size: int = 32, *, precondition: str = "warmup", precond_decay: float = 0.99,
                  precond_eps: float = 1e-5, cycle_length: int | None = None, samples_per_cycle: int = 1,
                  thinning: int = 1, em: SpikeSlabEM | None = None, learn_noise: bool = True,
-                 method: str = "SGHMC"):
+                 method: str = "SGHMC", preconditioner: str = "rmsprop", tau_lr: float = 0.1):
         for attr in ("net", "prior", "likelihood"):
             if not hasattr(model, attr):
                 raise TypeError(f"SGHMC samples a BayesianNeuralNetwork (net, prior, likelihood); "
@@ -149,6 +229,10 @@ class SGHMC(MCMCKernel):
         if precondition not in PRECONDITIONERS:
             raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
         self.precondition = precondition
+        if preconditioner not in PRECONDITIONER_KINDS:
+            raise ValueError(f"preconditioner must be one of {PRECONDITIONER_KINDS}, got {preconditioner!r}")
+        self.preconditioner = preconditioner
+        self.tau_lr = float(_check("tau_lr", tau_lr, 0, low_open=True))
         self.precond_decay = float(_check("precond_decay", precond_decay, 0, 1 - 1e-12))
         self.precond_eps = float(_check("precond_eps", precond_eps, 0, low_open=True))
         self.samples_per_cycle = int(_check("samples_per_cycle", samples_per_cycle, 1, integer=True))
@@ -253,8 +337,15 @@ class SGHMC(MCMCKernel):
         self._momentum = [torch.zeros_like(p) for p in self._params]
         # the identity when there is no warm-up to adapt in
         self._mode = "none" if self.precondition == "warmup" and self._warmup == 0 else self.precondition
-        self._stats = [torch.zeros_like(p) for p in self._params] if self._mode != "none" else None
-        self._frozen = None  # sqrt(S) once the preconditioner is frozen
+        adapting = self._mode != "none"
+        rmsprop, ke_fan = adapting and self.preconditioner == "rmsprop", adapting and self.preconditioner == "ke-fan"
+        self._stats = [torch.zeros_like(p) for p in self._params] if rmsprop else None
+        # Ke & Fan: rho = 0 (tau = 1/2) and the previous step's standard normal draws (none before the first)
+        self._rho = [torch.zeros_like(p) for p in self._params] if ke_fan else None
+        self._xi_flat = torch.zeros(self._numel, device=device) if ke_fan else None
+        self._xi = ([t.view(p.shape) for t, p in zip(self._xi_flat.split(self._numels), self._params)]
+                    if ke_fan else None)
+        self._frozen = None  # sqrt(S) (RMSprop) or sqrt(tau) (Ke & Fan) once the preconditioner is frozen
         self._adapt_steps = 0
         if self.em is not None:
             self.em.reset(device)
@@ -297,6 +388,8 @@ class SGHMC(MCMCKernel):
         self._eta = cyclical_step_size(1, self.step_size, self.cycle_length)
         self._history = {k: [] for k in ("step", "step_size", "potential", "groups_pruned_fraction",
                                          "weights_pruned_fraction", "pi", "noise_scale", "warmup")}
+        if self.preconditioner == "ke-fan" and adapting:
+            self._history["tau_mean"] = []
         self._loop = self._new_loop()
         self._ready = True
 
@@ -358,8 +451,11 @@ class SGHMC(MCMCKernel):
         em = 0
         if self.em is not None:
             em = size([*self.em.decay.values(), *self.em.keep.values(), *self._offset_groups.values(), self.em.pi])
+        held = self._frozen if self._frozen is not None else self._stats
+        if held is None and self._rho is not None:
+            held = [*self._rho, self._xi_flat]
         return {"weights": size(self._params), "momentum": size(self._momentum),
-                "preconditioner": size(self._frozen if self._frozen is not None else self._stats), "em": em}
+                "preconditioner": size(held), "em": em}
 
     def _current(self) -> dict[str, torch.Tensor]:
         out = {s: p.detach().clone() for s, p in zip(self.sites, self._params)}
@@ -405,33 +501,55 @@ class SGHMC(MCMCKernel):
         eta = self._eta = cyclical_step_size(self._step, self.step_size, self.cycle_length)
         idx = self._next_batch()
         xb, yb = self._x[idx], self._y[idx]
-        n, batch, alpha = self._n, len(idx), self.friction
         grads, stat = self.minibatch_gradient(xb, yb)
         with torch.no_grad():
             torch._foreach_add_([self._epoch_stat, self._sample_stat], stat.detach())
-            self._sample_examples += batch
+            self._sample_examples += len(idx)
+            if self._rho is not None:  # Ke & Fan: tau from the likelihood gradient, before the prior is added
+                self._update_tau(grads, eta)
             # grad U = -(N/B) grad loglik + d * theta
             torch._foreach_addcmul_(grads, self._params, self._decays)
             root_g = self._root_preconditioner(grads)
-            torch._foreach_mul_(grads, root_g)  # sqrt(G) grad U
-            # v <- (1 - alpha) v + alpha * xi with xi = sqrt(G) (z - (eta/(N alpha)) sqrt(G) grad U),
-            # z ~ N(0, sigma^2 / alpha^2), sigma^2 = 2 alpha (eta/N) T: the update of the module docstring
+            noise = None
             if self.temperature > 0:
-                sigma = math.sqrt(2.0 * alpha * eta * self.temperature / n)
-                z = torch.empty(self._numel, device=self._x.device).normal_(0.0, sigma / alpha)
-                xi = [t.view(p.shape) for t, p in zip(z.split(self._numels), self._params)]
-                torch._foreach_add_(xi, grads, alpha=-eta / (n * alpha))
-            else:
-                xi = grads
-                torch._foreach_mul_(xi, -eta / (n * alpha))
-            torch._foreach_mul_(xi, root_g)
-            torch._foreach_lerp_(self._momentum, xi, alpha)
-            torch._foreach_add_(self._params, self._momentum)
+                flat = self._xi_flat if self._xi_flat is not None else torch.empty(self._numel, device=self._x.device)
+                flat.normal_()
+                noise = self._xi if self._xi is not None else [t.view(p.shape) for t, p in
+                                                                zip(flat.split(self._numels), self._params)]
+            sghmc_update(self._params, self._momentum, grads, root_g, noise, eta, self.friction, self.temperature,
+                         self._n)
             if self.em is not None and self.em.due(self._step):
                 self._em_update()
         self._epoch_step += 1
         if self._epoch_step == self._steps_per_epoch:
             self._end_epoch()
+
+    def _update_tau(self, lik_grads: list[torch.Tensor], eta: float) -> None:
+        """Ke & Fan's step on ``rho`` (:func:`ke_fan_rho_gradient`, with the previous step's draws)."""
+        n = self._n
+        s = ke_fan_noise_scale(eta, n)
+        tau = torch._foreach_sigmoid(self._rho)
+        r = torch._foreach_mul(tau, self._decays)
+        torch._foreach_mul_(r, s * s / n)  # s^2 (d/N) tau
+        torch._foreach_addcmul_(r, self._xi, lik_grads, value=s / n)  # + s xi (g/N)
+        torch._foreach_reciprocal_(tau)
+        torch._foreach_add_(r, tau, alpha=-1.0 / n)  # - 1/(N tau)
+        torch._foreach_add_(self._rho, r, alpha=-self.tau_lr)
+
+    def draws(self) -> dict[str, torch.Tensor] | None:
+        """The standard normal draws ``xi`` injected at the last step, per site, which Ke & Fan's next
+        ``rho`` step reads (kept only while their preconditioner adapts; ``None`` otherwise)."""
+        if self._xi is None:
+            return None
+        return {s: x.detach().clone() for s, x in zip(self.sites, self._xi)}
+
+    def tau(self) -> dict[str, torch.Tensor] | None:
+        """Ke & Fan's preconditioner ``tau`` per site (frozen or current), or ``None`` for RMSprop or none."""
+        if self.preconditioner != "ke-fan" or self._mode == "none":
+            return None
+        if self._frozen is not None:
+            return {s: r.pow(2) for s, r in zip(self.sites, self._frozen)}
+        return {s: torch.sigmoid(r) for s, r in zip(self.sites, self._rho)}
 
     def minibatch_gradient(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The gradient of the likelihood part of ``U``, ``-(N/B) grad sum_B ln p(y|x, theta)``, at the
@@ -448,9 +566,17 @@ class SGHMC(MCMCKernel):
         return list(torch.autograd.grad(scaled, self._params)), stat
 
     def _root_preconditioner(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``sqrt(G)`` per site, pruned entries zero (updating the RMSprop statistics if adapting)."""
+        """``sqrt(G)`` per site, pruned entries zero (updating the RMSprop statistics if adapting):
+        RMSprop ``1/sqrt(sqrt(S) + lambda + sqrt(d)/N)``, Ke & Fan ``sqrt(tau)``."""
         if self._mode == "none":
             return self._keep
+        if self.preconditioner == "ke-fan":
+            if self._frozen is not None:
+                return torch._foreach_mul(self._frozen, self._keep)
+            root = torch._foreach_sigmoid(self._rho)
+            torch._foreach_sqrt_(root)
+            torch._foreach_mul_(root, self._keep)
+            return root
         if self._frozen is not None:
             root = torch._foreach_add(self._frozen, self._offset)
         else:
@@ -467,8 +593,14 @@ class SGHMC(MCMCKernel):
         return root
 
     def _freeze_preconditioner(self) -> None:
-        """End of warm-up: keep ``sqrt(S)`` (in place of the statistics ``S``) from now on."""
+        """End of warm-up: keep ``sqrt(S)`` (RMSprop, in place of the statistics ``S``) or
+        ``sqrt(tau)`` (Ke & Fan, in place of ``rho`` and the draws) from now on."""
         with torch.no_grad():
+            if self.preconditioner == "ke-fan":
+                self._frozen = torch._foreach_sigmoid(self._rho)
+                torch._foreach_sqrt_(self._frozen)
+                self._rho = self._xi = self._xi_flat = None
+                return
             torch._foreach_sqrt_(self._stats)
         self._frozen, self._stats = self._stats, None
 
@@ -553,6 +685,9 @@ class SGHMC(MCMCKernel):
             h["pi"].append(self.em.pi.clone())
         if self.learn_noise:
             h["noise_scale"].append(self.model.likelihood.log_noise_scale.detach().exp())
+        if "tau_mean" in h:
+            with torch.no_grad():
+                h["tau_mean"].append(sum(t.sum() for t in self.tau().values()) / self._numel)
 
     def _inverse_noise_variance(self) -> torch.Tensor | None:
         if not self._gaussian:

@@ -15,7 +15,11 @@ M-step, the per-group weight decay (a precision) and the inclusion rate (Beta(a,
 With the decays fixed, ``-E_gamma[ln p(theta, gamma | pi)]`` is ``sum_g d_g ||theta_g||^2 / 2`` up to a
 constant in ``theta``: the sampler's prior term. Pruning is one-way: once a group's inclusion
 probability falls below ``prune_threshold`` (after ``prune_start`` sampler steps) its weights are
-zeroed and it is masked out for good. Everything runs on the weights' device, with no host copies.
+zeroed and it is masked out for good; the decision goes through
+:func:`~bnnzoo.models.sparsity.protect_layers`, so that a layer is never emptied (its best group,
+by inclusion probability among the groups still kept, stays) unless ``allow_empty``. Everything
+runs on the weights' device; a pruning update reads one boolean per layer back to the host (is the
+layer empty?), once per EM update, not per step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import math
 
 import torch
 
-from ..models.spike_slab import SpikeSlabPrior
+from ..models.sparsity import protect_layers
+from ..models.spike_slab import SpikeSlabPrior, dead_units
 
 # pi stays inside (0, 1) so that logit(pi) is finite
 _PI_CLAMP = 1e-6
@@ -64,14 +69,16 @@ class SpikeSlabEM:
     ``start``: the sampler step of the first E/M update (before it every group is in the slab,
     ``d_g = 1/s1^2``); ``every``: steps between updates; ``prune_start``: the first step at which
     groups may be pruned (default ``start``); ``prune_threshold``: groups whose inclusion
-    probability falls below it are pruned (``0`` disables pruning).
+    probability falls below it are pruned (``0`` disables pruning; default 0.5, the median probability
+    rule); ``allow_empty``: let the rule prune every group of a layer (default: the best one is kept,
+    with an :class:`~bnnzoo.models.sparsity.EmptyLayerWarning`).
 
     :meth:`decays` and :meth:`keep_views` return views that broadcast over each site; updates are
     written in place, so the views stay valid for the whole run.
     """
 
-    def __init__(self, prior: SpikeSlabPrior, start: int = 0, every: int = 1, prune_threshold: float = 1e-3,
-                 prune_start: int | None = None):
+    def __init__(self, prior: SpikeSlabPrior, start: int = 0, every: int = 1, prune_threshold: float = 0.5,
+                 prune_start: int | None = None, allow_empty: bool = False):
         if not isinstance(prior, SpikeSlabPrior):
             raise TypeError(f"SpikeSlabEM needs a SpikeSlabPrior, got {type(prior).__name__}")
         for name, value, low in (("start", start, 0), ("every", every, 1)):
@@ -83,6 +90,7 @@ class SpikeSlabEM:
         self.start, self.every = start, every
         self.prune_start = start if prune_start is None else int(prune_start)
         self.prune_threshold = float(prune_threshold)
+        self.allow_empty = bool(allow_empty)
         self.scales = {lay.layer: prior.scales(lay.layer) for lay in prior.layouts}  # (s0, s1) per layer
         self.a, self.b = prior.a_value, prior.b_value
         self.layouts = prior.layouts
@@ -128,21 +136,34 @@ class SpikeSlabEM:
         """E-step on the current weights, pruning (from ``prune_start``), then the M-step. Pruned
         weights of ``params`` are zeroed in place."""
         probs = self.probabilities(params)
-        prune = self.prune_threshold > 0 and step >= self.prune_start
-        for lay in self.layouts:
-            p, keep = probs[lay.layer], self.keep[lay.layer]
-            if prune:
-                keep &= p >= self.prune_threshold
+        if self.prune_threshold > 0 and step >= self.prune_start:
+            rule = {k: self.keep[k] & (p >= self.prune_threshold) for k, p in probs.items()}
+            # a layer the rule would empty keeps its most probable group among those still kept
+            score = {k: torch.where(self.keep[k], p, torch.full_like(p, -1.0)) for k, p in probs.items()}
+            for lay in self.layouts:
+                keep = self.keep[lay.layer]
+                keep.copy_(protect_layers({lay.layer: rule[lay.layer]}, score, allow_empty=self.allow_empty)[lay.layer])
                 for site in lay.sites():
                     params[site].mul_(lay.view(site, keep))
-            self.decay[lay.layer].copy_(group_decay(p, *self.scales[lay.layer]))
+        for lay in self.layouts:
+            self.decay[lay.layer].copy_(group_decay(probs[lay.layer], *self.scales[lay.layer]))
         self.pi.copy_(inclusion_rate(list(probs.values()), self.a, self.b))
         self.num_updates += 1
 
     # ---- results ------------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
-        """Boolean masks (``True`` = kept) of every grouped site, full site shape."""
-        return {site: lay.expand(site, self.keep[lay.layer]).clone() for lay in self.layouts for site in lay.sites()}
+        """Boolean masks (``True`` = kept) of every grouped site, full site shape. With input groups,
+        a unit whose every outgoing group is pruned (:func:`~bnnzoo.models.spike_slab.dead_units`) is
+        masked too: its incoming weights and its bias."""
+        out = {site: lay.expand(site, self.keep[lay.layer]).clone() for lay in self.layouts for site in lay.sites()}
+        net = self.prior.net
+        for name, alive in dead_units(net, self.layouts, self.keep).items():
+            layer = net.layer(name)
+            w, b = f"{name}.weight", f"{name}.bias"
+            rows = alive.view(-1, *([1] * (len(layer.weight_shape) - 1)))
+            out[w] = out.get(w, torch.ones(layer.weight_shape, dtype=torch.bool, device=alive.device)) & rows
+            out[b] = out.get(b, torch.ones(layer.num_groups, dtype=torch.bool, device=alive.device)) & alive
+        return out
 
     def pruned_fractions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Device scalars: the fraction of groups pruned and the fraction of the network's weights

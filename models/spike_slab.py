@@ -6,12 +6,20 @@ Every weight of a group ``g`` of ``m`` weights shares one inclusion indicator:
     gamma_g ~ Bernoulli(pi)                                one indicator per group
     theta_g ~ gamma_g N(0, s1^2 I_m) + (1 - gamma_g) N(0, s0^2 I_m),   s0 << s1  (spike, slab)
 
-Groups (see :class:`GroupLayout`): by default the output neurons of dense layers and the output
-filters of conv layers (a weight row plus its bias entry), for every layer but the output layer.
-With ``first_layer="inputs"`` the first layer is grouped by its *inputs* instead (the column of
-weights that reads one input feature, or the slice that reads one input channel), so that whole
-input features can be switched off; its biases then get the slab ``N(0, s1^2)`` alone. The
-output layer's weights get ``N(0, output_scale^2)`` (default: the slab scale) and are never pruned.
+Groups (see :class:`GroupLayout`), chosen by ``groups``:
+
+- ``"output"`` (default): the output neurons of dense layers and the output filters of conv layers
+  (a weight row plus its bias entry), for every layer but the output layer. With
+  ``first_layer="inputs"`` the first layer is grouped by its *inputs* instead (the column of
+  weights that reads one input feature, or the slice that reads one input channel), so that whole
+  input features can be switched off; its biases then get the slab ``N(0, s1^2)`` alone. The
+  output layer's weights get ``N(0, output_scale^2)`` (default: the slab scale) and are never pruned.
+- ``"input"``: Ke & Fan's groups (their released code): every dense layer, the output layer
+  included, is grouped by its input columns (``weight[:, j]``: the weights that read input ``j``),
+  every conv layer by its kernels (``weight[o, i]``: the ``k x k`` kernel from input channel ``i``
+  to output filter ``o``). Biases are in no group and get the slab (the output layer's:
+  ``output_scale``); ``first_layer`` does not apply. A hidden unit all of whose outgoing groups
+  are pruned no longer affects the output; :func:`dead_units` finds them.
 
 With ``scaling="fan_in"`` every scale of a layer is divided by the square root of its fan-in (the
 inputs one neuron or filter reads), so that ``s1``, ``s0`` describe the scale of a neuron's
@@ -24,6 +32,7 @@ then the network's weight sites (``fc1.weight``, ``fc1.bias``, ...).
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
@@ -36,6 +45,8 @@ from torch import nn
 from .networks import Network
 
 FIRST_LAYER_GROUPS = ("neurons", "inputs")
+#: ``"output"``: neurons / filters of the hidden layers; ``"input"``: Ke & Fan's input columns / kernels
+GROUPINGS = ("output", "input")
 SCALINGS = ("absolute", "fan_in")
 
 
@@ -45,7 +56,9 @@ class GroupLayout:
 
     ``axis="out"``: group ``g`` = ``weight[g]`` and ``bias[g]`` (a neuron or an output filter);
     ``axis="in"``: group ``g`` = ``weight[:, g]`` (one input feature or input channel; the bias is
-    not in any group). ``size`` is the number of weights ``m`` in one group.
+    not in any group); ``axis="kernel"`` (conv): group ``g = o * C_in + i`` = ``weight[o, i]`` (one
+    ``k x k`` kernel; the bias is not in any group). ``size`` is the number of weights ``m`` in one
+    group.
     """
 
     layer: str
@@ -74,6 +87,8 @@ class GroupLayout:
         ndim = len(self.weight_shape)
         if self.axis == "out":
             return per_group.reshape(*lead, self.num_groups, *([1] * (ndim - 1)))
+        if self.axis == "kernel":
+            return per_group.reshape(*lead, *self.weight_shape[:2], *([1] * (ndim - 2)))
         return per_group.reshape(*lead, 1, self.num_groups, *([1] * (ndim - 2)))
 
     def squared_norms(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -83,6 +98,8 @@ class GroupLayout:
         if self.axis == "out":
             sq = w.pow(2).flatten(lead + 1).sum(-1)
             return sq + params[self.bias_site].pow(2)
+        if self.axis == "kernel":
+            return w.pow(2).sum((-2, -1)).flatten(lead)
         dims = [lead] + list(range(lead + 2, w.dim()))
         return w.pow(2).sum(dims)
 
@@ -98,11 +115,23 @@ def _positive(name: str, value) -> float:
     return float(value)
 
 
-def group_layouts(net: Network, first_layer: str = "neurons") -> list[GroupLayout]:
-    """The groups of ``net``'s hidden layers (every parametric layer but the output layer)."""
+def group_layouts(net: Network, first_layer: str = "neurons", groups: str = "output") -> list[GroupLayout]:
+    """The groups of ``net``: with ``groups="output"`` those of its hidden layers (every parametric
+    layer but the output layer; the first by its inputs if ``first_layer="inputs"``), with
+    ``groups="input"`` the input columns of every dense layer and the kernels of every conv layer."""
     if first_layer not in FIRST_LAYER_GROUPS:
         raise ValueError(f"first_layer must be one of {FIRST_LAYER_GROUPS}, got {first_layer!r}")
+    if groups not in GROUPINGS:
+        raise ValueError(f"groups must be one of {GROUPINGS}, got {groups!r}")
     out = []
+    if groups == "input":
+        for layer in net.param_layers:
+            shape = tuple(layer.weight_shape)
+            if len(shape) == 2:
+                out.append(GroupLayout(layer.name, "in", shape[1], shape[0], shape))
+            else:
+                out.append(GroupLayout(layer.name, "kernel", shape[0] * shape[1], math.prod(shape[2:]), shape))
+        return out
     for i, layer in enumerate(net.hidden_layers()):
         shape = tuple(layer.weight_shape)
         if i == 0 and first_layer == "inputs":
@@ -125,7 +154,7 @@ class SpikeSlabPrior(nn.Module):
 
     def __init__(self, net: Network, slab_scale: float = 1.0, spike_scale: float = 0.01, a: float = 1.0,
                  b: float = 1.0, output_scale: float | None = None, first_layer: str = "neurons",
-                 scaling: str = "absolute"):
+                 scaling: str = "absolute", groups: str = "output"):
         super().__init__()
         if len(net.param_layers) < 2:
             raise ValueError(f"the spike-and-slab prior prunes hidden groups, but {net!r} has no hidden layer")
@@ -140,8 +169,8 @@ class SpikeSlabPrior(nn.Module):
                                                                                                output_scale)
         if scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
-        self.first_layer, self.scaling = first_layer, scaling
-        self.layouts = group_layouts(net, first_layer)
+        self.first_layer, self.scaling, self.groups = first_layer, scaling, groups
+        self.layouts = group_layouts(net, first_layer, groups)
         for name in ("slab_scale", "spike_scale", "a", "b", "output_scale"):
             self.register_buffer(name, torch.tensor(getattr(self, f"{name}_value")), persistent=False)
 
@@ -219,4 +248,26 @@ class SpikeSlabPrior(nn.Module):
     def extra_repr(self) -> str:
         return (f"slab_scale={self.slab_scale_value:g}, spike_scale={self.spike_scale_value:g}, "
                 f"pi~Beta({self.a_value:g}, {self.b_value:g}), output_scale={self.output_scale_value:g}, "
-                f"first_layer={self.first_layer!r}, scaling={self.scaling!r}")
+                f"first_layer={self.first_layer!r}, scaling={self.scaling!r}, groups={self.groups!r}")
+
+
+def dead_units(net: Network, layouts: list[GroupLayout], keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For input-grouped layers (``axis`` ``"in"`` or ``"kernel"``): per earlier layer, ``True`` for
+    each unit (neuron or filter) that still feeds a kept group of the next layer, ``False`` for a
+    unit whose every outgoing group is pruned (it no longer affects the output and can be removed
+    with its incoming weights and bias). ``keep`` holds each layout's group mask. Layers not
+    followed by an input-grouped layer are left out."""
+    by_layer = {lay.layer: lay for lay in layouts}
+    layers = net.param_layers
+    out = {}
+    for prev, layer in itertools.pairwise(layers):
+        lay = by_layer.get(layer.name)
+        if lay is None or lay.axis == "out":
+            continue
+        k = keep[lay.layer]
+        used_inputs = k.reshape(lay.weight_shape[:2]).any(0) if lay.axis == "kernel" else k
+        # input feature/channel j of `layer` is fed by unit (j // per) of `prev` (a flattened conv map
+        # feeds a dense layer channel by channel, contiguously: PyTorch's order)
+        per = used_inputs.numel() // prev.num_groups
+        out[prev.name] = used_inputs.reshape(prev.num_groups, per).any(1)
+    return out

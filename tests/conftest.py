@@ -5,6 +5,7 @@ Tests marked ``@pytest.mark.cuda`` are skipped on machines without CUDA.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -96,3 +97,18 @@ def spread_state(guide, seed=0, precision=3.0):
     for layer in guide.net.hidden_layers():
         guide.prior.set_group_parameters(layer.name, logit_rho=torch.randn(layer.num_groups, generator=gen))
     return guide
+
+
+def assert_chain_matches_gaussian(samples: dict, mean: torch.Tensor, cov: torch.Tensor) -> None:
+    """The 600 draws of ``fc1.weight[0, 0]`` and ``fc1.bias[0]`` of a one-weight chain match a 2-D
+    Gaussian ``N(mean, cov)``: the mean and every (co)variance within 4 batch-means standard
+    errors (20 batches of 30), with standard errors small enough that a 40% error in a (co)variance
+    fails."""
+    draws = torch.stack([samples["fc1.weight"][:, 0, 0], samples["fc1.bias"][:, 0]], 1).double()
+    centred = draws - mean
+    stats = torch.cat([draws, centred[:, :1] ** 2, centred[:, :1] * centred[:, 1:], centred[:, 1:] ** 2], 1)
+    target = torch.stack([mean[0], mean[1], cov[0, 0], cov[0, 1], cov[1, 1]])
+    batches = stats.reshape(20, 30, 5).mean(1)
+    estimate, se = batches.mean(0), batches.std(0) / math.sqrt(20)
+    assert ((estimate - target).abs() < 4 * se).all(), (estimate, target, se)
+    assert (se[2:] < 0.15 * target[2:].abs()).all()

@@ -12,6 +12,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_chain_matches_gaussian
 from pyro.infer import MCMC, Predictive
 
 import bnnzoo
@@ -216,15 +217,7 @@ def test_stationary_distribution_on_a_correlated_gaussian(precondition):
     pyro.set_rng_seed(0)
     mcmc = MCMC(kernel, num_samples=600, warmup_steps=100, disable_progbar=True)
     mcmc.run(x, y)
-    s = mcmc.get_samples()
-    draws = torch.stack([s["fc1.weight"][:, 0, 0], s["fc1.bias"][:, 0]], 1).double()
-    centred = draws - mean
-    stats = torch.cat([draws, centred[:, :1] ** 2, centred[:, :1] * centred[:, 1:], centred[:, 1:] ** 2], 1)
-    target = torch.stack([mean[0], mean[1], cov[0, 0], cov[0, 1], cov[1, 1]])
-    batches = stats.reshape(20, 30, 5).mean(1)
-    estimate, se = batches.mean(0), batches.std(0) / math.sqrt(20)
-    assert ((estimate - target).abs() < 4 * se).all(), (estimate, target, se)
-    assert (se[2:] < 0.15 * target[2:].abs()).all()  # the test has power: a 40% error in a (co)variance fails
+    assert_chain_matches_gaussian(mcmc.get_samples(), mean, cov)
 
 
 def test_cyclical_step_size_formula():
@@ -497,7 +490,7 @@ def test_one_shot_pruning(fitted_spike_slab, boston):
     post = fitted_spike_slab
     probs = post.inclusion_probabilities()["fc1"]
     assert probs.shape == (2, 50) and ((probs >= 0) & (probs <= 1)).all()
-    pruned = post.prune(threshold=0.9)
+    pruned = post.prune(threshold=0.9, data=(boston.x_train, boston.y_train))
     expected_keep = (probs >= 0.9).any(0) & post.masks()["fc1.bias"]
     assert torch.equal(pruned.masks()["fc1.bias"], expected_keep)
     assert (pruned.samples["fc1.weight"][:, :, ~expected_keep] == 0).all()
@@ -505,7 +498,7 @@ def test_one_shot_pruning(fitted_spike_slab, boston):
     assert torch.equal(post.masks()["fc1.bias"], fitted_spike_slab.masks()["fc1.bias"])  # original untouched
     assert pruned.to_torch()[0].out_features == int(expected_keep.sum())
     assert pruned.config == post.config  # pruning is recorded in the fit state, not in the config
-    assert pruned.fit_state.pruning[-1].rule == "threshold" and pruned.fit_state.pruning[-1].options == {"threshold": 0.9}
+    assert pruned.fit_state.pruning[-1].rule == "threshold" and pruned.fit_state.pruning[-1].options == {"threshold": 0.9, "allow_empty": False}
     assert post.fit_state.pruning == []
 
 

@@ -1,4 +1,8 @@
-"""The TDAMP guide: turbo deep approximate message passing (Xu, Liu, Zhang & Lau 2024) as a Pyro guide.
+"""The TDAMP guide: the E-step of EM-TDAMP (Xu, Liu, Zhang & Lau 2024, *Bayesian Deep Learning via
+Expectation Maximization and Turbo Deep Approximate Message Passing*) as a Pyro guide, in the form
+implemented here: Module A is ADF/PBP-style moment propagation (not the paper's deep AMP with
+Onsager terms, which appear only in the one-layer :func:`linear_tdamp`), one turbo iteration per
+minibatch by default.
 
 The posterior over the weights of a dense ReLU network under the group-sparse Bernoulli-Gaussian
 prior (:class:`~bnnzoo.models.BernoulliGaussianPrior`) is found by message passing, not gradients:
@@ -13,16 +17,26 @@ prior (:class:`~bnnzoo.models.BernoulliGaussianPrior`) is found by message passi
 * **Module A** (:mod:`~bnnzoo.guides.moment_propagation`): with every weight's belief the
   moment-matched Bernoulli-Gaussian posterior ``N(M, V)`` (Module B's extrinsic prior times Module
   A's own message), a forward pass propagates activation means and variances and a backward pass
-  returns the minibatch's Gaussian message to every weight.
+  returns the minibatch's Gaussian message to every weight: the batch form of probabilistic
+  backpropagation's assumed-density update, not an AMP iteration (no Onsager correction).
 * **Turbo iterations**: Module A and Module B exchange messages ``turbo_iterations`` times per
   minibatch.
 * **Minibatches, posterior as prior**: after a batch of ``B`` of the ``N`` examples, the state
-  becomes ``(1 - beta B / (N T)) state + beta message``: the posterior after a batch is the prior of
-  the next; the forgetting factor ``1 - beta B / (N T)`` keeps the state at ``T = memory`` passes'
-  worth of data (each batch replaces its share; ``T = 1`` counts every example once, a larger ``T``
-  tempers the posterior like repeated assumed-density-filtering passes do), and ``beta``
-  (``damping``) smooths the updates. Each neuron's step is controlled by an exact line search on
-  the batch's quadratic model (:meth:`TDAMPGuide._absorb`).
+  becomes ``(1 - beta B / (N T)) state + beta (P / T) message``: the posterior after a batch is the
+  prior of the next. The forgetting factor ``1 - beta B / (N T)`` keeps ``T = memory`` passes of
+  messages in the state, and the factor ``P / T`` makes them worth ``P = temper`` copies of the data
+  in all (``P = T = 1`` counts every example once; ``P > 1`` tempers the posterior as repeated
+  assumed-density-filtering passes do; without ``temper``, ``P = T`` for a given memory and ``P = 10``
+  with the memory rule, :meth:`TDAMPGuide.power`); ``beta`` (``damping``) smooths the updates. Each neuron's step
+  is controlled by an exact line search on the batch's quadratic model (:meth:`TDAMPGuide._absorb`).
+* **Step size and memory**: near the fixed point a batch moves the slab means by ``beta B / (N T)`` of
+  the diagonal Newton step of the whole data set, so a pass moves them by ``beta / T`` of one, whatever
+  ``N``: the memory ``T`` alone sets how fast the means move, the power ``P`` how concentrated the
+  posterior is. ``memory=None`` takes the rule :func:`memory_rule`, ``T = clip(100 B / N, 1, 10)``
+  passes: the state averages the messages of at least ``UPDATES_REMEMBERED = 100`` minibatches (a
+  stochastic-approximation window; fewer makes the means noisy on small data) and never less than one
+  pass (every example counts), so on large data the means move ``beta`` of a Newton step per pass
+  rather than ``beta / 10``.
 
 Called as a Pyro guide, ``guide(x, y, num_data)`` samples every weight site of the model from the
 Bernoulli-Gaussian posterior (each neuron on or off with probability ``pi_g``, then its weights from
@@ -70,6 +84,22 @@ from .weight_guide import WeightGuide
 
 LINE_SEARCH_EXAMPLES = 32  # examples of a batch behind each neuron's step control
 TRUST_RADIUS = 1.0  # a batch moves a pre-activation mean by at most this many predictive standard deviations
+UPDATES_REMEMBERED = 100  # minibatch messages the state averages at least (memory=None, :func:`memory_rule`)
+MAX_MEMORY = 10.0  # the rule's longest memory, in passes
+DEFAULT_TEMPER = 10.0  # the likelihood's power with the memory rule and no temper (:meth:`TDAMPGuide.power`)
+
+
+def memory_rule(num_data: int, batch_size: int) -> float:
+    """The state's memory in passes when none is given: ``clip(UPDATES_REMEMBERED B / N, 1, MAX_MEMORY)``.
+
+    A pass moves the slab means by ``damping / memory`` of a diagonal Newton step (module docstring),
+    so a short memory fits faster; but the state is a running average of minibatch messages over
+    ``memory N / B`` batches, and averaging fewer than ``UPDATES_REMEMBERED`` makes the means follow the
+    noise of single batches. The memory is never below one pass (every example stays in the state)
+    nor above ``MAX_MEMORY`` (the longest that was needed on small data)."""
+    if num_data < 1 or batch_size < 1:
+        raise ValueError(f"num_data and batch_size must be positive, got {num_data!r} and {batch_size!r}")
+    return float(min(MAX_MEMORY, max(1.0, UPDATES_REMEMBERED * batch_size / num_data)))
 
 
 def _check_positive(name: str, value, upper: float = math.inf, closed: bool = False) -> float:
@@ -101,7 +131,7 @@ class TDAMPGuide(WeightGuide):
     """
 
     def __init__(self, model, damping: float = 0.8, turbo_iterations: int = 1, init_precision: float = 1.0,
-                 memory: float = 1.0, init_locs: dict | None = None):
+                 memory: float | None = 1.0, init_locs: dict | None = None, temper: float | None = None):
         super().__init__(model)
         check_network(self.net)
         if not isinstance(model.prior, BernoulliGaussianPrior):
@@ -115,9 +145,13 @@ class TDAMPGuide(WeightGuide):
             raise ValueError(f"turbo_iterations must be a positive integer, got {turbo_iterations!r}")
         self.turbo_iterations = int(turbo_iterations)
         self.init_precision = _check_positive("init_precision", init_precision)
-        self.memory = _check_positive("memory", memory)
-        if self.memory < 1:
-            raise ValueError(f"memory must be at least one pass, got {memory!r}")
+        if memory is not None:  # below one pass, examples are forgotten before the pass ends
+            memory = _check_positive("memory", memory)
+        #: passes the state remembers (``None``: :func:`memory_rule` of the data size and batch size)
+        self.memory = memory
+        #: the power of the likelihood the state holds (``None``: see :meth:`power`)
+        self.temper = None if temper is None else _check_positive("temper", temper)
+        self._batch_size = 0  # the largest batch seen (the rule's batch size)
         self.model = [model]  # a plain list: the guide reads the model's prior and likelihood, it does not own them
         self.messages = nn.ModuleDict()
         for layer in self.net.param_layers:
@@ -226,14 +260,21 @@ class TDAMPGuide(WeightGuide):
         ``likelihood_scale`` ``s`` multiplies the batch's whole message (curvatures, gradient terms
         and the per-example curvatures of the step control) while the forgetting rate stays that of
         ``num_data`` examples: the state then holds the ``num_data`` examples' likelihood raised to
-        the power ``s`` (a federated client with ``n_k`` of ``n`` examples and ``s = n / n_k`` stands
+        the power ``s P`` (a federated client with ``n_k`` of ``n`` examples and ``s = n / n_k`` stands
         for the whole training set). Scaling the message by ``s`` is the same as taking
-        ``beta s`` in place of ``beta`` in front of it (:meth:`_absorb`); ``s = 1`` is plain TDAMP."""
+        ``beta s`` in place of ``beta`` in front of it (:meth:`_absorb`); ``s = 1`` is plain TDAMP.
+        The memory ``T`` and power ``P = temper`` enter as the forgetting rate ``beta B / (N T)`` and the
+        message weight ``beta s P / T`` (module docstring)."""
         if not 0 < len(x) <= num_data:
             raise ValueError(f"a batch of {len(x)} examples cannot come from {num_data} training examples")
         likelihood_scale = _check_positive("likelihood_scale", likelihood_scale)
-        rate = self.damping * len(x) / (num_data * self.memory)
-        beta = self.damping * likelihood_scale  # the message's weight as it enters the state
+        memory = self.memory_for(num_data, len(x))
+        rate = self.damping * len(x) / (num_data * memory)
+        if rate >= 1:
+            raise ValueError(f"a memory of {memory:g} passes is too short for batches of {len(x)} of {num_data} "
+                             f"examples: each batch would forget the whole state (damping B / (N T) = {rate:.3g})")
+        power = self.power()
+        beta = self.damping * likelihood_scale * power / memory  # the message's weight as it enters the state
         first = None
         for _ in range(self.turbo_iterations):
             posts = self.layer_posteriors(reuse_workspace=True)
@@ -251,6 +292,23 @@ class TDAMPGuide(WeightGuide):
             for name, msg in messages.items():
                 self._absorb(name, posts[name], msg, rate, beta)
         return first
+
+    def power(self) -> float:
+        """The power ``P`` of the likelihood the state holds: :attr:`temper`, or without one the
+        memory when it is given (``P = T``: the algorithm as it was before the two were separate) and
+        ``DEFAULT_TEMPER`` with the memory rule (the power the former default memory of 10 passes gave)."""
+        if self.temper is not None:
+            return self.temper
+        return DEFAULT_TEMPER if self.memory is None else self.memory
+
+    def memory_for(self, num_data: int, batch_size: int) -> float:
+        """The memory (passes) of an update with ``batch_size`` of ``num_data`` examples: :attr:`memory`,
+        or without one :func:`memory_rule` of ``num_data`` and the largest batch seen so far (a pass's
+        last, smaller batch does not change it)."""
+        if self.memory is not None:
+            return self.memory
+        self._batch_size = max(self._batch_size, int(batch_size))
+        return memory_rule(num_data, self._batch_size)
 
     def _absorb(self, name: str, post: GroupPosterior, msg: WeightMessage, rate: float,
                 beta: float | None = None) -> None:
@@ -280,7 +338,7 @@ class TDAMPGuide(WeightGuide):
         updated (no allocation per batch).
 
         ``beta`` (default ``damping``) is the weight of the message; :meth:`update` passes
-        ``damping * likelihood_scale``.
+        ``damping * likelihood_scale * P / T`` (power over memory).
         """
         beta = self.damping if beta is None else beta
         mod = self.messages[name]
@@ -542,7 +600,8 @@ class TDAMPGuide(WeightGuide):
 
     def extra_repr(self) -> str:
         return (f"damping={self.damping:g}, turbo_iterations={self.turbo_iterations}, "
-                f"init_precision={self.init_precision:g}, memory={self.memory:g}")
+                f"init_precision={self.init_precision:g}, memory={'rule' if self.memory is None else f'{self.memory:g}'}, "
+                f"temper={self.power():g}")
 
 
 # ---- one linear layer: Bernoulli-Gaussian turbo GAMP ----------------------------------------------

@@ -1,8 +1,15 @@
-"""The M-step of EM-TDAMP (Xu, Liu, Zhang & Lau 2024), run after every TDAMP pass.
+"""The M-step of EM-TDAMP (Xu, Liu, Zhang & Lau 2024, *Bayesian Deep Learning via Expectation
+Maximization and Turbo Deep Approximate Message Passing*), run after every TDAMP pass. It is a reduced
+M-step: one rate per hidden layer, one slab variance per layer (optional), the Gaussian noise variance
+for regression; the output layer is never sparse and the probit-product variance is not learned.
 
     rho_l     <- mean_g P(s_g = 1 | D)                  one inclusion rate per hidden layer
     sigma_l^2 <- sum_g pi_g sum_i E[w_i^2 | s_g = 1] / sum_g pi_g n_g      (``learn_slab_var``)
     v         <- mean_n [(y_n - E z_n)^2 + Var z_n]      (regression; the pass's running sums)
+
+The noise M-step reads the residuals each minibatch met during the pass (before its own update), so
+it lags the fit by at most a pass; it tracks the true noise once the fit has converged, and the noise
+of a fit that pruned is refitted afterwards to the final posterior (:class:`~bnnzoo.posterior.Posterior`).
 
 With a target ``keep`` fraction the rate M-step is constrained instead: each hidden layer's prior
 log-odds are shifted by the one constant that puts exactly ``round(keep * K)`` of its ``K`` neurons

@@ -1,4 +1,6 @@
-"""EM-TDAMP (Xu, Liu, Zhang & Lau 2024): sparse Bayesian learning of a ReLU MLP without gradient descent.
+"""EM-TDAMP (Xu, Liu, Zhang & Lau 2024, *Bayesian Deep Learning via Expectation Maximization and Turbo
+Deep Approximate Message Passing*, arXiv 2402.07366): sparse Bayesian learning of a ReLU MLP without
+gradient descent, in the form implemented here (see "What is implemented" below).
 
 Model: the group-sparse Bernoulli-Gaussian prior (:class:`~bnnzoo.models.BernoulliGaussianPrior`,
 one group per neuron) with a Gaussian likelihood (regression) or the probit-product likelihood
@@ -9,41 +11,54 @@ M-step after every pass (:func:`m_step`):
     sigma_l^2 <- sum_g pi_g sum_i E[w_i^2 | s_g = 1] / sum_g pi_g n_g      (``learn_slab_var``)
     v         <- mean_n [(y_n - E z_n)^2 + Var z_n]      (regression; the pass's running sums)
 
-With a target ``keep`` fraction the rate M-step is constrained instead: each hidden layer's prior
-log-odds are shifted by the one constant that puts exactly ``round(keep * K)`` of its ``K`` neurons
-above inclusion probability 1/2 (the midpoint between the k-th and (k+1)-th group log-odds), as
-the paper's sparsity sweeps fix the fraction of neurons kept. After the last pass the neurons below
-1/2 (or outside the top ``keep`` fraction) are pruned; the pruning is recorded in
-``fit_state.pruning``. ``history`` (a :class:`~bnnzoo.guides.training.TrainingHistory`) holds per
-pass the ``loss`` (minus the mean log evidence of the pass's minibatches under the beliefs they
-met) and ``epoch_seconds`` (the pass and its M-step) and, in ``extra``, ``kept_fraction`` (hidden
-neurons with inclusion probability above 1/2) and, for regression, ``noise_var``.
+Pruning follows from the posterior: after the last pass a hidden neuron is kept when its inclusion
+probability ``P(s_g = 1 | D)`` is at least 1/2 (``prune_threshold``), through
+:func:`~bnnzoo.models.sparsity.protect_layers` (a layer the rule would empty keeps its most probable
+neuron, with a warning, unless ``allow_empty``). A target ``keep`` fraction is an explicit option
+(no default): the rate M-step is then constrained, each hidden layer's prior log-odds shifted by the
+one constant that puts exactly ``round(keep * K)`` of its ``K`` neurons above 1/2 (the midpoint between
+the k-th and (k+1)-th group log-odds), as the paper's sparsity sweeps fix the fraction kept, and the
+pruning keeps that top fraction. Pruning is recorded in ``fit_state.pruning`` (and the regression
+noise is then refitted to the pruned network by :class:`~bnnzoo.posterior.Posterior`).
+``history`` (a :class:`~bnnzoo.guides.training.TrainingHistory`) holds per pass the ``loss`` (minus
+the mean log evidence of the pass's minibatches under the beliefs they met) and ``epoch_seconds``
+(the pass and its M-step) and, in ``extra``, ``kept_fraction`` (hidden neurons with inclusion
+probability above 1/2) and, for regression, ``noise_var``.
 
-Departures from the paper, as implemented:
+What is implemented, and where it departs from the paper:
 
-* **Module A** is the batch form of PBP's assumed-density update (a second-order expansion of
+* **Module A is ADF/PBP-style moment propagation, not the paper's deep AMP.** It is the batch form
+  of probabilistic backpropagation's assumed-density update (a second-order expansion of
   ``sum_n log Z_n`` around the beliefs, per-example curvature taken at the pre-activations, a
-  negative summed curvature floored at zero), not DeepMP's AMP form with Onsager terms. With a
-  single linear layer (:func:`~bnnzoo.guides.tdamp.linear_tdamp`) the Onsager correction is applied:
+  negative summed curvature floored at zero); the paper's Module A is a deep approximate message
+  passing with Onsager correction terms (in the line of DeepMP), which is not implemented. Only with
+  a single linear layer (:func:`~bnnzoo.guides.tdamp.linear_tdamp`) is the Onsager correction applied:
   that is Bernoulli-Gaussian turbo GAMP, whose fixed point is exact for a Gaussian prior.
-* **Messages are kept for several passes**: the state is the data's summed message with a forgetting
-  factor ``1 - beta B / (N T)`` per batch of ``B`` of ``N`` examples, ``T = memory = 10`` passes by
-  default (``memory=1`` counts every example once); a longer memory tempers
-  the posterior like repeated assumed-density passes and stabilises the minibatch updates.
-* **Damping** ``beta = 0.8`` scales each batch's message as it enters the state (rather than
-  averaging messages between turbo iterations), and **one turbo iteration** per minibatch by default.
+* **Module B** is the exact sum-product on each neuron's group spike-and-slab prior, as in the paper.
+* **One turbo iteration per minibatch** by default (``turbo_iterations``), and **damping**
+  ``beta = 0.8`` scales each batch's message as it enters the state (rather than averaging messages
+  between turbo iterations).
+* **Messages are kept over passes**: the state is the data's summed message with a forgetting factor
+  ``1 - beta B / (N T)`` per batch of ``B`` of ``N`` examples (``T = memory`` passes), each message
+  weighted ``P / T`` so that the state holds the likelihood to the power ``P = temper`` (a tempered
+  posterior, like repeated assumed-density passes; by default ``P = 10``, or ``P = T`` when only
+  ``memory`` is given, as before the two were separate). A pass moves the means by ``beta / T`` of
+  a diagonal Newton step whatever ``N``; ``memory`` defaults to the rule ``T = clip(100 B / N, 1, 10)``
+  (:func:`~bnnzoo.guides.tdamp.memory_rule`): 7.0 passes on Boston (N = 455), one pass from
+  ``N = 3,200`` up. (Before, ``T = 10`` fixed both, and on large data with little noise the fit
+  had not converged after the default passes: the learned noise stood for the misfit.)
 * **Line search and trust region** (not in the paper): each neuron's step is the exact minimiser of the
   batch's quadratic model along the update direction (the diagonal message ignores the coupling of a
   neuron's weights through shared inputs and overshoots otherwise), estimated on 32 examples of the
   batch, and capped so that the neuron's pre-activation means move by at most one predictive standard
   deviation per batch (:meth:`~bnnzoo.guides.TDAMPGuide._absorb`).
-* **Classification**: the probit-product noise variance is fixed at ``v = 1`` (the M-step learns ``v``
-  for regression only); ``log E[p(y | z)]`` is a 16-node Gauss-Hermite integral; predictions
-  normalise the probit product over the classes (it sums to one only for two classes).
-* **EM**: one ``rho`` per hidden layer (the mean inclusion probability) and the slab variance fixed
-  at ``slab_scale^2 / fan_in`` unless ``learn_slab_var``; the output layer's neurons are always kept
-  (``rho = 1``); a neuron's bias belongs to its group. The ``keep`` option's constrained M-step is this
-  module's construction (the paper's mechanism for its sweeps is not known here).
+* **Reduced M-step**: one ``rho`` per hidden layer (the mean inclusion probability), the slab variance
+  fixed at ``slab_scale^2 / fan_in`` unless ``learn_slab_var``, the output layer's neurons always kept
+  (``rho = 1``), a neuron's bias in its group; for classification the probit-product noise variance is
+  fixed at ``v = 1`` (the M-step learns ``v`` for regression only). The ``keep`` option's constrained
+  M-step is this module's construction (the paper's mechanism for its sweeps is not known here).
+* **Classification**: ``log E[p(y | z)]`` is a 16-node Gauss-Hermite integral; predictions normalise
+  the probit product over the classes (it sums to one only for two classes).
 * **Initialisation**: a pseudo-message centred on a draw from the slab (``init_precision``) breaks the
   symmetry between neurons; the forgetting factor wipes it out over the first ``memory`` passes.
 """
@@ -67,6 +82,7 @@ from ..models import (
     ProbitProductLikelihood,
 )
 from ..models.errors import ConfigError
+from ..models.sparsity import protect_layers
 from ..posterior import GuidePosterior, Prediction, PruningRecord
 from .baselines import build_network_of, scale_option
 
@@ -158,27 +174,41 @@ class TDAMPPosterior(GuidePosterior):
         return float(sum((p > 0.5).sum() for p in inclusion.values())) / total if total else 1.0
 
     @torch.no_grad()
-    def _prune(self, keep: float | None = None, threshold: float | None = None) -> None:
-        """Remove hidden neurons: the top ``keep`` fraction by inclusion probability of each layer
-        is kept (default: :attr:`keep`), or, without a target, those with inclusion probability at
-        least ``threshold`` (default :attr:`prune_threshold`, 1/2). Recorded in ``fit_state.pruning``."""
+    def _prune(self, keep: float | None = None, threshold: float | None = None, allow_empty: bool = False) -> None:
+        """Remove hidden neurons by their posterior inclusion probability ``P(s_g = 1 | D)``.
+
+        The default rule follows from the posterior: a neuron is kept when it is at least as likely
+        on as off, inclusion probability ``>= threshold`` (default :attr:`prune_threshold`, 1/2).
+        With a target ``keep`` fraction (an explicit option, default :attr:`keep`, which is ``None``
+        unless configured) the top ``keep`` fraction of each layer by inclusion probability is kept
+        instead. Neurons pruned before stay pruned. The decision goes through
+        :func:`~bnnzoo.models.sparsity.protect_layers` (score: the inclusion log-odds): a layer the rule
+        would empty keeps its most probable neuron, with an
+        :class:`~bnnzoo.models.sparsity.EmptyLayerWarning`, unless ``allow_empty``. Recorded in
+        ``fit_state.pruning``."""
         keep = self.keep if keep is None else check_keep(keep)
         threshold = self.prune_threshold if threshold is None else _check_threshold(threshold)
         posts = self.guide.group_posteriors()
-        masks = {}
+        rule, score = {}, {}
         for layer in self.net.hidden_layers():
-            log_odds = posts[layer.name].log_odds
+            log_odds = posts[layer.name].log_odds  # -inf for neurons pruned before
             if keep is not None:
                 kept = torch.zeros_like(log_odds, dtype=torch.bool)
                 kept[torch.topk(log_odds, keep_count(keep, layer.num_groups)).indices] = True
+                kept &= log_odds > -math.inf
             else:
                 kept = log_odds >= math.log(threshold) - math.log1p(-threshold)
+            rule[layer.name], score[layer.name] = kept, log_odds
+        decided = protect_layers(rule, score, allow_empty=bool(allow_empty))
+        masks = {}
+        for layer in self.net.hidden_layers():
+            kept = decided[layer.name]
             shape = layer.weight_shape
             masks[f"{layer.name}.weight"] = kept.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
             masks[f"{layer.name}.bias"] = kept
         self.guide.set_masks(masks)
-        record = PruningRecord("keep", {"keep": keep}) if keep is not None else \
-            PruningRecord("threshold", {"threshold": threshold})
+        record = PruningRecord("keep", {"keep": keep, "allow_empty": bool(allow_empty)}) if keep is not None else \
+            PruningRecord("threshold", {"threshold": threshold, "allow_empty": bool(allow_empty)})
         self.fit_state.pruning.append(record)
 
     # ---- the posterior ----------------------------------------------------------------------------
@@ -266,13 +296,14 @@ def _create(config: dict, device="cpu") -> TDAMPPosterior:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     model = build_tdamp_model(config)
     g = config["guide"]
+    # temper null: P = memory when a memory is given (as before the two were separate), else 10
     guide = TDAMPGuide(model, damping=g["damping"], turbo_iterations=g["turbo_iterations"],
-                       init_precision=g["init_precision"], memory=g["memory"])
+                       init_precision=g["init_precision"], memory=g["memory"], temper=g.get("temper"))
     return TDAMPPosterior(model, guide, name=NAME, config=config, device=device, keep=train.get("keep"),
                           prune_at_end=train.get("prune", True), prune_threshold=train.get("prune_threshold", 0.5))
 
 
-_GUIDE = {"damping": 0.8, "turbo_iterations": 1, "init_precision": 1.0, "memory": 10.0}
+_GUIDE = {"damping": 0.8, "turbo_iterations": 1, "init_precision": 1.0, "memory": None, "temper": None}
 _TRAIN = {"keep": None, "learn_rho": True, "learn_slab_var": False, "learn_noise": True, "prune": True,
           "prune_threshold": 0.5}
 _OPTIONS = {
@@ -285,7 +316,12 @@ _OPTIONS = {
     "damping": Option(float, gt=0, le=1, help="fraction of each batch's message entering the state"),
     "turbo_iterations": Option(int, ge=1, help="turbo iterations per minibatch"),
     "init_precision": scale_option(help="initial message precision"),
-    "memory": Option(float, ge=1, help="passes the state remembers (forgetting factor 1 - beta B / (N T))"),
+    "memory": Option(float, gt=0, nullable=True,
+                     help="passes T the state remembers (forgetting factor 1 - beta B / (N T)); null: the rule "
+                          "T = clip(100 B / N, 1, 10)"),
+    "temper": Option(float, gt=0, nullable=True,
+                     help="power P of the likelihood the state holds (messages weighted P / T); null: P = memory "
+                          "when memory is given, else 10"),
     "keep": Option(float, gt=0, le=1, nullable=True,
                    help="target fraction of hidden neurons kept; null: no target (EM learns the rates)"),
     "learn_rho": Option(bool, help="M-step of the inclusion rates"),
@@ -297,15 +333,19 @@ _OPTIONS = {
 
 register(CatalogEntry(
     name=NAME,
-    summary="EM-TDAMP: turbo deep approximate message passing, group-sparse spike-and-slab, neuron pruning",
-    paper="Xu, Liu, Zhang & Lau 2024, Bayesian deep learning via expectation maximization and turbo deep "
-          "approximate message passing (arXiv 2402.07366)",
+    summary="EM-TDAMP as implemented here: group spike-and-slab (one group per neuron), ADF/PBP moment "
+            "propagation (Module A) with exact group sum-product (Module B), one turbo iteration per batch, "
+            "reduced EM M-step, neurons pruned at inclusion probability 1/2",
+    paper="Xu, Liu, Zhang & Lau 2024, Bayesian Deep Learning via Expectation Maximization and Turbo Deep "
+          "Approximate Message Passing (arXiv 2402.07366)",
     tasks=("regression", "classification"),
     create=_create,
     defaults={
         "regression": {"model": {"rho": 0.5, "slab_scale": 1.0, "noise_var": 0.25}, "guide": dict(_GUIDE),
                        "train": {**_TRAIN, "epochs": 40, "batch_size": 32}},
-        "classification": {"model": {"rho": 0.5, "slab_scale": 2.0, "noise_var": 1.0}, "guide": dict(_GUIDE),
+        # classification keeps the memory of 10 passes (P = T = 10): the rule was chosen on regression
+        "classification": {"model": {"rho": 0.5, "slab_scale": 2.0, "noise_var": 1.0},
+                           "guide": {**_GUIDE, "memory": 10.0},
                            "train": {**_TRAIN, "epochs": 20, "batch_size": 128}},
     },
     options=_OPTIONS,

@@ -35,11 +35,15 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..models.sparsity import protect_layers
 from .sites import get_site, split_site
 from .weight_guide import PRUNED_SCALE
 
 RULES = ("ss", "plain")
 LEVELS = ("weight", "group")
+#: how a weight pruned before enters the S&S threshold: ``"prior"`` with ``dF = 0`` (bmr4pml),
+#: ``"pruned"`` with ``dF = +inf`` (counted as certainly pruned)
+PRUNED_COUNTS = ("prior", "pruned")
 
 
 # ---- one weight (elementwise over tensors) ----------------------------------------------------
@@ -153,31 +157,42 @@ def delta_f_multivariate(q_mean, q_cov, p_mean, p_cov, r_mean, r_cov):
 
 # ---- which weights to prune ----------------------------------------------------------------------
 def spike_and_slab_threshold(d_f: torch.Tensor, num_iters: int = 4, alpha: float = 1.0,
-                             beta: float = 1.0) -> torch.Tensor:
+                             beta: float = 1.0, pruned_as_prior: bool = False) -> torch.Tensor:
     """The S&S pruning threshold ``zeta`` for one layer's evidence changes ``d_f`` (any shape).
 
     A ``Beta(alpha, beta)`` prior on the layer's keep probability ``pi``; each weight is kept with
     posterior probability ``q_i = sigmoid(zeta - dF_i)``, ``zeta = E[ln pi] - E[ln(1 - pi)]``.
     Starting from the prior, iterate ``num_iters`` times: ``a = alpha + sum q``,
     ``b = beta + sum (1 - q)``, ``zeta = digamma(a) - digamma(b)``. Prune weight ``i`` when
-    ``dF_i > zeta``. Entries ``+inf`` (weights already pruned) count as pruned. Stays on the device.
+    ``dF_i > zeta``. Entries ``+inf`` (weights already pruned) count as pruned (``q_i = 0``), or with
+    ``pruned_as_prior`` as ``dF_i = 0`` (``q_i = sigmoid(zeta)``). Stays on the device.
     """
     d_f = d_f.reshape(-1)
     n = d_f.numel()
+    n_pruned = torch.isposinf(d_f).sum() if pruned_as_prior else None
     a0 = torch.tensor(alpha, dtype=d_f.dtype, device=d_f.device)
     b0 = torch.tensor(beta, dtype=d_f.dtype, device=d_f.device)
     zeta = torch.digamma(a0) - torch.digamma(b0)
     for _ in range(num_iters):
         kept = torch.sub(zeta, d_f).sigmoid_().sum()
+        if n_pruned is not None:  # sigmoid(zeta - inf) = 0 above: add them back at dF = 0
+            kept = kept + n_pruned * torch.sigmoid(zeta)
         zeta = torch.digamma(a0 + kept) - torch.digamma(b0 + (n - kept))
     return zeta
 
 
-def prune_decision(d_f: torch.Tensor, rule: str = "ss", num_iters: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def prune_decision(d_f: torch.Tensor, rule: str = "ss", num_iters: int = 4,
+                   count_pruned: str = "pruned") -> tuple[torch.Tensor, torch.Tensor]:
     """``(prune, threshold)`` for one layer: prune where ``dF > threshold``; the threshold is the
-    S&S ``zeta`` (``rule="ss"``) or 0 (``rule="plain"``)."""
+    S&S ``zeta`` (``rule="ss"``) or 0 (``rule="plain"``). Entries ``+inf`` (weights pruned before)
+    are pruned; ``count_pruned`` says how they enter ``zeta``: ``"pruned"`` as ``+inf`` (certainly
+    pruned: they pull the threshold down), ``"prior"`` as ``dF = 0`` (the evidence is indifferent
+    to a weight whose posterior is its prior; what bmr4pml's code computes, since there a pruned
+    weight keeps its standardised ``N(0, 1)`` prior and no likelihood)."""
+    if count_pruned not in PRUNED_COUNTS:
+        raise ValueError(f"unknown count_pruned {count_pruned!r}; choose one of {PRUNED_COUNTS}")
     if rule == "ss":
-        zeta = spike_and_slab_threshold(d_f, num_iters)
+        zeta = spike_and_slab_threshold(d_f, num_iters, pruned_as_prior=count_pruned == "prior")
     elif rule == "plain":
         zeta = torch.zeros((), dtype=d_f.dtype, device=d_f.device)
     else:
@@ -210,6 +225,7 @@ class Reduction:
     delta_f: dict[str, torch.Tensor] = field(default_factory=dict)
     threshold: dict[str, torch.Tensor] = field(default_factory=dict)
     reduced_var: float = 0.0
+    protected: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         """Plain numbers for reports and JSON: per layer, the threshold and the fraction of its
@@ -220,7 +236,10 @@ class Reduction:
             n = sum(self.accepted[s].numel() for s in sites)
             acc = sum(int(self.accepted[s].sum()) for s in sites)
             layers[layer] = {"threshold": float(zeta), "weights": n, "reduced_fraction": acc / n}
-        return {"reduced_var": self.reduced_var, "layers": layers}
+        out = {"reduced_var": self.reduced_var, "layers": layers}
+        if self.protected:
+            out["protected_layers"] = list(self.protected)
+        return out
 
 
 def _split_like(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -231,9 +250,42 @@ def _split_like(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+def _guard_layer(layer: str, prune: dict[str, torch.Tensor], d_fs: dict[str, torch.Tensor], weight: str,
+                 bias: str | None, allow_empty: bool) -> bool:
+    """Keep a layer from being emptied: a group (a row of ``weight`` with its ``bias``
+    entry) survives when any of its weights is kept (its bias alone does not make the layer's output
+    depend on its input). If the decision keeps no group, :func:`~bnnzoo.models.sparsity.protect_layers`
+    keeps the group with the highest summed ``-dF`` over its weights not pruned before, and that
+    group's entries are restored in ``prune`` (in place). Layers every weight of which was pruned
+    before are left as they are. Returns whether the layer was protected."""
+    rows = prune[weight].reshape(prune[weight].shape[0], -1)
+    keep = ~rows.all(1)
+    if bool(keep.any()):  # the common case: one pass over the decision
+        return False
+    d_rows = d_fs[weight].reshape(rows.shape)
+    live = torch.isfinite(d_rows)  # not pruned before this decision
+    score = -torch.where(live, d_rows, torch.zeros_like(d_rows)).sum(1)
+    live_b = None
+    if bias is not None:
+        d_b = d_fs[bias]
+        live_b = torch.isfinite(d_b)
+        score = score - torch.where(live_b, d_b, torch.zeros_like(d_b))
+    score = score.masked_fill(~live.any(1), -math.inf)
+    if not bool(torch.isfinite(score).any()):  # every weight was pruned before
+        return False
+    kept = protect_layers({layer: keep}, {layer: score}, allow_empty=allow_empty)[layer]
+    restore = kept & ~keep
+    if not bool(restore.any()):
+        return False
+    prune[weight] = prune[weight] & ~(restore.unsqueeze(1) & live).view_as(prune[weight])
+    if bias is not None:
+        prune[bias] = prune[bias] & ~(restore & live_b)
+    return True
+
+
 def decide_reduction(weights: Mapping[str, GaussianSite], masks: Mapping[str, torch.Tensor] | None = None, *,
                      rule: str = "ss", level: str = "weight", reduced_var: float = 0.0,
-                     num_iters: int = 4) -> Reduction:
+                     num_iters: int = 4, allow_empty: bool = False, count_pruned: str = "pruned") -> Reduction:
     """Decide a reduction for Gaussian weight sites ``{site: GaussianSite(mu, var, prior_var)}``.
 
     Sites named ``<layer>.<param>`` of one layer share a threshold (the per-layer Beta prior of
@@ -241,7 +293,12 @@ def decide_reduction(weights: Mapping[str, GaussianSite], masks: Mapping[str, to
     ``level="group"`` decides per output group (weight row + bias entry, ``dF`` summed over the
     group's kept weights) instead of per weight. ``reduced_var = 0`` removes the accepted weights;
     ``reduced_var > 0`` instead shrinks them to their reduced posterior under ``N(0, reduced_var)``.
-    Vectorised per layer; nothing leaves the device.
+
+    No layer is emptied unless ``allow_empty``: where a removal (``reduced_var = 0``) would prune
+    every weight of a layer's weight site (every group at ``level="group"``), the group with the
+    highest summed ``-dF`` keeps its weights (:func:`bnnzoo.models.sparsity.protect_layers`, which
+    warns with an ``EmptyLayerWarning``); ``Reduction.protected`` lists those layers.
+    Vectorised per layer; the empty-layer check reads one flag per layer from the device.
     """
     if rule not in RULES:
         raise ValueError(f"unknown BMR rule {rule!r}; choose one of {RULES}")
@@ -265,7 +322,8 @@ def decide_reduction(weights: Mapping[str, GaussianSite], masks: Mapping[str, to
                 d_f = d_f.masked_fill(~masks[site], math.inf)
             d_fs[site], reduced[site] = d_f, (mu_r, var_r)
         if level == "weight":
-            prune_flat, zeta = prune_decision(torch.cat([d.reshape(-1) for d in d_fs.values()]), rule, num_iters)
+            prune_flat, zeta = prune_decision(torch.cat([d.reshape(-1) for d in d_fs.values()]), rule, num_iters,
+                                              count_pruned)
             prune = _split_like(prune_flat, d_fs)
         else:
             kinds = {split_site(s)[1]: s for s in sites}
@@ -277,10 +335,14 @@ def decide_reduction(weights: Mapping[str, GaussianSite], masks: Mapping[str, to
             rows = torch.cat(parts, 1)
             finite = torch.isfinite(rows)
             g = torch.where(finite, rows, torch.zeros_like(rows)).sum(1).masked_fill(~finite.any(1), math.inf)
-            prune_g, zeta = prune_decision(g, rule, num_iters)
+            prune_g, zeta = prune_decision(g, rule, num_iters, count_pruned)
             prune = {w: prune_g.view(-1, *([1] * (d_fs[w].dim() - 1))).expand_as(d_fs[w])}
             if b:
                 prune[b] = prune_g
+        kinds = {split_site(s)[1]: s for s in sites}
+        if reduced_var == 0 and "weight" in kinds and _guard_layer(layer, prune, d_fs, kinds["weight"],
+                                                                   kinds.get("bias"), allow_empty):
+            out.protected.append(layer)
         out.threshold[layer] = zeta
         for s in sites:
             keep_before = masks.get(s)
@@ -347,7 +409,8 @@ def _reducible_weights(guide, level: str, prune_last: bool, layers) -> dict[str,
 
 
 def reduce(guide: GaussianWeights, *, rule: str = "ss", level: str = "weight", prune_last: bool = False,
-           layers=None, reduced_var: float = 0.0, num_iters: int = 4) -> Reduction:
+           layers=None, reduced_var: float = 0.0, num_iters: int = 4, allow_empty: bool = False,
+           count_pruned: str = "pruned") -> Reduction:
     """Bayesian model reduction of a fitted guide with Gaussian weights, in place; returns the
     :class:`Reduction` (see :meth:`Reduction.summary`).
 
@@ -355,10 +418,12 @@ def reduce(guide: GaussianWeights, *, rule: str = "ss", level: str = "weight", p
     threshold, Beta(1, 1) prior on the keep probability, ``num_iters`` iterations) or ``"plain"``
     (``dF > 0``). ``level``: ``"weight"`` or ``"group"`` (whole neurons / filters by their summed
     ``dF``). The output layer is left alone unless ``prune_last`` (or ``layers`` names the layers to
-    reduce). Weights pruned before (the guide's ``masks``) stay pruned. Pruned weights are masked
+    reduce). Weights pruned before (the guide's ``masks``) stay pruned (``count_pruned``: how they
+    enter the S&S threshold, see :func:`prune_decision`). Pruned weights are masked
     (exact zeros in every draw) and their posterior set to the reduced one, a point mass at 0; with
     ``reduced_var > 0`` the accepted weights are instead shrunk to their reduced posterior under
-    ``N(0, reduced_var)``.
+    ``N(0, reduced_var)``. A removal that would empty a layer keeps the layer's best group (by the
+    summed ``-dF`` of its weights) and warns, unless ``allow_empty`` (see :func:`decide_reduction`).
 
     ``guide`` must implement :class:`GaussianWeights` (``TypeError`` otherwise).
     """
@@ -367,7 +432,7 @@ def reduce(guide: GaussianWeights, *, rule: str = "ss", level: str = "weight", p
     current = dict(guide.masks.items())
     masks = {s: current[s] for s in weights if s in current}
     reduction = decide_reduction(weights, masks, rule=rule, level=level, reduced_var=reduced_var,
-                                 num_iters=num_iters)
+                                 num_iters=num_iters, allow_empty=allow_empty, count_pruned=count_pruned)
     guide.apply_reduction(reduction)
     return reduction
 

@@ -10,8 +10,9 @@ import torch
 from torch.distributions import kl_divergence
 
 from .bmr import GaussianSite, Reduction, prior_variance, write_reduction
+from .closed_form_kl import kl_lognormal_gamma
 from .local_reparam import local_reparam_dense
-from .sites import get_site, site_parameters
+from .sites import get_site, site_parameters, split_site
 from .weight_guide import PRUNED_SCALE, WeightGuide
 
 
@@ -22,6 +23,17 @@ def kl_normal_zero_mean(loc: torch.Tensor, var: torch.Tensor, log_scale: torch.T
     n = loc.numel()
     return 0.5 * (var.sum() + loc.pow(2).sum()) / prior_var - log_scale.sum() + n * (torch.log(prior_scale) - 0.5)
 
+
+
+def masked_normal(loc: torch.Tensor, scale: torch.Tensor, keep: torch.Tensor | None) -> dist.Distribution:
+    """The mean-field ``q`` of one site, ``N(loc, scale^2)`` elementwise, with pruned entries
+    (``keep`` false) a point mass at zero: they sample zero (up to a negligible scale,
+    :data:`~bnnzoo.guides.weight_guide.PRUNED_SCALE`, that keeps the distribution valid) and are
+    masked out of the log density."""
+    if keep is None:
+        return dist.Normal(loc, scale).to_event(loc.dim())
+    scale = torch.where(keep, scale, torch.full_like(scale, PRUNED_SCALE))
+    return dist.Normal(loc * keep, scale).mask(keep).to_event(loc.dim())
 
 class MeanFieldNormal(WeightGuide):
     """``q(w) = prod_i N(w_i; loc_i, scale_i^2)`` over every weight site of the model.
@@ -59,13 +71,7 @@ class MeanFieldNormal(WeightGuide):
         """``q`` of one site. A pruned weight is a point mass at zero: its entries sample zero (up to
         a negligible scale, :data:`~bnnzoo.guides.weight_guide.PRUNED_SCALE`, that keeps the
         distribution valid) and are masked out of the guide's log density."""
-        loc, scale = get_site(self.locs, site), get_site(self.log_scales, site).exp()
-        keep = self.mask(site)
-        if keep is None:
-            return dist.Normal(loc, scale).to_event(loc.dim())
-        loc = loc * keep
-        scale = torch.where(keep, scale, torch.full_like(scale, PRUNED_SCALE))
-        return dist.Normal(loc, scale).mask(keep).to_event(loc.dim())
+        return masked_normal(get_site(self.locs, site), get_site(self.log_scales, site).exp(), self.mask(site))
 
     def forward(self, x=None, y=None, num_data=None) -> dict[str, torch.Tensor]:
         return {site: pyro.sample(site, self.site_distribution(site)) for site in self.net.sites()}
@@ -159,3 +165,181 @@ class MeanFieldNormal(WeightGuide):
         p = p.base_dist if isinstance(p, dist.Independent) else p
         kl = kl_divergence(dist.Normal(loc, var.clamp_min(1e-30).sqrt()), p)
         return (kl * keep).sum() if keep is not None else kl.sum()
+
+
+class LayerScaleMeanFieldNormal(MeanFieldNormal):
+    """Mean-field Gaussian VI for :class:`~bnnzoo.models.priors.LayerScaleGaussianPrior`'s non-centred
+    model ``w = f_l c_l z``, ``z ~ N(0, 1)``, ``c_l^-2 ~ Gamma(a, b)`` (Markovic et al.'s ``bmr4pml``):
+
+        q(z)       = prod_i N(z_i; loc_i, scale_i^2)          (``locs`` / ``log_scales``: the standardised weights)
+        q(c_l^-2)  = LogNormal(m_l, s_l^2) per layer          (``scale_locs`` / ``scale_log_scales``)
+
+    ``KL(q || p) = sum KL(N(loc, scale^2) || N(0, 1)) + sum_l KL(LogNormal || Gamma)``, both closed
+    form. Training (:meth:`sample_outputs_and_kl`) draws each layer's ``c_l`` once per step
+    (reparameterised) and uses the local reparameterisation trick on ``z``: the layer's
+    pre-activation is ``f_l c_l`` times that of the standardised layer.
+
+    The weights as the network sees them are ``f_l c_l z``: :meth:`draw` draws ``c_l`` and ``z``,
+    :meth:`posterior_mean` is ``f_l E[c_l] loc`` with ``E[c_l] = exp(-m_l / 2 + s_l^2 / 8)``.
+
+    Bayesian model reduction (the :class:`~bnnzoo.guides.bmr.GaussianWeights` protocol) acts on
+    ``q(z)`` under its prior ``N(0, 1)``, as in ``bmr4pml``: ``dF`` of removing ``z_i`` is the same
+    as that of removing ``w_i`` under the prior ``N(0, (f_l c_l)^2)`` for any fixed ``c_l`` (dF is
+    invariant to a common scale of prior and posterior), so the learned scale enters the decision
+    through the fitted ``q(z)``. A reduction with ``reduced_var > 0`` is in the units of ``z``.
+
+    ``init_scale`` is in the units of the weights (the initial posterior of ``w`` at ``c_l = 1`` is
+    that of :class:`MeanFieldNormal` with the same ``init_locs`` and ``init_scale``).
+    """
+
+    def __init__(self, model, init_scale: float = 1e-3, init_locs: dict | None = None,
+                 init_scale_log_scale: float = math.log(0.1)):
+        prior = model.prior
+        for attr in ("factor", "layer_names", "concentration", "rate"):
+            if not hasattr(prior, attr):
+                raise TypeError(f"LayerScaleMeanFieldNormal needs a LayerScaleGaussianPrior, the model has "
+                                f"{type(prior).__name__}")
+        locs = init_locs if init_locs is not None else model.net.init_params()
+        z_locs = {s: v / prior.factor(split_site(s)[0]) for s, v in locs.items()}
+        super().__init__(model, init_scale=init_scale, init_locs=z_locs)
+        with torch.no_grad():
+            for site in self.net.sites():
+                get_site(self.log_scales, site).sub_(math.log(prior.factor(split_site(site)[0])))
+        layers = prior.layer_names()
+        self.scale_locs = torch.nn.ParameterDict({l: torch.nn.Parameter(torch.zeros(())) for l in layers})
+        self.scale_log_scales = torch.nn.ParameterDict(
+            {l: torch.nn.Parameter(torch.full((), float(init_scale_log_scale))) for l in layers})
+
+    # ---- the layer scales --------------------------------------------------------------------
+    def _factor(self, layer: str) -> float:
+        return self.prior.factor(layer)
+
+    def sample_scales(self) -> dict[str, torch.Tensor]:
+        """One reparameterised draw of every layer's ``f_l c_l`` (``c_l = (c_l^-2)^(-1/2)``)."""
+        return {l: self._factor(l) * torch.exp(-0.5 * (m + self.scale_log_scales[l].exp() * torch.randn_like(m)))
+                for l, m in self.scale_locs.items()}
+
+    def mean_scales(self) -> dict[str, torch.Tensor]:
+        """``f_l E_q[c_l]`` per layer: ``f_l exp(-m_l / 2 + s_l^2 / 8)``."""
+        return {l: self._factor(l) * torch.exp(-0.5 * m + torch.exp(2 * self.scale_log_scales[l]) / 8)
+                for l, m in self.scale_locs.items()}
+
+    def scale_kl(self) -> torch.Tensor:
+        """``sum_l KL(LogNormal(m_l, s_l^2) || Gamma(a, b))`` (closed form)."""
+        prior = self.prior
+        return sum(kl_lognormal_gamma(m, self.scale_log_scales[l], prior.concentration, prior.rate)
+                   for l, m in self.scale_locs.items())
+
+    def scale_posterior(self) -> dict[str, dict[str, float]]:
+        """Per layer: ``q(c^-2)``'s ``m`` and ``s`` and the posterior mean of the weights' prior
+        scale ``f_l c_l`` (plain numbers, for reports)."""
+        means = self.mean_scales()
+        return {l: {"m": float(m.detach()), "s": float(self.scale_log_scales[l].detach().exp()),
+                    "mean_scale": float(means[l].detach())}
+                for l, m in self.scale_locs.items()}
+
+    # ---- the Pyro guide -----------------------------------------------------------------------
+    def site_distribution(self, site: str, scale: torch.Tensor | None = None) -> dist.Distribution:
+        """``q`` of one weight site given its layer's ``f_l c_l`` (``scale``; default: its posterior
+        mean), pruned weights a point mass at zero as in :class:`MeanFieldNormal`."""
+        layer = split_site(site)[0]
+        scale = self.mean_scales()[layer] if scale is None else scale
+        return masked_normal(get_site(self.locs, site) * scale, get_site(self.log_scales, site).exp() * scale,
+                             self.mask(site))
+
+    def forward(self, x=None, y=None, num_data=None) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer, m in self.scale_locs.items():
+            c_inv_sqr = pyro.sample(self.prior.scale_site(layer),
+                                    dist.LogNormal(m, self.scale_log_scales[layer].exp()))
+            scale = self._factor(layer) * c_inv_sqr.rsqrt()
+            for param in ("weight", "bias"):
+                site = f"{layer}.{param}"
+                out[site] = pyro.sample(site, self.site_distribution(site, scale))
+        return out
+
+    # ---- plain-torch access -------------------------------------------------------------------
+    def draw(self) -> dict[str, torch.Tensor]:
+        scales = self.sample_scales()
+        out = {}
+        for site in self.net.sites():
+            loc, log_scale = get_site(self.locs, site), get_site(self.log_scales, site)
+            out[site] = scales[split_site(site)[0]] * (loc + log_scale.exp() * torch.randn_like(loc))
+        return self.apply_masks(out)
+
+    def posterior_mean(self) -> dict[str, torch.Tensor]:
+        scales = self.mean_scales()
+        return self.apply_masks({site: scales[split_site(site)[0]] * get_site(self.locs, site)
+                                 for site in self.net.sites()})
+
+    def posterior_scale(self) -> dict[str, torch.Tensor]:
+        """The marginal standard deviation of every weight: ``f_l^2 (E[c^2] (loc^2 + sd^2) - E[c]^2 loc^2)``
+        under the square root, with ``E[c^2] = exp(-m + s^2 / 2)``."""
+        out = {}
+        for site in self.net.sites():
+            layer = split_site(site)[0]
+            m, s2 = self.scale_locs[layer], torch.exp(2 * self.scale_log_scales[layer])
+            f = self._factor(layer)
+            e_c, e_c2 = torch.exp(-0.5 * m + s2 / 8), torch.exp(-m + s2 / 2)
+            loc, var = get_site(self.locs, site), torch.exp(2 * get_site(self.log_scales, site))
+            out[site] = f * (e_c2 * (loc * loc + var) - e_c * e_c * loc * loc).clamp_min(0).sqrt()
+        return self.apply_masks(out)
+
+    # ---- Bayesian model reduction (the GaussianWeights protocol) -------------------------------
+    @torch.no_grad()
+    def gaussian_weights(self, level: str = "weight") -> dict[str, GaussianSite]:
+        """``q(z) = N(loc, scale^2)`` of every site under the standardised prior ``N(0, 1)`` (any level)."""
+        return {site: GaussianSite(get_site(self.locs, site).detach(),
+                                   torch.exp(2 * get_site(self.log_scales, site).detach()), 1.0)
+                for site in self.net.sites()}
+
+    # ---- training -----------------------------------------------------------------------------
+    def sample_outputs_and_kl(self, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One local-reparameterised draw of the network outputs for ``x`` (one draw of every
+        ``c_l``) and ``KL(q || prior)`` over ``z`` and the scales."""
+        kl = self.scale_kl().to(x.device)
+        scales = self.sample_scales()
+        one = torch.ones((), device=x.device)
+
+        def linear(layer, h):
+            nonlocal kl
+            if layer.kind == "dense" and len(self.masks) == 0:
+                out, layer_kl = local_reparam_dense(
+                    h, self.locs[layer.name]["weight"], self.log_scales[layer.name]["weight"],
+                    self.locs[layer.name]["bias"], self.log_scales[layer.name]["bias"], 1.0)
+                kl = kl + layer_kl
+                return out * scales[layer.name]
+            moments = []
+            for param in ("weight", "bias"):
+                site = f"{layer.name}.{param}"
+                loc, log_scale = self.locs[layer.name][param], self.log_scales[layer.name][param]
+                var = torch.exp(2 * log_scale)
+                keep = self.mask(site)
+                kl = kl + kl_normal_zero_mean(loc if keep is None else loc * keep,
+                                              var if keep is None else var * keep,
+                                              log_scale if keep is None else log_scale * keep, one)
+                if keep is not None:  # a pruned weight is a point mass of the reduced model: no KL term
+                    loc, var = loc * keep, var * keep
+                    kl = kl + 0.5 * (~keep).sum()
+                moments.append((loc, var))
+            (w_loc, w_var), (b_loc, b_var) = moments
+            mean = layer.op(h, w_loc, b_loc)
+            var = layer.op(h * h, w_var, b_var)
+            return torch.addcmul(mean, var.clamp_min(1e-16).sqrt(), torch.randn_like(mean)) * scales[layer.name]
+
+        f = self.net.apply(x, linear)
+        return f, kl
+
+    def kl_divergence(self, model) -> torch.Tensor:
+        """``KL(q || p)``: the standardised weights' against ``N(0, 1)`` plus the layer scales'."""
+        total = self.scale_kl().to(self._device())
+        one = torch.ones((), device=self._device())
+        for site in self.net.sites():
+            loc, log_scale = get_site(self.locs, site), get_site(self.log_scales, site)
+            var, keep = torch.exp(2 * log_scale), self.mask(site)
+            if keep is not None:
+                loc, var, log_scale = loc * keep, var * keep, log_scale * keep
+            total = total + kl_normal_zero_mean(loc, var, log_scale, one)
+            if keep is not None:
+                total = total + 0.5 * (~keep).sum()
+        return total

@@ -10,16 +10,28 @@ import json
 import math
 
 import numpy as np
+import pyro
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_model, randomise_guide, spread_state
-from scipy import integrate, special
+from pyro import poutine
+from pyro.infer import TraceMeanField_ELBO
+from scipy import integrate, optimize, special
 
 import bnnzoo
 from bnnzoo.cli import main as cli
-from bnnzoo.guides import HorseshoeGuide, MeanFieldNormal, PointMass, TDAMPGuide, bmr
+from bnnzoo.guides import (
+    HorseshoeGuide,
+    LocalReparamELBO,
+    MeanFieldNormal,
+    PointMass,
+    TDAMPGuide,
+    bmr,
+)
 from bnnzoo.guides.bmr import GaussianSite, GaussianWeights, Reduction
+from bnnzoo.guides.closed_form_kl import kl_lognormal_gamma
+from bnnzoo.guides.meanfield import LayerScaleMeanFieldNormal
 from bnnzoo.guides.sites import get_site
 from bnnzoo.guides.weight_guide import PRUNED_SCALE
 from bnnzoo.models import (
@@ -30,6 +42,8 @@ from bnnzoo.models import (
     make_likelihood,
 )
 from bnnzoo.models.networks import mlp
+from bnnzoo.models.priors import LayerScaleGaussianPrior
+from bnnzoo.models.sparsity import EmptyLayerWarning
 
 F64 = torch.float64
 
@@ -169,32 +183,53 @@ def test_multivariate_reduces_to_diagonal_form():
 
 
 # ---- spike-and-slab threshold ------------------------------------------------------------------------
-def reference_zeta(d_f: np.ndarray, iters: int = 4) -> float:
-    zeta = special.digamma(1.0) - special.digamma(1.0)
-    for _ in range(iters):
-        q = special.expit(zeta - d_f)
-        zeta = special.digamma(1 + q.sum()) - special.digamma(1 + (1 - q).sum())
-    return zeta
+
+def _ss_equation(zeta: float, d_f: np.ndarray, alpha: float = 1.0, beta: float = 1.0) -> float:
+    """The defining equation of the S&S threshold: ``zeta = E[ln pi] - E[ln(1 - pi)]`` under
+    ``q(pi) = Beta(alpha + sum q, beta + sum (1 - q))`` with ``q_i = sigmoid(zeta - dF_i)``; returns
+    the left side minus the right (``+inf`` entries have ``q_i = 0``)."""
+    q = special.expit(zeta - d_f)
+    return zeta - (special.digamma(alpha + q.sum()) - special.digamma(beta + (1 - q).sum()))
 
 
-def test_spike_and_slab_threshold_against_reference():
+def test_spike_and_slab_threshold_is_the_fixed_point_of_its_equation():
+    """Independent of the iteration: the root of the defining equation by Brent's method (the
+    equation's left side minus right side changes sign once on a fine grid, so the root is the
+    unique fixed point), against the implementation iterated to convergence."""
     gen = np.random.default_rng(0)
-    for d_f in [gen.normal(0, 3, 500), gen.normal(4, 2, 1000), gen.normal(-6, 1, 50), np.array([0.5])]:
-        zeta = bmr.spike_and_slab_threshold(torch.tensor(d_f, dtype=F64))
-        assert float(zeta) == pytest.approx(reference_zeta(d_f), abs=1e-10)
-    # mostly prunable weights push the threshold down (prune more), mostly kept ones push it up
-    assert float(bmr.spike_and_slab_threshold(torch.full((100,), 30.0))) < -3
-    assert float(bmr.spike_and_slab_threshold(torch.full((100,), -30.0))) > 3
-    # weights pruned already (+inf) count as pruned
+    cases = [gen.normal(0, 3, 500), gen.normal(4, 2, 1000), gen.normal(-6, 1, 50), np.array([0.5]),
+             np.concatenate([gen.normal(-5, 1, 30), gen.normal(5, 1, 300)]), np.array([-1.0, 2.0, np.inf, np.inf])]
+    grid = np.linspace(-30, 30, 6001)
+    for d_f in cases:
+        values = np.array([_ss_equation(z, d_f) for z in grid])
+        assert np.count_nonzero(np.diff(np.sign(values))) == 1  # one root on [-30, 30]
+        root = optimize.brentq(_ss_equation, -30, 30, args=(d_f,), xtol=1e-14)
+        zeta = float(bmr.spike_and_slab_threshold(torch.tensor(d_f, dtype=F64), num_iters=500))
+        assert zeta == pytest.approx(root, abs=1e-8)
+        assert abs(_ss_equation(zeta, d_f)) < 1e-8
+    # the default (4 iterations from the prior's zeta = 0) lands near the fixed point of a layer
+    # that is mostly prunable or mostly kept: both far from 0, on the right side
+    for d_f, sign in ((np.full(100, 30.0), -1), (np.full(100, -30.0), 1)):
+        zeta = float(bmr.spike_and_slab_threshold(torch.tensor(d_f)))
+        root = optimize.brentq(_ss_equation, -30, 30, args=(d_f,))
+        assert sign * zeta > 3 and zeta == pytest.approx(root, abs=0.05)
+
+
+def test_prune_decision_and_how_pruned_weights_count():
     d_f = torch.tensor([-1.0, 2.0, math.inf, math.inf], dtype=F64)
-    assert float(bmr.spike_and_slab_threshold(d_f)) == pytest.approx(
-        reference_zeta(np.array([-1.0, 2.0, 1e300, 1e300])), abs=1e-10)
     prune, zeta = bmr.prune_decision(d_f, "ss")
-    assert prune.tolist() == (d_f > zeta).tolist()
+    assert prune.tolist() == (d_f > zeta).tolist() and prune[2:].all()
+    # counted as prior (dF = 0) the pruned weights stay pruned, but pull the threshold less far down
+    prune_p, zeta_p = bmr.prune_decision(d_f, "ss", count_pruned="prior")
+    assert prune_p[2:].all() and float(zeta_p) > float(zeta)
+    one_step = float(bmr.spike_and_slab_threshold(torch.tensor([-1.0, 2.0, 0.0, 0.0], dtype=F64)))
+    assert float(zeta_p) == pytest.approx(one_step, abs=1e-12)
     prune, zeta = bmr.prune_decision(torch.tensor([-0.1, 0.1]), "plain")
     assert prune.tolist() == [False, True] and float(zeta) == 0
     with pytest.raises(ValueError, match="unknown BMR rule"):
         bmr.prune_decision(d_f, "lasso")
+    with pytest.raises(ValueError, match="count_pruned"):
+        bmr.prune_decision(d_f, "ss", count_pruned="maybe")
 
 
 # ---- reducing a guide in place -----------------------------------------------------------------------
@@ -401,7 +436,8 @@ def test_reduce_gives_the_masks_of_the_previous_layout(case):
     guide = GUIDES[kind]()
     rows = torch.arange(8) != 0
     guide.set_masks({"fc1.weight": rows.unsqueeze(1).expand(8, 6).clone(), "fc1.bias": rows})
-    bmr.reduce(guide, rule=rule, level=level, prune_last=layers == "last")
+    # the previous layout had no empty-layer guard (horseshoe/ss/weight/last empties fc3)
+    bmr.reduce(guide, rule=rule, level=level, prune_last=layers == "last", allow_empty=True)
     assert {site: mask_rows(m) for site, m in guide.masks.items()} == EXPECTED_MASKS[case]
     assert not guide.mask("fc1.weight")[0].any()  # pruned before: stays pruned
     if kind != "tdamp":  # pruned entries hold the reduced posterior: loc 0, the one pruned scale
@@ -502,7 +538,8 @@ def test_posthoc_entry_fits_then_reduces(boston):
     post = bnnzoo.fit("bmr", boston, epochs=3, device="cpu", progress=False, seed=0, rule="plain", init_scale=0.05)
     assert post.sparsity()["weights_pruned_fraction"] > 0 and len(post.history.extra["bmr_seconds"]) == 1
     record = post.fit_state.pruning[-1]
-    assert record.rule == "bmr" and record.options == {"rule": "plain", "level": "weight", "prune_last": False}
+    assert record.rule == "bmr" and record.options == {"rule": "plain", "level": "weight", "prune_last": False,
+                                                       "count_pruned": "prior"}
     assert record.summary["weights_pruned_fraction"] == post.sparsity()["weights_pruned_fraction"]
 
 
@@ -623,3 +660,170 @@ def test_reduce_on_cuda(fitted_meanfield, boston):
         assert torch.equal(keep.cpu(), cpu.masks()[site])
     m = reduced.evaluate(boston.x_test, boston.y_test, num_samples=10)
     assert math.isfinite(m["log_likelihood"])
+
+
+# ---- the paper's model: a learned scale per layer, dF on the standardised weights ------------------
+def layer_scale_guide(net, seed=0, **kwargs):
+    model = BayesianNeuralNetwork(net, LayerScaleGaussianPrior(net, **kwargs), make_likelihood("regression",
+                                                                                              noise_scale=0.5))
+    torch.manual_seed(seed)
+    return LayerScaleMeanFieldNormal(model)
+
+
+def test_layer_scale_delta_f_is_the_exact_evidence_change():
+    """A conjugate model where the learned scale matters: ``y = X w + e`` with ``w = f c z``,
+    ``z ~ N(0, I)``, ``X'X`` diagonal (the exact posterior factorises). With the guide's ``q(z)`` set
+    to the exact posterior of ``z`` given the layer's fitted scale ``f c``, BMR's per-weight ``dF``
+    (computed on ``z`` under ``N(0, 1)``) equals ``ln Z(without x_j) - ln Z(full)``, and a neuron's
+    dF (the sum) equals removing every weight at once. Under the fixed ``N(0, 1)`` prior on ``w``
+    the same posterior would give other numbers (the test would fail without the scale)."""
+    x, y, noise = regression(orthogonal=True)
+    d = x.shape[1]
+    guide = layer_scale_guide(mlp(d, [1], 1))  # fc1's single neuron: the linear model's weights
+    with torch.no_grad():  # a learned layer scale: c^-2 ~ LogNormal(m, s) with s tiny, c = exp(-m / 2)
+        guide.scale_locs["fc1"].fill_(math.log(1 / 9.0))  # c = 3, f c = 0.3
+        guide.scale_log_scales["fc1"].fill_(math.log(1e-6))
+    scale = float(guide.mean_scales()["fc1"].detach())
+    assert scale == pytest.approx(0.3, rel=1e-6)
+    w_cov = scale ** 2 * torch.eye(d, dtype=F64)
+    w_mean, w_post = exact_posterior(x, y, noise, torch.zeros(d, dtype=F64), w_cov)
+    with torch.no_grad():
+        get_site(guide.locs, "fc1.weight").copy_((w_mean / scale).unsqueeze(0))
+        get_site(guide.log_scales, "fc1.weight").copy_((0.5 * torch.log(torch.diag(w_post) / scale ** 2)).unsqueeze(0))
+    guide = guide.double()
+    d_f = bmr.evidence_changes(guide)["fc1.weight"].reshape(-1)
+    full = log_evidence(x, y, noise, torch.zeros(d, dtype=F64), w_cov)
+    for j in range(d):
+        keep = [i for i in range(d) if i != j]
+        reduced = log_evidence(x[:, keep], y, noise, torch.zeros(d - 1, dtype=F64), w_cov[:-1, :-1])
+        assert float(d_f[j]) == pytest.approx(float(reduced - full), abs=1e-5)
+    empty = torch.distributions.MultivariateNormal(torch.zeros(len(y), dtype=F64),
+                                                   noise * torch.eye(len(y), dtype=F64)).log_prob(y)
+    assert float(d_f.sum()) == pytest.approx(float(empty - full), abs=1e-5)
+    # the fixed prior N(0, 1) on w with the same posterior of w gives other evidence changes
+    fixed = bmr.delta_f(w_mean, torch.diag(w_post), 1.0)
+    assert float((fixed - d_f).abs().max()) > 0.5
+
+
+def test_layer_scale_guide_moments_and_kl_against_monte_carlo():
+    torch.manual_seed(0)
+    guide = randomise_guide(layer_scale_guide(mlp(3, [4], 2)), loc_scale=1.0, seed=3)
+    with torch.no_grad():
+        guide.scale_locs["fc1"].fill_(0.4)
+        guide.scale_log_scales["fc1"].fill_(math.log(0.5))
+    with torch.no_grad():
+        draws = [guide.draw() for _ in range(4000)]
+        for site in ("fc1.weight", "fc2.bias"):  # within 5 standard errors of the Monte Carlo estimate
+            w = torch.stack([d[site] for d in draws])
+            sd = guide.posterior_scale()[site]
+            assert bool(((w.mean(0) - guide.posterior_mean()[site]).abs() < 5 * sd / math.sqrt(4000) + 1e-6).all())
+            assert bool(((w.std(0) / sd - 1).abs() < 0.05).all())
+    # E[f c] = f exp(-m / 2 + s^2 / 8) for c^-2 ~ LogNormal(m, s^2)
+        f_c = torch.stack([guide.sample_scales()["fc1"] for _ in range(4000)])
+        assert float(f_c.mean()) == pytest.approx(float(guide.mean_scales()["fc1"]), rel=0.015)
+        assert float(guide.mean_scales()["fc1"]) == pytest.approx(0.1 * math.exp(-0.2 + 0.25 / 8), rel=1e-6)
+    # the KL: z against N(0, 1) plus each scale's LogNormal against Gamma(2, 2), closed form vs Monte Carlo
+    q = torch.distributions.LogNormal(torch.tensor(0.4), torch.tensor(0.5))
+    u = q.sample((400000,))
+    mc = (q.log_prob(u) - torch.distributions.Gamma(2.0, 2.0).log_prob(u)).mean()
+    assert float(kl_lognormal_gamma(torch.tensor(0.4), torch.tensor(math.log(0.5)), 2.0, 2.0)) == pytest.approx(
+        float(mc), abs=0.01)
+    z_kl = sum(torch.distributions.kl_divergence(torch.distributions.Normal(get_site(guide.locs, s),
+                                                                            get_site(guide.log_scales, s).exp()),
+                                                 torch.distributions.Normal(0.0, 1.0)).sum()
+               for s in guide.net.sites())
+    with torch.no_grad():
+        assert float(guide.kl_divergence(guide.prior)) == pytest.approx(float(z_kl + guide.scale_kl()), rel=1e-5)
+        # the training step's KL is the same number, and its outputs have the draws' distribution
+        x = torch.randn(1, 3)
+        # one draw of the layer scales per call: many calls of a small batch
+        outs = torch.cat([guide.sample_outputs_and_kl(None, x.expand(4, 3))[0] for _ in range(2000)])
+        by_draws = torch.stack([guide.net(x, d) for d in draws]).reshape(-1, 2)
+        assert float(guide.sample_outputs_and_kl(None, x)[1]) == pytest.approx(float(z_kl + guide.scale_kl()), rel=1e-5)
+    spread = by_draws.std(0)
+    assert bool(((outs.mean(0) - by_draws.mean(0)).abs() < 0.1 * spread).all())
+    assert bool(((outs.std(0) / spread - 1).abs() < 0.1).all())
+
+
+def test_layer_scale_entry_fits_reduces_saves_and_loads(boston, tmp_path):
+    posterior = bnnzoo.fit("bmr", boston, epochs=3, weight_prior="layer-scale", progress=False)
+    assert posterior.config["model"]["weight_prior"] == "layer-scale"
+    assert type(posterior.guide).__name__ == "LayerScaleMeanFieldNormal"
+    assert posterior.fit_state.pruning[0].rule == "bmr"
+    metrics = posterior.evaluate(boston.x_test, boston.y_test, num_samples=20)
+    posterior.save(tmp_path / "run")
+    same = bnnzoo.load(tmp_path / "run")
+    torch.manual_seed(0)
+    a = posterior.evaluate(boston.x_test, boston.y_test, num_samples=20)
+    torch.manual_seed(0)
+    assert same.evaluate(boston.x_test, boston.y_test, num_samples=20) == pytest.approx(a)
+    assert metrics["rmse"] < 15
+    # the fixed prior is still there, and dF differs between the two models of the same data
+    fixed = bnnzoo.fit("bmr", boston, epochs=3, progress=False)  # the default
+    assert fixed.config["model"]["weight_prior"] == "fixed" and type(fixed.guide) is MeanFieldNormal
+    with pytest.raises(bnnzoo.errors.ConfigError, match="weight_prior"):
+        bnnzoo.fit("bmr", boston, epochs=1, weight_prior="cauchy", progress=False)
+
+
+# ---- no layer is emptied --------------------------------------------------------------------------------
+def _prunable_guide(seed=0):
+    """A guide whose hidden layer fc1 the plain rule empties entirely (every dF > 0); row 3 has the
+    smallest summed dF, so it is the one worth keeping."""
+    model = make_model(mlp(4, [6], 1), prior_scale=1.0)
+    guide = randomise_guide(MeanFieldNormal(model), loc_scale=0.01, log_scale_range=(-1.0, -0.5), seed=seed)
+    with torch.no_grad():
+        get_site(guide.locs, "fc1.weight")[3] = 0.4
+    return guide
+
+
+@pytest.mark.parametrize("level", ["weight", "group"])
+def test_a_reduction_never_empties_a_layer(level):
+    guide = _prunable_guide()
+    d_f = bmr.evidence_changes(guide)
+    assert bool((d_f["fc1.weight"] > 0).all()) and bool((d_f["fc1.bias"] > 0).all())  # the rule alone empties fc1
+    best = int(torch.argmax(-(d_f["fc1.weight"].sum(1) + d_f["fc1.bias"])))
+    assert best == 3
+    empty, _ = reduced_copy(guide, rule="plain", level=level, allow_empty=True)
+    assert not empty.mask("fc1.weight").any()
+    with pytest.warns(EmptyLayerWarning, match="fc1"):
+        kept, reduction = reduced_copy(guide, rule="plain", level=level)
+    rows = kept.mask("fc1.weight").any(1)
+    assert rows.tolist() == [i == best for i in range(6)]
+    assert kept.mask("fc1.weight")[best].all() and bool(kept.mask("fc1.bias")[best])
+    assert reduction.protected == ["fc1"] and reduction.summary()["protected_layers"] == ["fc1"]
+
+
+def test_posterior_reduce_passes_allow_empty(boston):
+    posterior = bnnzoo.fit("meanfield-vi", boston, epochs=1, progress=False, network={"arch": "mlp", "hidden": [4]})
+    with torch.no_grad():  # an uninformative hidden layer: every weight's dF > 0
+        for site in ("fc1.weight", "fc1.bias"):
+            get_site(posterior.guide.locs, site).fill_(0.0)
+            get_site(posterior.guide.log_scales, site).fill_(math.log(0.5))
+    with pytest.warns(EmptyLayerWarning):
+        kept = posterior.reduce(rule="plain")
+    assert kept.sparsity()["layers"]["fc1"]["groups_kept"] == 1
+    assert posterior.reduce(rule="plain", allow_empty=True).sparsity()["layers"]["fc1"]["groups_kept"] == 0
+
+
+def test_layer_scale_model_and_guide_are_plain_pyro():
+    """Pyro's Monte Carlo ELBO of the model and guide (every ``c_l^-2`` and weight sampled) agrees
+    with the fused training loss (local reparameterisation, closed-form KL) in expectation."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, generator=g)
+    y = x[:, 0] + 0.1 * torch.randn(16, generator=g)
+    model, guide, _ = bnnzoo.build("bmr", "regression", input_shape=(3,), output_dim=1,
+                                   network={"arch": "mlp", "hidden": [4]}, weight_prior="layer-scale")
+    randomise_guide(guide, loc_scale=1.0, log_scale_range=(-3.0, -2.0), seed=1)
+    with torch.no_grad():  # scales away from their prior's bulk: a KL the comparison can see
+        for layer in ("fc1", "fc2"):
+            guide.scale_locs[layer].fill_(2.5)
+            guide.scale_log_scales[layer].fill_(math.log(0.3))
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        pyro_losses = torch.tensor([TraceMeanField_ELBO().loss(model, guide, x, y) for _ in range(300)])
+        fused = torch.tensor([LocalReparamELBO().loss(model, guide, x, y) for _ in range(300)])
+    se = math.sqrt(float(pyro_losses.var() + fused.var()) / 300)
+    assert abs(float(pyro_losses.mean() - fused.mean())) < 4 * se
+    assert 4 * se < float(guide.scale_kl().detach())  # leaving out the scales' KL would fail
+    sites = {name for name, node in poutine.trace(guide).get_trace(x, y).nodes.items() if node["type"] == "sample"}
+    assert {"fc1.c_inv_sqr", "fc2.c_inv_sqr", "fc1.weight", "fc2.bias"} <= sites

@@ -14,7 +14,13 @@ from hypothesis import settings
 
 import bnnzoo
 from bnnzoo.data import load_dataset, load_mnist
-from bnnzoo.models import BayesianNeuralNetwork, GaussianPrior, make_likelihood
+from bnnzoo.models import (
+    BayesianNeuralNetwork,
+    GaussianLikelihood,
+    GaussianPrior,
+    make_likelihood,
+)
+from bnnzoo.models.networks import mlp
 
 # The test networks are tiny: one thread is faster than two, and on a busy machine a second
 # OpenMP thread spin-waits for a core (tiny fits then run 10-40 times slower).
@@ -112,3 +118,21 @@ def assert_chain_matches_gaussian(samples: dict, mean: torch.Tensor, cov: torch.
     estimate, se = batches.mean(0), batches.std(0) / math.sqrt(20)
     assert ((estimate - target).abs() < 4 * se).all(), (estimate, target, se)
     assert (se[2:] < 0.15 * target[2:].abs()).all()
+
+
+def correlated_gaussian_regression():
+    """``(x, y, model, mean, cov)``: Bayesian linear regression ``y = w x + b + N(0, 0.5^2)``, 20
+    points, ``(w, b) ~ N(0, I)``, as a one-layer catalog model, with its exact Gaussian posterior over
+    ``(w, b)`` (correlation about -0.7)."""
+    gen = torch.Generator().manual_seed(0)
+    n, noise = 20, 0.5
+    x = 1.0 + torch.randn(n, 1, generator=gen)
+    y = 0.8 * x[:, 0] - 0.3 + noise * torch.randn(n, generator=gen)
+    net = mlp(1, [], 1)
+    model = BayesianNeuralNetwork(net, GaussianPrior(net, 1.0), GaussianLikelihood(noise))
+    design = torch.stack([x[:, 0], torch.ones(n)], 1).double()
+    precision = design.T @ design / noise**2 + torch.eye(2, dtype=torch.float64)
+    cov = torch.linalg.inv(precision)
+    mean = cov @ design.T @ y.double() / noise**2
+    assert cov[0, 1] / (cov[0, 0] * cov[1, 1]).sqrt() < -0.6
+    return x, y, model, mean, cov

@@ -9,7 +9,7 @@ import warnings
 import pyro
 import pytest
 import torch
-from conftest import assert_chain_matches_gaussian
+from conftest import assert_chain_matches_gaussian, correlated_gaussian_regression
 from pyro.infer import MCMC
 
 import bnnzoo
@@ -98,13 +98,6 @@ def test_at_temperature_zero_there_is_no_noise_and_no_noise_term():
 
 
 # ---- (b) the equivalence to SGHMC: the chain samples the target -------------------------------------------
-def _linear_gaussian_posterior(x, y, noise, prior_scale):
-    design = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-    precision = design.T @ design / noise**2 + torch.eye(2, dtype=torch.float64) / prior_scale**2
-    cov = torch.linalg.inv(precision)
-    return cov @ design.T @ y.double() / noise**2, cov
-
-
 @pytest.mark.parametrize("precondition", ["warmup", "always"])
 def test_ke_fan_chain_samples_a_correlated_gaussian(precondition):
     """Bayesian linear regression: a 2-D Gaussian posterior over (w, b) with correlation about -0.7,
@@ -112,14 +105,8 @@ def test_ke_fan_chain_samples_a_correlated_gaussian(precondition):
     warm-up and then frozen the chain is SGHMC with the preconditioner ``tau``; adapting throughout,
     ``tau`` moves slowly (rho's steps are O(tau_lr / N)). Either way the draws' mean and covariance
     match the posterior's within 4 Monte Carlo standard errors (batch means over 20 batches)."""
-    gen = torch.Generator().manual_seed(0)
-    n, noise = 20, 0.5
-    x = 1.0 + torch.randn(n, 1, generator=gen)
-    y = 0.8 * x[:, 0] - 0.3 + noise * torch.randn(n, generator=gen)
-    net = mlp(1, [], 1)
-    model = BayesianNeuralNetwork(net, GaussianPrior(net, 1.0), GaussianLikelihood(noise))
-    mean, cov = _linear_gaussian_posterior(x, y, noise, 1.0)
-    assert cov[0, 1] / (cov[0, 0] * cov[1, 1]).sqrt() < -0.6
+    x, y, model, mean, cov = correlated_gaussian_regression()
+    n = len(x)
     kernel = SGHMC(model, step_size=0.02, friction=0.3, batch_size=n, precondition=precondition, thinning=8,
                    preconditioner="ke-fan", learn_noise=False)
     pyro.set_rng_seed(0)

@@ -12,7 +12,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_chain_matches_gaussian
+from conftest import assert_chain_matches_gaussian, correlated_gaussian_regression
 from pyro.infer import MCMC, Predictive
 
 import bnnzoo
@@ -29,7 +29,6 @@ from bnnzoo.models import (
     BayesianNeuralNetwork,
     CategoricalLikelihood,
     GaussianLikelihood,
-    GaussianPrior,
     HorseshoePrior,
     SpikeSlabPrior,
 )
@@ -190,27 +189,13 @@ def test_fast_minibatch_gradient_equals_the_log_prob_gradient(task):
 
 
 # ---- the sampler --------------------------------------------------------------------------------
-def _linear_gaussian_posterior(x, y, noise, prior_scale):
-    """The exact posterior of (w, b) in y = w x + b + N(0, noise^2), (w, b) ~ N(0, prior_scale^2 I)."""
-    design = torch.stack([x[:, 0], torch.ones(len(x))], 1).double()
-    precision = design.T @ design / noise**2 + torch.eye(2, dtype=torch.float64) / prior_scale**2
-    cov = torch.linalg.inv(precision)
-    return cov @ design.T @ y.double() / noise**2, cov
-
-
 @pytest.mark.parametrize("precondition", ["warmup", "none"])
 def test_stationary_distribution_on_a_correlated_gaussian(precondition):
     """Bayesian linear regression has a Gaussian posterior over (w, b), here with correlation about
     -0.7. Full-batch SGHMC draws must match its mean and covariance within 4 Monte Carlo standard
     errors (batch means over 20 batches; the draws, 8 steps apart, are nearly independent)."""
-    gen = torch.Generator().manual_seed(0)
-    n, noise = 20, 0.5
-    x = 1.0 + torch.randn(n, 1, generator=gen)
-    y = 0.8 * x[:, 0] - 0.3 + noise * torch.randn(n, generator=gen)
-    net = mlp(1, [], 1)
-    model = BayesianNeuralNetwork(net, GaussianPrior(net, 1.0), GaussianLikelihood(noise))
-    mean, cov = _linear_gaussian_posterior(x, y, noise, 1.0)
-    assert cov[0, 1] / (cov[0, 0] * cov[1, 1]).sqrt() < -0.6
+    x, y, model, mean, cov = correlated_gaussian_regression()
+    n = len(x)
     step = 0.01 if precondition == "warmup" else 0.02
     kernel = SGHMC(model, step_size=step, friction=0.3, batch_size=n, precondition=precondition, thinning=8,
                    learn_noise=False)

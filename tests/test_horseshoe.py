@@ -548,6 +548,10 @@ def test_prune_removes_exactly_the_groups_its_rule_names(fitted_dense, boston, r
         post.prune(rule="scale", threshold=0.0)
     with pytest.raises(ValueError, match="rule"):
         post.prune(rule="median")
+    with pytest.raises(ValueError, match="no threshold"):
+        post.prune(rule="evidence", threshold=0.5)
+    # a threshold alone means the scale rule (the only one that has one)
+    assert post.prune(threshold=1.0, data=(boston.x_train, boston.y_train)).fit_state.pruning[-1].rule == "threshold"
 
 
 def test_a_rule_that_would_empty_a_layer_keeps_its_best_group(fitted_dense, boston):

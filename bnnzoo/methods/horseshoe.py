@@ -174,15 +174,21 @@ class HorseshoePosterior(VariationalPosterior):
 
     @torch.no_grad()
     def _prune(self, rule: str | None = None, threshold: float | None = None, allow_empty: bool = False) -> None:
-        """Remove hidden groups by ``rule`` (default :attr:`prune_rule`): ``"evidence"`` removes
-        the groups whose removal raises the evidence (``dF > 0``, :meth:`group_evidence_changes`);
-        ``"snr"`` those whose posterior signal-to-noise ratio is below 1
-        (:meth:`group_signal_to_noise`; for regression: on classification networks it removes
-        nearly every group, docs/methods/horseshoe.md); ``"scale"`` those whose ``E_q[ln s_k] + 0.5 ln(fan_in)`` is below ``ln(threshold)``
-        (default :attr:`prune_threshold`). A layer the rule would empty keeps its best group
+        """Remove hidden groups by ``rule`` (default :attr:`prune_rule`).
+
+        ``"evidence"`` removes the groups whose removal raises the evidence (``dF > 0``,
+        :meth:`group_evidence_changes`); ``"snr"`` those whose posterior signal-to-noise ratio is
+        below 1 (:meth:`group_signal_to_noise`; for regression: on classification networks it removes
+        nearly every group, docs/methods/horseshoe.md); ``"scale"`` those whose
+        ``E_q[ln s_k] + 0.5 ln(fan_in)`` is below ``ln(threshold)`` (default :attr:`prune_threshold`;
+        a ``threshold`` alone selects this rule). A layer the rule would empty keeps its best group
         (:func:`~bnnzoo.models.sparsity.protect_layers`) unless ``allow_empty``. Recorded in
         ``fit_state.pruning``."""
+        if threshold is not None and rule is None:
+            rule = "scale"  # only the scale rule has a threshold
         rule = self.prune_rule if rule is None else _check_rule(rule)
+        if threshold is not None and rule != "scale":
+            raise ConfigError(f"the {rule} rule has no threshold; prune_threshold belongs to the scale rule")
         if rule == "evidence":
             d_f = self.group_evidence_changes()
             keep, score = {k: v <= 0 for k, v in d_f.items()}, {k: -v for k, v in d_f.items()}

@@ -239,7 +239,9 @@ class Posterior(ABC):
         before = self.noise_scale(original_units=True)
         with torch.no_grad():
             self.model.likelihood.log_noise_scale.copy_(noise_m_step(f, y))
-        pred = torch.stack([d.squeeze(-1) for d in self._output_draws(x, num_samples, chunk_size, seed)])
+        # the predictive's draws: the same ones unless the entry predicts from something else
+        same = type(self).fitted_weights is Posterior.fitted_weights
+        pred = f if same else torch.stack([d.squeeze(-1) for d in self._output_draws(x, num_samples, chunk_size, seed)])
         var = pred.var(0, unbiased=False) + self.noise_scale() ** 2
         record = {"noise_scale_before": before, "noise_scale_after": self.noise_scale(original_units=True),
                   "train_mean_z2": float(((y - pred.mean(0)) ** 2 / var).mean()), "num_samples": num_samples}

@@ -35,6 +35,16 @@ def masked_normal(loc: torch.Tensor, scale: torch.Tensor, keep: torch.Tensor | N
     scale = torch.where(keep, scale, torch.full_like(scale, PRUNED_SCALE))
     return dist.Normal(loc * keep, scale).mask(keep).to_event(loc.dim())
 
+
+def local_reparam_draw(layer, h: torch.Tensor, moments) -> torch.Tensor:
+    """One local-reparameterisation draw of ``layer``'s output for inputs ``h``: Gaussian with mean
+    ``op(h, E[w], E[b])`` and variance ``op(h^2, Var[w], Var[b])``, ``moments`` being
+    ``((w_loc, w_var), (b_loc, b_var))``."""
+    (w_loc, w_var), (b_loc, b_var) = moments
+    mean = layer.op(h, w_loc, b_loc)
+    var = layer.op(h * h, w_var, b_var)
+    return torch.addcmul(mean, var.clamp_min(1e-16).sqrt(), torch.randn_like(mean))
+
 class MeanFieldNormal(WeightGuide):
     """``q(w) = prod_i N(w_i; loc_i, scale_i^2)`` over every weight site of the model.
 
@@ -65,6 +75,17 @@ class MeanFieldNormal(WeightGuide):
     def prior(self):
         """The model's prior over the weights (read by :meth:`gaussian_weights`)."""
         return self._prior[0]
+
+    def masked_moments(self, layer: str, param: str):
+        """``(site, loc, var, log_scale, keep)`` of ``q`` for ``layer``'s ``param`` (``"weight"`` or
+        ``"bias"``), pruned entries zeroed in all three (``keep`` is ``None`` when nothing is pruned)."""
+        site = f"{layer}.{param}"
+        loc, log_scale = self.locs[layer][param], self.log_scales[layer][param]
+        var = torch.exp(2 * log_scale)
+        keep = self.mask(site)
+        if keep is not None:
+            loc, var, log_scale = loc * keep, var * keep, log_scale * keep
+        return site, loc, var, log_scale, keep
 
     # ---- the Pyro guide -----------------------------------------------------------------------
     def site_distribution(self, site: str) -> dist.Distribution:
@@ -122,18 +143,10 @@ class MeanFieldNormal(WeightGuide):
                 return out
             moments = []
             for param in ("weight", "bias"):
-                site = f"{layer.name}.{param}"
-                loc, log_scale = self.locs[layer.name][param], self.log_scales[layer.name][param]
-                var = torch.exp(2 * log_scale)
-                keep = self.mask(site)
-                if keep is not None:
-                    loc, var, log_scale = loc * keep, var * keep, log_scale * keep
+                site, loc, var, log_scale, keep = self.masked_moments(layer.name, param)
                 kl = kl + self._kl(prior, site, loc, var, log_scale, keep)
                 moments.append((loc, var))
-            (w_loc, w_var), (b_loc, b_var) = moments
-            mean = layer.op(h, w_loc, b_loc)
-            var = layer.op(h * h, w_var, b_var)
-            return torch.addcmul(mean, var.clamp_min(1e-16).sqrt(), torch.randn_like(mean))
+            return local_reparam_draw(layer, h, moments)
 
         f = self.net.apply(x, linear)
         return f, kl
@@ -311,21 +324,12 @@ class LayerScaleMeanFieldNormal(MeanFieldNormal):
                 return out * scales[layer.name]
             moments = []
             for param in ("weight", "bias"):
-                site = f"{layer.name}.{param}"
-                loc, log_scale = self.locs[layer.name][param], self.log_scales[layer.name][param]
-                var = torch.exp(2 * log_scale)
-                keep = self.mask(site)
-                kl = kl + kl_normal_zero_mean(loc if keep is None else loc * keep,
-                                              var if keep is None else var * keep,
-                                              log_scale if keep is None else log_scale * keep, one)
+                _, loc, var, log_scale, keep = self.masked_moments(layer.name, param)
+                kl = kl + kl_normal_zero_mean(loc, var, log_scale, one)
                 if keep is not None:  # a pruned weight is a point mass of the reduced model: no KL term
-                    loc, var = loc * keep, var * keep
                     kl = kl + 0.5 * (~keep).sum()
                 moments.append((loc, var))
-            (w_loc, w_var), (b_loc, b_var) = moments
-            mean = layer.op(h, w_loc, b_loc)
-            var = layer.op(h * h, w_var, b_var)
-            return torch.addcmul(mean, var.clamp_min(1e-16).sqrt(), torch.randn_like(mean)) * scales[layer.name]
+            return local_reparam_draw(layer, h, moments) * scales[layer.name]
 
         f = self.net.apply(x, linear)
         return f, kl

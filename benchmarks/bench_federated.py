@@ -25,7 +25,7 @@ import os
 
 import bnnzoo
 from bnnzoo.data import load_dataset, load_uci, uci_num_splits
-from bnnzoo.federated.run import quiet_flower, run_federated
+from bnnzoo.federated.run import FEDERATED_BATCH_SIZE, quiet_flower, run_federated
 from bnnzoo.guides.training import set_seed
 
 from .harness import mean_se
@@ -57,7 +57,7 @@ def boston(device, splits: list[int] | None = None) -> dict:
         data = load_uci("boston", split=split)
         set_seed(split)
         central = bnnzoo.fit("em-tdamp", data, device=device, progress=False, seed=split, keep=KEEP,
-                             epochs=BOSTON_ROUNDS)
+                             epochs=BOSTON_ROUNDS, validation_fraction=None, batch_size=FEDERATED_BATCH_SIZE)
         fed = run_federated(data, num_clients=BOSTON_CLIENTS, rounds=BOSTON_ROUNDS, seed=split, device=device,
                             keep=KEEP, eval_every=10, local_epochs=BOSTON_LOCAL_EPOCHS)
         avg = run_federated(data, method="fedavg", num_clients=BOSTON_CLIENTS, rounds=BOSTON_ROUNDS, seed=split,

@@ -71,7 +71,7 @@ def fit_and_compare(noise_fraction: float, *, n: int = TRAIN, seed: int = 0, dev
         if key == "em_tdamp":
             row["em_tdamp_noise_sd_per_pass"] = [math.sqrt(v) * post.standardizer.y_scale
                                                  for v in post.history.extra["noise_var"]]
-            row["em_tdamp_memory"] = post.guide.memory_for(n, post.config["train"]["batch_size"])
+            row["em_tdamp_memory"] = post.guide.memory_for(n, post.fit_batch_size)
             row["em_tdamp_architecture"] = post.sparsity()["architecture"]
     return row
 

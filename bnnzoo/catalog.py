@@ -179,6 +179,16 @@ TRAINING_OPTIONS: dict[str, Option] = {
     "lr": Option(float, gt=0, help="learning rate (step size)"),
 }
 
+#: the options of the entries whose number of epochs can be chosen on validation data
+#: (:meth:`bnnzoo.posterior.Posterior.select_epochs`); ``epochs`` is then the most they may run
+EPOCH_SELECTION_OPTIONS: dict[str, Option] = {
+    "validation_fraction": Option(float, gt=0, lt=1, nullable=True,
+                                  help="fraction of the training rows held out to choose the number of epochs "
+                                       "(at most `epochs`), then the fit runs on all rows; null: run `epochs`"),
+    "patience": Option(int, ge=1, help="epochs without a better validation log-likelihood before the "
+                                       "selection fit stops"),
+}
+
 
 def default_network(dataset_name: str, task: str, input_shape: tuple[int, ...]) -> dict:
     if dataset_name in DEFAULT_NETWORKS:

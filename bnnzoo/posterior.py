@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyro.util
 import torch
 
 from . import metrics, runs
@@ -101,14 +102,25 @@ class FitState:
 
     temperature: float = 1.0
     pruning: list[PruningRecord] = field(default_factory=list)
+    #: the number of epochs chosen on a validation part of the training data, and how (see
+    #: :meth:`Posterior.fit`); ``None`` when the fit ran the configured ``epochs``
+    epoch_selection: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
-        return {"temperature": self.temperature, "pruning": [asdict(r) for r in self.pruning]}
+        out = {"temperature": self.temperature, "pruning": [asdict(r) for r in self.pruning]}
+        if self.epoch_selection is not None:
+            out["epoch_selection"] = self.epoch_selection
+        return out
 
     @classmethod
     def from_dict(cls, values: dict) -> "FitState":
         return cls(temperature=float(values.get("temperature", 1.0)),
-                   pruning=[PruningRecord(**r) for r in values.get("pruning", [])])
+                   pruning=[PruningRecord(**r) for r in values.get("pruning", [])],
+                   epoch_selection=values.get("epoch_selection"))
+
+
+class _SelectionDone(Exception):
+    """Raised by the validation monitor to end the selection fit once its patience has run out."""
 
 
 class Posterior(ABC):
@@ -192,12 +204,20 @@ class Posterior(ABC):
         """Fit the posterior on training inputs ``x`` and targets ``y`` (raw units).
 
         ``callback(epoch, loss)``, if given, runs after every epoch (logging, early inspection).
+
+        With ``train.validation_fraction`` set (entries that offer it), the number of epochs is
+        chosen first, as the UCI protocol chooses it (:meth:`select_epochs`): a copy of this
+        unfitted posterior is fitted on the rest of the training rows while the log predictive
+        density of the held-out fraction is followed; then this posterior is fitted on all rows for
+        the number of epochs that scored best. The choice is recorded in
+        ``fit_state.epoch_selection``.
         """
         x, y = self.validate(x, y, "training data")
+        selection = self.select_epochs(x, y, progress) if self.config["train"].get("validation_fraction") else None
         self.standardizer = Standardizer.from_data(x, y, self.task).to(self.device)
         x = self.standardizer.x(x.to(self.device))
         y = self.standardizer.y(y.to(self.device))
-        self.fit_state = FitState(temperature=self.training_temperature)
+        self.fit_state = FitState(temperature=self.training_temperature, epoch_selection=selection)
         try:
             self._fit(x, y, progress, callback)
             if self.task == "regression" and self.fit_state.pruning:
@@ -206,6 +226,97 @@ class Posterior(ABC):
             self.standardizer = None
             raise
         return self
+
+    @property
+    def fit_epochs(self) -> int:
+        """The epochs (passes) the fit runs: those chosen on validation data
+        (``fit_state.epoch_selection``), else ``train.epochs``."""
+        chosen = self.fit_state.epoch_selection
+        return int(chosen["epochs"]) if chosen else int(self.config["train"]["epochs"])
+
+    @property
+    def fit_batch_size(self) -> int:
+        """The minibatch size the fit uses: ``train.batch_size``, or, where that is ``None`` (chosen
+        on validation data), the one :meth:`select_epochs` chose."""
+        size = self.config["train"]["batch_size"]
+        if size is None:
+            chosen = self.fit_state.epoch_selection
+            if not chosen:
+                raise ConfigError(f"{self.name}: batch_size null means 'chosen on validation data', which needs "
+                                  f"validation_fraction set")
+            return int(chosen["batch_size"])
+        return int(size)
+
+    #: posterior draws behind each validation score of :meth:`select_epochs` (one for a point estimate)
+    SELECTION_DRAWS = 20
+    #: the minibatch sizes :meth:`select_epochs` compares when ``train.batch_size`` is ``None``
+    BATCH_SIZE_CANDIDATES = (8, 32)
+
+    def select_epochs(self, x, y, progress: bool = False) -> dict[str, Any]:
+        """Choose the number of epochs (and, where ``train.batch_size`` is ``None``, the minibatch
+        size) on a validation part of the training data ``(x, y)`` (raw units), leaving this
+        posterior unfitted and the global random state as it was.
+
+        The rule (the same on any data): the first ``train.validation_fraction`` of a fixed random
+        permutation of the rows (seed 0) is held out; a copy of this posterior, as created, is fitted
+        on the other rows for at most ``train.epochs`` epochs; after every epoch the mean log
+        predictive density of the held-out rows is computed (:data:`SELECTION_DRAWS` draws, fixed
+        seed, so the epochs are compared on common random numbers); the copy stops once
+        ``train.patience`` epochs have passed without a better score. The chosen number is the best
+        epoch. With ``batch_size`` ``None`` this runs once per size of :data:`BATCH_SIZE_CANDIDATES`
+        and the size with the best score wins (ties: the larger, cheaper one). Returns ``{"epochs",
+        "batch_size", "max_epochs", "validation_fraction", "patience", "validation_rows",
+        "validation_log_likelihood"}`` (the winner's score after each epoch run) and, when sizes were
+        compared, ``"candidates"`` (per size: its best epoch and score)."""
+        train = self.config["train"]
+        fraction, patience = float(train["validation_fraction"]), int(train.get("patience", 20))
+        max_epochs = int(train["epochs"])
+        x, y = self.validate(x, y, "training data")
+        n = len(x)
+        n_val = round(fraction * n)
+        if not 1 <= n_val < n - 1:
+            raise DataError(f"{self.name}: validation_fraction {fraction:g} of {n} training rows leaves no "
+                            f"validation part or no training part; give more data or validation_fraction: null")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        fit_rows, val_rows = order[n_val:], order[:n_val]
+        x_val, y_val = x[val_rows], y[val_rows]
+        draws = 1 if getattr(self, "point_estimate", False) else self.SELECTION_DRAWS
+        sizes = [train["batch_size"]] if train["batch_size"] is not None else sorted(self.BATCH_SIZE_CANDIDATES,
+                                                                                      reverse=True)
+        runs = []
+        for size in sizes:
+            twin = copy.deepcopy(self)
+            if hasattr(twin, "checkpoint"):
+                twin.checkpoint = None  # the selection fit never writes or resumes the run's checkpoints
+            twin.config = {**self.config, "train": {**train, "validation_fraction": None, "batch_size": size}}
+            scores: list[float] = []
+
+            def monitor(epoch: int, loss: float, twin=twin, scores=scores) -> None:
+                scores.append(float(twin.log_likelihood(x_val, y_val, num_samples=draws, seed=0).mean()))
+                best = max(range(len(scores)), key=scores.__getitem__)
+                if len(scores) - 1 - best >= patience:
+                    raise _SelectionDone
+
+            rng = pyro.util.get_rng_state()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the copy's pruning warnings are not this fit's
+                    twin.fit(x[fit_rows], y[fit_rows], progress=progress, callback=monitor)
+            except _SelectionDone:
+                pass
+            finally:
+                pyro.util.set_rng_state(rng)
+            if not scores:
+                raise RuntimeError(f"{self.name}: the epoch selection fit ran no epoch")
+            best = max(range(len(scores)), key=scores.__getitem__)
+            runs.append({"batch_size": size, "epochs": best + 1, "score": scores[best], "scores": scores})
+        winner = max(runs, key=lambda r: r["score"])  # first of equals: the larger size
+        out = {"epochs": winner["epochs"], "batch_size": winner["batch_size"], "max_epochs": max_epochs,
+               "validation_fraction": fraction, "patience": patience, "validation_rows": n_val,
+               "validation_log_likelihood": winner["scores"]}
+        if len(runs) > 1:
+            out["candidates"] = [{k: r[k] for k in ("batch_size", "epochs", "score")} for r in runs]
+        return out
 
     # ---- the noise after a structural change ----------------------------------------------------
     @torch.no_grad()

@@ -38,7 +38,7 @@ class VariationalPosterior(GuidePosterior):
         train = self.config["train"]
         elbo = self.elbo or LocalReparamELBO(num_particles=train.get("num_particles", 1))
         run = fit_svi(
-            self.model, self.guide, x, y, elbo=elbo, epochs=train["epochs"], batch_size=train["batch_size"],
+            self.model, self.guide, x, y, elbo=elbo, epochs=self.fit_epochs, batch_size=self.fit_batch_size,
             lr=train["lr"], progress=progress, description=self.name, on_epoch_end=callback,
             checkpoint=self.checkpoint,
         )

@@ -63,6 +63,7 @@ from ..models.bernoulli_gaussian import (
     GroupBernoulliGaussian,
     bias_given_weight,
 )
+from ..models.errors import ConfigError
 from ..models.likelihoods import GaussianLikelihood
 from ..models.probit_product import ProbitProductLikelihood
 from .bmr import GaussianSite, Reduction
@@ -271,8 +272,9 @@ class TDAMPGuide(WeightGuide):
         memory = self.memory_for(num_data, len(x))
         rate = self.damping * len(x) / (num_data * memory)
         if rate >= 1:
-            raise ValueError(f"a memory of {memory:g} passes is too short for batches of {len(x)} of {num_data} "
-                             f"examples: each batch would forget the whole state (damping B / (N T) = {rate:.3g})")
+            raise ConfigError(f"a memory of {memory:g} passes is too short for batches of {len(x)} of {num_data} "
+                              f"examples: each batch would forget the whole state (damping B / (N T) = {rate:.3g}); "
+                              f"give a longer memory or smaller batches")
         power = self.power()
         beta = self.damping * likelihood_scale * power / memory  # the message's weight as it enters the state
         first = None

@@ -68,7 +68,7 @@ def another_value(option: Option, default):
     if option.type is bool:
         return not default
     if default is None:
-        return 0.5
+        return 16 if option.type is int else 0.5
     if option.type is int:
         return default + 1
     return default / 2
@@ -96,7 +96,7 @@ def test_every_entry_declares_every_option_and_its_defaults_pass(name):
         for check in entry.checks:
             check(config)
         for key in set(names) & {"epochs", "batch_size"}:  # an untrained model must be impossible
-            with pytest.raises(ConfigError, match=f"'{key}' must be an integer >= 1, got 0"):
+            with pytest.raises(ConfigError, match=f"'{key}' must be an integer >= 1(, or null)?, got 0"):
                 entry.check_options(task, {key: 0})
 
 
@@ -205,7 +205,7 @@ def test_cli_set_epochs_lr_batch_size_fits(tmp_path):
                                        "--out", str(out), "--quiet", "--num-samples", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     train = json.loads((out / "config.json").read_text())["config"]["train"]
-    assert train == {"epochs": 1, "lr": 0.01, "batch_size": 64}
+    assert {key: train[key] for key in ("epochs", "lr", "batch_size")} == {"epochs": 1, "lr": 0.01, "batch_size": 64}
     assert len(bnnzoo.load(out).history.loss) == 1
 
 

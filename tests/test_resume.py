@@ -29,13 +29,15 @@ from bnnzoo.methods import tdamp
 NET = {"arch": "mlp", "hidden": [8]}
 EPOCHS = 4
 # every entry whose fit runs through an EpochLoop it owns, with options that keep the fit tiny
+# (the epoch selection on validation data is off here: the fits run exactly EPOCHS; a fit with it is
+# tested by test_a_fit_that_chose_its_epochs_resumes_after_the_selection)
 ENTRIES = [
-    ("map", {}),
+    ("map", {"validation_fraction": None}),
     ("meanfield-vi", {}),
     ("bmr", {}),
     ("bmr-iterative", {"warmup_epochs": 1}),
     ("horseshoe-svi", {}),
-    ("em-tdamp", {"keep": 0.5}),
+    ("em-tdamp", {"keep": 0.5, "validation_fraction": None}),
 ]
 
 
@@ -108,6 +110,26 @@ def test_a_fit_interrupted_mid_epoch_resumes_bit_identically(name, options, data
     assert all(torch.equal(resumed.masks()[s], reference.masks()[s]) for s in reference.masks())
 
 
+def test_a_fit_that_chose_its_epochs_resumes_after_the_selection(data, tmp_path, monkeypatch):
+    """The selection fit writes no checkpoint; interrupted in the fit that follows it, the run
+    resumes there (the selection, deterministic, runs again and chooses the same epochs)."""
+    options = {"epochs": 8, "validation_fraction": 0.25, "patience": 3}
+    reference = _fit("map", data, options)
+    chosen = reference.fit_state.epoch_selection
+    selection_passes = len(chosen["validation_log_likelihood"])
+    assert chosen["epochs"] >= 3, "the interrupt below must fall inside the final fit"
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_during_epoch(m, selection_passes + 2)
+        with pytest.raises(KeyboardInterrupt):
+            _fit("map", data, options, run_dir=run)
+    assert read_checkpoint(run)["epoch"] == 2
+    resumed = _fit("map", data, options, resume=run)
+    assert resumed.fit_state.epoch_selection == chosen
+    assert torch.equal(_predict(resumed), _predict(reference))
+    assert resumed.history.loss == reference.history.loss
+
+
 def test_checkpoint_every_and_the_default_time_rule(data, tmp_path):
     options = {"epochs": 5}
     _fit("map", data, options, run_dir=tmp_path / "default")
@@ -174,7 +196,8 @@ def uci_dir(tmp_path_factory) -> Path:
 
 def _cli_args(uci_dir, out, *extra) -> list[str]:
     return ["fit", "map", "--data", str(uci_dir), "--epochs", str(CLI_EPOCHS), "--batch-size", "16", "--seed", "1",
-            "--device", "cpu", "--num-samples", "5", "--quiet", "--out", str(out), *extra]
+            "--set", "validation_fraction=null", "--device", "cpu", "--num-samples", "5", "--quiet", "--out", str(out),
+            *extra]
 
 
 def _cli(*args) -> None:

@@ -604,7 +604,7 @@ def test_pruning_follows_the_posterior_and_never_empties_a_layer(boston):
 
 def test_passes_run_in_the_shared_epoch_loop(boston):
     post = bnnzoo.create("em-tdamp", "regression", (13,), 1, network={"arch": "mlp", "hidden": [6]}, epochs=3,
-                         device="cpu")
+                         validation_fraction=None, batch_size=32, device="cpu")
     calls = []
     post.fit(boston.x_train[:80], boston.y_train[:80], progress=False, callback=lambda e, loss: calls.append((e, loss)))
     assert calls == list(enumerate(post.history.loss)) and len(calls) == 3

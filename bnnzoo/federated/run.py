@@ -82,10 +82,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: the minibatch size of a federated run where the centralised entry chooses one on a validation
+#: part of the data (regression): 32, the largest size that selection compares
+FEDERATED_BATCH_SIZE = 32
+
+
 def build_posterior(data, *, network=None, device="cpu", seed: int = 0, **options):
-    """The EM-TDAMP posterior of ``data`` (its network also serves the FedAvg baseline)."""
+    """The EM-TDAMP posterior of ``data`` (its network also serves the FedAvg baseline).
+
+    Nothing is chosen on a validation part of the data (no server sees the clients' data): every
+    client runs the configured passes (``validation_fraction`` null) and a batch size the
+    centralised entry would choose on validation data is :data:`FEDERATED_BATCH_SIZE`, unless
+    ``options`` say otherwise."""
+    fixed = {"validation_fraction": None}
+    if get_entry("em-tdamp").defaults[data.task]["train"]["batch_size"] is None:
+        fixed["batch_size"] = FEDERATED_BATCH_SIZE
     return create("em-tdamp", data.task, data.input_shape, data.output_dim, network=network,
-                  dataset=data.name, device=device, seed=seed, **options)
+                  dataset=data.name, device=device, seed=seed, **{**fixed, **options})
 
 
 def make_client(spec: dict, x: torch.Tensor, y: torch.Tensor):

@@ -71,7 +71,7 @@ from typing import Iterator
 
 import torch
 
-from ..catalog import CatalogEntry, Option, register
+from ..catalog import EPOCH_SELECTION_OPTIONS, CatalogEntry, Option, register
 from ..guides import TDAMPGuide
 from ..guides.tdamp_em import keep_count, m_step
 from ..guides.training import EpochLoop, minibatches
@@ -150,7 +150,8 @@ class TDAMPPosterior(GuidePosterior):
             if callback is not None:
                 callback(epoch, loss)
 
-        loop = EpochLoop(train["epochs"], method=self.name, progress=progress, history=self.history,
+        batch_size = self.fit_batch_size
+        loop = EpochLoop(self.fit_epochs, method=self.name, progress=progress, history=self.history,
                          on_epoch_end=pass_end, checkpoint=self.checkpoint)
         with loop:
             for _ in range(loop.epoch, loop.epochs):
@@ -158,7 +159,7 @@ class TDAMPPosterior(GuidePosterior):
                 if sync:
                     torch.cuda.synchronize(self.device)
                 loop.begin_epoch()
-                for idx in minibatches(n, train["batch_size"], x.device):
+                for idx in minibatches(n, batch_size, x.device):
                     self.guide.update(x[idx], y[idx], n)
                 m_step(self.guide, keep=self.keep, learn_rho=train["learn_rho"],
                        learn_slab_var=train["learn_slab_var"], learn_noise=train["learn_noise"])
@@ -292,6 +293,11 @@ def _create(config: dict, device="cpu") -> TDAMPPosterior:
     train = config["train"]
     for key in ("epochs", "batch_size"):
         value = train[key]
+        if key == "batch_size" and value is None:
+            if not train.get("validation_fraction"):
+                raise ConfigError("batch_size null means 'chosen on a validation part of the data', which needs "
+                                  "validation_fraction; give a batch size or a validation_fraction")
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     model = build_tdamp_model(config)
@@ -305,10 +311,12 @@ def _create(config: dict, device="cpu") -> TDAMPPosterior:
 
 _GUIDE = {"damping": 0.8, "turbo_iterations": 1, "init_precision": 1.0, "memory": None, "temper": None}
 _TRAIN = {"keep": None, "learn_rho": True, "learn_slab_var": False, "learn_noise": True, "prune": True,
-          "prune_threshold": 0.5}
+          "prune_threshold": 0.5, "validation_fraction": None, "patience": 30}
 _OPTIONS = {
-    "epochs": Option(int, ge=1, help="TDAMP passes over the training data, each followed by the M-step"),
-    "batch_size": Option(int, ge=1, help="examples per minibatch"),
+    "epochs": Option(int, ge=1, help="TDAMP passes over the training data, each followed by the M-step (with "
+                                     "validation_fraction: the most passes the selection may choose)"),
+    "batch_size": Option(int, ge=1, nullable=True,
+                         help="examples per minibatch; null: chosen with the passes on validation data (8 or 32)"),
     "rho": Option(float, gt=0, lt=1, help="initial inclusion rate of every hidden neuron"),
     "slab_scale": scale_option(help="slab variance of a layer with fan-in n: slab_scale^2 / n"),
     "noise_var": scale_option(help="noise variance (regression: the starting value, learned with "
@@ -329,6 +337,7 @@ _OPTIONS = {
     "learn_noise": Option(bool, help="regression: M-step of the noise variance"),
     "prune": Option(bool, help="prune the neurons below prune_threshold after the last pass"),
     "prune_threshold": Option(float, gt=0, lt=1, help="inclusion probability below which a neuron is pruned"),
+    **EPOCH_SELECTION_OPTIONS,
 }
 
 register(CatalogEntry(
@@ -342,7 +351,7 @@ register(CatalogEntry(
     create=_create,
     defaults={
         "regression": {"model": {"rho": 0.5, "slab_scale": 1.0, "noise_var": 0.25}, "guide": dict(_GUIDE),
-                       "train": {**_TRAIN, "epochs": 40, "batch_size": 32}},
+                       "train": {**_TRAIN, "epochs": 200, "batch_size": None, "validation_fraction": 0.2}},
         # classification keeps the memory of 10 passes (P = T = 10): the rule was chosen on regression
         "classification": {"model": {"rho": 0.5, "slab_scale": 2.0, "noise_var": 1.0},
                            "guide": {**_GUIDE, "memory": 10.0},

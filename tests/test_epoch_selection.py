@@ -1,0 +1,107 @@
+"""The number of epochs chosen on a validation part of the training data (Posterior.select_epochs)."""
+
+from __future__ import annotations
+
+import pyro.util
+import pytest
+import torch
+
+import bnnzoo
+from bnnzoo.errors import ConfigError, DataError
+
+
+def _params(posterior) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in posterior.guide.state_dict().items()}
+
+
+def test_final_fit_equals_a_fit_of_the_chosen_epochs(boston):
+    """Selection leaves the posterior unfitted and the random state untouched: the fit that follows
+    is the fit a user would get by asking for the chosen number of epochs directly."""
+    selected = bnnzoo.fit("map", boston, epochs=30, validation_fraction=0.25, patience=5, progress=False, seed=3)
+    chosen = selected.fit_state.epoch_selection
+    assert chosen is not None and 1 <= chosen["epochs"] <= 30
+    assert len(selected.history.loss) == chosen["epochs"] == selected.fit_epochs
+    scores = chosen["validation_log_likelihood"]
+    assert chosen["epochs"] == max(range(len(scores)), key=scores.__getitem__) + 1
+    assert chosen["validation_rows"] == round(0.25 * boston.n_train)
+    direct = bnnzoo.fit("map", boston, epochs=chosen["epochs"], validation_fraction=None, progress=False, seed=3)
+    assert direct.fit_state.epoch_selection is None
+    a, b = _params(selected), _params(direct)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_patience_stops_the_selection_fit(boston):
+    """A learning rate that overfits fast: the validation score peaks early and the selection fit
+    stops ``patience`` epochs after its best one instead of running all epochs."""
+    post = bnnzoo.fit("map", boston, epochs=200, lr=3e-2, validation_fraction=0.25, patience=4, progress=False, seed=0)
+    chosen = post.fit_state.epoch_selection
+    run = len(chosen["validation_log_likelihood"])
+    assert run < 200
+    assert run == chosen["epochs"] + 4
+    assert max(chosen["validation_log_likelihood"][-4:]) <= max(chosen["validation_log_likelihood"])
+
+
+def test_selection_scores_the_held_out_rows(boston):
+    """Each recorded score is the held-out rows' mean log predictive density of the copy after that
+    epoch: re-derived here from a copy fitted on the same rows for the chosen epochs."""
+    post = bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, dataset=boston.name, seed=1,
+                         epochs=12, validation_fraction=0.2, patience=50)
+    rng = pyro.util.get_rng_state()
+    chosen = post.select_epochs(boston.x_train, boston.y_train)
+    assert not post.is_fitted
+    assert len(chosen["validation_log_likelihood"]) == 12
+    n_val = chosen["validation_rows"]
+    order = torch.randperm(boston.n_train, generator=torch.Generator().manual_seed(0))
+    fit_rows, val_rows = order[n_val:], order[:n_val]
+    pyro.util.set_rng_state(rng)
+    copy = bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, dataset=boston.name, seed=1,
+                         epochs=7, validation_fraction=None)
+    pyro.util.set_rng_state(rng)
+    copy.fit(boston.x_train[fit_rows], boston.y_train[fit_rows], progress=False)
+    expected = float(copy.log_likelihood(boston.x_train[val_rows], boston.y_train[val_rows], num_samples=1).mean())
+    assert chosen["validation_log_likelihood"][6] == pytest.approx(expected, abs=1e-5)
+
+
+def test_em_tdamp_passes_are_chosen_too(boston):
+    post = bnnzoo.fit("em-tdamp", boston, epochs=6, validation_fraction=0.2, patience=2, progress=False, seed=0)
+    chosen = post.fit_state.epoch_selection
+    assert 1 <= chosen["epochs"] <= 6
+    assert len(post.history.loss) == chosen["epochs"]
+
+
+def test_selection_round_trips_through_a_saved_run(boston, tmp_path):
+    post = bnnzoo.fit("map", boston, epochs=5, validation_fraction=0.2, progress=False, seed=0)
+    post.save(tmp_path / "run")
+    loaded = bnnzoo.load(tmp_path / "run")
+    assert loaded.fit_state.epoch_selection == post.fit_state.epoch_selection
+    assert loaded.fit_epochs == post.fit_epochs
+
+
+def test_bad_selection_options_are_named(boston):
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, validation_fraction=1.5)
+    with pytest.raises(ConfigError, match="patience"):
+        bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, patience=0)
+    tiny = boston.subset(3, None, seed=0)
+    with pytest.raises(DataError, match="validation_fraction"):
+        bnnzoo.fit("map", tiny, epochs=2, validation_fraction=0.1, progress=False)
+
+
+def test_batch_size_null_is_chosen_with_the_passes(boston):
+    """em-tdamp's regression default: the batch size is chosen on validation data among the
+    candidates, and the final fit is the fit of the chosen size and passes."""
+    post = bnnzoo.fit("em-tdamp", boston, epochs=4, patience=2, progress=False, seed=0)
+    chosen = post.fit_state.epoch_selection
+    assert [c["batch_size"] for c in chosen["candidates"]] == [32, 8]
+    best = max(chosen["candidates"], key=lambda c: c["score"])
+    assert chosen["batch_size"] == best["batch_size"] == post.fit_batch_size
+    assert chosen["epochs"] == best["epochs"] == len(post.history.loss)
+    direct = bnnzoo.fit("em-tdamp", boston, epochs=chosen["epochs"], batch_size=chosen["batch_size"],
+                        validation_fraction=None, progress=False, seed=0)
+    a, b = _params(post), _params(direct)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        bnnzoo.create("em-tdamp", "regression", (13,), 1, validation_fraction=None)

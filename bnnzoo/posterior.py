@@ -251,6 +251,10 @@ class Posterior(ABC):
     SELECTION_DRAWS = 20
     #: the minibatch sizes :meth:`select_epochs` compares when ``train.batch_size`` is ``None``
     BATCH_SIZE_CANDIDATES = (8, 32)
+    #: a candidate size that would cut a pass into more minibatches than this is not tried (the
+    #: largest candidate always is): small batches help where a pass has few updates, and on large
+    #: data they only multiply the cost of a pass
+    MAX_SELECTED_BATCHES_PER_PASS = 1000
 
     def select_epochs(self, x, y, progress: bool = False) -> dict[str, Any]:
         """Choose the number of epochs (and, where ``train.batch_size`` is ``None``, the minibatch
@@ -264,7 +268,9 @@ class Posterior(ABC):
         seed, so the epochs are compared on common random numbers); the copy stops once
         ``train.patience`` epochs have passed without a better score. The chosen number is the best
         epoch. With ``batch_size`` ``None`` this runs once per size of :data:`BATCH_SIZE_CANDIDATES`
-        and the size with the best score wins (ties: the larger, cheaper one). Returns ``{"epochs",
+        (the largest, and each smaller one that cuts a pass into at most
+        :data:`MAX_SELECTED_BATCHES_PER_PASS` minibatches) and the size with the best score wins
+        (ties: the larger, cheaper one). Returns ``{"epochs",
         "batch_size", "max_epochs", "validation_fraction", "patience", "validation_rows",
         "validation_log_likelihood"}`` (the winner's score after each epoch run) and, when sizes were
         compared, ``"candidates"`` (per size: its best epoch and score)."""
@@ -281,8 +287,12 @@ class Posterior(ABC):
         fit_rows, val_rows = order[n_val:], order[:n_val]
         x_val, y_val = x[val_rows], y[val_rows]
         draws = 1 if getattr(self, "point_estimate", False) else self.SELECTION_DRAWS
-        sizes = [train["batch_size"]] if train["batch_size"] is not None else sorted(self.BATCH_SIZE_CANDIDATES,
-                                                                                      reverse=True)
+        if train["batch_size"] is not None:
+            sizes = [train["batch_size"]]
+        else:
+            largest = max(self.BATCH_SIZE_CANDIDATES)
+            sizes = [b for b in sorted(self.BATCH_SIZE_CANDIDATES, reverse=True)
+                     if b == largest or (n - n_val) / b <= self.MAX_SELECTED_BATCHES_PER_PASS]
         runs = []
         for size in sizes:
             twin = copy.deepcopy(self)

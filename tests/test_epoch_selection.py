@@ -105,3 +105,18 @@ def test_batch_size_null_is_chosen_with_the_passes(boston):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="batch_size"):
         bnnzoo.create("em-tdamp", "regression", (13,), 1, validation_fraction=None)
+
+
+def test_small_batches_are_not_tried_where_a_pass_has_many_updates(boston, monkeypatch):
+    """A candidate size that would cut a pass into more than MAX_SELECTED_BATCHES_PER_PASS
+    minibatches is skipped; the largest candidate is always tried."""
+    from bnnzoo.posterior import Posterior
+
+    n_fit = boston.n_train - round(0.2 * boston.n_train)
+    monkeypatch.setattr(Posterior, "MAX_SELECTED_BATCHES_PER_PASS", n_fit // 8 - 1)  # 8 just too small
+    post = bnnzoo.fit("em-tdamp", boston, epochs=2, patience=1, progress=False, seed=0)
+    chosen = post.fit_state.epoch_selection
+    assert "candidates" not in chosen and chosen["batch_size"] == 32
+    monkeypatch.setattr(Posterior, "MAX_SELECTED_BATCHES_PER_PASS", -(-n_fit // 8))  # 8 just allowed
+    post = bnnzoo.fit("em-tdamp", boston, epochs=2, patience=1, progress=False, seed=0)
+    assert [c["batch_size"] for c in post.fit_state.epoch_selection["candidates"]] == [32, 8]

@@ -61,6 +61,12 @@ What is implemented, and where it departs from the paper:
   the probit product over the classes (it sums to one only for two classes).
 * **Initialisation**: a pseudo-message centred on a draw from the slab (``init_precision``) breaks the
   symmetry between neurons; the forgetting factor wipes it out over the first ``memory`` passes.
+
+Number of passes and batch size (regression defaults): chosen per fit on a validation part of the
+training rows (:meth:`~bnnzoo.posterior.Posterior.select_epochs`: ``validation_fraction`` 0.2, at most
+``epochs`` = 200 passes, ``patience`` 30; ``batch_size: null`` compares batches of 32 and 8), then the
+fit runs on all rows with the winners; recorded in ``fit_state.epoch_selection``. Classification runs
+the configured 20 passes of 128.
 """
 
 from __future__ import annotations

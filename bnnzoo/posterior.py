@@ -41,9 +41,10 @@ from .data import validate_arrays
 from .devices import resolve_device
 from .diagnostics import to_arviz
 from .guides import bmr
+from .guides import predictive_moments as moments
 from .guides.training import TrainingHistory
 from .models.errors import ConfigError, DataError, NotFittedError, RunError
-from .models.likelihoods import noise_m_step
+from .models.likelihoods import CategoricalLikelihood, GaussianLikelihood, noise_m_step
 from .models.sparsity import sparsity_report
 from .models.standardizer import Standardizer
 
@@ -51,6 +52,28 @@ FORMAT_VERSION = 2
 #: weight draws behind the noise refit after pruning (:meth:`Posterior.refit_noise`)
 NOISE_REFIT_DRAWS = 100
 READABLE_FORMATS = (1, 2)
+
+# ---- the sample count set by the Monte Carlo error (``num_samples="auto"``) -------------------------
+#: weight draws between two checks of the Monte Carlo error
+AUTO_BLOCK = 16
+#: the fewest draws ``"auto"`` uses (its error estimate needs a few blocks; a point estimate uses one)
+AUTO_MIN_DRAWS = 32
+#: the most draws ``"auto"`` uses, whatever the error then (recorded in ``Prediction.mc_error``)
+AUTO_MAX_DRAWS = 1024
+#: classification: the root mean square over the points of the Monte Carlo error of the predicted
+#: probability vector (Euclidean norm; it bounds the error of each class probability),
+#: ``sqrt(mean_n sum_k s_nk^2 / S)``, must be at most this (units of probability)
+AUTO_PROB_TOLERANCE = 0.005
+#: regression: the root mean square over the points of the standard error of the predictive mean
+#: relative to the predictive sd, ``sqrt(mean_n s_n^2 / (S sd_n^2))``, must be at most this (a mean
+#: off by ``d`` predictive sds lowers the expected log density by ``d^2 / 2``: 0.00125 nats at 0.05)
+AUTO_MEAN_TOLERANCE = 0.05
+#: ``method="moments"`` (classification): quasi-Monte Carlo points of the logits' Gaussian, each
+#: with its antithetic twin (:func:`bnnzoo.guides.predictive_moments.sampled_softmax`)
+MOMENT_LOGIT_POINTS = 128
+#: the prediction methods: Monte Carlo over weight draws, moment propagation (classification: with
+#: draws of the logits' Gaussian), moment propagation with the probit approximation of the softmax
+PREDICT_METHODS = ("sample", "moments", "probit")
 
 
 @dataclass
@@ -61,12 +84,20 @@ class Prediction:
     original units. Classification: ``probs``, the predictive class probabilities (``mean`` is the same
     tensor). ``samples`` holds the network outputs of every weight draw, shape ``(S, N, out)``
     (original units for regression, logits for classification), when asked for.
+
+    ``method``: how it was computed (:data:`PREDICT_METHODS`); ``num_samples``: the weight draws
+    behind it (0 for the moment methods; with ``num_samples="auto"`` the number the rule chose);
+    ``mc_error``: with ``"auto"``, the Monte Carlo error criterion at the last draw (see
+    :meth:`Posterior.predict`), else ``None``.
     """
 
     task: str
     mean: torch.Tensor
     std: torch.Tensor | None = None
     samples: torch.Tensor | None = None
+    method: str = "sample"
+    num_samples: int | None = None
+    mc_error: float | None = None
 
     @property
     def probs(self) -> torch.Tensor:
@@ -117,6 +148,45 @@ class FitState:
         return cls(temperature=float(values.get("temperature", 1.0)),
                    pruning=[PruningRecord(**r) for r in values.get("pruning", [])],
                    epoch_selection=values.get("epoch_selection"))
+
+
+class _MonteCarloError:
+    """The Monte Carlo standard error of a predictive from running sums over output draws, the
+    criterion of ``num_samples="auto"`` (:meth:`Posterior.predict`).
+
+    Classification (``add`` takes logits): ``sqrt(mean_n sum_k s_nk^2 / S)`` with ``s_nk^2`` the
+    unbiased sample variance of ``softmax(f)_k`` for point ``n`` over the ``S`` draws; tolerance
+    :data:`AUTO_PROB_TOLERANCE`. Regression (standardised outputs): ``sqrt(mean_n s_n^2 / (S
+    sd_n^2))``, ``sd_n^2`` the predictive variance (the draws' variance plus ``noise_var``);
+    tolerance :data:`AUTO_MEAN_TOLERANCE`. The sums stay on the device; :meth:`error` is the one
+    host synchronisation, once per block of draws.
+    """
+
+    def __init__(self, task: str, noise_var: float):
+        self.task, self.noise_var = task, noise_var
+        self.tolerance = AUTO_PROB_TOLERANCE if task == "classification" else AUTO_MEAN_TOLERANCE
+        self.count = 0
+        self.first = self.second = None
+        self.last_error: float | None = None
+
+    def add(self, f: torch.Tensor) -> None:
+        v = torch.softmax(f, -1) if self.task == "classification" else f.squeeze(-1)
+        self.first = v if self.first is None else self.first + v
+        self.second = v * v if self.second is None else self.second + v * v
+        self.count += 1
+
+    def error(self) -> float:
+        s = self.count
+        if s < 2:
+            self.last_error = math.inf
+            return self.last_error
+        spread = (self.second / s - (self.first / s) ** 2).clamp_min(0)  # the variance over the draws
+        if self.task == "classification":
+            sq = spread.sum(-1) * (s / (s - 1)) / s
+        else:
+            sq = spread * (s / (s - 1)) / s / (spread + self.noise_var).clamp_min(torch.finfo(spread.dtype).tiny)
+        self.last_error = float(sq.mean().sqrt())
+        return self.last_error
 
 
 class _SelectionDone(Exception):
@@ -393,22 +463,164 @@ class Posterior(ABC):
             if seed is not None:
                 torch.manual_seed(seed)
             for params in (self.fitted_weights if fitted else self.draw_weights)(num_samples):
-                yield torch.cat([self.net(x[i:i + chunk_size], params) for i in range(0, len(x), chunk_size)])
+                yield self._forward(x, params, chunk_size)
+
+    def _forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+        """The network outputs for all of ``x`` under one set of weights, in chunks of ``chunk_size``."""
+        return torch.cat([self.net(x[i:i + chunk_size], params) for i in range(0, len(x), chunk_size)])
+
+    def _predictive_draws(self, x: torch.Tensor, num_samples, chunk_size: int,
+                          seed: int | None) -> tuple[Iterator[torch.Tensor], _MonteCarloError | None]:
+        """The output draws behind a prediction: ``num_samples`` of them (:meth:`_output_draws`), or
+        with ``num_samples="auto"`` as many as :meth:`_auto_output_draws` decides, with the monitor
+        that counts them (``None`` for a fixed count)."""
+        if isinstance(num_samples, str):
+            if num_samples != "auto":
+                raise ConfigError(f"num_samples must be a positive integer or 'auto', got {num_samples!r}")
+            monitor = _MonteCarloError(self.task, self.noise_scale() ** 2 if self.task == "regression" else 0.0)
+            return self._auto_output_draws(x, chunk_size, seed, monitor), monitor
+        return self._output_draws(x, num_samples, chunk_size, seed), None
 
     @torch.no_grad()
-    def predict(self, x, num_samples: int = 100, chunk_size: int = 4096, return_samples: bool = False,
-                seed: int | None = 0) -> Prediction:
-        """The posterior predictive for raw inputs ``x``, averaging ``num_samples`` weight draws.
+    def _auto_output_draws(self, x: torch.Tensor, chunk_size: int, seed: int | None,
+                           monitor: _MonteCarloError) -> Iterator[torch.Tensor]:
+        """Output draws until the Monte Carlo error of the predictive is small (``num_samples="auto"``).
 
-        Memory stays bounded: weights are drawn one set at a time and ``x`` is pushed through in
-        chunks of ``chunk_size`` examples; only running sums are kept unless ``return_samples``.
+        Draws come in blocks of :data:`AUTO_BLOCK`; after each block, once :data:`AUTO_MIN_DRAWS`
+        are in, the sampling stops when ``monitor``'s error (:class:`_MonteCarloError`: the
+        criterion of :meth:`predict`) is at most its tolerance, and in any case at
+        :data:`AUTO_MAX_DRAWS`. Independent draws (a guide) are those of :meth:`_output_draws` in
+        order, so ``"auto"`` stopping at ``S`` gives exactly the prediction of ``num_samples=S``
+        with the same seed. A point estimate takes one draw (its draws are all the same). Stored
+        samples (a sampler's chains) are visited in a random order (fixed by ``seed``) over at most
+        :data:`AUTO_MAX_DRAWS` of them spread evenly over the chains, so that every prefix is spread
+        over the whole run; the standard error then treats them as independent (thinned) draws.
+        Running out of draws with the error above the tolerance warns (``UserWarning``).
+        """
+        if self.point_estimate:
+            draws = self._output_draws(x, 1, chunk_size, seed)
+        elif self.stores_samples:
+            draws = self._stored_draws_in_random_order(x, chunk_size, seed)
+        else:
+            draws = self._output_draws(x, AUTO_MAX_DRAWS, chunk_size, seed)
+        try:
+            for f in draws:
+                monitor.add(f)
+                yield f
+                if (monitor.count >= AUTO_MIN_DRAWS and monitor.count % AUTO_BLOCK == 0
+                        and monitor.error() <= monitor.tolerance):
+                    return
+            if not self.point_estimate and monitor.error() > monitor.tolerance:
+                warnings.warn(f"{self.name}: num_samples='auto' used all {monitor.count} draws it may "
+                              f"({'the stored draws, at most ' if self.stores_samples else ''}AUTO_MAX_DRAWS="
+                              f"{AUTO_MAX_DRAWS}) and its Monte Carlo error {monitor.last_error:.3g} is still "
+                              f"above the tolerance {monitor.tolerance:g}", UserWarning, stacklevel=4)
+        finally:
+            draws.close()  # leaves the seeded random state of _output_draws now, not at garbage collection
+            if self.point_estimate:
+                monitor.last_error = 0.0  # every draw is the same: no Monte Carlo error
+            elif monitor.count:
+                monitor.error()  # the criterion at the last draw, recorded for the prediction
+
+    def _stored_draws_in_random_order(self, x: torch.Tensor, chunk_size: int, seed: int | None) -> Iterator[torch.Tensor]:
+        """The outputs of up to :data:`AUTO_MAX_DRAWS` stored draws (spread evenly over the stored
+        ones by :meth:`draw_weights`), in a random order (``seed``) so that any prefix is spread too."""
+        total = min(int(getattr(self, "num_draws", AUTO_MAX_DRAWS)), AUTO_MAX_DRAWS)
+        stored = list(self.draw_weights(total))  # views of the stored tensors: no copy
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        for i in torch.randperm(len(stored), generator=generator).tolist():
+            yield self._forward(x, stored[i], chunk_size)
+
+    def _check_predict_method(self, method: str) -> None:
+        """Raise unless ``method`` is one of :data:`PREDICT_METHODS` and, for the moment methods,
+        this posterior supports them (:meth:`_moment_weights` says why not)."""
+        if method not in PREDICT_METHODS:
+            raise ConfigError(f"method must be one of {', '.join(map(repr, PREDICT_METHODS))}, got {method!r}")
+        if method != "sample":
+            self._moment_weights()
+
+    def _moment_weights(self):
+        """The independent Gaussian weights of this posterior for the moment-propagated predictive
+        (:func:`bnnzoo.guides.predictive_moments.gaussian_weight_moments`), after checking that it
+        applies: a guide posterior that predicts from its guide's own draws, a guide with independent
+        Gaussian weights, a dense ReLU network and a Gaussian or softmax likelihood. Anything else
+        raises ``TypeError`` naming what is not supported (there is no fallback to sampling)."""
+        guide = getattr(self, "guide", None)
+        if guide is None or type(self).draw_weights is not GuidePosterior.draw_weights:
+            raise TypeError(f"the moment-propagated predictive needs a posterior that predicts from a guide's "
+                            f"Gaussian weights; {self.name} ({type(self).__name__}) predicts from "
+                            f"{'stored samples' if guide is None else 'draws of its own'}")
+        likelihood = self.model.likelihood
+        if type(likelihood) not in (GaussianLikelihood, CategoricalLikelihood):
+            raise TypeError(f"the moment-propagated predictive supports the Gaussian and the softmax "
+                            f"likelihoods; {self.name} has {type(likelihood).__name__}")
+        moments.check_network(self.net)
+        return moments.gaussian_weight_moments(guide)
+
+    def _output_moments(self, x: torch.Tensor, chunk_size: int, full_covariance: bool):
+        """:func:`~bnnzoo.guides.predictive_moments.output_moments` of standardised inputs ``x`` in
+        chunks of ``chunk_size``: the outputs' mean and variance (and covariance)."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+            raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        weights = self._moment_weights()
+        parts = [moments.output_moments(self.net, x[i:i + chunk_size], weights, full_covariance)
+                 for i in range(0, len(x), chunk_size)]
+        return [torch.cat(column) for column in zip(*parts)]
+
+    def _moment_probs(self, x: torch.Tensor, method: str, chunk_size: int, seed: int | None) -> torch.Tensor:
+        """Classification: the predictive class probabilities of standardised inputs ``x`` by moment
+        propagation; ``"moments"``: the average softmax over :data:`MOMENT_LOGIT_POINTS` quasi-random
+        points of the logits' Gaussian and their antithetic twins (full covariance of the last
+        layer's logits), ``"probit"``: the probit approximation."""
+        if method == "probit":
+            mean, var = self._output_moments(x, chunk_size, False)
+            return moments.probit_softmax(mean, var)
+        mean, _, cov = self._output_moments(x, chunk_size, True)
+        return moments.sampled_softmax(mean, cov, MOMENT_LOGIT_POINTS, seed)
+
+    @torch.no_grad()
+    def predict(self, x, num_samples: int | str = 100, chunk_size: int = 4096, return_samples: bool = False,
+                seed: int | None = 0, method: str = "sample") -> Prediction:
+        """The posterior predictive for raw inputs ``x``.
+
+        ``method="sample"`` (default) averages ``num_samples`` weight draws. Memory stays bounded:
+        weights are drawn one set at a time and ``x`` is pushed through in chunks of ``chunk_size``
+        examples; only running sums are kept unless ``return_samples``.
+
+        ``num_samples="auto"``: draws in blocks of :data:`AUTO_BLOCK` until the Monte Carlo standard
+        error of the predictive is small, between :data:`AUTO_MIN_DRAWS` and :data:`AUTO_MAX_DRAWS`
+        draws (one for a point estimate). With ``S`` draws and ``s^2`` the sample variance over the
+        draws: classification stops when ``sqrt(mean_n sum_k s_nk^2 / S) <= AUTO_PROB_TOLERANCE``
+        (``s_nk``: of the probability of class ``k`` for point ``n``; ``sum_k s_nk^2 / S`` is the
+        expected squared Euclidean error of point ``n``'s probability vector, so the criterion is
+        its root mean square over the points, a bound on that of any one class probability);
+        regression when ``sqrt(mean_n s_n^2 / (S sd_n^2)) <= AUTO_MEAN_TOLERANCE`` (``s_n``: of the
+        network output, ``sd_n``: the predictive sd, noise included: the root mean square of the
+        predictive mean's standard error in predictive sds). The result records ``num_samples``
+        and ``mc_error``.
+
+        ``method="moments"`` (a mean-field Gaussian or point-mass guide on a dense ReLU network;
+        anything else raises ``TypeError``): no weight draws; the mean and variance of every unit are
+        propagated layer by layer (:mod:`bnnzoo.guides.predictive_moments`). Regression: the
+        predictive mean and variance (plus the noise). Classification: the average softmax over
+        :data:`MOMENT_LOGIT_POINTS` quasi-random points of the logits' Gaussian (and their
+        antithetic twins). ``method="probit"``: the same
+        moments, the class probabilities by the probit approximation ``softmax(mu / sqrt(1 + pi/8
+        var))`` (cheaper, less accurate: see ``docs/methods/map-meanfield.md``). ``num_samples`` is
+        not used and ``return_samples`` is refused by both.
         """
         self._require_fitted()
+        self._check_predict_method(method)
         x, _ = self.validate(x, None, "inputs")
         x = self.standardizer.x(x.to(self.device))
+        if method != "sample":
+            if return_samples:
+                raise ConfigError(f"return_samples: method={method!r} draws no weights, so there are no samples")
+            return self._predict_moments(x, method, chunk_size, seed)
         first = second = None
         kept = []
-        for f in self._output_draws(x, num_samples, chunk_size, seed):
+        draws, monitor = self._predictive_draws(x, num_samples, chunk_size, seed)
+        for f in draws:
             if self.task == "classification":
                 p = torch.softmax(f, -1)
                 first = p if first is None else first + p
@@ -419,12 +631,26 @@ class Posterior(ABC):
             if return_samples:
                 kept.append(f if self.task == "classification" else f.unsqueeze(-1))
         samples = torch.stack(kept) if return_samples else None
+        if monitor is not None:
+            num_samples = monitor.count
+        record = {"num_samples": num_samples, "mc_error": None if monitor is None else monitor.last_error}
         mean = first / num_samples
         if self.task == "classification":
-            return Prediction("classification", mean, samples=samples)
+            return Prediction("classification", mean, samples=samples, **record)
         noise = self.noise_scale() * self.standardizer.y_scale
         var = (second / num_samples - mean**2).clamp_min(0) + noise**2
-        return Prediction("regression", mean, var.sqrt(), samples)
+        return Prediction("regression", mean, var.sqrt(), samples, **record)
+
+    def _predict_moments(self, x: torch.Tensor, method: str, chunk_size: int, seed: int | None) -> Prediction:
+        """:meth:`predict` by moment propagation, for standardised inputs ``x``."""
+        if self.task == "classification":
+            return Prediction("classification", self._moment_probs(x, method, chunk_size, seed),
+                              method=method, num_samples=0)
+        mean, var = self._output_moments(x, chunk_size, False)
+        scale = self.standardizer.y_scale
+        std = (var.squeeze(-1) * scale**2 + (self.noise_scale() * scale) ** 2).sqrt()
+        return Prediction("regression", self.standardizer.y_inverse(mean.squeeze(-1)), std,
+                          method=method, num_samples=0)
 
     def noise_scale(self, original_units: bool = False) -> float:
         """The likelihood's noise scale (regression): in standardised units, or in the units of ``y``."""
@@ -432,28 +658,53 @@ class Posterior(ABC):
         return scale * self.standardizer.y_scale if original_units else scale
 
     @torch.no_grad()
-    def log_likelihood(self, x, y, num_samples: int = 100, chunk_size: int = 4096, seed: int | None = 0) -> torch.Tensor:
-        """Pointwise log predictive density ``log (1/S) sum_s p(y_n | x_n, w_s)`` in the original units."""
+    def log_likelihood(self, x, y, num_samples: int | str = 100, chunk_size: int = 4096, seed: int | None = 0,
+                       method: str = "sample") -> torch.Tensor:
+        """Pointwise log predictive density ``log (1/S) sum_s p(y_n | x_n, w_s)`` in the original units.
+
+        ``num_samples="auto"`` and ``method`` as in :meth:`predict` (``"auto"`` applies the same rule
+        to the same draws, so it stops where :meth:`predict` does with the same seed). The moment
+        methods give ``log p_n(y_n)`` of the moment predictive: regression, the Gaussian with the
+        propagated mean and variance plus the noise; classification, the log of the predicted
+        probability of the observed class."""
         self._require_fitted()
+        self._check_predict_method(method)
         x, y = self.validate(x, y, "test data")
         x = self.standardizer.x(x.to(self.device))
         y = self.standardizer.y(y.to(self.device))
+        if method != "sample":
+            if self.task == "classification":
+                probs = self._moment_probs(x, method, chunk_size, seed)
+                lp = torch.log(probs.gather(-1, y.unsqueeze(-1)).squeeze(-1).clamp_min(torch.finfo(probs.dtype).tiny))
+            else:
+                mean, var = self._output_moments(x, chunk_size, False)
+                total = var.squeeze(-1) + self.noise_scale() ** 2
+                lp = -0.5 * ((y - mean.squeeze(-1)) ** 2 / total + torch.log(2 * math.pi * total))
+            return lp - math.log(self.standardizer.y_scale)
         acc = None
-        for f in self._output_draws(x, num_samples, chunk_size, seed):
+        draws, monitor = self._predictive_draws(x, num_samples, chunk_size, seed)
+        for f in draws:
             lp = self.model.likelihood.log_prob(f, y)
             acc = lp if acc is None else torch.logaddexp(acc, lp)
+        if monitor is not None:
+            num_samples = monitor.count
         return acc - math.log(num_samples) - math.log(self.standardizer.y_scale)
 
-    def evaluate(self, x, y, num_samples: int = 100, chunk_size: int = 4096, seed: int | None = 0) -> dict[str, float]:
+    def evaluate(self, x, y, num_samples: int | str = 100, chunk_size: int = 4096, seed: int | None = 0,
+                 method: str = "sample") -> dict[str, float]:
         """Test metrics. Regression: ``rmse`` and ``log_likelihood`` (mean per point, original units).
-        Classification: ``accuracy``, ``nll``, ``ece`` (15 bins), ``brier``."""
+        Classification: ``accuracy``, ``nll``, ``ece`` (15 bins), ``brier``. ``num_samples="auto"``
+        and ``method`` as in :meth:`predict`."""
         self._require_fitted()
+        self._check_predict_method(method)
         _, y = self.validate(x, y, "test data")  # bad labels fail before any prediction is made
-        pred = self.predict(x, num_samples, chunk_size, seed=seed)
+        # the new options are passed only when used: an entry's own predict keeps its signature
+        extra = {} if method == "sample" else {"method": method}
+        pred = self.predict(x, num_samples, chunk_size, seed=seed, **extra)
         y = y.to(self.device)
         if self.task == "classification":
             return metrics.classification_metrics(pred.probs, y)
-        ll = self.log_likelihood(x, y, num_samples, chunk_size, seed)
+        ll = self.log_likelihood(x, y, num_samples, chunk_size, seed, **extra)
         return {"rmse": metrics.rmse(pred.mean, y), "log_likelihood": float(ll.mean())}
 
     def score(self, x, y, num_samples: int = 100) -> float:

@@ -7,6 +7,7 @@ Import as ``bnnzoo.guides``; of the rest of bnnzoo it imports only the layer bel
 from . import (
     bmr,
     closed_form_kl,  # noqa: F401  (registers the closed-form KLs with torch)
+    predictive_moments,
 )
 from .delta import PointMass
 from .elbo import LocalReparamELBO
@@ -31,5 +32,6 @@ __all__ = [
     "WeightGuide",
     "bmr",
     "kl_normal_zero_mean",
+    "predictive_moments",
     "untempered_variance",
 ]

@@ -1,5 +1,5 @@
 """The ``peers`` suites: one MNIST classification task through plain PyTorch Adam, bnnzoo and the
-peer libraries (bayesian-torch, TyXe, laplace-torch), side by side in one process (issue 17).
+peer libraries (bayesian-torch, TyXe, laplace-torch), side by side in one process.
 
 Task: MNIST train5k -> t10k (:func:`bnnzoo.data.load_dataset`), LeNet-300-100, batch 128, learning
 rate 1e-3, 20 epochs, seed 0 (``peers-mnist``); ``peers-quick`` is the plumbing check: 1 epoch,

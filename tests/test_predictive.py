@@ -1,4 +1,4 @@
-"""Cheaper prediction (issue 17, point 3): the moment-propagated predictive of a mean-field Gaussian
+"""Cheaper prediction: the moment-propagated predictive of a mean-field Gaussian
 posterior against Monte Carlo over weight draws, the cases it refuses, and ``num_samples="auto"``
 (the sample count set by the Monte Carlo error)."""
 

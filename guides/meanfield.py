@@ -155,10 +155,7 @@ class MeanFieldNormal(WeightGuide):
         """``KL(q || p)`` summed over every weight site."""
         total = torch.zeros((), device=self._device())
         for site in self.net.sites():
-            loc, log_scale = get_site(self.locs, site), get_site(self.log_scales, site)
-            var, keep = torch.exp(2 * log_scale), self.mask(site)
-            if keep is not None:
-                loc, var, log_scale = loc * keep, var * keep, log_scale * keep
+            _, loc, var, log_scale, keep = self.masked_moments(*split_site(site))
             total = total + self._kl(model.prior, site, loc, var, log_scale, keep)
         return total
 
@@ -339,10 +336,7 @@ class LayerScaleMeanFieldNormal(MeanFieldNormal):
         total = self.scale_kl().to(self._device())
         one = torch.ones((), device=self._device())
         for site in self.net.sites():
-            loc, log_scale = get_site(self.locs, site), get_site(self.log_scales, site)
-            var, keep = torch.exp(2 * log_scale), self.mask(site)
-            if keep is not None:
-                loc, var, log_scale = loc * keep, var * keep, log_scale * keep
+            _, loc, var, log_scale, keep = self.masked_moments(*split_site(site))
             total = total + kl_normal_zero_mean(loc, var, log_scale, one)
             if keep is not None:
                 total = total + 0.5 * (~keep).sum()

@@ -3,9 +3,13 @@ peer libraries (bayesian-torch, TyXe, laplace-torch), side by side in one proces
 
 Task: MNIST train5k -> t10k (:func:`bnnzoo.data.load_dataset`), LeNet-300-100, batch 128, learning
 rate 1e-3, 20 epochs, seed 0 (``peers-mnist``); ``peers-quick`` is the plumbing check: 1 epoch,
-1,000 training images drawn at random and the first 1,000 test images. Run it on one CPU thread::
+1,000 training images drawn at random and the first 1,000 test images. ``peers-lenet5`` and
+``peers-lenet5-quick`` are the same with bnnzoo's ``lenet5`` convolutional network. Run on one CPU
+thread::
 
     python -m benchmarks.run peers-quick --threads 1
+
+(The Boston regression task is :mod:`benchmarks.bench_peers_boston`.)
 
 Every method is scored by the same code, :func:`score` (:func:`bnnzoo.metrics.classification_metrics`:
 accuracy, NLL, ECE over 15 equal-width confidence bins, Brier), on the same standardised inputs (the
@@ -15,7 +19,10 @@ harness's :class:`~benchmarks.harness.PlainTorch` fed the same index batches as 
 epoch time is reported as the ratio of median epoch times (:func:`~benchmarks.harness.epoch_ratio`,
 first epoch skipped). bnnzoo entries run through :func:`benchmarks.harness.fit_with_baseline` with
 their catalog defaults (the task's architecture; ``peers-quick`` also sets ``epochs=1``), which
-interleaves the harness's own plain Adam epochs of the same batch size. Laplace is post hoc on the
+interleaves the harness's own plain Adam epochs of the same batch size; each bnnzoo fit predicts
+with the library's default predictive and, where the posterior supports them, also with the
+``moments`` and ``probit`` predictives (rows ``"... (moments)"``, ``"... (probit)"``), and records
+its whole fit time (calibration included) in plain-Adam epochs. Laplace is post hoc on the
 reference Adam network: it reports its fit time, in seconds and in plain-Adam epochs. Every method
 reports the time to predict the test set and the samples its predictive uses (0: closed form).
 
@@ -42,9 +49,11 @@ from bnnzoo.models.networks import build_network
 from bnnzoo.models.standardizer import Standardizer
 
 from . import peers_libs
-from .harness import TEST_DRAWS, PlainTorch, epoch_ratio, fit_with_baseline
+from .harness import PlainTorch, epoch_ratio, fit_with_baseline
 
 ARCH = "lenet-300-100"
+#: the convolutional task's architecture (:func:`bnnzoo.models.networks.lenet5`)
+CONV_ARCH = "lenet5"
 EPOCHS = 20
 BATCH_SIZE = 128
 LR = 1e-3
@@ -81,9 +90,11 @@ class PairedPlain(PlainTorch):
 
 @dataclass
 class PeerTask:
-    """One classification task as every method of the suite sees it: ``dataset`` (raw, what bnnzoo's
-    ``fit`` takes), the standardised training and test tensors on ``device``, and the training
-    settings. :meth:`schedule` gives every method the same index batches."""
+    """One task as every method of the suite sees it: ``dataset`` (raw, what bnnzoo's ``fit`` takes),
+    the standardised training inputs and test inputs on ``device``, the training targets (class
+    labels, or for regression standardised with the training targets' mean and sd, as bnnzoo does)
+    and raw test targets, ``standardizer``, and the training settings (``hidden``: the hidden widths
+    of an ``mlp``, else ``None``). :meth:`schedule` gives every method the same index batches."""
 
     name: str
     dataset: object
@@ -93,7 +104,9 @@ class PeerTask:
     lr: float = LR
     seed: int = SEED
     arch: str = ARCH
+    hidden: list[int] | None = None
     bnnzoo_options: dict = field(default_factory=dict)
+    standardizer: Standardizer = field(init=False)
     x_train: torch.Tensor = field(init=False)
     y_train: torch.Tensor = field(init=False)
     x_test: torch.Tensor = field(init=False)
@@ -101,15 +114,16 @@ class PeerTask:
 
     def __post_init__(self):
         data = self.dataset
-        std = Standardizer.from_data(data.x_train, data.y_train, data.task).to(self.device)
+        std = self.standardizer = Standardizer.from_data(data.x_train, data.y_train, data.task).to(self.device)
         self.x_train = std.x(data.x_train.to(self.device))
-        self.y_train = data.y_train.to(self.device)
+        self.y_train = std.y(data.y_train.to(self.device))
         self.x_test = std.x(data.x_test.to(self.device))
         self.y_test = data.y_test.to(self.device)
 
     def network(self):
         """The task's bnnzoo :class:`~bnnzoo.models.networks.Network`."""
-        return build_network(self.arch, tuple(self.dataset.x_train.shape[1:]), int(self.dataset.num_classes))
+        return build_network(self.arch, tuple(self.dataset.x_train.shape[1:]), int(self.dataset.output_dim),
+                             self.hidden)
 
     def torch_network(self) -> torch.nn.Sequential:
         """The same architecture as a fresh plain PyTorch module (PyTorch's default initialisation)."""
@@ -128,8 +142,8 @@ class PeerTask:
 
     def plain(self) -> PairedPlain:
         """A fresh plain Adam run (seeded with ``seed``) of the task's network."""
-        return PairedPlain(self.network(), self.x_train, self.y_train, "classification", self.batch_size, self.lr,
-                           "adam", self.seed)
+        return PairedPlain(self.network(), self.x_train, self.y_train, self.dataset.task, self.batch_size,
+                           self.lr, "adam", self.seed)
 
     def train_paired(self, epoch_fn) -> tuple[list[float], PairedPlain]:
         """Run ``epoch_fn(batches)`` once per epoch of :meth:`schedule`, each followed by a plain Adam
@@ -142,11 +156,15 @@ class PeerTask:
             plain.epoch_on(batches)
         return seconds, plain
 
+    def score(self, predictive) -> dict[str, float]:
+        """The metrics of a method's test-set ``predictive``: here class probabilities, by :func:`score`."""
+        return score(predictive, self.y_test)
+
     def row(self, probs, seconds: list[float], plain: PlainTorch, predict_seconds: float, samples: int, *,
             predictive: str, config: dict) -> dict:
-        """The result row of a trained method: its :func:`score`, epoch times against ``plain``'s, and
+        """The result row of a trained method: its :meth:`score`, epoch times against ``plain``'s, and
         prediction cost."""
-        return {**score(probs, self.y_test), "epochs": len(seconds),
+        return {**self.score(probs), "epochs": len(seconds),
                 "seconds_per_epoch": statistics.median(seconds),
                 "plain_seconds_per_epoch": statistics.median(plain.epoch_seconds),
                 "epoch_time_ratio": epoch_ratio(seconds, plain.epoch_seconds),
@@ -155,24 +173,26 @@ class PeerTask:
 
     def posthoc_row(self, probs, fit_seconds: float, predict_seconds: float, samples: int, *, predictive: str,
                     config: dict) -> dict:
-        """The result row of a post hoc method (no epochs of its own): its :func:`score` and its fit and
+        """The result row of a post hoc method (no epochs of its own): its :meth:`score` and its fit and
         prediction cost; :func:`run_suite` adds the fit time in plain-Adam epochs."""
-        return {**score(probs, self.y_test), "epochs": 0, "post_hoc": True, "fit_seconds": fit_seconds,
+        return {**self.score(probs), "epochs": 0, "post_hoc": True, "fit_seconds": fit_seconds,
                 "epoch_time_ratio": None, "predict_seconds": predict_seconds, "predict_samples": samples,
                 "predictive": predictive, "config": config}
 
 
-def mnist_task(device, *, quick: bool = False) -> PeerTask:
-    """MNIST train5k -> t10k with the suite's settings; ``quick``: 1 epoch, 1,000 training images drawn
-    at random (seed :data:`SEED`; the bundled set is sorted by class) and the first 1,000 test images."""
+def mnist_task(device, *, quick: bool = False, arch: str = ARCH) -> PeerTask:
+    """MNIST train5k -> t10k with the suite's settings and network ``arch``; ``quick``: 1 epoch, 1,000
+    training images drawn at random (seed :data:`SEED`; the bundled set is sorted by class) and the
+    first 1,000 test images."""
     data = load_dataset("mnist")
+    suffix = "" if arch == ARCH else f" {arch}"
     if quick:  # the bundled training images are sorted by class: draw the 1,000 at random
         keep = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(SEED))[:1000]
         data = replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep],
                        x_test=data.x_test[:1000], y_test=data.y_test[:1000])
-        return PeerTask("mnist-train1k-t1k (quick)", data, torch.device(device), epochs=1,
+        return PeerTask(f"mnist-train1k-t1k{suffix} (quick)", data, torch.device(device), epochs=1, arch=arch,
                         bnnzoo_options={"epochs": 1})
-    return PeerTask("mnist-train5k-t10k", data, torch.device(device))
+    return PeerTask(f"mnist-train5k-t10k{suffix}", data, torch.device(device), arch=arch)
 
 
 # ---- the methods ------------------------------------------------------------------------------------
@@ -192,28 +212,66 @@ def plain_adam(task: PeerTask) -> tuple[dict, torch.nn.Module]:
     return row, plain.module
 
 
+#: the cheap predictives a bnnzoo row is also scored with, where the posterior supports them
+#: (``posterior.predict(x, method=...)``; a posterior that does not raises ``TypeError``)
+EXTRA_PREDICT_METHODS = ("moments", "probit")
+
+
+def _describe_prediction(prediction) -> str:
+    """Words for how a bnnzoo :class:`~bnnzoo.posterior.Prediction` was computed."""
+    if prediction.method == "sample":
+        text = f"mean softmax of {prediction.num_samples} posterior draws"
+        return text if prediction.mc_error is None else f"{text} (chosen by the Monte Carlo error rule)"
+    if prediction.method == "probit":
+        return "moment propagation, probit approximation of the softmax: closed form"
+    return "moment propagation, softmax averaged over quasi-random points of the logits' Gaussian"
+
+
 def bnnzoo_entry(task: PeerTask, name: str) -> dict:
     """Catalog entry ``name`` with its defaults (plus the task's architecture and ``bnnzoo_options``),
-    fitted by :func:`benchmarks.harness.fit_with_baseline` with plain Adam epochs interleaved; its
-    predictive uses :data:`~benchmarks.harness.TEST_DRAWS` draws."""
+    fitted by :func:`benchmarks.harness.fit_with_baseline` with plain Adam epochs interleaved.
+
+    The row predicts with the library's default predictive, ``posterior.predict(x, chunk_size=...)``
+    with no ``num_samples`` or ``method``: ``predict_samples`` is the returned ``num_samples`` (0:
+    closed form). Under ``extra_rows`` (which :func:`run_suite` turns into rows ``"<name> (moments)"``,
+    ``"<name> (probit)"``) the same fit scored with each of :data:`EXTRA_PREDICT_METHODS` the
+    posterior supports. Every row records ``fit_seconds_total`` (wall time of the fit call, the plain
+    Adam epochs interleaved with it subtracted; a calibration or epoch-selection fit included),
+    ``fit_in_adam_epochs`` (that over the plain run's median epoch) and ``calibration``
+    (``posterior.fit_state.calibration``)."""
+    start = time.perf_counter()
     posterior, plain = fit_with_baseline(name, task.dataset, device=task.device, seed=task.seed,
                                          network={"arch": task.arch}, **task.bnnzoo_options)
-    prediction, predict_seconds = peers_libs.timed(
-        lambda: posterior.predict(task.dataset.x_test, num_samples=TEST_DRAWS, chunk_size=PREDICT_CHUNK),
-        task.device)
+    fit_seconds = time.perf_counter() - start - sum(plain.epoch_seconds)
     seconds = posterior.history.epoch_seconds
     sp = posterior.sparsity()
     train = posterior.config["train"]
-    return {**score(prediction.probs, task.y_test), "epochs": len(seconds),
-            "seconds_per_epoch": statistics.median(seconds),
-            "plain_seconds_per_epoch": statistics.median(plain.epoch_seconds),
-            "epoch_time_ratio": epoch_ratio(seconds, plain.epoch_seconds),
-            "predict_seconds": predict_seconds, "predict_samples": TEST_DRAWS,
-            "predictive": f"mean softmax of {TEST_DRAWS} posterior draws",
-            "weights_pruned_fraction": sp["weights_pruned_fraction"], "architecture": sp["architecture"],
-            "config": {"options": dict(task.bnnzoo_options), "lr": train.get("lr"),
-                       "batch_size": train.get("batch_size"), "epochs": train.get("epochs"),
-                       "guide": posterior.config.get("guide"), "model": posterior.config.get("model")}}
+    plain_epoch = statistics.median(plain.epoch_seconds)
+    calibration = posterior.fit_state.calibration
+    common = {"epochs": len(seconds), "seconds_per_epoch": statistics.median(seconds),
+              "plain_seconds_per_epoch": plain_epoch, "epoch_time_ratio": epoch_ratio(seconds, plain.epoch_seconds),
+              "fit_seconds_total": fit_seconds, "fit_in_adam_epochs": fit_seconds / plain_epoch,
+              "calibration": dict(calibration) if calibration is not None else None,
+              "weights_pruned_fraction": sp["weights_pruned_fraction"], "architecture": sp["architecture"],
+              "config": {"options": dict(task.bnnzoo_options), "lr": train.get("lr"),
+                         "batch_size": train.get("batch_size"), "epochs": train.get("epochs"),
+                         "guide": posterior.config.get("guide"), "model": posterior.config.get("model")}}
+
+    def scored(**method) -> dict:
+        prediction, predict_seconds = peers_libs.timed(
+            lambda: posterior.predict(task.dataset.x_test, chunk_size=PREDICT_CHUNK, **method), task.device)
+        return {**score(prediction.probs, task.y_test), **common, "predict_seconds": predict_seconds,
+                "predict_samples": int(prediction.num_samples), "predict_method": prediction.method,
+                "mc_error": prediction.mc_error, "predictive": _describe_prediction(prediction)}
+
+    row = scored()
+    extra = {}
+    for method in EXTRA_PREDICT_METHODS:
+        try:
+            extra[method] = scored(method=method)
+        except TypeError as err:  # the posterior does not support this predictive: no row
+            row.setdefault("unsupported_predictives", {})[method] = str(err)
+    return {**row, "extra_rows": extra}
 
 
 #: every method of the suite, in table order: name -> (kind, runner); a runner takes the task and the
@@ -253,9 +311,11 @@ def peer_versions() -> dict[str, str | None]:
 def run_suite(task: PeerTask, methods: dict = METHODS, progress: bool = True) -> dict:
     """Run plain Adam and then each of ``methods`` on ``task``; the result the harness writes.
 
-    ``methods`` rows are under ``methods`` (plain Adam first, as ``"plain Adam"``); a method whose
-    library cannot be imported is under ``left_out`` with the reason. Post hoc rows get
-    ``fit_in_adam_epochs`` (fit seconds over the reference's median epoch)."""
+    ``methods`` rows are under ``methods`` (plain Adam first, as ``"plain Adam"``); a runner's
+    ``extra_rows`` (``{suffix: row}``, the same fit predicted otherwise) follow its row as
+    ``"<name> (<suffix>)"``; a method whose library cannot be imported is under ``left_out`` with
+    the reason. Post hoc rows get ``fit_in_adam_epochs`` (fit seconds over the reference's median
+    epoch)."""
     set_seed(task.seed)
     start = time.perf_counter()
     adam_row, adam_module = plain_adam(task)
@@ -270,11 +330,13 @@ def run_suite(task: PeerTask, methods: dict = METHODS, progress: bool = True) ->
             if progress:
                 print(f"   {name}: left out ({reason})", flush=True)
             continue
+        extra = row.pop("extra_rows", {})
         if row.get("post_hoc"):
             row["fit_in_adam_epochs"] = row["fit_seconds"] / adam_row["seconds_per_epoch"]
-        rows[name] = row
-        if progress:
-            print(f"   {name}: {_summary(row)}", flush=True)
+        for label, r in ((name, row), *((f"{name} ({suffix})", r) for suffix, r in extra.items())):
+            rows[label] = r
+            if progress:
+                print(f"   {label}: {_summary(r)}", flush=True)
     result = {"model": "peers", "dataset": task.name, "arch": task.arch,
               "task": {"epochs": task.epochs, "batch_size": task.batch_size, "lr": task.lr, "seed": task.seed,
                        "train_size": len(task.x_train), "test_size": len(task.x_test),
@@ -290,12 +352,16 @@ def run_suite(task: PeerTask, methods: dict = METHODS, progress: bool = True) ->
 def _cost(row: dict) -> str:
     if row.get("post_hoc"):
         return f"post hoc, fit {row['fit_seconds']:.1f} s"
+    if "fit_in_adam_epochs" in row:
+        return f"{row['epoch_time_ratio']:.2f}x, fit {row['fit_in_adam_epochs']:.0f} Adam epochs"
     return f"{row['epoch_time_ratio']:.2f}x"
 
 
 def _samples(row: dict) -> str:
     n = row["predict_samples"]
-    return "closed form" if n == 0 else f"{n} sample" if n == 1 else f"{n} samples"
+    if n == 0:  # bnnzoo's "moments" averages the softmax over points of the logits' Gaussian: no weight draws
+        return "no weight draws" if row.get("predict_method") == "moments" else "closed form"
+    return f"{n} sample" if n == 1 else f"{n} samples"
 
 
 def _summary(row: dict) -> str:
@@ -319,7 +385,7 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, r in result["methods"].items():
         cost = (f"post hoc (fit {r['fit_seconds']:.1f} s = {r['fit_in_adam_epochs']:.1f} Adam epochs)"
-                if r.get("post_hoc") else f"{r['epoch_time_ratio']:.2f}x")
+                if r.get("post_hoc") else _cost(r))
         lines.append(f"| {name} | {100 * r['accuracy']:.2f}% | {r['nll']:.3f} | {r['ece']:.3f} | {r['brier']:.3f} | "
                      f"{cost} | {r['predict_seconds']:.2f} s ({_samples(r)}) |")
     for name, reason in result["left_out"].items():
@@ -327,13 +393,13 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _suite(device, quick: bool) -> dict:
-    task = mnist_task(device, quick=quick)
-    key = "peers-quick" if quick else "peers-mnist"
-    result = run_suite(task)
+def _suite(key: str, device, quick: bool, arch: str = ARCH) -> dict:
+    result = run_suite(mnist_task(device, quick=quick, arch=arch))
     print(table(result), flush=True)
     return {key: result}
 
 
-SUITES = {"peers-mnist": lambda device: _suite(device, quick=False),
-          "peers-quick": lambda device: _suite(device, quick=True)}
+SUITES = {"peers-mnist": lambda device: _suite("peers-mnist", device, quick=False),
+          "peers-quick": lambda device: _suite("peers-quick", device, quick=True),
+          "peers-lenet5": lambda device: _suite("peers-lenet5", device, quick=False, arch=CONV_ARCH),
+          "peers-lenet5-quick": lambda device: _suite("peers-lenet5-quick", device, quick=True, arch=CONV_ARCH)}

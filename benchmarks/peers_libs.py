@@ -228,3 +228,159 @@ def laplace(task, adam_module: torch.nn.Module, variant: str) -> dict:
     return task.posthoc_row(probs, fit_seconds, predict_seconds, 0,
                             predictive="linearised (GLM) predictive, probit approximation: closed form",
                             config=config)
+
+
+# ---- regression (the Boston task, :mod:`benchmarks.bench_peers_boston`) ----------------------------
+#: Adam steps on (log prior precision, log sigma_noise) by the negative log marginal likelihood, and
+#: their learning rate, as laplace-torch's ``examples/regression_example.py`` (``n_epochs = 1000``,
+#: ``torch.optim.Adam([log_prior, log_sigma], lr=1e-1)``)
+LAPLACE_HYPER_STEPS = 1000
+LAPLACE_HYPER_LR = 0.1
+
+
+def bayesian_torch_regression(task, layer_type: str) -> dict:
+    """bayesian-torch 0.5 on a regression task: the plain network converted with ``dnn_to_bnn`` as
+    :func:`bayesian_torch` (README prior, ``layer_type``), trained with Adam on the Gaussian negative
+    log likelihood of the standardised targets with one learned homoscedastic noise sd (its log, a
+    parameter starting at 0, i.e. sd 1 in standardised units; bayesian-torch ships no regression
+    example, so the noise is learned jointly, as the ELBO does) plus ``get_kl_loss / N``; predictive:
+    the Gaussian mixture over :data:`BAYESIAN_TORCH_SAMPLES` forward passes in ``eval`` mode, each
+    with the learned noise."""
+    from bayesian_torch.models.dnn_to_bnn import (  # lazy: optional peer library
+        dnn_to_bnn,
+        get_kl_loss,
+    )
+
+    torch.manual_seed(task.seed)
+    net = task.torch_network()
+    params = {**BAYESIAN_TORCH_PRIOR, "type": layer_type}
+    dnn_to_bnn(net, params)
+    net = net.to(task.device)
+    log_noise = torch.zeros((), device=task.device, requires_grad=True)
+    optimizer = torch.optim.Adam([*net.parameters(), log_noise], lr=task.lr)
+    n = len(task.x_train)
+
+    def epoch(batches):
+        net.train()
+        for idx in batches:
+            optimizer.zero_grad(set_to_none=True)
+            out = net(task.x_train[idx]).squeeze(-1)
+            nll = -dist.Normal(out, log_noise.exp()).log_prob(task.y_train[idx]).mean()
+            (nll + get_kl_loss(net) / n).backward()
+            optimizer.step()
+
+    seconds, plain = task.train_paired(epoch)
+
+    @torch.no_grad()
+    def predict():
+        net.eval()
+        return torch.stack([net(task.x_test).squeeze(-1) for _ in range(BAYESIAN_TORCH_SAMPLES)])
+
+    loc, predict_seconds = timed(predict, task.device)
+    noise = log_noise.detach().exp()
+    return task.row((loc, noise), seconds, plain, predict_seconds, BAYESIAN_TORCH_SAMPLES,
+                    predictive=f"Gaussian mixture over {BAYESIAN_TORCH_SAMPLES} forward passes, learned noise",
+                    config={**params, "loss": "gaussian nll (learned noise sd) + kl / N", "train_samples": 1,
+                            "noise_sd_standardised": float(noise)})
+
+
+def tyxe_regression(task) -> dict:
+    """TyXe 0.0.2 mean-field VI on a regression task, as :func:`tyxe_mean_field` (``IIDPrior(Normal(0,
+    1))``, ``AutoNormal`` with ``init_scale=0.01`` and means at the PyTorch initialisation, local
+    reparameterisation, ``pyro.optim.Adam``) with the README's regression likelihood
+    ``tyxe.likelihoods.HomoskedasticGaussian(N, scale=...)``, whose scale is here a ``PyroParam``
+    (positive, starting at 1 in standardised units) so that it is learned with the guide, as the
+    class's documentation offers (the README fixes it at the toy data's known 0.1); predictive: the
+    Gaussian mixture over :data:`TYXE_SAMPLES` forward passes (``bnn.predict(x, num_predictions=32,
+    aggregate=False)``), each with the learned scale."""
+    import tyxe  # lazy: optional peer library
+    from pyro.nn import PyroParam
+    from torch.distributions import constraints
+
+    guide_class, shim = tyxe_guide_class()
+    pyro.clear_param_store()
+    torch.manual_seed(task.seed)
+    pyro.set_rng_seed(task.seed)
+    net = task.torch_network().to(task.device)
+    prior = tyxe.priors.IIDPrior(dist.Normal(torch.tensor(0.0, device=task.device),
+                                             torch.tensor(1.0, device=task.device)))
+    likelihood = tyxe.likelihoods.HomoskedasticGaussian(
+        len(task.x_train), scale=PyroParam(torch.tensor(1.0, device=task.device), constraint=constraints.positive))
+    init_loc = tyxe.guides.PretrainedInitializer.from_net(net, prefix="net")
+    bnn = tyxe.VariationalBNN(net, prior, likelihood,
+                              functools.partial(guide_class, init_scale=TYXE_INIT_SCALE, init_loc_fn=init_loc))
+    optim = pyro.optim.Adam({"lr": task.lr})
+    y = task.y_train.unsqueeze(-1)  # the likelihood's event dimension is the network's output
+
+    def epoch(batches):
+        with tyxe.poutine.local_reparameterization():
+            bnn.fit([(task.x_train[idx], y[idx]) for idx in batches], optim, 1)
+
+    seconds, plain = task.train_paired(epoch)
+
+    @torch.no_grad()
+    def predict():
+        with tyxe.poutine.local_reparameterization():
+            return bnn.predict(task.x_test, num_predictions=TYXE_SAMPLES, aggregate=False).squeeze(-1)
+
+    loc, predict_seconds = timed(predict, task.device)
+    noise = likelihood.scale.detach()
+    pyro.clear_param_store()
+    return task.row((loc, noise), seconds, plain, predict_seconds, TYXE_SAMPLES,
+                    predictive=f"Gaussian mixture over {TYXE_SAMPLES} forward passes, learned noise",
+                    config={"prior": "IIDPrior(Normal(0, 1))", "guide": "AutoNormal", "init_scale": TYXE_INIT_SCALE,
+                            "likelihood": "HomoskedasticGaussian, scale a PyroParam (learned)",
+                            "noise_sd_standardised": float(noise), "local_reparameterization": True, "shim": shim})
+
+
+def laplace_regression(task, adam_module: torch.nn.Module, variant: str) -> dict:
+    """laplace-torch 0.3 on a regression task, post hoc on a copy of the plain Adam network, as the
+    README's regression usage and ``examples/regression_example.py``: ``Laplace(model, "regression",
+    ...)``, ``la.fit(train_loader)``, then :data:`LAPLACE_HYPER_STEPS` Adam steps (learning rate
+    :data:`LAPLACE_HYPER_LR`) on the log prior precision and log ``sigma_noise`` (both starting at 1)
+    minimising ``-la.log_marginal_likelihood(prior_prec, sigma_noise)``; predictive: the linearised
+    ``glm`` predictive, ``f_mu, f_var = la(x, pred_type="glm")``, Gaussian with variance ``f_var +
+    sigma_noise**2`` (closed form). ``variant`` as :func:`laplace` ("last-layer-kron", "all-diag")."""
+    from laplace import Laplace  # lazy: optional peer library
+    from laplace.curvature import BackPackGGN  # lazy: optional peer library
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if variant == "last-layer-kron":
+        options = {}
+        config = {"subset_of_weights": "last_layer", "hessian_structure": "kron", "backend": "library default"}
+    elif variant == "all-diag":
+        options = {"subset_of_weights": "all", "hessian_structure": "diag", "backend": BackPackGGN}
+        config = {"subset_of_weights": "all", "hessian_structure": "diag", "backend": "BackPackGGN"}
+    else:
+        raise ValueError(f"unknown Laplace variant {variant!r}")
+    model = copy.deepcopy(adam_module).eval()
+    loader = DataLoader(TensorDataset(task.x_train, task.y_train.unsqueeze(-1)), batch_size=task.batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.manual_seed(task.seed)
+        la = Laplace(model, "regression", **options)
+
+        def fit():
+            la.fit(loader)
+            log_prior = torch.ones(1, requires_grad=True, device=task.device)
+            log_sigma = torch.ones(1, requires_grad=True, device=task.device)
+            hyper = torch.optim.Adam([log_prior, log_sigma], lr=LAPLACE_HYPER_LR)
+            for _ in range(LAPLACE_HYPER_STEPS):
+                hyper.zero_grad()
+                (-la.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())).backward()
+                hyper.step()
+
+        _, fit_seconds = timed(fit, task.device)
+
+        def predict():
+            f_mu, f_var = la(task.x_test, pred_type="glm")
+            return f_mu.detach().reshape(1, -1), (f_var.detach().reshape(1, -1) + la.sigma_noise.detach() ** 2).sqrt()
+
+        (loc, scale), predict_seconds = timed(predict, task.device)
+    config.update(hyper_tuning=f"marglik, Adam lr {LAPLACE_HYPER_LR}, {LAPLACE_HYPER_STEPS} steps",
+                  predictive="glm", laplace_class=type(la).__name__,
+                  prior_precision=float(la.prior_precision.detach().flatten()[0]),
+                  noise_sd_standardised=float(la.sigma_noise.detach().flatten()[0]))
+    return task.posthoc_row((loc, scale), fit_seconds, predict_seconds, 0,
+                            predictive="linearised (GLM) Gaussian predictive plus sigma_noise: closed form",
+                            config=config)

@@ -179,15 +179,28 @@ TRAINING_OPTIONS: dict[str, Option] = {
     "lr": Option(float, gt=0, help="learning rate (step size)"),
 }
 
-#: the options of the entries whose number of epochs can be chosen on validation data
-#: (:meth:`bnnzoo.posterior.Posterior.select_epochs`); ``epochs`` is then the most they may run
-EPOCH_SELECTION_OPTIONS: dict[str, Option] = {
+#: the options of the entries that make choices on a validation part of the training data
+#: (:meth:`bnnzoo.posterior.Posterior.fit`): the number of epochs (``epochs`` is then the most they
+#: may run) and, for classification, the predictive's logit temperature
+VALIDATION_OPTIONS: dict[str, Option] = {
     "validation_fraction": Option(float, gt=0, lt=1, nullable=True,
-                                  help="fraction of the training rows held out to choose the number of epochs "
-                                       "(at most `epochs`), then the fit runs on all rows; null: run `epochs`"),
+                                  help="fraction of the training rows held out for the choices below (then the "
+                                       "fit runs on all rows); null: no choice is made on validation data"),
+    "select_epochs": Option(bool, help="choose the number of epochs (at most `epochs`) on the held-out rows"),
     "patience": Option(int, ge=1, help="epochs without a better validation log-likelihood before the "
                                        "selection fit stops"),
+    "calibrate": Option(bool, help="classification: fit the predictive's logit temperature on the held-out "
+                                   "rows (temperature scaling)"),
 }
+
+#: the validation options' values of an entry that makes no choice on validation data
+VALIDATION_OFF = {"validation_fraction": None, "select_epochs": True, "patience": 20, "calibrate": False}
+#: classification: the predictive's logit temperature fitted on a validation fifth of the training
+#: rows, the epochs run as configured: a mean-field fit of a few epochs is overconfident (its
+#: posterior spread barely leaves the initial scale), and one temperature fitted on held-out rows
+#: corrects that without touching the fit (docs/methods/map-meanfield.md). The classification
+#: default of meanfield-vi, horseshoe-svi, bmr and bmr-iterative.
+CALIBRATED = {"validation_fraction": 0.2, "select_epochs": False, "patience": 20, "calibrate": True}
 
 
 def default_network(dataset_name: str, task: str, input_shape: tuple[int, ...]) -> dict:

@@ -19,6 +19,7 @@ from .commands.common import (
     check_options,
     check_out,
     merge_options,
+    num_samples_option,
     parse_options,
     print_metrics,
     run_metrics,
@@ -87,8 +88,7 @@ def list_cmd(name: str | None, task: str | None) -> None:
 @click.option("--lr", type=float, default=None, help="learning rate; as --set lr=X")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto")
-@click.option("--num-samples", type=click.IntRange(min=1), default=100, show_default=True,
-              help="posterior draws for the test metrics")
+@num_samples_option
 @click.option("--set", "options", multiple=True, metavar="KEY=VALUE",
               help="any option of the entry, the value a JSON literal (bnnzoo list NAME shows them)")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory (default runs/NAME-DATA-...)")

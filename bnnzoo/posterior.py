@@ -40,7 +40,7 @@ from .catalog import get_entry
 from .data import validate_arrays
 from .devices import resolve_device
 from .diagnostics import to_arviz
-from .guides import bmr
+from .guides import bmr, temperature_scaling
 from .guides import predictive_moments as moments
 from .guides.training import TrainingHistory
 from .models.errors import ConfigError, DataError, NotFittedError, RunError
@@ -60,14 +60,12 @@ AUTO_BLOCK = 16
 AUTO_MIN_DRAWS = 32
 #: the most draws ``"auto"`` uses, whatever the error then (recorded in ``Prediction.mc_error``)
 AUTO_MAX_DRAWS = 1024
-#: classification: the root mean square over the points of the Monte Carlo error of the predicted
-#: probability vector (Euclidean norm; it bounds the error of each class probability),
-#: ``sqrt(mean_n sum_k s_nk^2 / S)``, must be at most this (units of probability)
-AUTO_PROB_TOLERANCE = 0.005
-#: regression: the root mean square over the points of the standard error of the predictive mean
-#: relative to the predictive sd, ``sqrt(mean_n s_n^2 / (S sd_n^2))``, must be at most this (a mean
-#: off by ``d`` predictive sds lowers the expected log density by ``d^2 / 2``: 0.00125 nats at 0.05)
-AUTO_MEAN_TOLERANCE = 0.05
+#: the expected loss of mean log predictive density that the Monte Carlo error of the predictive
+#: costs, in nats per point, must be at most this (:class:`_MonteCarloError`): classification
+#: ``mean_n sum_k s_nk^2 / (2 S p_nk)`` (the chi-square approximation of ``KL(p || p_hat)``),
+#: regression ``mean_n s_n^2 / (2 S sd_n^2)`` (a mean off by ``d`` predictive sds costs ``d^2 / 2``:
+#: 0.0025 nats is ``d = 0.07``)
+AUTO_LOG_DENSITY_TOLERANCE = 0.0025
 #: ``method="moments"`` (classification): quasi-Monte Carlo points of the logits' Gaussian, each
 #: with its antithetic twin (:func:`bnnzoo.guides.predictive_moments.sampled_softmax`)
 MOMENT_LOGIT_POINTS = 128
@@ -136,41 +134,56 @@ class FitState:
     #: the number of epochs chosen on a validation part of the training data, and how (see
     #: :meth:`Posterior.fit`); ``None`` when the fit ran the configured ``epochs``
     epoch_selection: dict[str, Any] | None = None
+    #: classification: the logit temperature fitted on a validation part of the training data, and
+    #: how (see :meth:`Posterior.select_temperature`); ``None``: the predictive is not tempered
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def logit_temperature(self) -> float:
+        """The temperature the predictive divides every draw's logits by (1 when not calibrated)."""
+        return float(self.calibration["temperature"]) if self.calibration else 1.0
 
     def to_dict(self) -> dict:
         out = {"temperature": self.temperature, "pruning": [asdict(r) for r in self.pruning]}
         if self.epoch_selection is not None:
             out["epoch_selection"] = self.epoch_selection
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
         return out
 
     @classmethod
     def from_dict(cls, values: dict) -> "FitState":
         return cls(temperature=float(values.get("temperature", 1.0)),
                    pruning=[PruningRecord(**r) for r in values.get("pruning", [])],
-                   epoch_selection=values.get("epoch_selection"))
+                   epoch_selection=values.get("epoch_selection"), calibration=values.get("calibration"))
 
 
 class _MonteCarloError:
-    """The Monte Carlo standard error of a predictive from running sums over output draws, the
-    criterion of ``num_samples="auto"`` (:meth:`Posterior.predict`).
+    """The expected loss of mean log predictive density (nats per point) that the Monte Carlo error
+    of a predictive costs, from running sums over output draws: the criterion of
+    ``num_samples="auto"`` (:meth:`Posterior.predict`), with tolerance
+    :data:`AUTO_LOG_DENSITY_TOLERANCE`.
 
-    Classification (``add`` takes logits): ``sqrt(mean_n sum_k s_nk^2 / S)`` with ``s_nk^2`` the
-    unbiased sample variance of ``softmax(f)_k`` for point ``n`` over the ``S`` draws; tolerance
-    :data:`AUTO_PROB_TOLERANCE`. Regression (standardised outputs): ``sqrt(mean_n s_n^2 / (S
-    sd_n^2))``, ``sd_n^2`` the predictive variance (the draws' variance plus ``noise_var``);
-    tolerance :data:`AUTO_MEAN_TOLERANCE`. The sums stay on the device; :meth:`error` is the one
-    host synchronisation, once per block of draws.
+    With ``S`` draws: classification (``add`` takes logits), ``mean_n sum_k s_nk^2 / (2 S p_nk)``,
+    ``p_nk`` the predicted probability of class ``k`` for point ``n`` and ``s_nk^2`` the unbiased
+    sample variance of ``softmax(f)_k`` over the draws: an estimate ``p + e`` of ``p`` costs
+    ``KL(p || p + e) ~ sum_k e_k^2 / (2 p_k)`` in expected log density, and ``E[e_k^2] = s_k^2 / S``.
+    Regression (standardised outputs): ``mean_n s_n^2 / (2 S sd_n^2)``, ``sd_n^2`` the predictive
+    variance (the draws' variance plus ``noise_var``): a predictive mean off by ``d`` sds costs
+    ``d^2 / 2``. The sums stay on the device; :meth:`error` is the one host synchronisation, once per
+    block of draws.
     """
 
-    def __init__(self, task: str, noise_var: float):
+    def __init__(self, task: str, noise_var: float, probs=None):
         self.task, self.noise_var = task, noise_var
-        self.tolerance = AUTO_PROB_TOLERANCE if task == "classification" else AUTO_MEAN_TOLERANCE
+        self.probs = probs if probs is not None else (lambda f: torch.softmax(f, -1))  # classification
+        self.tolerance = AUTO_LOG_DENSITY_TOLERANCE
         self.count = 0
         self.first = self.second = None
         self.last_error: float | None = None
 
     def add(self, f: torch.Tensor) -> None:
-        v = torch.softmax(f, -1) if self.task == "classification" else f.squeeze(-1)
+        v = self.probs(f) if self.task == "classification" else f.squeeze(-1)
         self.first = v if self.first is None else self.first + v
         self.second = v * v if self.second is None else self.second + v * v
         self.count += 1
@@ -180,12 +193,15 @@ class _MonteCarloError:
         if s < 2:
             self.last_error = math.inf
             return self.last_error
-        spread = (self.second / s - (self.first / s) ** 2).clamp_min(0)  # the variance over the draws
+        mean = self.first / s
+        spread = (self.second / s - mean**2).clamp_min(0)  # the variance over the draws
+        tiny = torch.finfo(spread.dtype).tiny
+        squared_error = spread * (s / (s - 1)) / s  # of the Monte Carlo mean
         if self.task == "classification":
-            sq = spread.sum(-1) * (s / (s - 1)) / s
+            loss = (squared_error / mean.clamp_min(tiny)).sum(-1) / 2
         else:
-            sq = spread * (s / (s - 1)) / s / (spread + self.noise_var).clamp_min(torch.finfo(spread.dtype).tiny)
-        self.last_error = float(sq.mean().sqrt())
+            loss = squared_error / (spread + self.noise_var).clamp_min(tiny) / 2
+        self.last_error = float(loss.mean())
         return self.last_error
 
 
@@ -253,6 +269,12 @@ class Posterior(ABC):
         return 1.0
 
     @property
+    def logit_temperature(self) -> float:
+        """Classification: the temperature the predictive divides each draw's logits by (1 unless
+        fitted on validation data: ``train.calibrate``, :meth:`select_temperature`)."""
+        return self.fit_state.logit_temperature
+
+    @property
     def is_fitted(self) -> bool:
         return self.standardizer is not None
 
@@ -275,21 +297,41 @@ class Posterior(ABC):
 
         ``callback(epoch, loss)``, if given, runs after every epoch (logging, early inspection).
 
-        With ``train.validation_fraction`` set (entries that offer it), the number of epochs is
-        chosen first, as the UCI protocol chooses it (:meth:`select_epochs`): a copy of this
-        unfitted posterior is fitted on the rest of the training rows while the log predictive
-        density of the held-out fraction is followed; then this posterior is fitted on all rows for
-        the number of epochs that scored best. The choice is recorded in
-        ``fit_state.epoch_selection``.
+        With ``train.validation_fraction`` set (entries that offer it), choices are made first on
+        that held-out part of the training rows, as the UCI protocol makes them, and this posterior
+        is then fitted on all rows:
+
+        - ``train.select_epochs`` (default on): the number of epochs (:meth:`select_epochs`): a copy
+          of this unfitted posterior is fitted on the other rows while the log predictive density
+          of the held-out rows is followed; the fit runs the number of epochs that scored best
+          (a regression point estimate then predicts with the noise scale of the held-out
+          residuals). Recorded in ``fit_state.epoch_selection``.
+        - ``train.calibrate`` (classification, default off): the logit temperature of the
+          predictive (:meth:`select_temperature`): a copy fitted on the other rows, as this one is
+          fitted, and the temperature that maximises the held-out log predictive density of its
+          predictive. Recorded in ``fit_state.calibration``; every prediction divides the logits
+          of each draw by it.
         """
         x, y = self.validate(x, y, "training data")
-        selection = self.select_epochs(x, y, progress) if self.config["train"].get("validation_fraction") else None
+        train = self.config["train"]
+        held_out = bool(train.get("validation_fraction"))
+        calibrate = held_out and bool(train.get("calibrate", False))
+        if calibrate and self.task != "classification":
+            raise ConfigError(f"{self.name}: calibrate fits a logit temperature, which is for classification; "
+                              f"a regression fit learns its noise scale instead (set calibrate: false)")
+        selection = self.select_epochs(x, y, progress) if held_out and train.get("select_epochs", True) else None
+        calibration = self.select_temperature(x, y, selection, progress) if calibrate else None
         self.standardizer = Standardizer.from_data(x, y, self.task).to(self.device)
         x = self.standardizer.x(x.to(self.device))
         y = self.standardizer.y(y.to(self.device))
-        self.fit_state = FitState(temperature=self.training_temperature, epoch_selection=selection)
+        self.fit_state = FitState(temperature=self.training_temperature, epoch_selection=selection,
+                                  calibration=calibration)
         try:
             self._fit(x, y, progress, callback)
+            if selection and selection.get("noise_scale") is not None:  # estimated on held-out rows
+                with torch.no_grad():
+                    self.model.likelihood.log_noise_scale.fill_(
+                        math.log(selection["noise_scale"] / self.standardizer.y_scale))
             if self.task == "regression" and self.fit_state.pruning:
                 self._refit_noise(x, y)
         except BaseException:  # a diverged or interrupted fit leaves an unfitted posterior, never a half-fitted one
@@ -340,23 +382,29 @@ class Posterior(ABC):
         epoch. With ``batch_size`` ``None`` this runs once per size of :data:`BATCH_SIZE_CANDIDATES`
         (the largest, and each smaller one that cuts a pass into at most
         :data:`MAX_SELECTED_BATCHES_PER_PASS` minibatches) and the size with the best score wins
-        (ties: the larger, cheaper one). Returns ``{"epochs",
-        "batch_size", "max_epochs", "validation_fraction", "patience", "validation_rows",
-        "validation_log_likelihood"}`` (the winner's score after each epoch run) and, when sizes were
-        compared, ``"candidates"`` (per size: its best epoch and score)."""
+        (ties: the larger, cheaper one).
+
+        A regression point estimate (``map``) is scored with the noise at its held-out maximum
+        likelihood: a point estimate's learned noise follows the training residuals down, so its
+        held-out log density falls while its held-out fit still improves. Each epoch's score is
+        ``-log(2 pi e m) / 2``, ``m`` the held-out mean squared error (original units), and the
+        chosen epoch's ``sqrt(m)`` is recorded as ``"noise_scale"``: the fit on all rows predicts
+        with that noise scale (estimated on rows the copy did not see) in place of its own.
+
+        Returns ``{"epochs", "batch_size", "max_epochs", "validation_fraction", "patience",
+        "validation_rows", "validation_log_likelihood"}`` (the winner's score after each epoch run),
+        ``"noise_scale"`` (regression point estimates) and, when sizes were compared,
+        ``"candidates"`` (per size: its best epoch and score)."""
         train = self.config["train"]
-        fraction, patience = float(train["validation_fraction"]), int(train.get("patience", 20))
+        patience = int(train.get("patience", 20))
         max_epochs = int(train["epochs"])
         x, y = self.validate(x, y, "training data")
-        n = len(x)
-        n_val = round(fraction * n)
-        if not 1 <= n_val < n - 1:
-            raise DataError(f"{self.name}: validation_fraction {fraction:g} of {n} training rows leaves no "
-                            f"validation part or no training part; give more data or validation_fraction: null")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-        fit_rows, val_rows = order[n_val:], order[:n_val]
+        fraction, fit_rows, val_rows = self._validation_split(len(x))
+        n, n_val = len(x), len(val_rows)
         x_val, y_val = x[val_rows], y[val_rows]
-        draws = 1 if getattr(self, "point_estimate", False) else self.SELECTION_DRAWS
+        point = bool(getattr(self, "point_estimate", False))
+        draws = 1 if point else self.SELECTION_DRAWS
+        held_out_noise = point and self.task == "regression"
         if train["batch_size"] is not None:
             sizes = [train["batch_size"]]
         else:
@@ -365,38 +413,103 @@ class Posterior(ABC):
                      if b == largest or (n - n_val) / b <= self.MAX_SELECTED_BATCHES_PER_PASS]
         runs = []
         for size in sizes:
-            twin = copy.deepcopy(self)
-            if hasattr(twin, "checkpoint"):
-                twin.checkpoint = None  # the selection fit never writes or resumes the run's checkpoints
-            twin.config = {**self.config, "train": {**train, "validation_fraction": None, "batch_size": size}}
+            twin = self._validation_twin(batch_size=size)
             scores: list[float] = []
+            noises: list[float] = []
 
-            def monitor(epoch: int, loss: float, twin=twin, scores=scores) -> None:
-                scores.append(float(twin.log_likelihood(x_val, y_val, num_samples=draws, seed=0).mean()))
+            def monitor(epoch: int, loss: float, twin=twin, scores=scores, noises=noises) -> None:
+                if held_out_noise:
+                    mean = twin.predict(x_val, num_samples=1, seed=0).mean
+                    mse = max(float((y_val.to(mean.device) - mean).pow(2).mean()), torch.finfo(mean.dtype).tiny)
+                    noises.append(math.sqrt(mse))
+                    scores.append(-0.5 * math.log(2 * math.pi * math.e * mse))
+                else:
+                    scores.append(float(twin.log_likelihood(x_val, y_val, num_samples=draws, seed=0).mean()))
                 best = max(range(len(scores)), key=scores.__getitem__)
                 if len(scores) - 1 - best >= patience:
                     raise _SelectionDone
 
-            rng = pyro.util.get_rng_state()
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the copy's pruning warnings are not this fit's
-                    twin.fit(x[fit_rows], y[fit_rows], progress=progress, callback=monitor)
+                self._fit_twin(twin, x[fit_rows], y[fit_rows], progress, monitor)
             except _SelectionDone:
                 pass
-            finally:
-                pyro.util.set_rng_state(rng)
             if not scores:
                 raise RuntimeError(f"{self.name}: the epoch selection fit ran no epoch")
             best = max(range(len(scores)), key=scores.__getitem__)
-            runs.append({"batch_size": size, "epochs": best + 1, "score": scores[best], "scores": scores})
+            runs.append({"batch_size": size, "epochs": best + 1, "score": scores[best], "scores": scores,
+                         "noise_scale": noises[best] if noises else None})
         winner = max(runs, key=lambda r: r["score"])  # first of equals: the larger size
         out = {"epochs": winner["epochs"], "batch_size": winner["batch_size"], "max_epochs": max_epochs,
                "validation_fraction": fraction, "patience": patience, "validation_rows": n_val,
                "validation_log_likelihood": winner["scores"]}
+        if winner["noise_scale"] is not None:
+            out["noise_scale"] = winner["noise_scale"]
         if len(runs) > 1:
             out["candidates"] = [{k: r[k] for k in ("batch_size", "epochs", "score")} for r in runs]
         return out
+
+    def _validation_split(self, n: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """``(fraction, fit_rows, validation_rows)`` of ``n`` training rows: the first
+        ``train.validation_fraction`` of a fixed random permutation (seed 0) is held out."""
+        fraction = float(self.config["train"]["validation_fraction"])
+        n_val = round(fraction * n)
+        if not 1 <= n_val < n - 1:
+            raise DataError(f"{self.name}: validation_fraction {fraction:g} of {n} training rows leaves no "
+                            f"validation part or no training part; give more data or validation_fraction: null")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        return fraction, order[n_val:], order[:n_val]
+
+    def _validation_twin(self, **train) -> "Posterior":
+        """A copy of this unfitted posterior that makes no choice on validation data itself, writes
+        no checkpoint, and trains with ``train`` overriding its training options."""
+        twin = copy.deepcopy(self)
+        if hasattr(twin, "checkpoint"):
+            twin.checkpoint = None  # the selection fit never writes or resumes the run's checkpoints
+        twin.config = {**self.config, "train": {**self.config["train"], "validation_fraction": None, **train}}
+        return twin
+
+    @staticmethod
+    def _fit_twin(twin: "Posterior", x, y, progress: bool, callback=None) -> None:
+        """Fit ``twin`` on ``(x, y)``, leaving the global random state as it was (so the fit that
+        follows is the one it would be without the choices made on validation data)."""
+        rng = pyro.util.get_rng_state()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the copy's pruning warnings are not this fit's
+                twin.fit(x, y, progress=progress, callback=callback)
+        finally:
+            pyro.util.set_rng_state(rng)
+
+    def select_temperature(self, x, y, epoch_selection: dict | None = None,
+                           progress: bool = False) -> dict[str, Any]:
+        """Classification: fit the predictive's logit temperature on a validation part of the
+        training data ``(x, y)`` (raw units), leaving this posterior unfitted and the global random
+        state as it was (temperature scaling, :mod:`bnnzoo.guides.temperature_scaling`).
+
+        The rule (the same on any data): the rows :meth:`select_epochs` holds out (the first
+        ``train.validation_fraction`` of a fixed permutation) are held out; a copy of this
+        posterior, as created, is fitted on the other rows by this entry's whole procedure
+        (pruning or reduction included; with the epochs and batch size of ``epoch_selection`` where
+        those were chosen); the temperature ``T`` maximises the mean held-out log density of its
+        predictive ``(1/S) sum_s softmax(f_s / T)`` over :data:`SELECTION_DRAWS` draws (one for a
+        point estimate; fixed seed). Returns ``{"temperature", "validation_fraction",
+        "validation_rows", "num_samples", "validation_log_likelihood"}`` (the held-out mean log
+        density untempered, then tempered)."""
+        if self.task != "classification":
+            raise ConfigError(f"{self.name}: a logit temperature is for classification, not {self.task}")
+        x, y = self.validate(x, y, "training data")
+        fraction, fit_rows, val_rows = self._validation_split(len(x))
+        chosen = {k: epoch_selection[k] for k in ("epochs", "batch_size")} if epoch_selection else {}
+        twin = self._validation_twin(**chosen)
+        self._fit_twin(twin, x[fit_rows], y[fit_rows], progress)
+        draws = 1 if getattr(self, "point_estimate", False) else self.SELECTION_DRAWS
+        x_val = twin.standardizer.x(x[val_rows].to(self.device))
+        y_val = y[val_rows].to(self.device)
+        logits = torch.stack(list(twin._output_draws(x_val, draws, 4096, seed=0)))
+        t = temperature_scaling.fit_temperature(logits, y_val)
+        scores = [float(temperature_scaling.tempered_log_predictive(logits, y_val, v).mean()) for v in (1.0, t)]
+        return {"temperature": t, "validation_fraction": fraction, "validation_rows": len(val_rows),
+                "num_samples": draws, "validation_log_likelihood": {"untempered": scores[0], "tempered": scores[1]}}
 
     # ---- the noise after a structural change ----------------------------------------------------
     @torch.no_grad()
@@ -466,8 +579,17 @@ class Posterior(ABC):
                 yield self._forward(x, params, chunk_size)
 
     def _forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-        """The network outputs for all of ``x`` under one set of weights, in chunks of ``chunk_size``."""
-        return torch.cat([self.net(x[i:i + chunk_size], params) for i in range(0, len(x), chunk_size)])
+        """The predictive's outputs for all of ``x`` under one set of weights, in chunks of
+        ``chunk_size``: the network outputs, classification logits divided by the fitted logit
+        temperature (``fit_state.logit_temperature``, 1 unless calibrated)."""
+        out = torch.cat([self.net(x[i:i + chunk_size], params) for i in range(0, len(x), chunk_size)])
+        temperature = self.logit_temperature
+        return out / temperature if temperature != 1.0 else out
+
+    def _draw_probs(self, f: torch.Tensor) -> torch.Tensor:
+        """Classification: the class probabilities of one draw's outputs ``f`` (a softmax of the
+        logits, unless the likelihood says otherwise)."""
+        return torch.softmax(f, -1)
 
     def _predictive_draws(self, x: torch.Tensor, num_samples, chunk_size: int,
                           seed: int | None) -> tuple[Iterator[torch.Tensor], _MonteCarloError | None]:
@@ -477,7 +599,8 @@ class Posterior(ABC):
         if isinstance(num_samples, str):
             if num_samples != "auto":
                 raise ConfigError(f"num_samples must be a positive integer or 'auto', got {num_samples!r}")
-            monitor = _MonteCarloError(self.task, self.noise_scale() ** 2 if self.task == "regression" else 0.0)
+            monitor = _MonteCarloError(self.task, self.noise_scale() ** 2 if self.task == "regression" else 0.0,
+                                       self._draw_probs)
             return self._auto_output_draws(x, chunk_size, seed, monitor), monitor
         return self._output_draws(x, num_samples, chunk_size, seed), None
 
@@ -513,8 +636,9 @@ class Posterior(ABC):
             if not self.point_estimate and monitor.error() > monitor.tolerance:
                 warnings.warn(f"{self.name}: num_samples='auto' used all {monitor.count} draws it may "
                               f"({'the stored draws, at most ' if self.stores_samples else ''}AUTO_MAX_DRAWS="
-                              f"{AUTO_MAX_DRAWS}) and its Monte Carlo error {monitor.last_error:.3g} is still "
-                              f"above the tolerance {monitor.tolerance:g}", UserWarning, stacklevel=4)
+                              f"{AUTO_MAX_DRAWS}) and the expected log-density loss of its Monte Carlo error, "
+                              f"{monitor.last_error:.3g} nats, is still above the tolerance {monitor.tolerance:g}",
+                              UserWarning, stacklevel=4)
         finally:
             draws.close()  # leaves the seeded random state of _output_draws now, not at garbage collection
             if self.point_estimate:
@@ -571,15 +695,17 @@ class Posterior(ABC):
         """Classification: the predictive class probabilities of standardised inputs ``x`` by moment
         propagation; ``"moments"``: the average softmax over :data:`MOMENT_LOGIT_POINTS` quasi-random
         points of the logits' Gaussian and their antithetic twins (full covariance of the last
-        layer's logits), ``"probit"``: the probit approximation."""
+        layer's logits), ``"probit"``: the probit approximation; the logits divided by the fitted
+        logit temperature, as the sampled predictive's are."""
+        t = self.logit_temperature  # the logits / t: mean / t, (co)variance / t^2
         if method == "probit":
             mean, var = self._output_moments(x, chunk_size, False)
-            return moments.probit_softmax(mean, var)
+            return moments.probit_softmax(mean / t, var / t**2)
         mean, _, cov = self._output_moments(x, chunk_size, True)
-        return moments.sampled_softmax(mean, cov, MOMENT_LOGIT_POINTS, seed)
+        return moments.sampled_softmax(mean / t, cov / t**2, MOMENT_LOGIT_POINTS, seed)
 
     @torch.no_grad()
-    def predict(self, x, num_samples: int | str = 100, chunk_size: int = 4096, return_samples: bool = False,
+    def predict(self, x, num_samples: int | str = "auto", chunk_size: int = 4096, return_samples: bool = False,
                 seed: int | None = 0, method: str = "sample") -> Prediction:
         """The posterior predictive for raw inputs ``x``.
 
@@ -587,17 +713,16 @@ class Posterior(ABC):
         weights are drawn one set at a time and ``x`` is pushed through in chunks of ``chunk_size``
         examples; only running sums are kept unless ``return_samples``.
 
-        ``num_samples="auto"``: draws in blocks of :data:`AUTO_BLOCK` until the Monte Carlo standard
-        error of the predictive is small, between :data:`AUTO_MIN_DRAWS` and :data:`AUTO_MAX_DRAWS`
-        draws (one for a point estimate). With ``S`` draws and ``s^2`` the sample variance over the
-        draws: classification stops when ``sqrt(mean_n sum_k s_nk^2 / S) <= AUTO_PROB_TOLERANCE``
-        (``s_nk``: of the probability of class ``k`` for point ``n``; ``sum_k s_nk^2 / S`` is the
-        expected squared Euclidean error of point ``n``'s probability vector, so the criterion is
-        its root mean square over the points, a bound on that of any one class probability);
-        regression when ``sqrt(mean_n s_n^2 / (S sd_n^2)) <= AUTO_MEAN_TOLERANCE`` (``s_n``: of the
-        network output, ``sd_n``: the predictive sd, noise included: the root mean square of the
-        predictive mean's standard error in predictive sds). The result records ``num_samples``
-        and ``mc_error``.
+        ``num_samples="auto"`` (the default): draws in blocks of :data:`AUTO_BLOCK` until the Monte
+        Carlo error of the predictive costs at most :data:`AUTO_LOG_DENSITY_TOLERANCE` nats of
+        expected log predictive density per point, between :data:`AUTO_MIN_DRAWS` and
+        :data:`AUTO_MAX_DRAWS` draws (one for a point estimate). With ``S`` draws and ``s^2`` the
+        sample variance over the draws: classification, ``mean_n sum_k s_nk^2 / (2 S p_nk)``
+        (``s_nk``, ``p_nk``: of the probability of class ``k`` for point ``n``; the chi-square
+        approximation of ``KL(p || p_hat)``); regression, ``mean_n s_n^2 / (2 S sd_n^2)`` (``s_n``:
+        of the network output, ``sd_n``: the predictive sd, noise included). The result records
+        ``num_samples`` and ``mc_error`` (that loss at the last draw). An integer gives that many
+        draws.
 
         ``method="moments"`` (a mean-field Gaussian or point-mass guide on a dense ReLU network;
         anything else raises ``TypeError``): no weight draws; the mean and variance of every unit are
@@ -622,7 +747,7 @@ class Posterior(ABC):
         draws, monitor = self._predictive_draws(x, num_samples, chunk_size, seed)
         for f in draws:
             if self.task == "classification":
-                p = torch.softmax(f, -1)
+                p = self._draw_probs(f)
                 first = p if first is None else first + p
             else:
                 f = self.standardizer.y_inverse(f.squeeze(-1))
@@ -658,7 +783,7 @@ class Posterior(ABC):
         return scale * self.standardizer.y_scale if original_units else scale
 
     @torch.no_grad()
-    def log_likelihood(self, x, y, num_samples: int | str = 100, chunk_size: int = 4096, seed: int | None = 0,
+    def log_likelihood(self, x, y, num_samples: int | str = "auto", chunk_size: int = 4096, seed: int | None = 0,
                        method: str = "sample") -> torch.Tensor:
         """Pointwise log predictive density ``log (1/S) sum_s p(y_n | x_n, w_s)`` in the original units.
 
@@ -690,7 +815,7 @@ class Posterior(ABC):
             num_samples = monitor.count
         return acc - math.log(num_samples) - math.log(self.standardizer.y_scale)
 
-    def evaluate(self, x, y, num_samples: int | str = 100, chunk_size: int = 4096, seed: int | None = 0,
+    def evaluate(self, x, y, num_samples: int | str = "auto", chunk_size: int = 4096, seed: int | None = 0,
                  method: str = "sample") -> dict[str, float]:
         """Test metrics. Regression: ``rmse`` and ``log_likelihood`` (mean per point, original units).
         Classification: ``accuracy``, ``nll``, ``ece`` (15 bins), ``brier``. ``num_samples="auto"``
@@ -707,7 +832,7 @@ class Posterior(ABC):
         ll = self.log_likelihood(x, y, num_samples, chunk_size, seed, **extra)
         return {"rmse": metrics.rmse(pred.mean, y), "log_likelihood": float(ll.mean())}
 
-    def score(self, x, y, num_samples: int = 100) -> float:
+    def score(self, x, y, num_samples: int | str = "auto") -> float:
         """Accuracy (classification) or mean test log-likelihood (regression): higher is better."""
         m = self.evaluate(x, y, num_samples)
         return m["accuracy"] if self.task == "classification" else m["log_likelihood"]

@@ -8,6 +8,7 @@ from . import (
     bmr,
     closed_form_kl,  # noqa: F401  (registers the closed-form KLs with torch)
     predictive_moments,
+    temperature_scaling,
 )
 from .delta import PointMass
 from .elbo import LocalReparamELBO
@@ -33,5 +34,6 @@ __all__ = [
     "bmr",
     "kl_normal_zero_mean",
     "predictive_moments",
+    "temperature_scaling",
     "untempered_variance",
 ]

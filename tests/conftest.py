@@ -85,7 +85,7 @@ def fitted_map(boston):
 @pytest.fixture(scope="session")
 def fitted_classifier(mnist_small):
     return bnnzoo.fit("meanfield-vi", mnist_small, network={"arch": "mlp", "hidden": [50]}, epochs=5,
-                      batch_size=50, lr=1e-2, device="cpu", progress=False, seed=0)
+                      batch_size=50, lr=1e-2, device="cpu", progress=False, seed=0, validation_fraction=None)
 
 
 def spread_state(guide, seed=0, precision=3.0):

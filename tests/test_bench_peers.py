@@ -1,11 +1,13 @@
-"""The ``peers`` benchmark suite (benchmarks/bench_peers.py) without any peer library: it imports,
-records a missing peer as left out with the import error's text, scores every method with one metric
-code, and gives every method and its paired plain Adam run the same batches."""
+"""The ``peers`` benchmark suites (benchmarks/bench_peers.py, benchmarks/bench_peers_boston.py)
+without any peer library: they import, record a missing peer as left out with the import error's
+text, score every method with one metric code, give every method and its paired plain Adam run the
+same batches, and turn one bnnzoo fit into a row per predictive."""
 
 from __future__ import annotations
 
 import importlib
 import math
+import pkgutil
 import sys
 
 import pytest
@@ -32,11 +34,22 @@ def toy_task(bench_peers, epochs=2):
 
 
 def test_module_imports_without_peers(no_peers, monkeypatch):
-    for name in ("benchmarks.bench_peers", "benchmarks.peers_libs"):
+    for name in ("benchmarks.bench_peers", "benchmarks.peers_libs", "benchmarks.bench_peers_boston"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     module = importlib.import_module("benchmarks.bench_peers")
-    assert set(module.SUITES) == {"peers-mnist", "peers-quick"}
+    assert set(module.SUITES) == {"peers-mnist", "peers-quick", "peers-lenet5", "peers-lenet5-quick"}
     assert all(callable(fn) for fn in module.SUITES.values())
+    boston = importlib.import_module("benchmarks.bench_peers_boston")
+    assert set(boston.SUITES) == {"peers-boston", "peers-boston-quick"}
+    assert all(callable(fn) for fn in boston.SUITES.values())
+
+
+def test_suites_are_found_by_the_runner():
+    # benchmarks.run.all_suites imports every benchmarks/bench_*.py module and merges their SUITES
+    import benchmarks
+
+    found = {info.name for info in pkgutil.iter_modules(benchmarks.__path__) if info.name.startswith("bench_")}
+    assert {"bench_peers", "bench_peers_boston"} <= found
 
 
 def test_missing_peer_is_left_out_with_the_import_error(no_peers):
@@ -117,3 +130,155 @@ def test_paired_plain_trains_on_exactly_the_given_batches():
     assert all(torch.equal(p, q) for p, q in zip(a.module.parameters(), before))
     a.epoch_on(batches[:1])
     assert not all(torch.equal(p, q) for p, q in zip(a.module.parameters(), before))
+
+
+def test_lenet5_task_builds_the_same_network_for_bnnzoo_and_the_peers():
+    from benchmarks import bench_peers
+
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset("toy", "classification", torch.rand(8, 1, 28, 28, generator=gen),
+                   torch.randint(0, 10, (8,), generator=gen), torch.rand(4, 1, 28, 28, generator=gen),
+                   torch.randint(0, 10, (4,), generator=gen), num_classes=10)
+    task = bench_peers.PeerTask("toy", data, torch.device("cpu"), arch=bench_peers.CONV_ARCH)
+    assert task.network().name == "lenet5"
+    module = task.torch_network()
+    assert any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    assert module(task.x_test).shape == (4, 10)
+
+
+# ---- bnnzoo rows: one fit, a row per predictive ---------------------------------------------------------
+def test_bnnzoo_fit_gives_the_default_row_and_the_moment_rows(no_peers):
+    from benchmarks import bench_peers
+
+    task = toy_task(bench_peers, epochs=1)
+    task.bnnzoo_options = {"epochs": 1}
+    methods = {"bnnzoo meanfield-vi": bench_peers.METHODS["bnnzoo meanfield-vi"]}
+    result = bench_peers.run_suite(task, methods=methods, progress=False)
+    names = list(result["methods"])
+    assert names == ["plain Adam", "bnnzoo meanfield-vi", "bnnzoo meanfield-vi (moments)",
+                     "bnnzoo meanfield-vi (probit)"]
+    default, moments, probit = (result["methods"][n] for n in names[1:])
+    assert default["predict_method"] == "sample" and isinstance(default["predict_samples"], int)
+    assert default["predict_samples"] > 0
+    assert moments["predict_samples"] == probit["predict_samples"] == 0
+    assert probit["predict_method"] == "probit" and "closed form" in probit["predictive"]
+    for row in (default, moments, probit):
+        assert "extra_rows" not in row and "calibration" in row
+        assert 0 <= row["accuracy"] <= 1 and row["nll"] > 0
+        assert row["fit_seconds_total"] > 0
+        assert row["fit_in_adam_epochs"] == pytest.approx(row["fit_seconds_total"] / row["plain_seconds_per_epoch"])
+        assert row["epoch_time_ratio"] == default["epoch_time_ratio"]  # the same fit's timings
+    text = bench_peers.table(result)
+    assert "| bnnzoo meanfield-vi (probit) |" in text and "(closed form)" in text and "Adam epochs" in text
+    assert "bnnzoo meanfield-vi (moments): " in result["headline"]
+
+
+class _StubPosterior:
+    """A fitted posterior as ``bnnzoo_entry`` reads it, whose predictive has no moment methods."""
+
+    def __init__(self, n, num_classes):
+        self.n, self.num_classes = n, num_classes
+        self.history = type("History", (), {"epoch_seconds": [0.02, 0.01]})()
+        self.fit_state = type("FitState", (), {"calibration": {"temperature": 1.5}})()
+        self.config = {"train": {"lr": 1e-3, "batch_size": 16, "epochs": 2}, "guide": "g", "model": "m"}
+
+    def sparsity(self):
+        return {"weights_pruned_fraction": 0.0, "architecture": "16-300-100-3"}
+
+    def predict(self, x, chunk_size=4096, method="sample"):
+        from bnnzoo.posterior import Prediction
+
+        if method != "sample":
+            raise TypeError("the moment-propagated predictive supports dense networks only")
+        return Prediction("classification", torch.full((len(x), self.num_classes), 1 / self.num_classes),
+                          num_samples=48, mc_error=0.004)
+
+
+def test_bnnzoo_rows_leave_out_unsupported_predictives(monkeypatch):
+    from benchmarks import bench_peers
+
+    task = toy_task(bench_peers)
+
+    def fit_with_baseline(name, dataset, **options):
+        plain = task.plain()
+        plain.epoch_seconds = [0.01, 0.01]
+        return _StubPosterior(len(dataset.x_test), 3), plain
+
+    monkeypatch.setattr(bench_peers, "fit_with_baseline", fit_with_baseline)
+    row = bench_peers.bnnzoo_entry(task, "meanfield-vi")
+    assert row["extra_rows"] == {}
+    assert set(row["unsupported_predictives"]) == {"moments", "probit"}
+    assert row["predict_samples"] == 48 and row["mc_error"] == 0.004
+    assert "48 posterior draws" in row["predictive"] and "Monte Carlo error" in row["predictive"]
+    assert row["calibration"] == {"temperature": 1.5}
+    assert row["accuracy"] == pytest.approx(float((task.y_test == 0).float().mean()))
+
+
+# ---- Boston ---------------------------------------------------------------------------------------------
+def test_regression_score_against_the_closed_form():
+    from benchmarks.bench_peers_boston import regression_score
+
+    y = torch.tensor([1.0, -0.5, 2.0])
+    mu, sd = torch.tensor([0.5, 0.0, 2.5]), 0.8
+
+    def log_normal(y, m, s):
+        return -0.5 * math.log(2 * math.pi * s * s) - (y - m) ** 2 / (2 * s * s)
+
+    one = regression_score(mu, sd, y)  # closed form: one Gaussian per point
+    assert one["log_likelihood"] == pytest.approx(sum(log_normal(a, b, sd) for a, b in zip(y.tolist(), mu.tolist())) / 3)
+    assert one["rmse"] == pytest.approx(math.sqrt((0.25 + 0.25 + 0.25) / 3))
+    # two draws: the equal-weight mixture, its mean for the RMSE
+    loc = torch.stack([mu, mu + 1.0])
+    scale = torch.tensor([[0.8], [0.5]])
+    two = regression_score(loc, scale, y)
+    expected = [math.log(0.5 * math.exp(log_normal(a, b, 0.8)) + 0.5 * math.exp(log_normal(a, b + 1.0, 0.5)))
+                for a, b in zip(y.tolist(), mu.tolist())]
+    assert two["log_likelihood"] == pytest.approx(sum(expected) / 3)
+    assert two["rmse"] == pytest.approx(math.sqrt(sum((b + 0.5 - a) ** 2 for a, b in zip(y.tolist(), mu.tolist())) / 3))
+
+
+def test_regression_task_scores_in_the_original_units():
+    from benchmarks.bench_peers_boston import RegressionTask, regression_score
+
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset("toyreg", "regression", torch.randn(30, 3, generator=gen), 5 + 3 * torch.randn(30, generator=gen),
+                   torch.randn(6, 3, generator=gen), 5 + 3 * torch.randn(6, generator=gen))
+    task = RegressionTask("toyreg", data, torch.device("cpu"), arch="mlp", hidden=[4], batch_size=8)
+    std = task.standardizer
+    assert task.y_train.mean().abs() < 1e-5  # standardised training targets
+    loc = torch.randn(2, 6, generator=gen)
+    expected = regression_score(loc * std.y_scale + std.y_mean, 0.5 * std.y_scale, data.y_test)
+    assert task.score((loc, torch.tensor(0.5))) == pytest.approx(expected)
+    assert task.torch_network()(task.x_test).shape == (6, 1)
+
+
+def test_boston_suite_runs_without_peers_and_summarises_over_splits(no_peers, monkeypatch):
+    from benchmarks import bench_peers_boston as boston
+
+    calls = []
+
+    def run_entry(entry, dataset, splits, *, device="cpu", progress=True):  # the uci suite's, stubbed for speed
+        calls.append((entry, dataset, list(splits)))
+        rows = [{"split": s, "rmse": 3.0 + s, "log_likelihood": -2.5 - s, "fit_seconds": 2.0, "epochs": 100}
+                for s in splits]
+        return {"per_split": rows, "failed_splits": [], "test_draws": 100, "config": {"name": entry}}
+
+    monkeypatch.setattr(boston, "run_entry", run_entry)
+    monkeypatch.setattr(boston, "QUICK_EPOCHS", 2)
+    result = boston.run_suite([0, 1], "cpu", quick=True, entries=["meanfield-vi"], progress=False)
+    assert calls == [("meanfield-vi", "boston", [0, 1])]
+    assert set(result["left_out"]) == set(boston.PEERS)
+    assert list(result["methods"]) == ["plain Adam", "bnnzoo meanfield-vi"]
+    adam = result["methods"]["plain Adam"]
+    assert [r["split"] for r in adam["per_split"]] == [0, 1] and adam["summary"]["rmse"]["n"] == 2
+    assert adam["summary"]["log_likelihood"]["mean"] < 0 and adam["per_split"][0]["epochs"] == 2
+    zoo = result["methods"]["bnnzoo meanfield-vi"]
+    assert zoo["summary"]["rmse"]["mean"] == pytest.approx(3.5)
+    assert zoo["summary"]["rmse"]["se"] == pytest.approx(0.5)
+    first = zoo["per_split"][0]
+    assert first["fit_in_adam_epochs"] == pytest.approx(2.0 / adam["per_split"][0]["seconds_per_epoch"])
+    assert first["fit_seconds_per_epoch_ratio"] == pytest.approx(first["fit_in_adam_epochs"] / 100)
+    text = boston.table(result)
+    assert "| bnnzoo meanfield-vi | -3.000 ± 0.500 | 3.500 ± 0.500 |" in text
+    assert "bayesian-torch Flipout: left out (" in text
+    assert "left out: " in result["headline"] and "plain Adam: " in result["headline"]

@@ -24,6 +24,7 @@ from bnnzoo.catalog import (
     register,
 )
 from bnnzoo.cli import main
+from bnnzoo.commands.common import NumSamples
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN = ["bmr", "bmr-iterative", "em-tdamp", "horseshoe-svi", "map", "meanfield-vi", "spike-slab-sghmc"]
@@ -221,3 +222,14 @@ def test_cli_fit_of_a_pruning_entry_reports_the_noise_refit(tmp_path):
     assert line is not None, result.output
     assert float(line.group(2)) == pytest.approx(record["noise_scale_after"], rel=1e-3)
     assert float(line.group(3)) == pytest.approx(record["train_mean_z2"], abs=1e-3)
+
+
+def test_num_samples_takes_auto_or_a_positive_integer():
+    """--num-samples: 'auto' (the default: the Monte Carlo error sets the count) or N >= 1; anything
+    else is a usage error naming the option."""
+    param = NumSamples()
+    assert param.convert("auto", None, None) == "auto"
+    assert param.convert("12", None, None) == 12
+    for bad in ("0", "-3", "zero", "1.5"):
+        result = CliRunner().invoke(main, ["evaluate", "no-such-run", "--num-samples", bad])
+        assert result.exit_code == 2 and "--num-samples" in result.output and "'auto' or a positive integer" in result.output

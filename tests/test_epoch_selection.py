@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyro.util
 import pytest
 import torch
@@ -43,10 +45,13 @@ def test_patience_stops_the_selection_fit(boston):
     assert max(chosen["validation_log_likelihood"][-4:]) <= max(chosen["validation_log_likelihood"])
 
 
-def test_selection_scores_the_held_out_rows(boston):
+@pytest.mark.parametrize("name", ["map", "meanfield-vi"])
+def test_selection_scores_the_held_out_rows(boston, name):
     """Each recorded score is the held-out rows' mean log predictive density of the copy after that
-    epoch: re-derived here from a copy fitted on the same rows for the chosen epochs."""
-    post = bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, dataset=boston.name, seed=1,
+    epoch: re-derived here from a copy fitted on the same rows for 7 epochs. A point estimate's
+    density takes the noise at its held-out maximum likelihood (the held-out mean squared error);
+    a posterior's is its own predictive (20 draws, seed 0)."""
+    post = bnnzoo.create(name, "regression", boston.input_shape, boston.output_dim, dataset=boston.name, seed=1,
                          epochs=12, validation_fraction=0.2, patience=50)
     rng = pyro.util.get_rng_state()
     chosen = post.select_epochs(boston.x_train, boston.y_train)
@@ -56,12 +61,34 @@ def test_selection_scores_the_held_out_rows(boston):
     order = torch.randperm(boston.n_train, generator=torch.Generator().manual_seed(0))
     fit_rows, val_rows = order[n_val:], order[:n_val]
     pyro.util.set_rng_state(rng)
-    copy = bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, dataset=boston.name, seed=1,
+    copy = bnnzoo.create(name, "regression", boston.input_shape, boston.output_dim, dataset=boston.name, seed=1,
                          epochs=7, validation_fraction=None)
     pyro.util.set_rng_state(rng)
     copy.fit(boston.x_train[fit_rows], boston.y_train[fit_rows], progress=False)
-    expected = float(copy.log_likelihood(boston.x_train[val_rows], boston.y_train[val_rows], num_samples=1).mean())
+    x_val, y_val = boston.x_train[val_rows], boston.y_train[val_rows]
+    if name == "map":
+        mse = float((copy.predict(x_val, num_samples=1).mean - y_val).pow(2).mean())
+        expected = -0.5 * math.log(2 * math.pi * math.e * mse)
+        assert "noise_scale" in chosen
+    else:
+        expected = float(copy.log_likelihood(x_val, y_val, num_samples=20, seed=0).mean())
+        assert "noise_scale" not in chosen
     assert chosen["validation_log_likelihood"][6] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_point_estimate_predicts_with_the_noise_of_its_held_out_residuals(boston):
+    """MAP's own noise follows its training residuals down; after the selection the fit on all rows
+    predicts with the held-out residuals' scale at the chosen epoch, recorded with the choice."""
+    post = bnnzoo.fit("map", boston, epochs=40, validation_fraction=0.2, patience=10, progress=False, seed=0)
+    chosen = post.fit_state.epoch_selection
+    assert post.noise_scale(original_units=True) == pytest.approx(chosen["noise_scale"], rel=1e-5)
+    best = chosen["epochs"] - 1
+    assert chosen["validation_log_likelihood"][best] == pytest.approx(
+        -0.5 * math.log(2 * math.pi * math.e * chosen["noise_scale"] ** 2), abs=1e-6)
+    own = bnnzoo.fit("map", boston, epochs=chosen["epochs"], validation_fraction=None, progress=False, seed=0)
+    assert own.noise_scale(original_units=True) < chosen["noise_scale"]  # the training residuals' is smaller
+    pred, own_pred = post.predict(boston.x_test), own.predict(boston.x_test)
+    torch.testing.assert_close(pred.mean, own_pred.mean)  # the same weights, another noise
 
 
 def test_em_tdamp_passes_are_chosen_too(boston):

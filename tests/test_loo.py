@@ -160,9 +160,10 @@ def test_each_batched_refit_has_the_catalog_loss_and_gradients_without_its_point
 
 @pytest.fixture(scope="module")
 def fitted_classifier(mnist_small):
-    """Mean-field VI on 40 MNIST images with a dense 784-8-10 network (inputs flattened)."""
+    """Mean-field VI on 40 MNIST images with a dense 784-8-10 network (inputs flattened), with no
+    temperature fitted on validation rows (exact LOO repeats a fit that made no such choice)."""
     data = mnist_small.subset(40, 10, seed=0)
-    return _fit_small(data, seed=2, epochs=5, batch_size=16), data
+    return _fit_small(data, seed=2, epochs=5, batch_size=16, validation_fraction=None), data
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -237,6 +238,12 @@ def test_exact_loo_refuses_what_it_cannot_refit(fitted):
                              device="cpu")
     with pytest.raises(RuntimeError, match="not fitted yet"):
         exact_loo(unfitted, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chose = bnnzoo.fit("meanfield-vi", data, network={"arch": "mlp", "hidden": [8]}, device="cpu", progress=False,
+                           epochs=3, validation_fraction=0.25, patience=2)
+    with pytest.raises(TypeError, match="made no choice on validation data"):
+        exact_loo(chose, x, y)
     with pytest.raises(ValueError, match="unknown LOO method 'kfold'"):
         loo(post, x, y, method="kfold")
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):

@@ -19,6 +19,30 @@ _PYTHON_LITERALS = {"True": True, "False": False, "None": None}
 SPARSITY_KEYS = ("weights_pruned_fraction", "hidden_groups_pruned_fraction", "architecture")
 
 
+class NumSamples(click.ParamType):
+    """A ``--num-samples`` value: ``auto`` (as many posterior draws as the Monte Carlo error of the
+    predictive needs: ``Posterior.predict``) or a positive integer."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        text = str(value).strip()
+        if text == "auto":
+            return text
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        self.fail(f"expected 'auto' or a positive integer, got {value!r}", param, ctx)
+
+
+#: the ``--num-samples`` option of the commands that report test metrics
+num_samples_option = click.option(
+    "--num-samples", type=NumSamples(), default="auto", show_default=True,
+    help="posterior draws for the test metrics: a number, or auto (as many as the Monte Carlo error of the "
+         "predictive needs)")
+
+
 def parse_options(pairs: tuple[str, ...]) -> dict:
     """``("key=value", ...)`` as a dict. A value is read as a JSON literal where it parses (``3``,
     ``2.5``, ``1e-3``, ``true``, ``null``, ``[50, 20]``, ``"text"``; also Python's ``True``,
@@ -95,7 +119,7 @@ def print_metrics(metrics: dict) -> None:
         click.echo(f"  {key:>28s}: {value:.4f}" if isinstance(value, float) else f"  {key:>28s}: {value}")
 
 
-def run_metrics(posterior, dataset, num_samples: int) -> dict:
+def run_metrics(posterior, dataset, num_samples: int | str) -> dict:
     """``posterior.evaluate`` on ``dataset``'s test split with ``num_samples`` draws, plus the
     posterior's pruned fractions and kept architecture (:data:`SPARSITY_KEYS`)."""
     metrics = posterior.evaluate(dataset.x_test, dataset.y_test, num_samples=num_samples)

@@ -8,7 +8,7 @@ from bnnzoo.api import load
 from bnnzoo.errors import BnnzooError
 from bnnzoo.runs import run_dataset
 
-from .common import print_metrics, run_metrics
+from .common import num_samples_option, print_metrics, run_metrics
 
 
 def load_run(run_dir, device):
@@ -36,7 +36,7 @@ def dataset_for_run(posterior, data, split):
 @click.option("--split", type=click.IntRange(min=0), default=None,
               help="UCI split index (default: the recorded split)")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--num-samples", type=click.IntRange(min=1), default=100, show_default=True)
+@num_samples_option
 def command(run_dir, data, split, device, num_samples) -> None:
     """Reload the saved run RUN_DIR (checked against its manifest) and print its test metrics on the
     test split of the data given with --data, or of the data it was fitted on."""

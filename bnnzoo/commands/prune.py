@@ -11,7 +11,7 @@ import click
 from bnnzoo.errors import BnnzooError
 from bnnzoo.runs import check_target, run_dataset
 
-from .common import SPARSITY_KEYS, print_metrics, run_metrics
+from .common import SPARSITY_KEYS, num_samples_option, print_metrics, run_metrics
 from .evaluate import load_run
 
 
@@ -40,7 +40,7 @@ def _test_data(posterior, data: str | None):
               help="prune single weights or whole neurons/filters")
 @click.option("--prune-last", is_flag=True, help="also prune the output layer")
 @click.option("--data", "data", default=None, help="test data (default: the data the run was fitted on)")
-@click.option("--num-samples", default=100, show_default=True, help="posterior draws for the test metrics")
+@num_samples_option
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace an existing run at --out (otherwise refused)")
 def command(run_dir, out, rule, level, prune_last, data, num_samples, device, overwrite) -> None:

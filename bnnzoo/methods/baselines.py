@@ -6,8 +6,10 @@ Also the model builder the SVI and sampling entries share (:func:`build_network_
 from __future__ import annotations
 
 from ..catalog import (
-    EPOCH_SELECTION_OPTIONS,
+    CALIBRATED,
     TRAINING_OPTIONS,
+    VALIDATION_OFF,
+    VALIDATION_OPTIONS,
     CatalogEntry,
     Option,
     register,
@@ -67,12 +69,11 @@ GAUSSIAN_SVI_OPTIONS = {
     "noise_scale": scale_option(help="regression: the Gaussian noise scale the fit starts from (standardised "
                                             "targets); it is learned (null is refused)"),
     "init_scale": scale_option(help="the guide's initial standard deviation of every weight"),
-    **EPOCH_SELECTION_OPTIONS,
+    **VALIDATION_OPTIONS,
 }
 
-_SELECTION_OFF = {"validation_fraction": None, "patience": 20}
-_REGRESSION_TRAIN = {"epochs": 100, "batch_size": 32, "lr": 3e-3, **_SELECTION_OFF}
-_CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3, **_SELECTION_OFF}
+_REGRESSION_TRAIN = {"epochs": 100, "batch_size": 32, "lr": 3e-3, **VALIDATION_OFF}
+_CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3, **VALIDATION_OFF}
 #: MAP has no posterior spread to absorb a misfit: run to the end, it drives the learned noise below
 #: the held-out residuals (Boston: validation LL best near epoch 30 of 100), so its epochs are chosen
 #: on a validation fifth of the training rows (docs/methods/baselines.md)
@@ -89,7 +90,7 @@ register(CatalogEntry(
         "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5}, "guide": {"init_scale": 1e-3},
                        "train": dict(_REGRESSION_TRAIN)},
         "classification": {"model": {"prior_scale": 1.0}, "guide": {"init_scale": 1e-3},
-                           "train": dict(_CLASSIFICATION_TRAIN)},
+                           "train": {**_CLASSIFICATION_TRAIN, **CALIBRATED}},
     },
     options=GAUSSIAN_SVI_OPTIONS,
 ))

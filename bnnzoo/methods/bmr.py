@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from ..catalog import CatalogEntry, Option, register
+from ..catalog import CALIBRATED, VALIDATION_OFF, CatalogEntry, Option, register
 from ..errors import ConfigError
 from ..guides import MeanFieldNormal
 from ..guides.bmr import (
@@ -102,7 +102,7 @@ class IterativeBMR(_ReducedExport, VariationalPosterior):
     def _fit(self, x, y, progress: bool, callback=None) -> None:
         train = self.config["train"]
         options = _options(train)
-        warmup, epochs = int(train["warmup_epochs"]), int(train["epochs"])
+        warmup, epochs = int(train["warmup_epochs"]), self.fit_epochs
         if not 1 <= warmup < epochs:
             raise ConfigError(f"{self.name}: need 1 <= warmup_epochs < epochs, got {warmup} and {epochs}")
         sync = self.device.type == "cuda"
@@ -207,9 +207,9 @@ register(CatalogEntry(
     create=_creator(PostHocBMR, "bmr"),
     defaults={
         "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5, **_MODEL}, "guide": {"init_scale": 1e-3},
-                       "train": {"epochs": 100, "batch_size": 32, "lr": 3e-3, **_BMR}},
+                       "train": {"epochs": 100, "batch_size": 32, "lr": 3e-3, **_BMR, **VALIDATION_OFF}},
         "classification": {"model": {"prior_scale": 1.0, **_MODEL}, "guide": {"init_scale": 1e-3},
-                           "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, **_BMR}},
+                           "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, **_BMR, **CALIBRATED}},
     },
     options=_OPTIONS,
 ))
@@ -223,9 +223,11 @@ register(CatalogEntry(
     create=_creator(IterativeBMR, "bmr-iterative"),
     defaults={
         "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5, **_MODEL}, "guide": {"init_scale": 1e-3},
-                       "train": {"epochs": 200, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 1, **_BMR}},
+                       "train": {"epochs": 200, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 1, **_BMR,
+                                 **VALIDATION_OFF}},
         "classification": {"model": {"prior_scale": 1.0, **_MODEL}, "guide": {"init_scale": 1e-3},
-                           "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 1, **_BMR}},
+                           "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 1, **_BMR,
+                                     **CALIBRATED}},
     },
     options=_OPTIONS,
     checks=(_check_warmup,),

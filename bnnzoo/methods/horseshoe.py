@@ -53,7 +53,15 @@ from typing import Iterator
 
 import torch
 
-from ..catalog import TRAINING_OPTIONS, CatalogEntry, Option, register
+from ..catalog import (
+    CALIBRATED,
+    TRAINING_OPTIONS,
+    VALIDATION_OFF,
+    VALIDATION_OPTIONS,
+    CatalogEntry,
+    Option,
+    register,
+)
 from ..guides import HorseshoeGuide, TemperedLocalReparamELBO, bmr
 from ..models import HorseshoePrior
 from ..models.errors import ConfigError
@@ -262,6 +270,7 @@ _OPTIONS = {
                               "scale: when E[ln s] + 0.5 ln(fan_in) < ln(prune_threshold)"),
     "prune_threshold": Option(float, gt=0, help="the scale rule's threshold: prune a group when "
                                                 "E[ln s] + 0.5 ln(fan_in) < ln(threshold)"),
+    **VALIDATION_OPTIONS,
 }
 
 register(CatalogEntry(
@@ -275,11 +284,11 @@ register(CatalogEntry(
         "regression": {"model": {**_MODEL, "noise_scale": 1.0}, "guide": dict(_GUIDE),
                        "train": {"epochs": 100, "batch_size": 32, "lr": 1e-2, "kl_weight": 0.2,
                                  "untempered": True, "prune": True, "prune_rule": "evidence",
-                                 "prune_threshold": 1.0}},
+                                 "prune_threshold": 1.0, **VALIDATION_OFF}},
         "classification": {"model": dict(_MODEL), "guide": dict(_GUIDE),
                            "train": {"epochs": 60, "batch_size": 128, "lr": 1e-2, "kl_weight": 0.2,
                                      "untempered": False, "prune": True, "prune_rule": "evidence",
-                                     "prune_threshold": 1.0}},
+                                     "prune_threshold": 1.0, **CALIBRATED}},
     },
     options=_OPTIONS,
 ))

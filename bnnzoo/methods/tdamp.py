@@ -77,7 +77,7 @@ from typing import Iterator
 
 import torch
 
-from ..catalog import EPOCH_SELECTION_OPTIONS, CatalogEntry, Option, register
+from ..catalog import VALIDATION_OPTIONS, CatalogEntry, Option, register
 from ..guides import TDAMPGuide
 from ..guides.tdamp_em import keep_count, m_step
 from ..guides.training import EpochLoop, minibatches
@@ -89,7 +89,7 @@ from ..models import (
 )
 from ..models.errors import ConfigError
 from ..models.sparsity import protect_layers
-from ..posterior import GuidePosterior, Prediction, PruningRecord
+from ..posterior import GuidePosterior, PruningRecord
 from .baselines import build_network_of, scale_option
 
 NAME = "em-tdamp"
@@ -237,26 +237,13 @@ class TDAMPPosterior(GuidePosterior):
         out["noise_variance"] = self.guide.noise_var().detach().reshape(()) * scale
         return out
 
-    @torch.no_grad()
-    def predict(self, x, num_samples: int = 100, chunk_size: int = 4096, return_samples: bool = False,
-                seed: int | None = 0) -> Prediction:
-        """As :meth:`Posterior.predict`; for classification the class probabilities of each draw are
-        the normalised probit product (not a softmax)."""
-        if self.task != "classification":
-            return super().predict(x, num_samples, chunk_size, return_samples, seed)
-        self._require_fitted()
-        x, _ = self.validate(x, None, "inputs")
-        x = self.standardizer.x(x.to(self.device))
-        total, kept = None, []
-        for f in self._output_draws(x, num_samples, chunk_size, seed):
-            p = self.model.likelihood.class_probs(f)
-            total = p if total is None else total + p
-            if return_samples:
-                kept.append(f)
-        return Prediction("classification", total / num_samples, samples=torch.stack(kept) if return_samples else None)
+    def _draw_probs(self, f: torch.Tensor) -> torch.Tensor:
+        """Classification: the normalised probit product of one draw's outputs (not a softmax)."""
+        return self.model.likelihood.class_probs(f)
 
     @torch.no_grad()
-    def log_likelihood(self, x, y, num_samples: int = 100, chunk_size: int = 4096, seed: int | None = 0) -> torch.Tensor:
+    def log_likelihood(self, x, y, num_samples: int | str = "auto", chunk_size: int = 4096,
+                       seed: int | None = 0) -> torch.Tensor:
         """As :meth:`Posterior.log_likelihood`; for classification, of the normalised probit product."""
         if self.task != "classification":
             return super().log_likelihood(x, y, num_samples, chunk_size, seed)
@@ -265,10 +252,11 @@ class TDAMPPosterior(GuidePosterior):
         x = self.standardizer.x(x.to(self.device))
         y = y.to(self.device)
         acc = None
-        for f in self._output_draws(x, num_samples, chunk_size, seed):
-            lp = torch.log(self.model.likelihood.class_probs(f).gather(-1, y.unsqueeze(-1)).squeeze(-1))
+        draws, monitor = self._predictive_draws(x, num_samples, chunk_size, seed)
+        for f in draws:
+            lp = torch.log(self._draw_probs(f).gather(-1, y.unsqueeze(-1)).squeeze(-1))
             acc = lp if acc is None else torch.logaddexp(acc, lp)
-        return acc - math.log(num_samples)
+        return acc - math.log(monitor.count if monitor is not None else num_samples)
 
 
 # ---- the catalog entry --------------------------------------------------------------------------
@@ -343,7 +331,7 @@ _OPTIONS = {
     "learn_noise": Option(bool, help="regression: M-step of the noise variance"),
     "prune": Option(bool, help="prune the neurons below prune_threshold after the last pass"),
     "prune_threshold": Option(float, gt=0, lt=1, help="inclusion probability below which a neuron is pruned"),
-    **EPOCH_SELECTION_OPTIONS,
+    **VALIDATION_OPTIONS,
 }
 
 register(CatalogEntry(

@@ -181,7 +181,7 @@ TRAINING_OPTIONS: dict[str, Option] = {
 
 #: the options of the entries that make choices on a validation part of the training data
 #: (:meth:`bnnzoo.posterior.Posterior.fit`): the number of epochs (``epochs`` is then the most they
-#: may run) and, for classification, the predictive's logit temperature
+#: may run) and, for classification, the predictive's temperature
 VALIDATION_OPTIONS: dict[str, Option] = {
     "validation_fraction": Option(float, gt=0, lt=1, nullable=True,
                                   help="fraction of the training rows held out for the choices below (then the "
@@ -189,13 +189,13 @@ VALIDATION_OPTIONS: dict[str, Option] = {
     "select_epochs": Option(bool, help="choose the number of epochs (at most `epochs`) on the held-out rows"),
     "patience": Option(int, ge=1, help="epochs without a better validation log-likelihood before the "
                                        "selection fit stops"),
-    "calibrate": Option(bool, help="classification: fit the predictive's logit temperature on the held-out "
+    "calibrate": Option(bool, help="classification: fit the predictive's temperature on the held-out "
                                    "rows (temperature scaling)"),
 }
 
 #: the validation options' values of an entry that makes no choice on validation data
 VALIDATION_OFF = {"validation_fraction": None, "select_epochs": True, "patience": 20, "calibrate": False}
-#: classification: the predictive's logit temperature fitted on a validation fifth of the training
+#: classification: the predictive's temperature fitted on a validation fifth of the training
 #: rows, the epochs run as configured: a mean-field fit of a few epochs is overconfident (its
 #: posterior spread barely leaves the initial scale), and one temperature fitted on held-out rows
 #: corrects that without touching the fit (docs/methods/map-meanfield.md). The classification

@@ -110,8 +110,7 @@ class ArvizExportable(Protocol):
     the weights; ``"<layer>.<var>"`` of shape ``(chain, draw, groups)`` is indexed by the layer's
     groups) and ``arviz_sample_stats()`` (``{name: (chain, draw)}`` per-draw sampler statistics,
     empty for a guide). Optional, read when present: ``point_estimate`` (one draw, marked as a
-    point estimate), ``arviz_constant_data()`` (``{name: tensor}`` for ``constant_data``) and
-    ``logit_temperature`` (classification: the predictive divides each draw's logits by it).
+    point estimate) and ``arviz_constant_data()`` (``{name: tensor}`` for ``constant_data``).
     """
 
     name: str
@@ -271,7 +270,6 @@ def _draw(posterior, x, y, chains: int, draws: int, sites: list[str], chunk_size
     bad = [name for name, p in lik.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise FloatingPointError(f"{posterior.name}: the likelihood's {', '.join(bad)} is not finite: the fit diverged")
-    temperature = float(getattr(posterior, "logit_temperature", 1.0)) if not regression else 1.0
     kept = {s: [] for s in sites}
     norms = {layer.name: [] for layer in net.param_layers}
     loglik, replicas, predictions = [], [], []
@@ -289,8 +287,6 @@ def _draw(posterior, x, y, chains: int, draws: int, sites: list[str], chunk_size
                 norms[layer.name].append(w.pow(2).sum(1) + params[f"{layer.name}.bias"].pow(2))
             if x is not None:
                 f = torch.cat([net(x[i:i + chunk_size], params) for i in range(0, len(x), chunk_size)])
-                if temperature != 1.0:
-                    f = f / temperature  # the predictive's logits
                 loglik.append(lik.log_prob(f, y_std) - log_y_scale)
                 # the replicas draw from a stream of their own, so that the weight draws are those of
                 # Posterior.predict / log_likelihood with the same seed

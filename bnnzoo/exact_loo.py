@@ -74,7 +74,7 @@ def check_refittable(posterior) -> None:
         raise NotFittedError(f"this {name} posterior is not fitted yet: call fit(x, y) first")
     if posterior.fit_state.epoch_selection or posterior.fit_state.calibration:
         raise TypeError(f"exact LOO by vectorised refits repeats a fit that made no choice on validation data; this "
-                        f"{name} fit chose its epochs or its logit temperature on held-out rows: fit with "
+                        f"{name} fit chose its epochs or its predictive temperature on held-out rows: fit with "
                         f"validation_fraction=None, or use bnnzoo.loo.loo(..., reloo=True) (full catalog refits)")
 
 

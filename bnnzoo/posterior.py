@@ -134,13 +134,13 @@ class FitState:
     #: the number of epochs chosen on a validation part of the training data, and how (see
     #: :meth:`Posterior.fit`); ``None`` when the fit ran the configured ``epochs``
     epoch_selection: dict[str, Any] | None = None
-    #: classification: the logit temperature fitted on a validation part of the training data, and
-    #: how (see :meth:`Posterior.select_temperature`); ``None``: the predictive is not tempered
+    #: classification: the predictive's temperature fitted on a validation part of the training
+    #: data, and how (see :meth:`Posterior.select_temperature`); ``None``: not tempered
     calibration: dict[str, Any] | None = None
 
     @property
-    def logit_temperature(self) -> float:
-        """The temperature the predictive divides every draw's logits by (1 when not calibrated)."""
+    def predictive_temperature(self) -> float:
+        """The temperature of the classification predictive (1 when not calibrated)."""
         return float(self.calibration["temperature"]) if self.calibration else 1.0
 
     def to_dict(self) -> dict:
@@ -269,10 +269,19 @@ class Posterior(ABC):
         return 1.0
 
     @property
-    def logit_temperature(self) -> float:
-        """Classification: the temperature the predictive divides each draw's logits by (1 unless
-        fitted on validation data: ``train.calibrate``, :meth:`select_temperature`)."""
-        return self.fit_state.logit_temperature
+    def predictive_temperature(self) -> float:
+        """Classification: the temperature ``T`` of the predictive, whose class probabilities are
+        ``softmax(log p / T)`` for the posterior predictive ``p`` (1 unless fitted on validation
+        data: ``train.calibrate``, :meth:`select_temperature`)."""
+        return self.fit_state.predictive_temperature
+
+    def _tempered(self, probs: torch.Tensor) -> torch.Tensor:
+        """Classification: the predictive class probabilities ``probs`` ``(N, K)`` at the fitted
+        :attr:`predictive_temperature` (unchanged at 1)."""
+        t = self.predictive_temperature
+        if t == 1.0:
+            return probs
+        return temperature_scaling.tempered_log_probs(probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), t).exp()
 
     @property
     def is_fitted(self) -> bool:
@@ -306,18 +315,18 @@ class Posterior(ABC):
           of the held-out rows is followed; the fit runs the number of epochs that scored best
           (a regression point estimate then predicts with the noise scale of the held-out
           residuals). Recorded in ``fit_state.epoch_selection``.
-        - ``train.calibrate`` (classification, default off): the logit temperature of the
+        - ``train.calibrate`` (classification, default off): the temperature ``T`` of the
           predictive (:meth:`select_temperature`): a copy fitted on the other rows, as this one is
-          fitted, and the temperature that maximises the held-out log predictive density of its
-          predictive. Recorded in ``fit_state.calibration``; every prediction divides the logits
-          of each draw by it.
+          fitted, and the ``T`` that maximises the held-out log density of its tempered predictive.
+          Recorded in ``fit_state.calibration``; every prediction gives the class probabilities
+          ``softmax(log p / T)`` of the posterior predictive ``p`` (:attr:`predictive_temperature`).
         """
         x, y = self.validate(x, y, "training data")
         train = self.config["train"]
         held_out = bool(train.get("validation_fraction"))
         calibrate = held_out and bool(train.get("calibrate", False))
         if calibrate and self.task != "classification":
-            raise ConfigError(f"{self.name}: calibrate fits a logit temperature, which is for classification; "
+            raise ConfigError(f"{self.name}: calibrate fits a temperature of the class probabilities, which is for classification; "
                               f"a regression fit learns its noise scale instead (set calibrate: false)")
         selection = self.select_epochs(x, y, progress) if held_out and train.get("select_epochs", True) else None
         calibration = self.select_temperature(x, y, selection, progress) if calibrate else None
@@ -482,9 +491,9 @@ class Posterior(ABC):
 
     def select_temperature(self, x, y, epoch_selection: dict | None = None,
                            progress: bool = False) -> dict[str, Any]:
-        """Classification: fit the predictive's logit temperature on a validation part of the
-        training data ``(x, y)`` (raw units), leaving this posterior unfitted and the global random
-        state as it was (temperature scaling, :mod:`bnnzoo.guides.temperature_scaling`).
+        """Classification: fit the predictive's temperature on a validation part of the training
+        data ``(x, y)`` (raw units), leaving this posterior unfitted and the global random state as
+        it was (temperature scaling, :mod:`bnnzoo.guides.temperature_scaling`).
 
         The rule (the same on any data): the rows :meth:`select_epochs` holds out (the first
         ``train.validation_fraction`` of a fixed permutation) are held out; a copy of this
@@ -496,18 +505,19 @@ class Posterior(ABC):
         "validation_rows", "num_samples", "validation_log_likelihood"}`` (the held-out mean log
         density untempered, then tempered)."""
         if self.task != "classification":
-            raise ConfigError(f"{self.name}: a logit temperature is for classification, not {self.task}")
+            raise ConfigError(f"{self.name}: a predictive temperature is for classification, not {self.task}")
         x, y = self.validate(x, y, "training data")
         fraction, fit_rows, val_rows = self._validation_split(len(x))
         chosen = {k: epoch_selection[k] for k in ("epochs", "batch_size")} if epoch_selection else {}
         twin = self._validation_twin(**chosen)
         self._fit_twin(twin, x[fit_rows], y[fit_rows], progress)
         draws = 1 if getattr(self, "point_estimate", False) else self.SELECTION_DRAWS
-        x_val = twin.standardizer.x(x[val_rows].to(self.device))
         y_val = y[val_rows].to(self.device)
-        logits = torch.stack(list(twin._output_draws(x_val, draws, 4096, seed=0)))
-        t = temperature_scaling.fit_temperature(logits, y_val)
-        scores = [float(temperature_scaling.tempered_log_predictive(logits, y_val, v).mean()) for v in (1.0, t)]
+        probs = twin.predict(x[val_rows], num_samples=draws, seed=0).probs
+        log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        t = temperature_scaling.fit_temperature(log_probs, y_val)
+        scores = [float(temperature_scaling.tempered_log_probs(log_probs, v).gather(-1, y_val.unsqueeze(-1)).mean())
+                  for v in (1.0, t)]
         return {"temperature": t, "validation_fraction": fraction, "validation_rows": len(val_rows),
                 "num_samples": draws, "validation_log_likelihood": {"untempered": scores[0], "tempered": scores[1]}}
 
@@ -579,12 +589,8 @@ class Posterior(ABC):
                 yield self._forward(x, params, chunk_size)
 
     def _forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-        """The predictive's outputs for all of ``x`` under one set of weights, in chunks of
-        ``chunk_size``: the network outputs, classification logits divided by the fitted logit
-        temperature (``fit_state.logit_temperature``, 1 unless calibrated)."""
-        out = torch.cat([self.net(x[i:i + chunk_size], params) for i in range(0, len(x), chunk_size)])
-        temperature = self.logit_temperature
-        return out / temperature if temperature != 1.0 else out
+        """The network outputs for all of ``x`` under one set of weights, in chunks of ``chunk_size``."""
+        return torch.cat([self.net(x[i:i + chunk_size], params) for i in range(0, len(x), chunk_size)])
 
     def _draw_probs(self, f: torch.Tensor) -> torch.Tensor:
         """Classification: the class probabilities of one draw's outputs ``f`` (a softmax of the
@@ -695,14 +701,13 @@ class Posterior(ABC):
         """Classification: the predictive class probabilities of standardised inputs ``x`` by moment
         propagation; ``"moments"``: the average softmax over :data:`MOMENT_LOGIT_POINTS` quasi-random
         points of the logits' Gaussian and their antithetic twins (full covariance of the last
-        layer's logits), ``"probit"``: the probit approximation; the logits divided by the fitted
-        logit temperature, as the sampled predictive's are."""
-        t = self.logit_temperature  # the logits / t: mean / t, (co)variance / t^2
+        layer's logits), ``"probit"``: the probit approximation; tempered as the sampled
+        predictive is (:meth:`_tempered`)."""
         if method == "probit":
             mean, var = self._output_moments(x, chunk_size, False)
-            return moments.probit_softmax(mean / t, var / t**2)
+            return self._tempered(moments.probit_softmax(mean, var))
         mean, _, cov = self._output_moments(x, chunk_size, True)
-        return moments.sampled_softmax(mean / t, cov / t**2, MOMENT_LOGIT_POINTS, seed)
+        return self._tempered(moments.sampled_softmax(mean, cov, MOMENT_LOGIT_POINTS, seed))
 
     @torch.no_grad()
     def predict(self, x, num_samples: int | str = "auto", chunk_size: int = 4096, return_samples: bool = False,
@@ -761,7 +766,7 @@ class Posterior(ABC):
         record = {"num_samples": num_samples, "mc_error": None if monitor is None else monitor.last_error}
         mean = first / num_samples
         if self.task == "classification":
-            return Prediction("classification", mean, samples=samples, **record)
+            return Prediction("classification", self._tempered(mean), samples=samples, **record)
         noise = self.noise_scale() * self.standardizer.y_scale
         var = (second / num_samples - mean**2).clamp_min(0) + noise**2
         return Prediction("regression", mean, var.sqrt(), samples, **record)
@@ -808,11 +813,19 @@ class Posterior(ABC):
             return lp - math.log(self.standardizer.y_scale)
         acc = None
         draws, monitor = self._predictive_draws(x, num_samples, chunk_size, seed)
+        tempered = self.task == "classification" and self.predictive_temperature != 1.0
         for f in draws:
+            if tempered:  # the whole predictive is needed: sum the class probabilities
+                p = self._draw_probs(f)
+                acc = p if acc is None else acc + p
+                continue
             lp = self.model.likelihood.log_prob(f, y)
             acc = lp if acc is None else torch.logaddexp(acc, lp)
         if monitor is not None:
             num_samples = monitor.count
+        if tempered:
+            probs = self._tempered(acc / num_samples)
+            return torch.log(probs.gather(-1, y.unsqueeze(-1)).squeeze(-1).clamp_min(torch.finfo(probs.dtype).tiny))
         return acc - math.log(num_samples) - math.log(self.standardizer.y_scale)
 
     def evaluate(self, x, y, num_samples: int | str = "auto", chunk_size: int = 4096, seed: int | None = 0,

@@ -1,16 +1,19 @@
-"""Temperature scaling of a classification predictive (Guo et al. 2017, "On calibration of modern
-neural networks"), for a predictive that averages the softmax over posterior draws.
+"""Temperature scaling (Guo et al. 2017, "On calibration of modern neural networks") of a
+classification predictive given by its class probabilities.
 
-With ``S`` draws of the logits ``f_s(x)`` the tempered predictive is
+With ``p(k | x)`` the predictive class probabilities (for a Bayesian network, the posterior
+predictive: the average over posterior draws of each draw's class probabilities), the tempered
+predictive is
 
-    p_T(y | x) = (1/S) sum_s softmax(f_s(x) / T)_y,
+    p_T(k | x) = p(k | x)^(1/T) / sum_j p(j | x)^(1/T) = softmax(log p(. | x) / T)_k,
 
-and the temperature ``T > 0`` is the one that maximises the mean log predictive density of held-out
-labelled points, ``mean_n log p_T(y_n | x_n)``: one scalar, fitted on data the posterior did not
-see, so it corrects a predictive that is over- (``T > 1``) or under-confident (``T < 1``) on average
-and leaves every argmax, hence the accuracy of each draw, unchanged. The objective is smooth in
-``log T``; it is minimised by L-BFGS with a strong-Wolfe line search (``torch.optim.LBFGS``) on the
-logits' device, from ``T = 1``.
+the softmax of the predictive's log-probabilities divided by ``T``. The temperature ``T > 0`` is the
+one that maximises the mean log density ``mean_n log p_T(y_n | x_n)`` of held-out labelled points:
+one scalar, fitted on data the posterior did not see, so it corrects a predictive that is over-
+(``T > 1``) or under-confident (``T < 1``) on average and leaves every prediction's ranking of the
+classes, hence its accuracy, unchanged. The objective is smooth and, in ``log T``, has one
+maximum (it is the log-likelihood of an exponential family in ``1/T``); it is maximised by L-BFGS
+with a strong-Wolfe line search (``torch.optim.LBFGS``) on the inputs' device, from ``T = 1``.
 """
 
 from __future__ import annotations
@@ -24,35 +27,37 @@ import torch
 TEMPERATURE_RANGE = (1e-2, 1e2)
 
 
-def tempered_log_predictive(logits: torch.Tensor, y: torch.Tensor, temperature) -> torch.Tensor:
-    """Pointwise ``log p_T(y_n | x_n)`` of the draw-averaged softmax at ``temperature`` (a float or
-    a 0-d tensor, differentiable), for ``logits`` of shape ``(S, N, K)`` and labels ``y`` ``(N,)``."""
-    log_probs = torch.log_softmax(logits / temperature, dim=-1)
-    picked = log_probs.gather(-1, y.expand(logits.shape[0], -1).unsqueeze(-1)).squeeze(-1)
-    return torch.logsumexp(picked, dim=0) - math.log(logits.shape[0])
+def tempered_log_probs(log_probs: torch.Tensor, temperature) -> torch.Tensor:
+    """``log p_T(k | x_n)`` for the predictive's log-probabilities ``log_probs`` ``(N, K)`` at
+    ``temperature`` (a float or a 0-d tensor, differentiable): ``log_softmax(log_probs / T)``."""
+    return torch.log_softmax(log_probs / temperature, dim=-1)
 
 
-def fit_temperature(logits: torch.Tensor, y: torch.Tensor, max_iter: int = 100) -> float:
-    """The temperature ``T`` in :data:`TEMPERATURE_RANGE` that maximises the mean held-out log
-    predictive density :func:`tempered_log_predictive` of ``logits`` ``(S, N, K)`` (``S`` posterior
-    draws of the logits of ``N`` held-out points) with labels ``y`` ``(N,)``.
+def fit_temperature(log_probs: torch.Tensor, y: torch.Tensor, max_iter: int = 100) -> float:
+    """The temperature ``T`` in :data:`TEMPERATURE_RANGE` that maximises the mean log density
+    ``mean_n log p_T(y_n | x_n)`` (:func:`tempered_log_probs`) of ``N`` held-out points, given the
+    predictive's log-probabilities ``log_probs`` ``(N, K)`` (finite, or ``-inf`` for a class of
+    probability 0) and their labels ``y`` ``(N,)``.
 
-    Raises ``ValueError`` for mismatched shapes, no points, or non-finite logits."""
-    if logits.dim() != 3 or y.dim() != 1 or logits.shape[1] != y.shape[0] or y.shape[0] == 0:
-        raise ValueError(f"fit_temperature needs logits (S, N, K) and labels (N,) with N >= 1, got "
-                         f"{tuple(logits.shape)} and {tuple(y.shape)}")
-    if not torch.isfinite(logits).all():
-        raise ValueError("fit_temperature: the logits are not all finite")
-    logits = logits.detach()
-    y = y.to(logits.device)
+    Raises ``ValueError`` for mismatched shapes, no points, or NaN / ``+inf`` log-probabilities."""
+    if log_probs.dim() != 2 or y.dim() != 1 or log_probs.shape[0] != y.shape[0] or y.shape[0] == 0:
+        raise ValueError(f"fit_temperature needs log-probabilities (N, K) and labels (N,) with N >= 1, got "
+                         f"{tuple(log_probs.shape)} and {tuple(y.shape)}")
+    if torch.isnan(log_probs).any() or (log_probs == math.inf).any():
+        raise ValueError("fit_temperature: the log-probabilities hold NaN or +inf")
+    # a class of probability 0 stays at 0 at every temperature; a large finite floor keeps the
+    # arithmetic finite without moving the others
+    log_probs = log_probs.detach().clamp_min(torch.finfo(log_probs.dtype).min / 1e4)
+    y = y.to(log_probs.device).long()
     low, high = (math.log(t) for t in TEMPERATURE_RANGE)
-    log_t = torch.zeros((), dtype=logits.dtype, device=logits.device, requires_grad=True)
+    log_t = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], max_iter=max_iter, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-9, tolerance_change=1e-12)
 
     def closure():
         optimizer.zero_grad()
-        loss = -tempered_log_predictive(logits, y, log_t.clamp(low, high).exp()).mean()
+        tempered = tempered_log_probs(log_probs, log_t.clamp(low, high).exp())
+        loss = -tempered.gather(-1, y.unsqueeze(-1)).mean()
         loss.backward()
         return loss
 

@@ -1,5 +1,5 @@
-"""Calibrated classification: the logit temperature fitted on a validation part of the training data
-(temperature scaling of the draw-averaged predictive) and how every prediction uses it."""
+"""Calibrated classification: the temperature of the posterior predictive, fitted on a validation
+part of the training data (temperature scaling), and how every prediction uses it."""
 
 from __future__ import annotations
 
@@ -15,48 +15,60 @@ from bnnzoo.guides.predictive_moments import probit_softmax, sampled_softmax
 from bnnzoo.guides.temperature_scaling import (
     TEMPERATURE_RANGE,
     fit_temperature,
-    tempered_log_predictive,
+    tempered_log_probs,
 )
 from bnnzoo.posterior import MOMENT_LOGIT_POINTS
 
 
-def _labels_from(logits: torch.Tensor, temperature: float, seed: int) -> torch.Tensor:
-    """Labels drawn from the draw-averaged predictive of ``logits`` at ``temperature``."""
-    probs = torch.softmax(logits / temperature, -1).mean(0)
+def _labels_from(log_probs: torch.Tensor, temperature: float, seed: int) -> torch.Tensor:
+    """Labels drawn from the tempered predictive softmax(log_probs / T)."""
+    probs = torch.softmax(log_probs / temperature, -1)
     return torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+
+
+def _mixture_log_probs(n: int, seed: int) -> torch.Tensor:
+    """The log-probabilities of a draw-averaged predictive: four draws of 5-class logits."""
+    gen = torch.Generator().manual_seed(seed)
+    centre = 3.0 * torch.randn(n, 5, generator=gen)
+    logits = centre + 0.5 * torch.randn(4, n, 5, generator=gen)
+    return torch.softmax(logits, -1).mean(0).log()
 
 
 @pytest.mark.parametrize("true_temperature", [0.5, 1.0, 2.5])
 def test_fitted_temperature_recovers_the_temperature_labels_were_drawn_at(true_temperature):
-    """Monte Carlo: labels drawn from softmax(f / T0) averaged over draws; the maximum-likelihood
-    temperature of 20,000 points is within a few standard errors of T0."""
-    gen = torch.Generator().manual_seed(1)
-    centre = 3.0 * torch.randn(20_000, 5, generator=gen)
-    logits = centre + 0.5 * torch.randn(4, 20_000, 5, generator=gen)  # four posterior draws
-    y = _labels_from(logits, true_temperature, seed=2)
-    t = fit_temperature(logits, y)
-    assert t == pytest.approx(true_temperature, rel=0.06)
+    """Monte Carlo: labels drawn from softmax(log p / T0); the maximum-likelihood temperature of
+    20,000 points is within a few standard errors of T0."""
+    log_probs = _mixture_log_probs(20_000, seed=1)
+    y = _labels_from(log_probs, true_temperature, seed=2)
+    assert fit_temperature(log_probs, y) == pytest.approx(true_temperature, rel=0.06)
 
 
 def test_fitted_temperature_is_the_maximum_of_the_held_out_log_density():
-    """The fitted T beats every temperature of a fine grid over the whole allowed range (and the
-    objective is evaluated by tempered_log_predictive, checked here against a direct formula)."""
+    """The fitted T beats every temperature of a fine grid over the whole allowed range, and the
+    tempered predictive is p^(1/T) normalised (checked against the direct formula)."""
     gen = torch.Generator().manual_seed(3)
-    logits = 4.0 * torch.randn(8, 300, 3, generator=gen)
-    y = torch.randint(0, 3, (300,), generator=gen)
-    direct = torch.log(torch.softmax(logits / 1.7, -1).mean(0)[torch.arange(300), y])
-    torch.testing.assert_close(tempered_log_predictive(logits, y, 1.7), direct, rtol=1e-5, atol=1e-6)
-    t = fit_temperature(logits, y)
-    best = float(tempered_log_predictive(logits, y, t).mean())
+    log_probs = _mixture_log_probs(300, seed=4)
+    y = torch.randint(0, 5, (300,), generator=gen)
+    p = log_probs.exp()
+    direct = p ** (1 / 1.7) / (p ** (1 / 1.7)).sum(-1, keepdim=True)
+    torch.testing.assert_close(tempered_log_probs(log_probs, 1.7).exp(), direct, rtol=1e-5, atol=1e-6)
+
+    def score(t):
+        return float(tempered_log_probs(log_probs, t).gather(-1, y.unsqueeze(-1)).mean())
+
+    t = fit_temperature(log_probs, y)
     grid = torch.logspace(math.log10(TEMPERATURE_RANGE[0]), math.log10(TEMPERATURE_RANGE[1]), 400)
-    assert best >= max(float(tempered_log_predictive(logits, y, float(g)).mean()) for g in grid) - 1e-6
+    assert score(t) >= max(score(float(g)) for g in grid) - 1e-6
 
 
 def test_fit_temperature_refuses_bad_input():
-    with pytest.raises(ValueError, match="logits"):
-        fit_temperature(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="finite"):
-        fit_temperature(torch.full((1, 2, 3), float("nan")), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="log-probabilities"):
+        fit_temperature(torch.zeros(2, 3, 1), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="NaN"):
+        fit_temperature(torch.full((2, 3), float("nan")), torch.zeros(2, dtype=torch.long))
+    # a class of probability 0 is allowed (log-probability -inf) and stays at 0
+    log_probs = torch.tensor([[0.0, -math.inf], [-0.1, -2.4]])
+    assert math.isfinite(fit_temperature(log_probs, torch.tensor([0, 0])))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +85,7 @@ def overconfident(mnist_small):
 
 def test_calibration_changes_only_the_temperature_and_improves_calibration(mnist_small, overconfident):
     """The fit on all rows is the uncalibrated fit bit for bit (the choice leaves the random state
-    alone); the temperature (> 1 for an overconfident fit) lowers the test NLL and ECE."""
+    alone); the temperature (> 1 for an overconfident fit) lowers the test NLL."""
     calibrated, plain = overconfident
     record = calibrated.fit_state.calibration
     assert record["temperature"] > 1.0
@@ -85,35 +97,37 @@ def test_calibration_changes_only_the_temperature_and_improves_calibration(mnist
     cal, raw = calibrated.evaluate(x, y, num_samples=20), plain.evaluate(x, y, num_samples=20)
     assert cal["accuracy"] == raw["accuracy"]
     assert cal["nll"] < raw["nll"]
-    assert cal["ece"] < raw["ece"]
 
 
 def test_every_predictive_uses_the_temperature(mnist_small, overconfident):
-    """predict (sampled, moments, probit), log_likelihood and the ArviZ log-likelihood all divide
-    each draw's logits by T: each equals the untempered computation on logits / T."""
+    """predict (sampled, moments, probit) and log_likelihood give the tempered predictive
+    softmax(log p / T) of the untempered one p; the per-draw samples and the ArviZ pointwise
+    log-likelihood (the model's, for LOO) are untempered."""
     calibrated, _ = overconfident
-    t = calibrated.fit_state.logit_temperature
+    t = calibrated.predictive_temperature
     x, y = mnist_small.x_test[:50], mnist_small.y_test[:50]
     pred = calibrated.predict(x, num_samples=10, return_samples=True)
-    raw_logits = torch.stack(list(calibrated._output_draws(calibrated.standardizer.x(x), 10, 4096, 0)))
-    torch.testing.assert_close(pred.samples, raw_logits)  # the predictive's logits: tempered
-    untempered = [calibrated.net(calibrated.standardizer.x(x), w) for w in _draws(calibrated, 10)]
-    torch.testing.assert_close(pred.samples, torch.stack(untempered) / t, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(pred.probs, torch.softmax(torch.stack(untempered) / t, -1).mean(0), rtol=1e-5, atol=1e-6)
+    untempered = torch.stack([calibrated.net(calibrated.standardizer.x(x), w) for w in _draws(calibrated, 10)])
+    torch.testing.assert_close(pred.samples, untempered, rtol=1e-5, atol=1e-6)
+    p = torch.softmax(untempered, -1).mean(0)
+    expected = tempered_log_probs(p.log(), t).exp()
+    torch.testing.assert_close(pred.probs, expected, rtol=1e-5, atol=1e-6)
+    assert float((pred.probs - p).abs().max()) > 0.01  # the temperature matters here
     ll = calibrated.log_likelihood(x, y, num_samples=10)
-    torch.testing.assert_close(ll, tempered_log_predictive(torch.stack(untempered), y, t), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ll, expected[torch.arange(50), y].log(), rtol=1e-5, atol=1e-5)
+    assert calibrated.evaluate(x, y, num_samples=10)["nll"] == pytest.approx(float(-ll.mean()), rel=1e-5)
     idata = calibrated.to_arviz((x, y), num_samples=10)
     first = torch.as_tensor(idata.log_likelihood["obs"].values.reshape(-1, 50)[0])
-    torch.testing.assert_close(first.float(), torch.log_softmax(untempered[0] / t, -1)[torch.arange(50), y],
+    torch.testing.assert_close(first.float(), torch.log_softmax(untempered[0], -1)[torch.arange(50), y],
                                rtol=1e-5, atol=1e-5)
-    # the moment predictives: the logits' Gaussian scaled by 1 / T
+    # the moment predictives, tempered the same way
     xs = calibrated.standardizer.x(x)
     mean, _, cov = calibrated._output_moments(xs, 4096, True)
-    tempered = sampled_softmax(mean / t, cov / t**2, MOMENT_LOGIT_POINTS, 0)
-    torch.testing.assert_close(calibrated.predict(x, method="moments").probs, tempered)
-    assert float((tempered - sampled_softmax(mean, cov, MOMENT_LOGIT_POINTS, 0)).abs().max()) > 0.01
+    raw = sampled_softmax(mean, cov, MOMENT_LOGIT_POINTS, 0)
+    torch.testing.assert_close(calibrated.predict(x, method="moments").probs, tempered_log_probs(raw.log(), t).exp())
     mean, var = calibrated._output_moments(xs, 4096, False)
-    torch.testing.assert_close(calibrated.predict(x, method="probit").probs, probit_softmax(mean / t, var / t**2))
+    raw = probit_softmax(mean, var)
+    torch.testing.assert_close(calibrated.predict(x, method="probit").probs, tempered_log_probs(raw.log(), t).exp())
 
 
 def _draws(posterior, n):

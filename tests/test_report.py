@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import bnnzoo
-from benchmarks import bench_dense_teacher, bench_uci, harness, report
+from benchmarks import bench_dense_teacher, bench_peers_boston, bench_uci, harness, report
 from benchmarks import run as bench_run
 from bnnzoo.catalog import get_entry
 from bnnzoo.data import Dataset
@@ -136,6 +136,7 @@ def test_the_readme_quotes_the_current_headline_figures():
     results = report.load_results()
     current = set(report.headline_table(results).splitlines())
     uci = {line for table in report.readme_tables(results) for line in table.splitlines()}
+    uci |= set(bench_peers_boston.table(results["peers-boston"]).splitlines())  # its own five-column table
     quoted = [line for line in readme.splitlines() if line.startswith("| ") and line.count(" | ") == 4
               and line not in uci]
     assert quoted, "the README's results section has no headline table"
@@ -356,7 +357,9 @@ def test_a_default_fit_and_its_dense_twin():
                                                                        num_samples=20)["log_likelihood"])
     plain = harness.fit_regression_defaults("map", data, seed=0, num_samples=20)
     assert "dense_log_likelihood" not in plain and plain["weights_pruned_fraction"] == 0
-    assert plain["empty_layer_warnings"] == 0 and plain["epochs"] == get_entry("map").defaults["regression"]["train"]["epochs"]
+    # map chooses its epochs on a validation fifth: at most the configured number
+    assert plain["empty_layer_warnings"] == 0
+    assert 1 <= plain["epochs"] <= get_entry("map").defaults["regression"]["train"]["epochs"]
 
 
 # ---- the dense teacher ---------------------------------------------------------------------------------

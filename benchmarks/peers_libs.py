@@ -58,22 +58,32 @@ def timed(fn, device: torch.device):
 
 
 # ---- bayesian-torch ---------------------------------------------------------------------------------
-def bayesian_torch(task, layer_type: str) -> dict:
-    """bayesian-torch 0.5: the plain network converted with ``dnn_to_bnn`` (README prior and posterior
-    initialisation, ``layer_type`` "Reparameterization" or "Flipout"), trained with Adam on
-    ``cross_entropy + get_kl_loss / N`` (one weight sample per step, as the README's training snippet;
-    KL over the training-set size N as ``examples/main_bayesian_mnist.py``), predicting with the mean
-    softmax of :data:`BAYESIAN_TORCH_SAMPLES` forward passes in ``eval`` mode (README testing snippet)."""
-    from bayesian_torch.models.dnn_to_bnn import (  # lazy: optional peer library
-        dnn_to_bnn,
-        get_kl_loss,
+def _bayesian_torch_network(task, layer_type: str):
+    """The task's plain network (seeded with the task's seed) converted by bayesian-torch's
+    ``dnn_to_bnn`` with the README prior and posterior initialisation and ``layer_type``, on the
+    task's device; returns it and the conversion's parameters."""
+    from bayesian_torch.models.dnn_to_bnn import (
+        dnn_to_bnn,  # lazy: optional peer library
     )
 
     torch.manual_seed(task.seed)
     net = task.torch_network()
     params = {**BAYESIAN_TORCH_PRIOR, "type": layer_type}
     dnn_to_bnn(net, params)
-    net = net.to(task.device)
+    return net.to(task.device), params
+
+
+def bayesian_torch(task, layer_type: str) -> dict:
+    """bayesian-torch 0.5: the plain network converted with ``dnn_to_bnn`` (README prior and posterior
+    initialisation, ``layer_type`` "Reparameterization" or "Flipout"), trained with Adam on
+    ``cross_entropy + get_kl_loss / N`` (one weight sample per step, as the README's training snippet;
+    KL over the training-set size N as ``examples/main_bayesian_mnist.py``), predicting with the mean
+    softmax of :data:`BAYESIAN_TORCH_SAMPLES` forward passes in ``eval`` mode (README testing snippet)."""
+    from bayesian_torch.models.dnn_to_bnn import (
+        get_kl_loss,  # lazy: optional peer library
+    )
+
+    net, params = _bayesian_torch_network(task, layer_type)
     optimizer = torch.optim.Adam(net.parameters(), lr=task.lr)
     n = len(task.x_train)
 
@@ -178,6 +188,19 @@ def tyxe_mean_field(task) -> dict:
 
 
 # ---- laplace-torch ----------------------------------------------------------------------------------
+def _laplace_variant(variant: str) -> tuple[dict, dict]:
+    """``(Laplace keyword options, their description for the result)`` of a laplace-torch variant:
+    "last-layer-kron" (the library's defaults) or "all-diag" (all weights, diagonal, BackPACK)."""
+    if variant == "last-layer-kron":
+        return {}, {"subset_of_weights": "last_layer", "hessian_structure": "kron", "backend": "library default"}
+    if variant == "all-diag":
+        from laplace.curvature import BackPackGGN  # lazy: optional peer library
+
+        return ({"subset_of_weights": "all", "hessian_structure": "diag", "backend": BackPackGGN},
+                {"subset_of_weights": "all", "hessian_structure": "diag", "backend": "BackPackGGN"})
+    raise ValueError(f"unknown Laplace variant {variant!r}")
+
+
 def laplace(task, adam_module: torch.nn.Module, variant: str) -> dict:
     """laplace-torch 0.3, post hoc on a copy of the plain Adam network ``adam_module``.
 
@@ -190,17 +213,9 @@ def laplace(task, adam_module: torch.nn.Module, variant: str) -> dict:
     pass, no sampling: ``samples`` is 0). There is no training epoch: the row's ``fit_seconds`` is the
     Hessian fit plus the prior-precision optimisation, also given in plain-Adam epochs."""
     from laplace import Laplace  # lazy: optional peer library
-    from laplace.curvature import BackPackGGN  # lazy: optional peer library
     from torch.utils.data import DataLoader, TensorDataset
 
-    if variant == "last-layer-kron":
-        options = {}
-        config = {"subset_of_weights": "last_layer", "hessian_structure": "kron", "backend": "library default"}
-    elif variant == "all-diag":
-        options = {"subset_of_weights": "all", "hessian_structure": "diag", "backend": BackPackGGN}
-        config = {"subset_of_weights": "all", "hessian_structure": "diag", "backend": "BackPackGGN"}
-    else:
-        raise ValueError(f"unknown Laplace variant {variant!r}")
+    options, config = _laplace_variant(variant)
     model = copy.deepcopy(adam_module).eval()
     loader = DataLoader(TensorDataset(task.x_train, task.y_train), batch_size=task.batch_size)
     with warnings.catch_warnings():
@@ -246,16 +261,11 @@ def bayesian_torch_regression(task, layer_type: str) -> dict:
     example, so the noise is learned jointly, as the ELBO does) plus ``get_kl_loss / N``; predictive:
     the Gaussian mixture over :data:`BAYESIAN_TORCH_SAMPLES` forward passes in ``eval`` mode, each
     with the learned noise."""
-    from bayesian_torch.models.dnn_to_bnn import (  # lazy: optional peer library
-        dnn_to_bnn,
-        get_kl_loss,
+    from bayesian_torch.models.dnn_to_bnn import (
+        get_kl_loss,  # lazy: optional peer library
     )
 
-    torch.manual_seed(task.seed)
-    net = task.torch_network()
-    params = {**BAYESIAN_TORCH_PRIOR, "type": layer_type}
-    dnn_to_bnn(net, params)
-    net = net.to(task.device)
+    net, params = _bayesian_torch_network(task, layer_type)
     log_noise = torch.zeros((), device=task.device, requires_grad=True)
     optimizer = torch.optim.Adam([*net.parameters(), log_noise], lr=task.lr)
     n = len(task.x_train)
@@ -342,17 +352,9 @@ def laplace_regression(task, adam_module: torch.nn.Module, variant: str) -> dict
     ``glm`` predictive, ``f_mu, f_var = la(x, pred_type="glm")``, Gaussian with variance ``f_var +
     sigma_noise**2`` (closed form). ``variant`` as :func:`laplace` ("last-layer-kron", "all-diag")."""
     from laplace import Laplace  # lazy: optional peer library
-    from laplace.curvature import BackPackGGN  # lazy: optional peer library
     from torch.utils.data import DataLoader, TensorDataset
 
-    if variant == "last-layer-kron":
-        options = {}
-        config = {"subset_of_weights": "last_layer", "hessian_structure": "kron", "backend": "library default"}
-    elif variant == "all-diag":
-        options = {"subset_of_weights": "all", "hessian_structure": "diag", "backend": BackPackGGN}
-        config = {"subset_of_weights": "all", "hessian_structure": "diag", "backend": "BackPackGGN"}
-    else:
-        raise ValueError(f"unknown Laplace variant {variant!r}")
+    options, config = _laplace_variant(variant)
     model = copy.deepcopy(adam_module).eval()
     loader = DataLoader(TensorDataset(task.x_train, task.y_train.unsqueeze(-1)), batch_size=task.batch_size)
     with warnings.catch_warnings():

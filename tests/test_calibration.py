@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import bnnzoo
+from bnnzoo.checkpoint import read_checkpoint
 from bnnzoo.errors import ConfigError
+from bnnzoo.guides import training
 from bnnzoo.guides.predictive_moments import probit_softmax, sampled_softmax
 from bnnzoo.guides.temperature_scaling import (
     TEMPERATURE_RANGE,
@@ -166,3 +168,32 @@ def test_the_classification_defaults_calibrate_and_regression_refuses_it(boston)
         assert not bnnzoo.get_entry(name).defaults["regression"]["train"]["calibrate"], name
     with pytest.raises(ConfigError, match="calibrate"):
         bnnzoo.fit("meanfield-vi", boston, epochs=2, validation_fraction=0.2, calibrate=True, progress=False)
+
+
+def test_a_calibrated_fit_resumes_after_its_calibration(mnist_small, tmp_path, monkeypatch):
+    """The calibration fit writes no checkpoint; interrupted in the fit on all rows that follows it,
+    the run resumes there (the calibration, deterministic, runs again and fits the same
+    temperature) and predicts as the uninterrupted fit."""
+    options = dict(network={"arch": "mlp", "hidden": [20]}, epochs=4, batch_size=100, device="cpu",
+                   progress=False, seed=0, validation_fraction=0.2, calibrate=True, select_epochs=False)
+    reference = bnnzoo.fit("meanfield-vi", mnist_small, **options)
+    real = training.minibatches
+    passes = {"n": 0}
+
+    def minibatches(*args, **kwargs):  # Ctrl-C after the first minibatch of pass 6: the final fit's third
+        this, passes["n"] = passes["n"], passes["n"] + 1
+        for step, idx in enumerate(real(*args, **kwargs)):
+            if this == 6 and step == 1:
+                raise KeyboardInterrupt
+            yield idx
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(training, "minibatches", minibatches)
+        with pytest.raises(KeyboardInterrupt):
+            bnnzoo.fit("meanfield-vi", mnist_small, run_dir=run, **options)
+    assert read_checkpoint(run)["epoch"] == 2
+    resumed = bnnzoo.fit("meanfield-vi", mnist_small, resume=run, **options)
+    assert resumed.fit_state.calibration == reference.fit_state.calibration
+    x = mnist_small.x_test[:40]
+    torch.testing.assert_close(resumed.predict(x, num_samples=5).probs, reference.predict(x, num_samples=5).probs)

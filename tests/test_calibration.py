@@ -197,3 +197,15 @@ def test_a_calibrated_fit_resumes_after_its_calibration(mnist_small, tmp_path, m
     assert resumed.fit_state.calibration == reference.fit_state.calibration
     x = mnist_small.x_test[:40]
     torch.testing.assert_close(resumed.predict(x, num_samples=5).probs, reference.predict(x, num_samples=5).probs)
+
+
+def test_em_tdamp_classification_can_be_calibrated_too(mnist_small):
+    """An entry with its own class probabilities (EM-TDAMP's probit product) is tempered the same
+    way by predict and log_likelihood when asked to calibrate."""
+    post = bnnzoo.fit("em-tdamp", mnist_small, network={"arch": "mlp", "hidden": [20]}, epochs=2, device="cpu",
+                      progress=False, seed=0, validation_fraction=0.2, calibrate=True, select_epochs=False)
+    assert post.predictive_temperature != 1.0
+    x, y = mnist_small.x_test[:40], mnist_small.y_test[:40]
+    probs = post.predict(x, num_samples=5).probs
+    torch.testing.assert_close(probs.sum(-1), torch.ones(40))
+    torch.testing.assert_close(post.log_likelihood(x, y, num_samples=5), probs[torch.arange(40), y].log())

@@ -244,19 +244,21 @@ class TDAMPPosterior(GuidePosterior):
     @torch.no_grad()
     def log_likelihood(self, x, y, num_samples: int | str = "auto", chunk_size: int = 4096,
                        seed: int | None = 0) -> torch.Tensor:
-        """As :meth:`Posterior.log_likelihood`; for classification, of the normalised probit product."""
+        """As :meth:`Posterior.log_likelihood`; for classification, of the normalised probit product
+        averaged over the draws (tempered where a predictive temperature was fitted)."""
         if self.task != "classification":
             return super().log_likelihood(x, y, num_samples, chunk_size, seed)
         self._require_fitted()
         x, y = self.validate(x, y, "test data")
         x = self.standardizer.x(x.to(self.device))
         y = y.to(self.device)
-        acc = None
+        total = None
         draws, monitor = self._predictive_draws(x, num_samples, chunk_size, seed)
         for f in draws:
-            lp = torch.log(self._draw_probs(f).gather(-1, y.unsqueeze(-1)).squeeze(-1))
-            acc = lp if acc is None else torch.logaddexp(acc, lp)
-        return acc - math.log(monitor.count if monitor is not None else num_samples)
+            p = self._draw_probs(f)
+            total = p if total is None else total + p
+        probs = self._tempered(total / (monitor.count if monitor is not None else num_samples))
+        return torch.log(probs.gather(-1, y.unsqueeze(-1)).squeeze(-1))
 
 
 # ---- the catalog entry --------------------------------------------------------------------------
@@ -305,7 +307,8 @@ def _create(config: dict, device="cpu") -> TDAMPPosterior:
 
 _GUIDE = {"damping": 0.8, "turbo_iterations": 1, "init_precision": 1.0, "memory": None, "temper": None}
 _TRAIN = {"keep": None, "learn_rho": True, "learn_slab_var": False, "learn_noise": True, "prune": True,
-          "prune_threshold": 0.5, "validation_fraction": None, "patience": 30}
+          "prune_threshold": 0.5, "validation_fraction": None, "select_epochs": True, "patience": 30,
+          "calibrate": False}
 _OPTIONS = {
     "epochs": Option(int, ge=1, help="TDAMP passes over the training data, each followed by the M-step (with "
                                      "validation_fraction: the most passes the selection may choose)"),

@@ -6,7 +6,8 @@ These hooks bring it in at build time, without copying or linking anything into 
 - :data:`MOUNTS`: repository files served in the site at their path in the repository: the
   notebooks and the README of ``tutorials/`` and the figures of ``benchmarks/results/``. They are
   added before the plugins' ``on_files`` runs, so mkdocs-jupyter sees the mounted notebooks as
-  pages.
+  pages. A tutorial with an executed copy (``tutorials/executed/``, from
+  ``scripts/execute_tutorials.py``) is shown with that copy's outputs.
 - A relative Markdown link is written as on GitHub, from the page's file in the repository
   (``../benchmarks/results/x.png`` in ``docs/results.md``, which ``python -m benchmarks.report``
   writes; ``docs/methods/bmr.md`` in the README section of a generated page). One that leads to a
@@ -80,6 +81,14 @@ def mounted_files() -> dict[str, Path]:
     return found
 
 
+def executed_copy(uri: str) -> Path | None:
+    """The executed copy of a mounted tutorial (``tutorials/executed/<name>``, written by
+    ``scripts/execute_tutorials.py``), which the site serves in its place; ``None`` if there is
+    none."""
+    path = ROOT / "tutorials" / "executed" / Path(uri).name
+    return path if uri.startswith("tutorials/") and uri.endswith(".ipynb") and path.is_file() else None
+
+
 def nav_targets() -> set[str]:
     """Every page path a nav entry of ``mkdocs.yml`` may name: the Markdown files of ``docs/``, the
     mounted notebooks and Markdown files, and the generated pages."""
@@ -125,6 +134,15 @@ def on_files(files: Files, config) -> Files:
         files.append(File.generated(config, uri, content=_generated_page(src, heading)))
     files.append(File.generated(config, MATHJAX_JS, content=MATHJAX_CONFIG))
     return files
+
+
+@event_priority(100)  # before mkdocs-jupyter's on_pre_page, which converts page.file.abs_src_path
+def on_pre_page(page, config, files):
+    """A tutorial with an executed copy is read from that copy (:func:`executed_copy`)."""
+    executed = executed_copy(page.file.src_uri)
+    if executed is not None:
+        page.file.abs_src_path = str(executed)
+    return page
 
 
 def _source_dir(page) -> Path | None:

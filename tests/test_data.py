@@ -196,7 +196,10 @@ def test_unknown_names_suggest_close_ones():
         load_uci("bostn")
     with pytest.raises(DataError, match="'mnist'"):
         load_dataset("mnsit")
-    assert DATASETS == ["boston", "concrete", "energy", "yacht", "wine", "protein", "mnist", "sparse-teacher"]
+    with pytest.raises(DataError, match="'cifar10'"):
+        load_dataset("cifar1O")
+    assert DATASETS == ["boston", "concrete", "energy", "yacht", "wine", "protein", "mnist", "fashion-mnist",
+                        "cifar10", "cifar100", "sparse-teacher"]
 
 
 # ---------------------------------------------------------------- MNIST

@@ -1,4 +1,5 @@
-"""MNIST from IDX files in any directory; the bundled copy is train5k (500 per class) + t10k."""
+"""MNIST and Fashion-MNIST from IDX files in any directory; the bundled MNIST copy is train5k (500 per
+class) + t10k. Fashion-MNIST (Xiao, Rasul & Vollgraf 2017) has the same files, names and shapes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from .dataset import Dataset
 from .errors import DataError
 from .idx import read_idx_ubyte
-from .paths import bundled_dir
+from .paths import bundled_dir, data_roots
 
 NUM_CLASSES = 10
 _PATTERN = re.compile(r"^(?P<prefix>.+?)-(?P<kind>images|labels)[.-]idx(?P<ndim>[13])-ubyte(?P<gz>\.gz)?$")
@@ -97,3 +98,31 @@ def load_mnist(
         source=str(base),
         meta={"train_prefix": train, "test_prefix": test},
     )
+
+
+FASHION_DIR = "fashion-mnist"
+
+
+def fashion_mnist_dir(root: str | os.PathLike | None) -> Path:
+    """``root`` itself; without it, the first ``<data root>/fashion-mnist`` (``$BNNZOO_DATA``,
+    ``shared/data``) that holds IDX files."""
+    if root is not None:
+        return Path(root).expanduser()
+    for base in data_roots():
+        if (base / FASHION_DIR).is_dir() and mnist_files(base / FASHION_DIR):
+            return base / FASHION_DIR
+    raise DataError("Fashion-MNIST is not bundled and was not found under $BNNZOO_DATA/fashion-mnist or "
+                    "shared/data/fashion-mnist: pass root=DIR (bnnzoo.data.download_fashion_mnist(DIR) fetches it)")
+
+
+def load_fashion_mnist(root: str | os.PathLike | None = None, train: str = "train", test: str = "t10k",
+                       flatten: bool = False) -> Dataset:
+    """Fashion-MNIST as a classification :class:`Dataset` (10 classes of clothing, x ``(N, 1, 28, 28)``
+    in ``[0, 1]``, or ``(N, 784)`` if flatten), from the four IDX files in ``root``."""
+    base = fashion_mnist_dir(root)
+    files = mnist_files(base)
+    x_tr, y_tr = read_mnist_pair(*_pair(base, files, train), flatten=flatten)
+    x_te, y_te = read_mnist_pair(*_pair(base, files, test), flatten=flatten)
+    return Dataset(name="fashion-mnist", task="classification", x_train=x_tr, y_train=y_tr, x_test=x_te,
+                   y_test=y_te, num_classes=NUM_CLASSES, source=str(base),
+                   meta={"train_prefix": train, "test_prefix": test})

@@ -6,13 +6,19 @@ import difflib
 import os
 from pathlib import Path
 
+from .cifar import is_cifar_dir, load_cifar
 from .dataset import Dataset
 from .errors import DataError
-from .mnist import load_mnist, mnist_files
+from .mnist import load_fashion_mnist, load_mnist, mnist_files
 from .synthetic import make_sparse_teacher
 from .uci import load_uci, uci_short_name
 
-DATASETS: list[str] = ["boston", "concrete", "energy", "yacht", "wine", "protein", "mnist", "sparse-teacher"]
+DATASETS: list[str] = [
+    "boston", "concrete", "energy", "yacht", "wine", "protein", "mnist", "fashion-mnist", "cifar10", "cifar100",
+    "sparse-teacher",
+]
+_CIFAR_NAMES = {"cifar10": 10, "cifar-10": 10, "cifar100": 100, "cifar-100": 100}
+_FASHION_NAMES = ("fashion-mnist", "fashionmnist")
 
 
 def _no_options(name: str, kwargs: dict) -> None:
@@ -34,8 +40,11 @@ def load_dataset(
 
     ``None`` is the bundled Boston housing set. UCI names take ``split`` and ``root``; ``"mnist"``
     reads the bundled train5k/t10k unless ``root`` is given (``train=``, ``test=``, ``flatten=`` pass
-    through); ``"sparse-teacher"`` passes ``kwargs`` to :func:`make_sparse_teacher`. A directory
-    with ``data.txt`` is read as a UCI split set, one with MNIST IDX files as MNIST.
+    through); ``"fashion-mnist"``, ``"cifar10"`` and ``"cifar100"`` (not bundled) read ``root`` or
+    the ``$BNNZOO_DATA`` / ``shared/data`` copy (``labels="coarse"`` for CIFAR-100's superclasses);
+    ``"sparse-teacher"`` passes ``kwargs`` to :func:`make_sparse_teacher`. A directory with
+    ``data.txt`` is read as a UCI split set, one with IDX files as MNIST (as Fashion-MNIST when its
+    name says ``fashion``), one with CIFAR python batches as CIFAR-10 or CIFAR-100.
     """
     if name_or_dir is None:
         _no_options("boston", kwargs)
@@ -47,6 +56,10 @@ def load_dataset(
         return load_uci(text, split=split, root=root)
     if key == "mnist":
         return _load_mnist_dir(None if root is None else Path(root).expanduser(), kwargs)
+    if key in _FASHION_NAMES:
+        return load_fashion_mnist(root, **kwargs)
+    if key in _CIFAR_NAMES:
+        return load_cifar(root, num_classes=_CIFAR_NAMES[key], **kwargs)
     if key in ("sparse-teacher", "teacher"):
         return make_sparse_teacher(**kwargs)
     path = Path(text).expanduser()
@@ -55,9 +68,15 @@ def load_dataset(
             _no_options(text, kwargs)
             return load_uci(path, split=split)
         if mnist_files(path):
+            if "fashion" in path.name.lower():
+                return load_fashion_mnist(path, **kwargs)
             return _load_mnist_dir(path, kwargs)
+        classes = is_cifar_dir(path)
+        if classes is not None:
+            return load_cifar(path, num_classes=classes, **kwargs)
         raise DataError(
-            f"{path} holds neither a UCI split set (data.txt) nor MNIST IDX files (<prefix>-images-idx3-ubyte[.gz])"
+            f"{path} holds neither a UCI split set (data.txt), MNIST IDX files (<prefix>-images-idx3-ubyte[.gz]) "
+            "nor CIFAR python batches (data_batch_1 ... test_batch, or train / test)"
         )
     if os.sep in text or text.startswith((".", "~")):
         raise DataError(f"data directory not found: {path}")

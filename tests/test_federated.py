@@ -1,14 +1,24 @@
 """Federated EM-TDAMP on Flower: the aggregation formulas against closed forms, the partitions and
-the statistics round, the clients' local epochs, and real runs on loopback (server here, client
-processes)."""
+the statistics round, the clients' local epochs, the ServerApp's rounds on an in-process grid,
+simulated runs in Flower's Simulation Runtime (Ray), and a SuperLink with two SuperNodes over TLS
+with node authentication (``flwr run``)."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime
 import ipaddress
 import json
 import math
-import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
 
 import numpy as np
 import pytest
@@ -18,7 +28,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
+from bnnzoo.catalog import get_entry
 from bnnzoo.cli import main
 from bnnzoo.data import load_dataset
 from bnnzoo.errors import ConfigError
@@ -30,22 +43,17 @@ from bnnzoo.federated import (
     partition,
     product_of_odds,
 )
-from bnnzoo.federated.client import StandardizedClient, local_passes
-from bnnzoo.federated.fedavg import get_weights
-from bnnzoo.federated.handshake import (
+from bnnzoo.federated.client import StandardizedClient, TDAMPClient, local_passes
+from bnnzoo.federated.client_app import client_app
+from bnnzoo.federated.fedavg import AdamClient, get_weights, weighted_average
+from bnnzoo.federated.run import FederatedServer, build_posterior, run_federated
+from bnnzoo.federated.settings import (
+    RUN_CONFIG,
     FederatedError,
-    mismatches,
+    from_run_config,
+    resolve_clients_per_round,
     resolve_min_clients,
-    run_spec,
-)
-from bnnzoo.federated.run import (
-    FederatedServer,
-    _client_process,
-    build_posterior,
-    client_spec,
-    free_port,
-    make_client,
-    run_federated,
+    write_app,
 )
 from bnnzoo.federated.standardize import (
     decode,
@@ -235,13 +243,29 @@ def test_clients_scale_to_the_whole_set_under_the_geometric_weighting():
     assert local_passes(100, {"num_data": 0}) == (100, 1.0)  # the whole set's size unknown: the client's own
     with pytest.raises(ValueError, match="cannot hold"):
         local_passes(100, {"num_data": 50})
+    # a round of sampled clients holding N_r of the N examples: the scaled likelihood still stands for
+    # the whole set (scale * num_data = N), and an epoch over the client's n examples forgets the
+    # share n / num_data = N_r / N of the state that a centralised pass over the round's data would
+    for n, share, total in ((50, 500, 5000), (7, 480, 5000), (100, 400, 400), (30, 90, 120)):
+        num_data, scale = local_passes(n, {"num_data": total, "round_data": share})
+        assert scale * num_data == pytest.approx(total, rel=1e-12)
+        assert n / num_data == pytest.approx(share / total, rel=0.02)
+    assert local_passes(50, {"num_data": 5000, "round_data": 5000}) == local_passes(50, {"num_data": 5000})
+    assert local_passes(50, {"num_data": 5000, "round_data": 500, "weighting": "product"}) == (5000, 1.0)
+    with pytest.raises(ValueError, match="the round's clients hold 40 examples"):
+        local_passes(50, {"num_data": 5000, "round_data": 40})
+
+
+def _tdamp_client(server, x, y, seed):
+    """A client holding ``x, y`` that builds the server's posterior from its configuration, as the
+    ClientApp does."""
+    return TDAMPClient(get_entry("em-tdamp").create(copy.deepcopy(server.config), device="cpu"), x, y, seed=seed)
 
 
 def _in_process_round(strategy, clients, blob, rnd):
     """One round without Flower: every client's fit on the global arrays, then the aggregation."""
-    arrays = codec.to_ndarrays(strategy.guide.state(), strategy.global_layout)
-    config = {"stage": "tdamp", "epochs": 1, "round": rnd, "num_data": strategy.num_data,
-              "weighting": strategy.weighting, "standardizer": blob}
+    arrays = strategy.global_arrays()
+    config = {**strategy.round_config(rnd), "standardizer": blob}
     results = [c.fit(arrays, config) for c in clients]
     replies = [codec.from_ndarrays(a, strategy.reply_layout, "cpu") for a, _, _ in results]
     strategy.aggregate(replies, [n for _, n, _ in results])
@@ -258,9 +282,8 @@ def test_server_aggregation_of_one_client_is_that_client_and_the_prior_stays_per
     data = load_dataset("boston", split=0).subset(200, 50, seed=0)
     server = build_posterior(data, seed=0, keep=0.4)
     parts = iid(200, 3, seed=0)
-    clients = [make_client(client_spec("em-tdamp", server.config, "cpu", k), data.x_train[p], data.y_train[p])
-               for k, p in enumerate(parts)]
-    std = standardizer_from_moments([moments(c.x_raw, c.y_raw, "regression") for c in clients], "regression", False)
+    clients = [_tdamp_client(server, data.x_train[p], data.y_train[p], k) for k, p in enumerate(parts)]
+    std = standardizer_from_moments([c.statistics() for c in clients], "regression", False)
     blob = encode(std)
     strategy = FederatedTDAMP(server, 200)
     reply = _in_process_round(strategy, clients[:1], blob, 1)[0]
@@ -278,11 +301,11 @@ def test_server_aggregation_of_one_client_is_that_client_and_the_prior_stays_per
 
 def test_a_clients_local_epochs_run_in_the_epoch_loop():
     """Both kinds of client time and record every local epoch in their history, and a diverging
-    client stops with DivergenceError (Flower reports it to the server as the round's failure)."""
+    client stops with DivergenceError (the ClientApp reports it to the server as the round's failure)."""
     data = load_dataset("boston", split=0).subset(120, 30, seed=0)
     server = build_posterior(data, seed=0, network={"arch": "mlp", "hidden": [8]})
-    tdamp = make_client(client_spec("em-tdamp", server.config, "cpu", 0), data.x_train, data.y_train)
-    fedavg = make_client(client_spec("fedavg", server.config, "cpu", 0), data.x_train, data.y_train)
+    tdamp = _tdamp_client(server, data.x_train, data.y_train, 0)
+    fedavg = AdamClient(server.net.to_torch(), data.x_train, data.y_train, "regression", 32, seed=0)
     blob = encode(standardizer_from_moments([moments(data.x_train, data.y_train, "regression")], "regression", False))
     config = {"stage": "tdamp", "epochs": 3, "round": 1, "num_data": 120, "weighting": "geometric",
               "standardizer": blob}
@@ -301,13 +324,147 @@ def test_a_clients_local_epochs_run_in_the_epoch_loop():
         fedavg.fit([w * np.nan for w in weights], {**config, "round": 3})
 
 
-# ---- runs on loopback ---------------------------------------------------------------------------
+def test_fedavg_averages_the_weights_by_the_clients_numbers_of_examples():
+    gen = np.random.default_rng(0)
+    clients = [([gen.normal(size=(3, 2)).astype(np.float32), gen.normal(size=4).astype(np.float32)], n)
+               for n in (10, 30, 60)]
+    out = weighted_average(clients)
+    for layer in range(2):
+        exact = sum(arrays[layer].astype(np.float64) * n for arrays, n in clients) / 100
+        np.testing.assert_allclose(out[layer], exact, rtol=1e-6)
+        assert out[layer].dtype == np.float32
+    with pytest.raises(ValueError, match="at least one"):
+        weighted_average([])
+
+
+def test_adams_state_kept_by_the_node_continues_the_same_optimisation():
+    """A FedAvg client rebuilt for its next round from the Adam state its node kept (as the
+    ClientApp does through Flower's Context) continues exactly as the same client would have;
+    without the state it does not."""
+    data = load_dataset("boston", split=0).subset(64, 10, seed=0)
+    server = build_posterior(data, seed=0, network={"arch": "mlp", "hidden": [4]})
+    blob = encode(standardizer_from_moments([moments(data.x_train, data.y_train, "regression")], "regression", False))
+    config = {"stage": "fedavg", "epochs": 1, "round": 1, "standardizer": blob}
+
+    def client():
+        torch.manual_seed(0)
+        return AdamClient(server.net.to_torch(), data.x_train, data.y_train, "regression", 16, seed=0)
+
+    same = client()
+    start = get_weights(same.module)
+    after_one, _, _ = same.fit(start, config)
+    kept = ArrayRecord(same.optimizer_state())
+    continued, _, _ = same.fit(after_one, {**config, "round": 2})
+    rebuilt = client()
+    rebuilt.load_optimizer_state(kept.to_torch_state_dict())
+    resumed, _, _ = rebuilt.fit(after_one, {**config, "round": 2})
+    fresh, _, _ = client().fit(after_one, {**config, "round": 2})
+    for a, b, c in zip(continued, resumed, fresh):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, c) for a, c in zip(continued, fresh))
+
+
+# ---- the ServerApp's rounds on an in-process grid -----------------------------------------------
+@pytest.fixture
+def task_identity(monkeypatch):
+    """The identity Flower's runtime gives the process of a ServerApp (its messages carry it)."""
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class LoopbackGrid:
+    """Flower's ``Grid`` in this process: each message goes straight to the ClientApp of its node
+    (a real :func:`client_app`, each node with its own Flower ``Context``); nodes listed in ``silent``
+    answer the statistics round but no training round (their replies are dropped, as after a
+    connection lost mid-run)."""
+
+    def __init__(self, app, num_nodes: int, silent=()):
+        self.app, self.silent = app, set(silent)
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k,
+                                          "num-partitions": num_nodes}, state=RecordDict(), run_config={})
+                         for k in range(num_nodes)}
+        self.sent: list[tuple[str, int]] = []
+        self.round_data: dict[int, set] = {}  # round -> the round_data its train messages carried
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.sent.append((message.metadata.message_type, node))
+            if message.metadata.message_type == "train":
+                self.round_data.setdefault(int(message.content["config"]["round"]), set()).add(
+                    int(message.content["config"]["round_data"]))
+            reply = self.app(message, self.contexts[node])
+            if node not in self.silent or message.metadata.message_type != "train":
+                replies.append(reply)
+        return replies
+
+
+def test_the_server_app_samples_clients_names_the_failed_and_stops_short_of_the_minimum(boston, task_identity):
+    """Four clients, two sampled per round. Client 1 fails in round 2 (its ClientApp answers with an
+    error) and node 103 (client 3) never answers: with a minimum of one the run goes on and names
+    both with the round and the reason; with a minimum of two the first round that falls short
+    stops the run, naming the round and the failed clients. The statistics round asks every node
+    and its standardiser is the pooled one."""
+    network = {"arch": "mlp", "hidden": [6]}
+    parts = iid(len(boston.y_train), 4, seed=0)
+    app = client_app(boston, parts, crash=(1, 2))
+    server = FederatedServer(boston, num_clients=4, clients_per_round=2, rounds=4, network=network, min_clients=1,
+                             keep=0.5, round_timeout=5.0)
+    grid = LoopbackGrid(app, 4, silent={103})
+    server.main(grid)
+    statistics = [node for kind, node in grid.sent if kind == "query.statistics"]
+    train = [node for kind, node in grid.sent if kind == "train"]
+    assert sorted(statistics) == [100, 101, 102, 103] and len(train) == 8
+    asked = [r["asked"] for r in server.rounds_log]
+    assert all(len(a) == 2 for a in asked) and len({tuple(a) for a in asked}) > 1  # a new draw each round
+    pooled = Standardizer.from_data(boston.x_train, boston.y_train, "regression")
+    torch.testing.assert_close(server.standardizer.x(boston.x_train), pooled.x(boston.x_train), atol=1e-5, rtol=1e-5)
+    expected = {}
+    for r in server.rounds_log:
+        if "client 1" in r["asked"] and r["round"] == 2:
+            expected["client 1"] = "round 2: RuntimeError: lost in round 2 (fault injection)"
+        if "client 3" in r["asked"]:
+            expected["client 3"] = f"round {r['round']}: no answer in 5 s"
+    assert expected and server.failed == expected
+    # each round tells its clients how many examples the round's clients hold (their forgetting rate)
+    sizes = {f"client {k}": len(p) for k, p in enumerate(parts)}
+    assert grid.round_data == {r["round"]: {sum(sizes[c] for c in r["asked"])} for r in server.rounds_log}
+    assert server.history["clients"] == [len(r["answered"]) for r in server.rounds_log]
+    assert server.history["eval_round"] == [1, 2, 3, 4] and all(math.isfinite(v) for v in server.history["nmse"])
+    assert isinstance(server.model, TDAMPPosterior)
+
+    short = FederatedServer(boston, num_clients=4, clients_per_round=2, rounds=4, network=network, keep=0.5,
+                            round_timeout=5.0)
+    with pytest.raises(FederatedError) as info:
+        short.main(LoopbackGrid(client_app(boston, parts), 4, silent={103}))
+    failing = next(r for r in short.rounds_log if "client 3" in r["asked"])
+    assert str(info.value) == (f"round {failing['round']}: 1 of the 2 clients asked answered, fewer than the minimum "
+                               f"2; failed clients: client 3: round {failing['round']}: no answer in 5 s")
+    assert short.history["eval_round"] == list(range(1, failing["round"]))  # nothing evaluated after the short round
+
+
+def test_a_server_whose_clients_never_come_fails_naming_the_count(boston, task_identity):
+    reports = []
+    server = FederatedServer(boston, num_clients=3, rounds=1, network={"arch": "mlp", "hidden": [4]},
+                             min_clients=0.5, wait_timeout=0.5, report_every=0.2, report=reports.append)
+    grid = LoopbackGrid(client_app(boston, iid(len(boston.y_train), 3)), 3)
+    grid.contexts = dict(list(grid.contexts.items())[:1])  # one of the three SuperNodes connected
+    with pytest.raises(FederatedError, match=r"^only 1 of 3 clients connected in 0 s; the run needs at least 3 \("):
+        server.main(grid)
+    assert any(r.startswith("waiting for clients: 1 of 3 connected") for r in reports)
+
+
+# ---- simulated runs (Flower's Simulation Runtime, Ray) --------------------------------------------
 @pytest.fixture(scope="module")
 def boston():
     return load_dataset("boston", split=0)
 
 
-def test_two_client_loopback_run_completes_and_improves(boston):
+def test_two_client_simulation_completes_and_improves(boston):
     run = run_federated(boston, num_clients=2, rounds=4, seed=0, keep=0.4)
     h = run.history
     assert h["eval_round"] == [1, 2, 3, 4] and h["clients"] == [2, 2, 2, 2]
@@ -316,23 +473,23 @@ def test_two_client_loopback_run_completes_and_improves(boston):
     assert isinstance(run.model, TDAMPPosterior) and run.model.sparsity()["architecture"] == "13-20-1"
     m = run.model.evaluate(boston.x_test, boston.y_test, num_samples=20)
     assert m["rmse"] ** 2 / float(boston.y_test.var()) < 0.5
-    assert sum(run.partition_sizes) == len(boston.y_train)
+    assert sum(run.partition_sizes) == len(boston.y_train) and run.failed_clients == {}
 
 
-def test_a_client_that_disconnects_mid_round_does_not_stop_the_server(boston):
-    run = run_federated(boston, num_clients=3, rounds=3, seed=1, partition="label-skew", crash=(0, 2), min_clients=2)
-    h = run.history
-    assert list(run.failed_clients) == ["client 0"] and run.failed_clients["client 0"].startswith("round 2:")
-    assert h["round"] == [1, 2, 3]
-    assert h["clients"][0] == 3 and h["clients"][1] == 2 and h["clients"][2] == 2
-    assert h["failures"][1] == 1
-    assert all(math.isfinite(v) for v in h["nmse"])
+def test_a_simulation_that_falls_short_raises_naming_the_round_and_the_client(boston):
+    """The ServerApp's error leaves the Simulation Runtime as the caller's FederatedError."""
+    with pytest.raises(FederatedError) as info:
+        run_federated(boston, method="fedavg", num_clients=2, rounds=3, crash=(0, 2),
+                      network={"arch": "mlp", "hidden": [4]})
+    assert str(info.value) == ("round 2: 1 of the 2 clients asked answered, fewer than the minimum 2; failed clients: "
+                               "client 0: round 2: RuntimeError: lost in round 2 (fault injection)")
 
 
-def test_cli_runs_the_fedavg_baseline_in_the_same_harness():
-    result = CliRunner().invoke(main, ["federated", "--method", "fedavg", "--clients", "2", "--rounds", "3",
-                                       "--eval-every", "1", "--local-epochs", "2"])
+def test_cli_simulates_the_fedavg_baseline_on_sampled_clients():
+    result = CliRunner().invoke(main, ["federated", "--method", "fedavg", "--clients", "3", "--clients-per-round",
+                                       "2", "--rounds", "3", "--eval-every", "1", "--local-epochs", "2"])
     assert result.exit_code == 0, result.output
+    assert "fedavg: 3 clients (iid), 2 per round, 3 rounds in" in result.output
     curve = json.loads(result.output.strip().splitlines()[-1])
     assert curve["eval_round"] == [1, 2, 3] and curve["nmse"][-1] < curve["nmse"][0]
     bad = CliRunner().invoke(main, ["federated", "--hidden", "fifty"])
@@ -346,6 +503,8 @@ def test_bad_federated_options_are_named(boston):
         run_federated(boston, rounds=0)
     with pytest.raises(ValueError, match="unknown partition"):
         run_federated(boston, partition="by-zip", rounds=1)
+    with pytest.raises(ValueError, match="clients_per_round must be a count from 1 to 4"):
+        run_federated(boston, clients_per_round=5, rounds=1)
 
 
 @pytest.mark.cuda
@@ -365,7 +524,52 @@ def test_a_client_without_local_fit_cannot_be_made():
         Incomplete(torch.zeros(3, 2), torch.zeros(3), "regression", "cpu")
 
 
-# ---- honest rounds: the handshake, the minimum per round, TLS, clear failures -------------------
+def test_min_clients_and_clients_per_round_counts_and_fractions():
+    assert resolve_min_clients(None, 4) == 4 and resolve_min_clients(3, 4) == 3
+    assert resolve_min_clients(0.5, 4) == 2 and resolve_min_clients(0.6, 4) == 3 and resolve_min_clients(1.0, 4) == 4
+    for bad in (0, 5, 0.0, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="min_clients"):
+            resolve_min_clients(bad, 4)
+    assert resolve_clients_per_round(None, 100) == 100 and resolve_clients_per_round(0, 100) == 100
+    assert resolve_clients_per_round(10, 100) == 10
+    for bad in (101, -1, True, 2.5):
+        with pytest.raises(ConfigError, match="clients_per_round"):
+            resolve_clients_per_round(bad, 100)
+
+
+def test_the_run_config_of_a_deployed_run_round_trips_through_the_app(tmp_path):
+    """``write_app`` writes a Flower App whose run config gives back the settings; unknown keys and
+    values of the wrong type are named."""
+    path = write_app(tmp_path / "app", num_clients=2, rounds=3, hidden="8", options={"keep": 0.5}, min_clients="1",
+                     clients_per_round=None)
+    doc = tomllib.loads(path.read_text())
+    assert doc["tool"]["flwr"]["app"]["components"] == {"serverapp": "bnnzoo.federated.server_app:app",
+                                                        "clientapp": "bnnzoo.federated.client_app:app"}
+    settings = from_run_config(doc["tool"]["flwr"]["app"]["config"])
+    assert settings["options"] == {"keep": 0.5} and settings["min_clients"] == 1 and settings["rounds"] == 3
+    assert settings["clients_per_round"] == 0 and set(doc["tool"]["flwr"]["app"]["config"]) == set(RUN_CONFIG)
+    with pytest.raises(ConfigError, match=r"unknown run config keys \['round'\]"):
+        from_run_config({"round": 3})
+    with pytest.raises(ConfigError, match="run config rounds must be a int"):
+        from_run_config({"rounds": "3"})
+    with pytest.raises(ConfigError, match="unknown run settings"):
+        write_app(tmp_path / "other", epochs=3)
+
+
+def test_the_hand_written_servers_options_name_their_flower_replacement():
+    runner = CliRunner()
+    short = runner.invoke(main, ["federated", "--clients", "2", "--min-clients", "3"])
+    assert short.exit_code == 2 and "--min-clients" in short.output and "[1, 2]" in short.output
+    serve = runner.invoke(main, ["federated", "--serve", "127.0.0.1:1"])
+    assert serve.exit_code == 2 and "--serve belonged to the hand-written gRPC server" in serve.output
+    assert "flower-superlink" in serve.output
+    tls = runner.invoke(main, ["federated", "--ssl-certfile", __file__])
+    assert tls.exit_code == 2 and "flower-superlink --ssl-certfile" in tls.output
+    sampled = runner.invoke(main, ["federated", "--clients", "4", "--clients-per-round", "5"])
+    assert sampled.exit_code == 2 and "--clients-per-round" in sampled.output
+
+
+# ---- deployment: a SuperLink and two SuperNodes on loopback, TLS and node authentication ----------
 def _tls_certificates() -> tuple[bytes, bytes, bytes]:
     """A throw-away CA and a server certificate for 127.0.0.1 signed by it (PEM: CA certificate,
     server certificate, server key), made here and never written to the repository."""
@@ -391,174 +595,103 @@ def _tls_certificates() -> tuple[bytes, bytes, bytes]:
     return ca.public_bytes(pem), cert.public_bytes(pem), key
 
 
-def _serve(server, clients, certificates=None, timeout=60.0, client_tls=True):
-    """Serve ``server`` on a free loopback port, with TLS when given ``certificates``, and one forked
-    process per client ``(spec, x, y, crash_round)`` (trusting the CA of ``certificates`` unless
-    ``client_tls`` is false); returns the model (or the raised error) and the clients' exit codes."""
-    address = f"127.0.0.1:{free_port()}"
-    root = None if certificates is None or not client_tls else certificates[0]
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_client_process, daemon=True,
-                         args=(address, spec, x, y, 1, True, crash, root, timeout)) for spec, x, y, crash in clients]
-    for proc in procs:
-        proc.start()
-    try:
-        try:
-            outcome = server.serve(address, timeout, certificates)
-        except FederatedError as err:
-            outcome = err
-    finally:
-        for proc in procs:
-            proc.join(timeout=20)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=10)
-    return outcome, [proc.exitcode for proc in procs]
+def _node_keys() -> tuple[bytes, bytes]:
+    """A SuperNode's key pair for Flower's node authentication: the private key (OpenSSH PEM, as
+    ``flower-supernode --auth-supernode-private-key`` reads it) and the public key (OpenSSH, as
+    ``flwr supernode register`` reads it)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public
 
 
-@pytest.mark.parametrize("min_clients", [2, 3])
-def test_a_tls_run_names_a_misconfigured_and_a_killed_client(boston, capfd, min_clients):
-    """Four clients over TLS: client 2 was started with another hidden width, client 3 dies in round
-    2. The handshake refuses client 2 by name (it exits non-zero saying why, without a traceback);
-    with a minimum of 2 the run finishes with clients 0 and 1 and names client 3 as failed in round
-    2; with a minimum of 3, round 2 falls short and the run fails loudly, naming both."""
-    network = {"arch": "mlp", "hidden": [8]}
-    reports = []
-    server = FederatedServer(boston, num_clients=4, rounds=3, network=network, min_clients=min_clients, keep=0.5,
-                             report=reports.append)
-    other = build_posterior(boston, network={"arch": "mlp", "hidden": [9]}, keep=0.5)
-    parts = iid(len(boston.y_train), 4, seed=0)
-    specs = [server.client_spec(k, name=f"client {k}") for k in range(4)]
-    specs[2] = client_spec("em-tdamp", other.config, "cpu", 2, name="client 2")
-    clients = [(spec, boston.x_train[p], boston.y_train[p], 2 if k == 3 else None)
-               for k, (spec, p) in enumerate(zip(specs, parts))]
-    outcome, codes = _serve(server, clients, _tls_certificates())
-    err = capfd.readouterr().err
-    assert list(server.roster.refused) == ["client 2"]
-    assert server.roster.refused["client 2"] == "network mlp-13-9-1, the server's mlp-13-8-1"
-    assert list(server.roster.failed) == ["client 3"] and server.roster.failed["client 3"].startswith("round 2: ")
-    assert "client 2: the server at 127.0.0.1" in err and "refused this client: network mlp-13-9-1" in err
-    assert "Traceback" not in err
-    assert codes[2] == 2 and codes[3] == 3  # refused; killed
-    assert any("refused client 'client 2'" in r for r in reports) and any("'client 3' failed" in r for r in reports)
-    if min_clients == 2:
-        assert isinstance(outcome, TDAMPPosterior), outcome
-        assert server.history["clients"] == [3, 2, 2] and server.history["eval_round"] == [1, 2, 3]
-        assert all(math.isfinite(v) for v in server.history["nmse"])
-        assert codes[:2] == [0, 0]
-    else:
-        assert isinstance(outcome, FederatedError)
-        message = str(outcome)
-        assert message.startswith("round 2: 2 of the 3 clients asked answered, fewer than the minimum 3")
-        assert "client 3: round 2: " in message and "client 2: refused (network mlp-13-9-1" in message
-        assert server.history["eval_round"] == [1]  # nothing evaluated after the short round
-        assert codes[:2] == [2, 2] and err.count("the server stopped the run: round 2") == 2
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
-def test_a_server_waits_reporting_progress_and_refuses_a_wrong_token(boston, capfd):
-    """One of two clients connects, with the wrong token: the server reports the waiting, starts
-    with it when the wait times out (the minimum is 1), refuses it in the handshake and fails with
-    no client left; the client says the server ended the run before its first round."""
-    reports = []
-    server = FederatedServer(boston, num_clients=2, rounds=2, network={"arch": "mlp", "hidden": [4]}, min_clients=1,
-                             token="s3cret", wait_timeout=3.0, report_every=1.0, report=reports.append)
-    spec = server.client_spec(0, name="intruder", token="guess")
-    outcome, codes = _serve(server, [(spec, boston.x_train[:100], boston.y_train[:100], None)])
-    assert any(r.startswith("waiting for clients: ") and "of 2 connected" in r for r in reports)
-    assert any(r.startswith("starting with 1 of 2 clients after") for r in reports)
-    assert server.roster.refused == {"intruder": "wrong or missing token"}
-    assert isinstance(outcome, FederatedError)
-    assert str(outcome).startswith("the handshake and statistics round: 0 of the 1 clients asked were accepted")
-    assert codes == [2] and "ended the run before this client's first round" in capfd.readouterr().err
+DEPLOYMENT_SECONDS = 180  # the bound on the whole deployment test (about 75 s alone, 115 s on a busy machine)
 
 
-def test_a_server_whose_clients_never_come_fails_naming_the_count(boston):
-    server = FederatedServer(boston, num_clients=3, rounds=1, network={"arch": "mlp", "hidden": [4]},
-                             min_clients=0.5, wait_timeout=0.5, report_every=0.2)
-    outcome, _ = _serve(server, [])
-    assert isinstance(outcome, FederatedError)
-    assert str(outcome).startswith("only 0 of 3 clients connected in 0 s; the run needs at least 2 (")
-
-
-def test_a_client_without_tls_cannot_join_a_tls_server(boston, capfd):
-    server = FederatedServer(boston, num_clients=1, rounds=1, network={"arch": "mlp", "hidden": [4]}, wait_timeout=2)
-    spec = server.client_spec(0, name="plain")
-    outcome, codes = _serve(server, [(spec, boston.x_train, boston.y_train, None)], _tls_certificates(), timeout=1.0,
-                            client_tls=False)
-    assert isinstance(outcome, FederatedError) and str(outcome).startswith("only 0 of 1 clients connected")
-    err = capfd.readouterr().err
-    assert codes == [2] and "plain: the connection to the server at 127.0.0.1:" in err
-    assert "whether it uses TLS (then give --root-certificates)" in err and "Traceback" not in err
-
-
-def test_min_clients_counts_and_fractions():
-    assert resolve_min_clients(None, 4) == 4 and resolve_min_clients(3, 4) == 3
-    assert resolve_min_clients(0.5, 4) == 2 and resolve_min_clients(0.6, 4) == 3 and resolve_min_clients(1.0, 4) == 4
-    for bad in (0, 5, 0.0, 1.5, True, "2"):
-        with pytest.raises(ConfigError, match="min_clients"):
-            resolve_min_clients(bad, 4)
-
-
-def test_the_handshake_names_every_difference(boston):
-    server = build_posterior(boston, network={"arch": "mlp", "hidden": [8]}, keep=0.5)
-    same = build_posterior(boston, network={"arch": "mlp", "hidden": [8]}, keep=0.3, seed=4)  # server-side options
-    other = build_posterior(boston, network={"arch": "mlp", "hidden": [8, 4]}, damping=0.5, batch_size=64)
-    assert mismatches(run_spec("em-tdamp", server), run_spec("em-tdamp", same)) == []
-    assert mismatches(run_spec("em-tdamp", server), run_spec("fedavg", other)) == [
-        'method "fedavg", the server\'s "em-tdamp"', "network mlp-13-8-4-1, the server's mlp-13-8-1",
-        "option guide.damping 0.5, the server's 0.8", "option train.batch_size 64, the server's 32"]
-
-
-def test_a_client_pointed_at_a_closed_port_says_so():
-    port = free_port()
-    result = CliRunner().invoke(main, ["federated-client", "--server", f"127.0.0.1:{port}", "--timeout", "0.5"])
-    assert result.exit_code == 1 and result.exception is not None and isinstance(result.exception, SystemExit)
-    assert f"cannot reach the server at 127.0.0.1:{port}" in result.output and "Traceback" not in result.output
-
-
-def test_bad_server_options_are_refused_before_any_work(tmp_path):
-    runner = CliRunner()
-    short = runner.invoke(main, ["federated", "--clients", "2", "--min-clients", "3"])
-    assert short.exit_code == 2 and "--min-clients" in short.output and "[1, 2]" in short.output
-    half_tls = runner.invoke(main, ["federated", "--serve", "127.0.0.1:1", "--ssl-certfile", __file__])
-    assert half_tls.exit_code == 2 and "--ssl-ca-certfile" in half_tls.output
-    empty = tmp_path / "token"
-    empty.write_text("\n")
-    no_token = runner.invoke(main, ["federated", "--token-file", str(empty)])
-    assert no_token.exit_code == 2 and "is empty" in no_token.output
-
-
-def test_cli_server_with_tls_and_token_fails_when_a_client_runs_another_network(boston, tmp_path):
-    """``bnnzoo federated --serve`` with TLS and a token, two clients of which one runs another
-    hidden width: the handshake leaves one client, fewer than all (the default minimum), so the
-    command fails naming the refused client and its network instead of reporting the prior's metrics."""
-    files = dict(zip(("ca.pem", "server.pem", "server.key", "token"), (*_tls_certificates(), b"s3cret\n")))
+@pytest.mark.slow  # about 75 s: every message starts a flwr-clientapp process (torch, Pyro and Flower imported)
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="needs Flower's flower-superlink")
+def test_a_superlink_with_two_authenticated_supernodes_over_tls_runs_two_rounds(tmp_path):
+    """Flower's own deployment on loopback: a SuperLink with TLS and SuperNode authentication, two
+    SuperNodes (each registered with ``flwr supernode register``, holding half of Boston's training
+    split, trusting the test CA), and ``flwr run`` of the Flower App that ``bnnzoo federated
+    --write-app`` writes; the ServerApp completes 2 rounds with both clients and writes its
+    results. The whole test is bounded (:data:`DEPLOYMENT_SECONDS`)."""
+    deadline = time.monotonic() + DEPLOYMENT_SECONDS
+    ca, cert, key = _tls_certificates()
+    files = {"ca.pem": ca, "server.pem": cert, "server.key": key}
+    for k in range(2):
+        files[f"node{k}.key"], files[f"node{k}.pub"] = _node_keys()
     for name, blob in files.items():
         (tmp_path / name).write_bytes(blob)
-    address = f"127.0.0.1:{free_port()}"
-    good = build_posterior(boston, network={"arch": "mlp", "hidden": [6]})
-    bad = build_posterior(boston, network={"arch": "mlp", "hidden": [7]})
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_client_process, daemon=True,
-                         args=(address, client_spec("em-tdamp", post.config, "cpu", k, name=f"host-{k}", token="s3cret"),
-                               boston.x_train[k::2], boston.y_train[k::2], 1, True, None, files["ca.pem"], 30.0))
-             for k, post in enumerate((good, bad))]
-    for proc in procs:
-        proc.start()
+    link, *node_ports = _free_ports(3)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                      f'address = "127.0.0.1:{link}"\nroot-certificates = "{tmp_path / "ca.pem"}"\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    results = tmp_path / "results"
+    written = CliRunner().invoke(main, ["federated", "--clients", "2", "--rounds", "2", "--hidden", "8", "--set",
+                                        "keep=0.5", "--eval-every", "1", "--write-app", str(tmp_path / "app"),
+                                        "--out", str(results)])
+    assert written.exit_code == 0, written.output
+    bin_dir = os.path.dirname(sys.executable)
+    procs = []
+
+    def start(*args, log):
+        # each in a session of its own: ending it ends the ServerApp / ClientApp processes it started
+        procs.append(subprocess.Popen([os.path.join(bin_dir, args[0]), *args[1:]], env=env, cwd=tmp_path,
+                                      stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+
+    def remaining():
+        return max(1.0, deadline - time.monotonic())
+
     try:
-        result = CliRunner().invoke(main, [
-            "federated", "--serve", address, "--clients", "2", "--rounds", "2", "--hidden", "6",
-            "--ssl-ca-certfile", str(tmp_path / "ca.pem"), "--ssl-certfile", str(tmp_path / "server.pem"),
-            "--ssl-keyfile", str(tmp_path / "server.key"), "--token-file", str(tmp_path / "token"),
-            "--wait-timeout", "30"])
+        start("flower-superlink", "--ssl-ca-certfile", str(tmp_path / "ca.pem"), "--ssl-certfile",
+              str(tmp_path / "server.pem"), "--ssl-keyfile", str(tmp_path / "server.key"), "--host", "127.0.0.1",
+              "--port", str(link), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+              "--database", str(tmp_path / "state.db"), log="superlink.log")
+        for k in range(2):  # the control API answers once the SuperLink is up: retry the first registration
+            while True:
+                reg = subprocess.run([os.path.join(bin_dir, "flwr"), "supernode", "register",
+                                      str(tmp_path / f"node{k}.pub"), "loopback"], env=env, capture_output=True,
+                                     text=True, timeout=remaining())
+                if reg.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(1.0)
+            assert reg.returncode == 0, reg.stdout + reg.stderr + (tmp_path / "superlink.log").read_text()
+        for k in range(2):
+            start("flower-supernode", "--superlink", f"127.0.0.1:{link}", "--root-certificates",
+                  str(tmp_path / "ca.pem"), "--auth-supernode-private-key", str(tmp_path / f"node{k}.key"),
+                  "--node-config", f"partition-id={k} num-partitions=2", "--port", str(node_ports[k]),
+                  log=f"supernode{k}.log")
+        run = subprocess.run([os.path.join(bin_dir, "flwr"), "run", str(tmp_path / "app"), "loopback", "--stream"],
+                             env=env, capture_output=True, text=True, timeout=remaining())
+        logs = run.stdout + run.stderr
+        assert run.returncode == 0 and "em-tdamp: 2 rounds done" in logs, logs
     finally:
         for proc in procs:
-            proc.join(timeout=20)
-            if proc.is_alive():
-                proc.terminate()
-    assert result.exit_code == 1, result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("Error: the handshake and statistics round: 1 of the 2 clients asked were accepted")
-    assert "host-1: refused (network mlp-13-7-1, the server's mlp-13-6-1)" in last
-    assert "TLS, token required" in result.output and "nmse" not in result.output
-    assert [p.exitcode for p in procs] == [2, 2]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    record = json.loads((results / "history.json").read_text())
+    assert record["history"]["round"] == [1, 2] and record["history"]["clients"] == [2, 2]
+    assert record["failed_clients"] == {} and all(math.isfinite(v) for v in record["history"]["nmse"])
+    assert sorted(record["rounds"][0]["answered"]) == [f"{name}/client-{k}" for k, name in
+                                                       enumerate([socket.gethostname()] * 2)]
+    assert TDAMPPosterior.load(results / "run").sparsity()["architecture"] == "13-4-1"

@@ -1,24 +1,27 @@
-"""``bnnzoo federated``: federated EM-TDAMP (or the FedAvg baseline) on Flower.
+"""``bnnzoo federated``: federated EM-TDAMP (or the FedAvg baseline) on Flower's ServerApp / ClientApp.
 
-On one machine (default) the server runs here and every client in a local process, gRPC on
-loopback. With ``--serve HOST:PORT`` only the server runs, waiting for ``--clients`` clients
-started elsewhere with ``bnnzoo federated-client --server HOST:PORT``: with TLS when given its
-certificate and key (``--ssl-certfile``, ``--ssl-keyfile``, ``--ssl-ca-certfile``, the names of
-Flower's own ``flower-superlink`` options), accepting only clients that present the shared token
-of ``--token-file``. A run whose round falls short of ``--min-clients`` fails (exit status 1) with
+By default the run is simulated here in Flower's Simulation Runtime (Ray: one virtual SuperNode
+per client, ``--clients-per-round`` of them sampled each round). Across machines the same ServerApp
+and ClientApp run on Flower's SuperLink and SuperNodes: ``--write-app DIR`` writes the Flower App of
+these settings (a ``pyproject.toml`` whose run config holds them) for ``flwr run DIR SUPERLINK``;
+TLS and node authentication are Flower's own options of ``flower-superlink`` and
+``flower-supernode``. A run whose round falls short of ``--min-clients`` fails (exit status 1) with
 a message naming the round and the clients that failed.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from bnnzoo.data import DataError, load_dataset
 from bnnzoo.errors import BnnzooError
-from bnnzoo.federated.handshake import read_token, resolve_min_clients
+from bnnzoo.federated.settings import (
+    resolve_clients_per_round,
+    resolve_min_clients,
+    write_app,
+)
 
 from .common import (
     check_federated_out,
@@ -53,7 +56,8 @@ def network_of(hidden: str | None, dataset):
 
 
 def min_clients_value(text: str | None, clients: int):
-    """``--min-clients``: a count ("3") or a fraction of the clients ("0.5"); ``None``: all of them."""
+    """``--min-clients``: a count ("3") or a fraction of the clients asked per round ("0.5");
+    ``None``: all of them."""
     if text is None:
         return None
     try:
@@ -68,14 +72,14 @@ def min_clients_value(text: str | None, clients: int):
     return value
 
 
-def token_of(path: str | None) -> str | None:
-    """The shared token of ``--token-file`` (``None`` without one), a bad file as a usage error."""
-    if path is None:
-        return None
-    try:
-        return read_token(path)
-    except (OSError, BnnzooError) as err:
-        raise click.BadParameter(str(err), param_hint="--token-file") from None
+#: the options of the hand-written gRPC server this command had, and what replaces each
+REPLACED = {"--serve": "run a SuperLink (flower-superlink) and start the run there with `flwr run DIR SUPERLINK` "
+                       "after --write-app DIR",
+            "--ssl-certfile": "flower-superlink --ssl-certfile", "--ssl-keyfile": "flower-superlink --ssl-keyfile",
+            "--ssl-ca-certfile": "flower-superlink --ssl-ca-certfile (and flower-supernode --root-certificates)",
+            "--token-file": "Flower's node authentication (flower-superlink --enable-supernode-auth, "
+                            "flower-supernode --auth-supernode-private-key)",
+            "--wait-timeout": "the run config key wait-timeout of --write-app (a deployed run)"}
 
 
 def load(dataset: str, split: int):
@@ -86,9 +90,25 @@ def load(dataset: str, split: int):
         raise click.ClickException(str(err)) from None
 
 
+def _replaced(ctx, param, value):
+    if value not in (None, False):
+        flag = "--" + param.name.replace("_", "-")
+        raise click.UsageError(f"{flag} belonged to the hand-written gRPC server, which Flower's SuperLink and "
+                               f"SuperNodes replace: use {REPLACED[flag]} (see docs/methods/federated-em-tdamp.md)")
+    return value
+
+
+def replaced_options(f):
+    for flag in REPLACED:
+        f = click.option(flag, default=None, hidden=True, expose_value=False, callback=_replaced, is_eager=False)(f)
+    return f
+
+
 @click.command("federated")
 @federated_options
 @click.option("--clients", default=4, show_default=True, help="number of clients")
+@click.option("--clients-per-round", default=None, type=int,
+              help="clients sampled each round  [default: all the clients]")
 @click.option("--rounds", default=100, show_default=True, help="federated rounds (after the statistics round)")
 @click.option("--partition", type=click.Choice(["iid", "label-skew"]), default="iid", show_default=True)
 @click.option("--alpha", default=0.5, show_default=True, help="Dirichlet concentration of label-skew")
@@ -97,68 +117,67 @@ def load(dataset: str, split: int):
               help="EM-TDAMP aggregation: weighted geometric mean (each client's likelihood scaled to the whole "
                    "training set), or product over the shared prior")
 @click.option("--eval-every", default=10, show_default=True, help="evaluate the global model every N rounds")
-@click.option("--serve", "serve", default=None, metavar="HOST:PORT",
-              help="run only the server here, for clients started with bnnzoo federated-client")
 @click.option("--min-clients", default=None, metavar="N|FRACTION",
-              help="fewest clients that must answer every round, a count or a fraction of --clients "
-                   "(rounded up); a round with fewer fails the run  [default: all the clients]")
-@click.option("--wait-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="seconds to wait for the clients to connect (then start if --min-clients have, else fail)")
+              help="fewest clients that must answer every round, a count or a fraction of the clients asked per "
+                   "round (rounded up); a round with fewer fails the run  [default: all the clients asked]")
 @click.option("--round-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="seconds a client may take for a round before it counts as failed")
-@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="with --serve: the server's TLS certificate (PEM); with --ssl-keyfile and --ssl-ca-certfile")
-@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="with --serve: the private key of --ssl-certfile (PEM)")
-@click.option("--ssl-ca-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="with --serve: the CA certificate that signed --ssl-certfile (PEM; the clients' --root-certificates)")
-@click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="accept only clients that present the token in this file (their --token-file)")
+@click.option("--workers", default=None, type=click.IntRange(min=1),
+              help="Ray workers of the simulation (one CPU each)  [default: the CPUs available, at most --clients]")
+@click.option("--write-app", "write_app_dir", type=click.Path(file_okay=False), default=None,
+              help="write the Flower App of these settings here (for `flwr run DIR SUPERLINK`) instead of simulating; "
+                   "--out becomes the deployed run's results directory (history.json, and run/ for EM-TDAMP)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="save the fitted EM-TDAMP run here")
 @click.option("--overwrite", is_flag=True, help="replace an existing run at --out")
 @click.option("--verbose", is_flag=True, help="show Flower's own log")
-def command(dataset, split, seed, method, hidden, options, clients, rounds, partition, alpha, local_epochs, weighting,
-            eval_every, serve, min_clients, wait_timeout, round_timeout, ssl_certfile, ssl_keyfile, ssl_ca_certfile,
-            token_file, device, out, overwrite, verbose) -> None:
-    """Federated EM-TDAMP (or FedAvg) over CLIENTS clients: a Flower server, one process per client."""
-    from bnnzoo.federated.run import (  # lazy: flwr, kept off the CLI's start-up
-        FederatedServer,
+@replaced_options
+def command(dataset, split, seed, method, hidden, options, clients, clients_per_round, rounds, partition, alpha,
+            local_epochs, weighting, eval_every, min_clients, round_timeout, workers, write_app_dir, device, out,
+            overwrite, verbose) -> None:
+    """Federated EM-TDAMP (or FedAvg) over CLIENTS clients: Flower's ServerApp and ClientApp in its
+    Simulation Runtime (or, with --write-app, the Flower App for a SuperLink)."""
+    from bnnzoo.federated.run import (  # lazy: flwr and Ray, kept off the CLI's start-up
         run_federated,
     )
 
     check_federated_out(method, out)
     if out is not None:
         check_out(out, overwrite)
-    tls = (ssl_ca_certfile, ssl_certfile, ssl_keyfile)
-    if any(tls) and not all(tls):
-        raise click.UsageError("TLS needs all three of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")
-    if any(tls) and not serve:
-        raise click.UsageError("--ssl-* options are for --serve (one-machine runs use loopback)")
-    certificates = tuple(Path(f).read_bytes() for f in tls) if all(tls) else None
+    try:
+        per_round = resolve_clients_per_round(clients_per_round, clients)
+    except BnnzooError as err:
+        raise click.BadParameter(str(err), param_hint="--clients-per-round") from None
+    floor = min_clients_value(min_clients, per_round)
     data = load(dataset, split)
     entry_options = check_options("em-tdamp", data.task, parse_options(options))
-    kwargs = dict(method=method, num_clients=clients, rounds=rounds, local_epochs=local_epochs, seed=seed,
-                  device=device, network=network_of(hidden, data), weighting=weighting, eval_every=eval_every,
-                  quiet=not verbose, min_clients=min_clients_value(min_clients, clients), token=token_of(token_file),
-                  wait_timeout=wait_timeout, report=lambda message: click.echo(message, err=True),
+    if write_app_dir is not None:
+        try:
+            path = write_app(write_app_dir, dataset=dataset, split=split, seed=seed, method=method, hidden=hidden or "",
+                             options=entry_options, num_clients=clients, clients_per_round=per_round, rounds=rounds,
+                             local_epochs=local_epochs, weighting=weighting, eval_every=eval_every,
+                             min_clients="" if min_clients is None else str(min_clients),
+                             round_timeout=float(round_timeout), partition=partition, alpha=float(alpha),
+                             device=device, results_dir=str(out or ""))
+        except BnnzooError as err:
+            raise click.ClickException(str(err)) from None
+        click.echo(f"wrote {path}: start the run with `flwr run {write_app_dir} SUPERLINK` once {clients} SuperNodes "
+                   "are connected (flower-supernode --node-config \"partition-id=K num-partitions="
+                   f"{clients}\")")
+        return
+    kwargs = dict(method=method, num_clients=clients, clients_per_round=per_round, rounds=rounds,
+                  local_epochs=local_epochs, seed=seed, device=device, network=network_of(hidden, data),
+                  weighting=weighting, eval_every=eval_every, quiet=not verbose, min_clients=floor,
+                  round_timeout=round_timeout, workers=workers, report=lambda message: click.echo(message, err=True),
                   **entry_options)
     try:
-        if serve:
-            server = FederatedServer(data, **kwargs)
-            click.echo(f"serving {method} at {serve} ({'TLS' if certificates else 'no TLS'}"
-                       f"{', token required' if token_file else ''}): waiting for {clients} clients "
-                       f"(bnnzoo federated-client --server {serve} ...)", err=True)
-            model, history = server.serve(serve, round_timeout, certificates), server.history
-            left_out = {**server.roster.failed, **{k: f"refused: {v}" for k, v in server.roster.refused.items()}}
-        else:
-            run = run_federated(data, partition=partition, alpha=alpha, round_timeout=round_timeout, **kwargs)
-            model, history = run.model, run.history
-            left_out = {**run.failed_clients, **{k: f"refused: {v}" for k, v in run.refused_clients.items()}}
-            click.echo(f"{method}: {clients} clients ({partition}), {rounds} rounds in {run.seconds:.1f} s")
+        run = run_federated(data, partition=partition, alpha=alpha, **kwargs)
     except (BnnzooError, ValueError, TypeError) as err:
         raise click.ClickException(str(err)) from None
-    for name, why in left_out.items():
+    model, history = run.model, run.history
+    click.echo(f"{method}: {clients} clients ({partition}), {per_round} per round, {rounds} rounds in "
+               f"{run.seconds:.1f} s")
+    for name, why in run.failed_clients.items():
         click.echo(f"left out: client {name!r} ({why})", err=True)
     metric = "nmse" if data.task == "regression" else "error"
     for rnd, value in zip(history["eval_round"], history[metric]):

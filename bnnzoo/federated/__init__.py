@@ -1,19 +1,20 @@
-"""Federated EM-TDAMP on Flower (Xu, Liu, Zhang & Lau 2024).
+"""Federated EM-TDAMP on Flower (Xu, Liu, Zhang & Lau 2024), on Flower's ServerApp / ClientApp.
 
 - :mod:`.aggregation`: Gaussian product / weighted geometric mean, product of odds (pure torch);
 - :mod:`.partition`: IID and label-skewed (Dirichlet) client partitions;
 - :mod:`.standardize`: the statistics round (training statistics from the clients' sums);
-- :mod:`.client`: the Flower client (TDAMP passes on local data from the global posterior);
-- :mod:`.strategy`: the Flower strategy (aggregation, EM step, broadcast);
-- :mod:`.fedavg`: the FedAvg-of-Adam baseline on Flower's ``FedAvg``;
-- :mod:`.handshake`: the run spec server and clients must share, :class:`FederatedError`;
-- :mod:`.roster`: who takes part: waiting, the handshake, the minimum of clients per round;
-- :mod:`.run`: one-machine runs, server plus client processes on loopback.
+- :mod:`.client`: a client's local work (TDAMP passes on local data from the global posterior);
+- :mod:`.strategy`: the server's aggregation and EM step;
+- :mod:`.fedavg`: the FedAvg-of-Adam baseline (Adam clients, the weighted average);
+- :mod:`.codec`: the TDAMP messages as arrays;
+- :mod:`.settings`: a run's settings as Flower's run config, :class:`FederatedError`;
+- :mod:`.client_app`, :mod:`.server_app`: Flower's ``ClientApp`` and ``ServerApp`` of a run;
+- :mod:`.run`: simulated runs in Flower's Simulation Runtime (Ray).
 """
 
 from .aggregation import gaussian_product, product_of_odds
-from .handshake import FederatedError
 from .partition import iid, label_skew, partition
+from .settings import FederatedError
 
 __all__ = [
     "FederatedError",
@@ -28,6 +29,6 @@ __all__ = [
 
 def run_federated(*args, **kwargs):
     """:func:`bnnzoo.federated.run.run_federated` (Flower is imported on the first call)."""
-    from .run import run_federated as run  # lazy: flwr (Flower's server and client)
+    from .run import run_federated as run  # lazy: flwr and its Simulation Runtime
 
     return run(*args, **kwargs)

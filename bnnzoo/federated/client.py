@@ -1,57 +1,63 @@
-"""The Flower client of federated EM-TDAMP: TDAMP passes on the local data, the global posterior as prior.
+"""The client side of federated EM-TDAMP: TDAMP passes on the local data, the global posterior as prior.
 
 Each round the client receives the global posterior (:mod:`.codec`), sets it as its guide's state
 (the global posterior is the prior of its local passes: :meth:`~bnnzoo.guides.TDAMPGuide.set_state`),
 runs ``epochs`` TDAMP passes over its own examples (with the geometric weighting, its messages
 scaled so that the local posterior stands for the whole training set: :func:`local_passes`) and
 returns its local posterior: slab means and variances, inclusion probabilities and the noise
-statistics of its passes. The EM step is the server's. Round 1 of a run is the statistics round
-(:mod:`.standardize`), which also carries the handshake (:mod:`.handshake`).
+statistics of its passes. The EM step is the server's. Before the first round every client answers
+the statistics round (:mod:`.standardize`). These classes hold the local computation only; the
+Flower ``ClientApp`` that runs them on the messages of the server is :mod:`.client_app`.
 """
 
 from __future__ import annotations
 
-import json
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 
 import torch
-from flwr.client import NumPyClient
 
 from bnnzoo.guides.training import EpochLoop, TrainingHistory, minibatches
 
-from . import codec, handshake
-from .standardize import STAGE_KEY, STANDARDIZER_KEY, STATISTICS, decode, moments
+from . import codec
+from .standardize import STANDARDIZER_KEY, decode, moments
 
 
 def local_passes(n: int, config) -> tuple[int, float]:
     """The ``(num_data, likelihood_scale)`` of a client's TDAMP passes over its ``n`` examples, from
-    the round's ``config``: ``num_data`` there is the whole training set's size (0: unknown, the
-    client's own), ``weighting`` the server's aggregation (:mod:`.strategy`).
+    the round's ``config``: ``num_data`` there is the whole training set's size ``N`` (0: unknown,
+    the client's own), ``round_data`` the examples ``N_r`` held by the round's clients (0 or absent:
+    every client takes part, ``N_r = N``), ``weighting`` the server's aggregation (:mod:`.strategy`).
 
-    ``"geometric"``: the forgetting rate of the client's own ``n`` examples and its messages scaled
-    by ``num_data / n``, so the local posterior stands for the whole training set (the client's
-    likelihood raised to ``num_data / n``). ``"product"``: the rate of ``num_data`` examples,
-    unscaled messages (a round adds the client's share of one pass)."""
+    ``"geometric"``: the forgetting rate of ``n N / N_r`` examples and the messages scaled by
+    ``N_r / n``: the scaled likelihood stands for the whole training set (``scale * num_data = N``),
+    and an epoch forgets the share ``N_r / N`` of a centralised pass, the share of the data the
+    round holds, so the weighted geometric mean of the round's clients moves as a centralised pass
+    over their examples would. With every client in the round this is the rate of the client's own
+    ``n`` examples and the scale ``N / n``. ``"product"``: the rate of ``N`` examples, unscaled
+    messages (a round adds the client's share of one pass)."""
     total = int(config.get("num_data", 0)) or n
     if total < n:
         raise ValueError(f"the training set of {total} examples cannot hold this client's {n}")
     if config.get("weighting", "geometric") == "product":
         return total, 1.0
-    return n, total / n
+    share = int(config.get("round_data", 0)) or total
+    if not n <= share <= total:
+        raise ValueError(f"the round's clients hold {share} examples: at least this client's {n}, at most the "
+                         f"training set's {total}")
+    num_data = max(n, round(n * total / share))
+    return num_data, total / num_data
 
 
-class StandardizedClient(NumPyClient):
-    """Base of the clients: holds the raw local data, answers the statistics round and keeps the
-    local data standardised with the server's statistics (on ``device``, converted once).
+class StandardizedClient(ABC):
+    """Base of the clients: holds the raw local data, answers the statistics round
+    (:meth:`statistics`) and keeps the local data standardised with the server's statistics (on
+    ``device``, converted once).
 
     The local epochs of every round run in an :class:`~bnnzoo.guides.training.EpochLoop` (timing,
     divergence check) recording into :attr:`history`, one entry per local epoch over all rounds; a
-    diverging client raises :class:`~bnnzoo.guides.training.DivergenceError`, which Flower reports
-    to the server as a failure of that round.
-
-    Introduced (:meth:`introduce`), a client answers the handshake of the statistics round with
-    its name, run spec and token, and records in :attr:`refusal` how its spec differs from the
-    server's; :attr:`rounds_done` counts the local rounds it ran."""
+    diverging client raises :class:`~bnnzoo.guides.training.DivergenceError`, which the
+    ``ClientApp`` reports to the server as that client's failure of the round. :attr:`rounds_done`
+    counts the local rounds it ran."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, task: str, device):
         if len(x) != len(y) or len(x) == 0:
@@ -59,17 +65,11 @@ class StandardizedClient(NumPyClient):
         self.x_raw, self.y_raw, self.task, self.device = x, y, task, torch.device(device)
         self._blob, self.x, self.y = None, None, None
         self.history = TrainingHistory()
-        self.identity: dict | None = None  # the handshake reply (see introduce)
-        self._spec: dict | None = None
-        self.refusal: list[str] = []  # how this client's run spec differs from the server's
         self.rounds_done = 0  # local rounds run (the statistics round not counted)
 
-    def introduce(self, name: str, spec: dict, token: str | None = None) -> None:
-        """Take part in the server's handshake (:mod:`.handshake`) as ``name`` with the run spec
-        ``spec`` and the shared ``token``: the statistics round's reply then carries them, and
-        :attr:`refusal` lists how ``spec`` differs from the server's."""
-        self.identity = handshake.introduce(name, spec, token)
-        self._spec = spec
+    def statistics(self) -> list:
+        """The statistics round's reply: the local count, sums and sums of squares (:func:`.standardize.moments`)."""
+        return moments(self.x_raw, self.y_raw, self.task)
 
     def local_epochs(self, config, method: str) -> EpochLoop:
         """The epoch loop of one round's ``config["epochs"]`` local epochs, recording into :attr:`history`."""
@@ -85,29 +85,16 @@ class StandardizedClient(NumPyClient):
         return self.x, self.y
 
     def fit(self, parameters, config):
-        if config.get(STAGE_KEY) == STATISTICS:
-            metrics = {}
-            if self.identity is not None:
-                metrics = dict(self.identity)
-                if handshake.HANDSHAKE_KEY in config:
-                    self.refusal = handshake.mismatches(json.loads(str(config[handshake.HANDSHAKE_KEY])), self._spec)
-            return moments(self.x_raw, self.y_raw, self.task), len(self.x_raw), metrics
+        """One round of local training from the global ``parameters`` (numpy arrays) under the
+        round's ``config``: ``(arrays, num_examples, metrics)``."""
         out = self.local_fit(parameters, config)
         self.rounds_done += 1
         return out
 
-    def evaluate(self, parameters, config):
-        """The clients evaluate nothing (the server holds the test data); the one evaluation
-        instruction they get is the server's notice that the run stopped (stage ``"abort"``), raised
-        here as :class:`~.handshake.FederatedError` with the server's reason."""
-        if config.get(STAGE_KEY) == handshake.ABORT:
-            raise handshake.FederatedError(f"the server stopped the run: {config.get(handshake.REASON_KEY, '')}")
-        return 0.0, 0, {}
-
     @abstractmethod
     def local_fit(self, parameters, config):
         """One round of local training from the global ``parameters``: what each kind of client
-        (EM-TDAMP, FedAvg's Adam) defines; returns Flower's ``(parameters, num_examples, metrics)``."""
+        (EM-TDAMP, FedAvg's Adam) defines; returns ``(arrays, num_examples, metrics)``."""
 
 
 class TDAMPClient(StandardizedClient):

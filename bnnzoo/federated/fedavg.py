@@ -1,18 +1,18 @@
-"""The baseline: FedAvg (McMahan et al. 2017) of Adam-trained clients, on Flower's own ``FedAvg``.
+"""The baseline: FedAvg (McMahan et al. 2017) of Adam-trained clients.
 
 Each client trains the plain PyTorch network (:meth:`~bnnzoo.models.networks.Network.to_torch`) on its local
-data for ``epochs`` epochs of Adam (lr 1e-3, its optimiser state kept between rounds) from the
-global weights, and returns its weights; Flower's ``FedAvg`` averages them weighted by the clients'
-numbers of examples. Regression minimises the mean squared error of the standardised targets,
-classification the cross-entropy.
+data for ``epochs`` epochs of Adam (lr 1e-3, its optimiser state kept between the rounds it takes
+part in: :meth:`AdamClient.optimizer_state`, which the ``ClientApp`` keeps in the node's Flower
+context) from the global weights, and returns its weights; the server averages them weighted by the
+clients' numbers of examples (:func:`weighted_average`, FedAvg's aggregation). Regression minimises
+the mean squared error of the standardised targets, classification the cross-entropy.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.common import ndarrays_to_parameters
-from flwr.server.strategy import FedAvg
 
 from bnnzoo.guides.training import minibatches
 
@@ -20,7 +20,8 @@ from .client import StandardizedClient
 
 
 def get_weights(module: torch.nn.Module) -> list:
-    return [t.detach().cpu().numpy() for t in module.state_dict().values()]
+    """The module's state as numpy arrays, copies (never views of the live parameters)."""
+    return [t.detach().cpu().numpy().copy() for t in module.state_dict().values()]
 
 
 @torch.no_grad()
@@ -49,6 +50,27 @@ class AdamClient(StandardizedClient):
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
         self.batch_size, self.seed, self.loss = batch_size, seed, loss_fn(task)
 
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """Adam's state (step counts and moment estimates per parameter) as named CPU tensors,
+        empty before the first step: what the node keeps between the rounds it takes part in."""
+        out = {}
+        for i, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                out[f"{i}.{key}"] = torch.as_tensor(value).detach().cpu()
+        return out
+
+    def load_optimizer_state(self, tensors: dict) -> None:
+        """Restore Adam's state from :meth:`optimizer_state` (nothing to do when empty)."""
+        if not tensors:
+            return
+        state: dict = {}
+        for name, value in tensors.items():
+            i, _, key = name.partition(".")
+            t = torch.as_tensor(value)
+            state.setdefault(int(i), {})[key] = t if key == "step" else t.to(self.device)
+        current = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
     def local_fit(self, parameters, config):
         x, y = self.local_data(config)
         set_weights(self.module, parameters)
@@ -66,10 +88,18 @@ class AdamClient(StandardizedClient):
         return get_weights(self.module), len(x), {"train_loss": self.history.loss[-1]}
 
 
-def fedavg_strategy(module: torch.nn.Module, *, local_epochs: int = 1, evaluate_fn=None) -> FedAvg:
-    """Flower's ``FedAvg`` over every connected client, tolerating failed clients; the round number
-    and local epochs go to the clients in the fit configuration."""
-    return FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1, min_evaluate_clients=0,
-                  min_available_clients=1, accept_failures=True, evaluate_fn=evaluate_fn,
-                  on_fit_config_fn=lambda rnd: {"stage": "fedavg", "epochs": local_epochs, "round": rnd},
-                  initial_parameters=ndarrays_to_parameters(get_weights(module)))
+def weighted_average(results: list[tuple[list, int]]) -> list[np.ndarray]:
+    """FedAvg's aggregation: the clients' weight arrays averaged with weights proportional to their
+    numbers of examples (``results``: ``(arrays, num_examples)`` per client, at least one)."""
+    if not results:
+        raise ValueError("FedAvg needs at least one client's weights")
+    total = float(sum(n for _, n in results))
+    if not total > 0:
+        raise ValueError("the clients reported no training examples")
+    out = []
+    for layer in zip(*(arrays for arrays, _ in results)):
+        acc = np.zeros(np.shape(layer[0]), dtype=np.float64)
+        for a, (_, n) in zip(layer, results):
+            acc += np.asarray(a, dtype=np.float64) * (n / total)
+        out.append(acc.astype(np.asarray(layer[0]).dtype))
+    return out

@@ -1,11 +1,11 @@
 """Federated standardisation: the training statistics from the clients' sums, in a first round.
 
 Every method standardises with the training set's statistics (:class:`~bnnzoo.models.standardizer.Standardizer`).
-No client holds the whole set, so round 1 of every federated run collects each client's count, sums
+No client holds the whole set, so before its first round every federated run collects each client's count, sums
 and sums of squares (:func:`moments`); the server combines them (:func:`standardizer_from_moments`,
 equal to the pooled statistics) and sends the result with every later round, in the fit
-configuration as bytes (:func:`encode` / :func:`decode`). :class:`StandardizingStrategy` wraps any
-Flower strategy with that first round.
+configuration as bytes (:func:`encode` / :func:`decode`). The ServerApp (:mod:`.server_app`) asks
+every client for its moments before the first round.
 """
 
 from __future__ import annotations
@@ -14,14 +14,10 @@ import io
 
 import numpy as np
 import torch
-from flwr.common import FitIns, Parameters, parameters_to_ndarrays
-from flwr.server.strategy import Strategy
 
 from bnnzoo.models.standardizer import Standardizer
 
-from .handshake import FederatedError
-
-STAGE_KEY, STATISTICS, STANDARDIZER_KEY = "stage", "statistics", "standardizer"
+STANDARDIZER_KEY = "standardizer"
 
 
 def moments(x: torch.Tensor, y: torch.Tensor, task: str) -> list[np.ndarray]:
@@ -71,55 +67,3 @@ def encode(std: Standardizer) -> bytes:
 def decode(blob: bytes, device="cpu") -> Standardizer:
     with np.load(io.BytesIO(blob)) as arrays:
         return Standardizer(**{k: torch.as_tensor(arrays[k]) for k in arrays.files}).to(device)
-
-
-class StandardizingStrategy(Strategy):
-    """``inner`` (any Flower strategy) preceded by the statistics round: round 1 goes to every
-    connected client (waiting for them, and checking who may take part, is
-    :class:`~.roster.RosterStrategy`'s), collects their :func:`moments` and builds the standardiser
-    (handed to ``on_standardizer``); server round ``r >= 2`` is the inner strategy's round
-    ``r - 1``, with the standardiser added to every client's fit configuration."""
-
-    def __init__(self, inner: Strategy, task: str, image: bool, on_standardizer=None):
-        self.inner, self.task, self.image = inner, task, image
-        self.on_standardizer = on_standardizer
-        self.standardizer: Standardizer | None = None
-        self._blob = b""
-
-    def __repr__(self) -> str:
-        return f"StandardizingStrategy({self.inner!r})"
-
-    def initialize_parameters(self, client_manager):
-        return self.inner.initialize_parameters(client_manager)
-
-    def configure_fit(self, server_round, parameters, client_manager):
-        if server_round == 1:
-            ins = FitIns(Parameters(tensors=[], tensor_type="numpy.ndarray"), {STAGE_KEY: STATISTICS})
-            return [(c, ins) for c in client_manager.all().values()]
-        out = self.inner.configure_fit(server_round - 1, parameters, client_manager)
-        for _, ins in out:
-            ins.config[STANDARDIZER_KEY] = self._blob
-        return out
-
-    def aggregate_fit(self, server_round, results, failures):
-        if server_round > 1:
-            return self.inner.aggregate_fit(server_round - 1, results, failures)
-        if not results:
-            raise FederatedError("no client answered the statistics round")
-        parts = [parameters_to_ndarrays(res.parameters) for _, res in results]
-        self.standardizer = standardizer_from_moments(parts, self.task, self.image)
-        self._blob = encode(self.standardizer)
-        if self.on_standardizer is not None:
-            self.on_standardizer(self.standardizer)
-        return None, {"clients": len(results)}
-
-    def configure_evaluate(self, server_round, parameters, client_manager):
-        return [] if server_round <= 1 else self.inner.configure_evaluate(server_round - 1, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round, results, failures):
-        if server_round <= 1:
-            return None, {}
-        return self.inner.aggregate_evaluate(server_round - 1, results, failures)
-
-    def evaluate(self, server_round, parameters):
-        return None if server_round <= 1 else self.inner.evaluate(server_round - 1, parameters)

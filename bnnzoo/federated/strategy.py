@@ -1,11 +1,13 @@
-"""The Flower strategy of federated EM-TDAMP: aggregate the local posteriors, then the EM step.
+"""The server's step of federated EM-TDAMP: aggregate the local posteriors, then the EM step.
 
 Every round the clients run TDAMP passes from the global posterior (:mod:`.client`); the server
 
 1. combines their slab posteriors per weight by the Gaussian product and their inclusion
    probabilities per neuron by the product of odds (:mod:`.aggregation`).
 
-   ``weighting="geometric"`` (the default) is the weighted geometric mean with ``w_k = n_k / n``.
+   ``weighting="geometric"`` (the default) is the weighted geometric mean with ``w_k = n_k / n``
+   (with sampled clients, ``n`` is the examples of the round's clients, and each client forgets only
+   that share of a centralised pass: :func:`.client.local_passes`).
    Client ``k`` holds ``n_k`` of the ``n`` training examples; it runs its passes with the
    forgetting rate of its own ``n_k`` examples and its messages scaled by ``n / n_k``
    (``likelihood_scale`` of :meth:`~bnnzoo.guides.TDAMPGuide.update`, see
@@ -37,10 +39,9 @@ Every round the clients run TDAMP passes from the global posterior (:mod:`.clien
    messages' unbounded log-odds back into the prior, which is unstable);
 4. broadcasts the new global posterior.
 
-A client that fails or disconnects is left out of the round; the round goes on with the others
-while they meet the run's minimum (:class:`~.roster.RosterStrategy`, which names the failed
-clients and stops a run whose round falls short), and a round with no answers leaves the global
-posterior unchanged.
+The rounds themselves (sampling the clients, sending the global posterior, collecting the
+replies, failures) are the ServerApp's (:mod:`.server_app`); this module is the server's maths on
+the replies, free of Flower.
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.strategy import Strategy
 
 from bnnzoo.errors import ConfigError
 from bnnzoo.guides.tdamp_em import m_step
@@ -61,26 +60,24 @@ WEIGHTINGS = ("product", "geometric")
 INCLUSION_EPS = 1e-6  # combined inclusion probabilities are kept in [eps, 1 - eps]
 
 
-class FederatedTDAMP(Strategy):
+class FederatedTDAMP:
     """Server side of federated EM-TDAMP (module docstring).
 
     ``posterior``: the server's :class:`~bnnzoo.methods.tdamp.TDAMPPosterior` (its guide holds the
     global posterior; its ``keep`` and its config's ``train`` section give the M-step options);
-    ``num_data``: the total number of training examples over all clients; ``evaluate_fn(round,
-    posterior)``, if given, is called after every round and returns ``(loss, metrics)`` (e.g. on
-    held-out data).
+    ``num_data``: the total number of training examples over all clients. :attr:`history` records
+    every round: the clients that answered and failed, their mean negative log evidence, the kept
+    fraction, the noise variance and the seconds of the aggregation.
     """
 
-    def __init__(self, posterior, num_data: int, *, local_epochs: int = 1, weighting: str = "geometric",
-                 min_fit_clients: int = 1, evaluate_fn=None, wait_seconds: float = 600.0):
+    def __init__(self, posterior, num_data: int, *, local_epochs: int = 1, weighting: str = "geometric"):
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
-        for name, value in (("num_data", num_data), ("local_epochs", local_epochs), ("min_fit_clients", min_fit_clients)):
+        for name, value in (("num_data", num_data), ("local_epochs", local_epochs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         self.posterior, self.guide = posterior, posterior.guide
         self.num_data, self.local_epochs, self.weighting = num_data, local_epochs, weighting
-        self.min_fit_clients, self.evaluate_fn, self.wait_seconds = min_fit_clients, evaluate_fn, wait_seconds
         self.global_layout = codec.global_layout(posterior.net)
         self.reply_layout = codec.reply_layout(posterior.net)
         self.history: dict[str, list] = {k: [] for k in ("round", "clients", "failures", "loss", "kept_fraction",
@@ -89,43 +86,32 @@ class FederatedTDAMP(Strategy):
     def __repr__(self) -> str:
         return f"FederatedTDAMP(weighting={self.weighting!r}, local_epochs={self.local_epochs})"
 
-    # ---- Flower's hooks ---------------------------------------------------------------------------
-    def initialize_parameters(self, client_manager):
-        return ndarrays_to_parameters(codec.to_ndarrays(self.guide.state(), self.global_layout))
+    def global_arrays(self) -> list:
+        """The global posterior as the arrays every client of a round receives (:mod:`.codec`)."""
+        return codec.to_ndarrays(self.guide.state(), self.global_layout)
 
-    def configure_fit(self, server_round, parameters, client_manager):
-        if not client_manager.wait_for(self.min_fit_clients, timeout=self.wait_seconds):
-            raise TimeoutError(f"fewer than {self.min_fit_clients} clients available after {self.wait_seconds:.0f} s")
-        config = {"stage": "tdamp", "epochs": self.local_epochs, "round": server_round, "num_data": self.num_data,
-                  "weighting": self.weighting}
-        return [(client, FitIns(parameters, dict(config))) for client in client_manager.all().values()]
+    def round_config(self, server_round: int, round_data: int = 0) -> dict:
+        """The configuration of round ``server_round`` for the clients (:func:`.client.local_passes`);
+        ``round_data``: the examples held by the round's clients (0: every client takes part)."""
+        return {"stage": "tdamp", "epochs": self.local_epochs, "round": server_round, "num_data": self.num_data,
+                "round_data": int(round_data), "weighting": self.weighting}
 
-    def aggregate_fit(self, server_round, results, failures):
+    def end_round(self, server_round: int, results: list[tuple[list, int]], failures: int) -> float | None:
+        """Aggregate round ``server_round``'s ``results`` (each client's reply arrays and number of
+        examples; ``failures`` clients did not answer) and run the EM step; returns the clients'
+        mean negative log evidence per example (``None`` without answers: the global posterior is
+        left unchanged)."""
         if not results:
-            self._record(server_round, 0, len(failures), None)
-            return None, {"clients": 0, "failures": len(failures)}
+            self._record(server_round, 0, failures, None)
+            return None
         start = time.perf_counter()
         device = self.posterior.device
-        replies = [codec.from_ndarrays(parameters_to_ndarrays(res.parameters), self.reply_layout, device)
-                   for _, res in results]
-        sizes = [res.num_examples for _, res in results]
-        self.aggregate(replies, sizes)
+        replies = [codec.from_ndarrays(arrays, self.reply_layout, device) for arrays, _ in results]
+        self.aggregate(replies, [n for _, n in results])
         loss = -sum(float(r["log_evidence_sum"]) for r in replies) / max(sum(float(r["num_seen"]) for r in replies), 1.0)
-        self._record(server_round, len(results), len(failures), loss)
+        self._record(server_round, len(results), failures, loss)
         self.history["aggregate_seconds"].append(time.perf_counter() - start)
-        params = ndarrays_to_parameters(codec.to_ndarrays(self.guide.state(), self.global_layout))
-        return params, {"clients": len(results), "failures": len(failures), "loss": loss}
-
-    def configure_evaluate(self, server_round, parameters, client_manager):
-        return []
-
-    def aggregate_evaluate(self, server_round, results, failures):
-        return None, {}
-
-    def evaluate(self, server_round, parameters):
-        if self.evaluate_fn is None or server_round < 1:
-            return None
-        return self.evaluate_fn(server_round, self.posterior)
+        return loss
 
     # ---- the server's E-step aggregation and M-step ------------------------------------------------
     @torch.no_grad()

@@ -18,7 +18,10 @@ import torch
 from pyro.infer import MCMC
 
 from .diagnostics import stored_draw_records
-from .guides.training import TrainingHistory
+from .guides.data_parallel import chain_groups, chain_seed, data_parallel
+from .guides.data_parallel import current as data_parallel_context
+from .guides.training import TrainingHistory, set_seed
+from .models.errors import ConfigError
 from .posterior import Posterior
 
 
@@ -79,6 +82,10 @@ class SamplePosterior(Posterior):
     ``diagnostics()`` at the end of each chain (collected by :class:`ChainRecords`) gives the
     chain's masks, final state and records.
 
+    Data parallel (inside :func:`~bnnzoo.guides.data_parallel.data_parallel`): one chain is run by all
+    ranks (:class:`~bnnzoo.guides.SGHMC`), or, with ``num_chains`` ``C > 1``, each of ``C`` groups of
+    ranks runs one chain and every rank gathers them all (docs/data-parallel.md).
+
     After fitting: ``samples`` (site -> ``(chain, draw, *shape)``), ``chain_masks`` (site ->
     ``(chain, *shape)``, ``True`` = kept), ``chain_state`` (per chain, the kernel's final state:
     e.g. EM's ``pi`` and inclusion probabilities) and ``history``, a
@@ -108,7 +115,21 @@ class SamplePosterior(Posterior):
         kernel, warmup_steps, num_samples = self._make_kernel(len(x))
         kernel.on_epoch_end = callback
         num_chains = int(train.get("num_chains", 1))
-        mp_context = train.get("mp_context") or ("spawn" if self.device.type == "cuda" else None)
+        parallel = data_parallel_context()
+        if parallel is not None and num_chains > 1:
+            samples, chains = self._run_chain_groups(kernel, warmup_steps, num_samples, x, y, progress, parallel,
+                                                     num_chains)
+        else:  # data parallel: the ranks hold one chain (guides.data_parallel); rank 0 reports
+            progress = progress and (parallel is None or parallel.is_main)
+            samples, chains = self._run_mcmc(kernel, warmup_steps, num_samples, x, y, progress, num_chains)
+        self.samples = {s: v.detach() for s, v in samples.items()}
+        self._collect(chains)
+
+    def _run_mcmc(self, kernel, warmup_steps: int, num_samples: int, x, y, progress: bool,
+                  num_chains: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """``pyro.infer.MCMC`` of ``num_chains`` chains: the samples grouped by chain and each chain's
+        end-of-run record (:class:`ChainRecords`)."""
+        mp_context = self.config["train"].get("mp_context") or ("spawn" if self.device.type == "cuda" else None)
         sites = list(self.net.sites())
         with tempfile.TemporaryDirectory(prefix="bnnzoo-chains-") as directory:
             records = ChainRecords(num_samples, sites, directory)
@@ -119,9 +140,29 @@ class SamplePosterior(Posterior):
                             hook_fn=records)
             mcmc.run(x, y)
             samples = mcmc.get_samples(group_by_chain=True)
-            chains = records.collect(samples)
-        self.samples = {s: v.detach() for s, v in samples.items()}
-        self._collect(chains)
+            return samples, records.collect(samples)
+
+    def _run_chain_groups(self, kernel, warmup_steps: int, num_samples: int, x, y, progress: bool, parallel,
+                          num_chains: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """Data parallel with several chains: the ranks split into ``num_chains`` groups of consecutive
+        ranks (:func:`~bnnzoo.guides.data_parallel.chain_groups`), each group runs one chain
+        data-parallel over its ranks (chain 0 from the fit's random state, chain ``c`` from
+        :func:`~bnnzoo.guides.data_parallel.chain_seed`), then every rank gathers every chain."""
+        if parallel.world_size % num_chains:
+            raise ConfigError(f"{self.name}: num_chains={num_chains} chains cannot share {parallel.world_size} "
+                              f"data-parallel ranks equally (give a number of ranks divisible by num_chains)")
+        chain, group = chain_groups(parallel, num_chains)
+        if chain > 0:
+            set_seed(chain_seed(self.config.get("seed", 0), chain))
+        with data_parallel(group):
+            samples, records = self._run_mcmc(kernel, warmup_steps, num_samples, x, y,
+                                              progress and parallel.is_main, 1)
+        gathered: list = [None] * parallel.world_size
+        mine = ({s: v.detach().cpu() for s, v in samples.items()}, records[0])
+        torch.distributed.all_gather_object(gathered, mine, group=parallel.group)
+        heads = [gathered[c * group.world_size] for c in range(num_chains)]
+        samples = {s: torch.cat([h[0][s] for h in heads]).to(self.device) for s in heads[0][0]}
+        return samples, [h[1] for h in heads]
 
     def _collect(self, chains: list[dict]) -> None:
         """Masks, final state and history of every chain (from their ``kernel.diagnostics()``)."""

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .data_parallel import example_noise
+
 
 class LocalReparamDense(torch.autograd.Function):
     @staticmethod
@@ -50,5 +52,5 @@ class LocalReparamDense(torch.autograd.Function):
 
 def local_reparam_dense(h, mu, rho, b_mu, b_rho, prior_scale: float):
     """One local-reparameterised draw of a dense layer's pre-activations and the layer's KL."""
-    eps = torch.randn(h.shape[0], mu.shape[0], device=h.device, dtype=h.dtype)
+    eps = example_noise((h.shape[0], mu.shape[0]), device=h.device, dtype=h.dtype)
     return LocalReparamDense.apply(h, mu, rho, b_mu, b_rho, eps, prior_scale)

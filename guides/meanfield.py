@@ -11,6 +11,7 @@ from torch.distributions import kl_divergence
 
 from .bmr import GaussianSite, Reduction, prior_variance, write_reduction
 from .closed_form_kl import kl_lognormal_gamma
+from .data_parallel import example_noise
 from .local_reparam import local_reparam_dense
 from .sites import get_site, site_parameters, split_site
 from .weight_guide import PRUNED_SCALE, WeightGuide
@@ -43,7 +44,8 @@ def local_reparam_draw(layer, h: torch.Tensor, moments) -> torch.Tensor:
     (w_loc, w_var), (b_loc, b_var) = moments
     mean = layer.op(h, w_loc, b_loc)
     var = layer.op(h * h, w_var, b_var)
-    return torch.addcmul(mean, var.clamp_min(1e-16).sqrt(), torch.randn_like(mean))
+    return torch.addcmul(mean, var.clamp_min(1e-16).sqrt(), example_noise(mean.shape, device=mean.device,
+                                                                           dtype=mean.dtype))
 
 class MeanFieldNormal(WeightGuide):
     """``q(w) = prod_i N(w_i; loc_i, scale_i^2)`` over every weight site of the model.

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from .data_parallel import example_noise
+
 
 class ScaledLocalReparamDense(torch.autograd.Function):
     @staticmethod
@@ -57,5 +59,5 @@ class ScaledLocalReparamDense(torch.autograd.Function):
 def scaled_local_reparam_dense(h, mu, rho, b_mu, b_rho, s, prior_scale: float):
     """One local-reparameterised draw of ``s * (h beta^T + beta_bias)`` and the layer's Gaussian KL;
     ``s`` has one positive entry per output unit."""
-    eps = torch.randn(h.shape[0], mu.shape[0], device=h.device, dtype=h.dtype)
+    eps = example_noise((h.shape[0], mu.shape[0]), device=h.device, dtype=h.dtype)
     return ScaledLocalReparamDense.apply(h, mu, rho, b_mu, b_rho, s, eps, prior_scale)

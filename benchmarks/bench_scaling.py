@@ -1,0 +1,110 @@
+"""Data-parallel scaling: training throughput with 1 and 2 processes (gloo on the CPU, one thread per
+process) for ``meanfield-vi`` and ``spike-slab-sghmc`` on LeNet-5, MNIST train5k.
+
+Suites (``python -m benchmarks.run SUITE --threads 1``):
+
+- ``scaling``: examples per second of the fit with one process (the ordinary fit, in this process)
+  and with two (``bnnzoo.distributed.spawn``: two ranks, each computing half of every global
+  minibatch), on the same global minibatches (same seed, same batch size); the ratio is the speed-up
+  (the target is 1.6x on two cores). Throughput is the training examples of the timed epochs over
+  their summed wall time (the fits' own ``history.epoch_seconds``: process start-up, data loading and
+  evaluation are left out); the first epoch is left out as warm-up. The final losses of the 1- and
+  2-process fits are recorded side by side: on the same global batches they agree up to rounding.
+- ``scaling-smoke``: the same code on 512 training images for one timed epoch, to check that the
+  suite runs end to end (its figures mean nothing).
+
+Timings need a quiet machine: another process on one of the two cores slows the 2-process run
+most.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import bnnzoo
+from bnnzoo import distributed
+from bnnzoo.data import Dataset, load_dataset
+
+ARCH = "lenet5"
+BATCH_SIZE = 128
+#: per entry: options of the timed fit (no validation fits: every epoch is a timed training epoch)
+OPTIONS = {
+    "meanfield-vi": {"validation_fraction": None, "calibrate": False, "batch_size": BATCH_SIZE},
+    "spike-slab-sghmc": {"batch_size": BATCH_SIZE, "samples_per_cycle": 1, "thinning": 1, "warmup_cycles": 1},
+}
+
+
+def _epochs_options(name: str, epochs: int) -> dict:
+    """Epochs (and, for SGHMC, one cycle per epoch) of a run of ``epochs`` epochs."""
+    extra = {"cycles": epochs} if name == "spike-slab-sghmc" else {}
+    return {"epochs": epochs, **extra}
+
+
+def _subset(dataset: Dataset, n: int | None) -> Dataset:
+    if n is None:
+        return dataset
+    return replace(dataset, x_train=dataset.x_train[:n], y_train=dataset.y_train[:n], x_test=dataset.x_test[:64],
+                   y_test=dataset.y_test[:64])
+
+
+def _fit(name: str, options: dict, n: int | None, device) -> dict:
+    dataset = _subset(load_dataset("mnist"), n)
+    posterior = bnnzoo.fit(name, dataset, network={"arch": ARCH}, seed=0, device=device, progress=False, **options)
+    return {"epoch_seconds": list(posterior.history.epoch_seconds), "loss": list(posterior.history.loss),
+            "num_train": len(dataset.x_train)}
+
+
+def _rank(parallel, device, name: str, options: dict, n: int | None, out: str) -> None:
+    result = _fit(name, options, n, device)
+    if parallel.is_main:
+        torch.save(result, Path(out) / "rank0.pt")
+
+
+def _throughput(run: dict, warmup: int = 1) -> float:
+    seconds = run["epoch_seconds"][warmup:]
+    return len(seconds) * run["num_train"] / sum(seconds)
+
+
+def scaling_case(name: str, epochs: int, n: int | None = None, device="cpu") -> dict:
+    """One entry's 1- and 2-process fits of ``epochs`` epochs (the first one untimed)."""
+    options = {**OPTIONS[name], **_epochs_options(name, epochs)}
+    torch.set_num_threads(1)
+    single = _fit(name, options, n, device)
+    with tempfile.TemporaryDirectory(prefix="bnnzoo-scaling-") as out:
+        distributed.spawn(_rank, 2, name, options, n, out, device=device, threads=1)
+        double = torch.load(Path(out) / "rank0.pt")
+    one, two = _throughput(single), _throughput(double)
+    return {"examples_per_second": {"1": one, "2": two}, "speedup": two / one,
+            "epoch_seconds": {"1": single["epoch_seconds"], "2": double["epoch_seconds"]},
+            "final_loss": {"1": single["loss"][-1], "2": double["loss"][-1]},
+            "final_loss_abs_difference": abs(single["loss"][-1] - double["loss"][-1]),
+            "options": options, "num_train": single["num_train"],
+            "median_epoch_seconds": {"1": statistics.median(single["epoch_seconds"][1:]),
+                                     "2": statistics.median(double["epoch_seconds"][1:])}}
+
+
+def _suite(key: str, epochs: int, n: int | None, device) -> dict:
+    if torch.device(device).type != "cpu":
+        raise ValueError("the scaling suite measures gloo processes on the CPU: run it with --device cpu")
+    cases = {name: scaling_case(name, epochs, n, device) for name in OPTIONS}
+    summary = ", ".join(f"{name} {c['speedup']:.2f}x ({c['examples_per_second']['1']:.0f} -> "
+                        f"{c['examples_per_second']['2']:.0f} examples/s)" for name, c in cases.items())
+    return {key: {"model": ", ".join(OPTIONS), "dataset": "mnist-train5k" if n is None else f"mnist-train5k[:{n}]",
+                  "arch": ARCH, "processes": [1, 2], "backend": "gloo", "threads_per_process": 1,
+                  "headline": f"2 processes over 1: {summary}", "cases": cases}}
+
+
+def run_scaling(device) -> dict:
+    return _suite("scaling", epochs=4, n=None, device=device)
+
+
+def run_scaling_smoke(device) -> dict:
+    return _suite("scaling-smoke", epochs=2, n=512, device=device)
+
+
+SUITES = {"scaling": run_scaling, "scaling-smoke": run_scaling_smoke}

@@ -1,0 +1,311 @@
+"""Data-parallel fits (guides/data_parallel.py, bnnzoo/distributed.py): two gloo processes spawned by
+the tests, each bounded in time, against the single-process fit on the same global minibatches."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bnnzoo
+from bnnzoo import cli as cli_module
+from bnnzoo import distributed
+from bnnzoo.cli import main
+from bnnzoo.data import load_dataset
+from bnnzoo.errors import ConfigError, RunError
+from bnnzoo.guides import LocalReparamELBO
+from bnnzoo.guides.data_parallel import (
+    DataParallel,
+    current,
+    data_parallel,
+    example_noise,
+    example_noise_flat,
+    example_slice,
+)
+from bnnzoo.guides.training import _rank_loss, fit_svi
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+#: seconds a spawned 2-process job may take before the test fails
+TIMEOUT_S = 90.0
+
+#: Boston's 455 training rows in global batches of 227: 227, 227 (split 113 / 114 between the two
+#: ranks) and a last batch of one example (rank 0 then computes the prior part alone)
+SVI_OPTIONS = {"epochs": 2, "batch_size": 227, "lr": 0.01}
+SGHMC_OPTIONS = {"epochs": 4, "batch_size": 227, "cycles": 2, "samples_per_cycle": 2, "thinning": 1, "em_start": 0,
+                 "prune_start": 3, "precondition": "always"}
+
+
+def _fit_rank(parallel: DataParallel, device, name: str, options: dict, out: str) -> None:
+    """A rank of a spawned job: the fit of ``name`` on Boston, its state saved as ``rank<r>.pt`` with
+    the number of ``all_reduce`` calls it made."""
+    calls = []
+    all_reduce = torch.distributed.all_reduce
+
+    def counted(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
+
+    torch.distributed.all_reduce = counted
+    posterior = bnnzoo.fit(name, None, seed=3, device=device, progress=False, **options)
+    torch.save(dict(_state(posterior), all_reduce=calls), Path(out) / f"rank{parallel.rank}.pt")
+
+
+def _state(posterior) -> dict:
+    if hasattr(posterior, "samples") and posterior.samples:
+        tensors = {f"samples.{k}": v.detach().cpu() for k, v in posterior.samples.items()}
+    else:
+        tensors = {f"guide.{k}": v.detach().cpu() for k, v in posterior.guide.state_dict().items()}
+    tensors.update({f"model.{k}": v.detach().cpu() for k, v in posterior.model.state_dict().items()})
+    return {"tensors": tensors, "loss": list(posterior.history.loss)}
+
+
+def _spawn_fit(name: str, options: dict, tmp_path: Path) -> list[dict]:
+    distributed.spawn(_fit_rank, 2, name, options, str(tmp_path), device="cpu", timeout_s=TIMEOUT_S, threads=1)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def _assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_meanfield_vi_two_ranks_equal_single_process_fit(tmp_path):
+    ranks = _spawn_fit("meanfield-vi", SVI_OPTIONS, tmp_path)
+    single = _state(bnnzoo.fit("meanfield-vi", None, seed=3, device="cpu", progress=False, **SVI_OPTIONS))
+    _assert_close(ranks[0]["tensors"], ranks[1]["tensors"], atol=0.0)  # the ranks hold one posterior
+    _assert_close(ranks[0]["tensors"], single["tensors"], atol=1e-5)
+    # one collective per step (3 global batches per epoch) for the gradients, one per epoch for the loss
+    num_params = sum(v.numel() for k, v in single["tensors"].items() if k.startswith("guide."))
+    assert sorted(ranks[0]["all_reduce"]) == sorted([num_params + 1] * 6 + [1] * 2)
+    assert ranks[0]["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    # the fit moved: the comparison is not between two unfitted guides
+    start = _state(bnnzoo.create("meanfield-vi", "regression", (13,), 1, seed=3, device="cpu"))["tensors"]
+    moved = max(float((single["tensors"][k] - v).abs().max()) for k, v in start.items() if k.startswith("guide."))
+    assert moved > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:the pruning rule would remove")
+def test_sghmc_two_ranks_hold_one_chain_equal_to_single_process(tmp_path):
+    ranks = _spawn_fit("spike-slab-sghmc", SGHMC_OPTIONS, tmp_path)
+    single = _state(bnnzoo.fit("spike-slab-sghmc", None, seed=3, device="cpu", progress=False, **SGHMC_OPTIONS))
+    _assert_close(ranks[0]["tensors"], ranks[1]["tensors"], atol=0.0)  # identical samples on both ranks
+    _assert_close(ranks[0]["tensors"], single["tensors"], atol=1e-5)
+    assert len(ranks[0]["all_reduce"]) == 4 * 3  # one collective per step: gradient and statistic together
+    draws = next(v for k, v in single["tensors"].items() if k.startswith("samples."))
+    assert draws.shape[1] > 1 and not torch.equal(draws[0, 0], draws[0, -1])  # a moving chain of several draws
+
+
+@pytest.mark.filterwarnings("ignore:the pruning rule would remove")
+def test_sghmc_chains_as_groups_of_ranks(tmp_path):
+    """2 ranks, 2 chains (groups of one rank; ``CHAIN_GROUP_RANKS=4`` runs 2 chains of 2 ranks each):
+    every rank ends with both chains; chain 0 is the 1-process chain of the same seed, chain 1 another."""
+    world = int(os.environ.get("CHAIN_GROUP_RANKS", "2"))
+    options = dict(SGHMC_OPTIONS, epochs=2, cycles=2, samples_per_cycle=1, num_chains=2)
+    distributed.spawn(_fit_rank, world, "spike-slab-sghmc", options, str(tmp_path), device="cpu",
+                      timeout_s=TIMEOUT_S, threads=1)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for other in ranks[1:]:
+        _assert_close(ranks[0]["tensors"], other["tensors"], atol=0.0)
+    single = _state(bnnzoo.fit("spike-slab-sghmc", None, seed=3, device="cpu", progress=False,
+                               **dict(options, num_chains=1)))
+    for key, value in single["tensors"].items():
+        if key.startswith("samples."):
+            assert ranks[0]["tensors"][key].shape[0] == 2
+            torch.testing.assert_close(ranks[0]["tensors"][key][:1], value, atol=1e-5, rtol=0)
+            assert not torch.allclose(ranks[0]["tensors"][key][1], value[0], atol=1e-3)
+
+
+def test_cli_devices_2_writes_one_run_that_loads(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["fit", "map", "--devices", "2", "--device", "cpu", "--epochs", "2",
+                                       "--batch-size", "128", "--checkpoint-every", "1", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("saved to") == 1
+    assert sorted(p.name for p in out.iterdir() if p.name == "checkpoint") == []
+    posterior = bnnzoo.load(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    dataset = load_dataset(None)
+    assert posterior.fit_state is not None and len(posterior.history.loss) == 2
+    assert metrics["rmse"] == pytest.approx(float(posterior.evaluate(dataset.x_test, dataset.y_test)["rmse"]),
+                                            rel=1e-4)
+
+
+@pytest.mark.parametrize("devices", [0, -1])
+def test_cli_refuses_bad_devices(tmp_path, devices):
+    result = CliRunner().invoke(main, ["fit", "map", "--devices", str(devices), "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0
+    assert "devices must be a positive integer" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_entries_without_a_data_parallel_fit_are_refused(tmp_path):
+    result = CliRunner().invoke(main, ["fit", "em-tdamp", "--devices", "2", "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "em-tdamp has no data-parallel fit" in result.output
+    with pytest.raises(ConfigError, match="no data-parallel fit"):
+        with data_parallel(DataParallel(0, 1)):
+            bnnzoo.fit("em-tdamp", None, progress=False)
+
+
+def test_check_devices_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="positive integer"):
+        distributed.check_devices(1.5, "cpu")
+    with pytest.raises(ConfigError, match="positive integer"):
+        distributed.check_devices(True, "cpu")
+    if torch.cuda.device_count() < 64:  # no CUDA, or fewer devices than processes
+        with pytest.raises(ConfigError, match="CUDA"):
+            distributed.check_devices(64, "cuda")
+    with pytest.raises(ConfigError, match="unknown device"):
+        distributed.check_devices(2, "tpu")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="torchrun"):
+        distributed.check_devices(2, "cpu")
+
+
+def test_example_noise_slices_the_global_draw():
+    torch.manual_seed(0)
+    whole = torch.randn(7, 5)
+    after = torch.randn(3)
+    torch.manual_seed(0)
+    with example_slice(7, 2, 5):
+        part = example_noise((3, 5))
+    torch.testing.assert_close(part, whole[2:5], atol=0, rtol=0)
+    torch.testing.assert_close(torch.randn(3), after, atol=0, rtol=0)  # the random state advanced as alone
+    with example_slice(7, 2, 5), pytest.raises(RuntimeError, match="3 examples"):
+        example_noise((4, 5))
+
+
+def test_example_noise_flat_cuts_every_layer_block():
+    torch.manual_seed(1)
+    whole = torch.randn(4 + 6 * (3 + 2))
+    torch.manual_seed(1)
+    with example_slice(6, 1, 4):
+        part = example_noise_flat(4, [3, 2], 3)
+    first = whole[4:22].view(6, 3)[1:4].reshape(-1)
+    second = whole[22:].view(6, 2)[1:4].reshape(-1)
+    torch.testing.assert_close(part, torch.cat([whole[:4], first, second]), atol=0, rtol=0)
+    torch.manual_seed(1)
+    torch.testing.assert_close(example_noise_flat(4, [3, 2], 6), whole, atol=0, rtol=0)  # alone: one plain draw
+
+
+def test_rank_bounds_tile_the_batch():
+    for world in (1, 2, 3, 4):
+        for batch in (1, 2, 7, 32):
+            parts = [DataParallel(r, world).bounds(batch) for r in range(world)]
+            assert parts[0][0] == 0 and parts[-1][1] == batch
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(b - a for a, b in parts) - min(b - a for a, b in parts) <= 1
+    with pytest.raises(ValueError, match="outside"):
+        DataParallel(2, 2)
+
+
+def test_torchrun_environment_is_detected(monkeypatch):
+    for var in distributed.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    assert not distributed.launched_by_torchrun()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.launched_by_torchrun()
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RunError, match="MASTER_ADDR"):
+        with distributed.process_group("cpu"):
+            pass
+    assert os.environ["RANK"] == "1"
+
+
+def test_torchrun_rank_path_of_the_cli(tmp_path, monkeypatch):
+    """The branch ``torchrun ... -m bnnzoo fit`` takes on every rank, here as the single rank of a
+    1-process gloo group joined through the torchrun variables: it fits inside the group, saves the
+    run and leaves no process group behind."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(distributed.free_port()))
+    seen = []
+    real = cli_module._fit_and_save
+
+    def spy(main_rank, device, job):
+        seen.append(current())
+        return real(main_rank, device, job)
+
+    monkeypatch.setattr(cli_module, "_fit_and_save", spy)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["fit", "map", "--device", "cpu", "--epochs", "1", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert seen and seen[0] is not None and seen[0].world_size == 1
+    assert not torch.distributed.is_initialized()
+    assert bnnzoo.load(out).fit_state is not None
+    result = CliRunner().invoke(main, ["fit", "map", "--devices", "2", "--out", str(tmp_path / "other")])
+    assert result.exit_code != 0 and "torchrun" in result.output
+
+
+@pytest.mark.parametrize("name", ["map", "meanfield-vi", "horseshoe-svi"])
+@pytest.mark.parametrize("batch", [45, 1])
+def test_rank_losses_sum_to_the_one_rank_loss(name, batch):
+    """The ranks' shares of an SVI step (:func:`~bnnzoo.guides.training._rank_loss`), computed here one
+    after the other from the same random state as the ranks would, sum to the 1-rank loss of the
+    global batch, and so do their gradients: the likelihood scaled to the global batch, the KL counted
+    once, the per-example noise cut from the global batch's draw (a batch of 1 leaves a rank empty)."""
+    posterior = bnnzoo.create(name, "regression", (13,), 1, seed=0, device="cpu")
+    data = load_dataset(None)
+    x = (data.x_train - data.x_train.mean(0)) / data.x_train.std(0)
+    y = (data.y_train - data.y_train.mean()) / data.y_train.std()
+    loss_fn = (posterior.elbo or LocalReparamELBO())(posterior.model, posterior.guide)
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:batch]
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    loss = loss_fn(x[idx], y[idx], len(x))
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for world in (2, 3):
+        total, summed = 0.0, [torch.zeros_like(p) for p in params]
+        for rank in range(world):
+            torch.set_rng_state(state)
+            part = _rank_loss(loss_fn, x[idx], y[idx], len(x), DataParallel(rank, world))
+            total = total + part.detach()
+            for s, g in zip(summed, torch.autograd.grad(part, params, allow_unused=True)):
+                if g is not None:
+                    s += g
+        torch.testing.assert_close(total, loss.detach(), rtol=1e-5, atol=1e-5)
+        for s, g in zip(summed, grads):
+            torch.testing.assert_close(s, torch.zeros_like(s) if g is None else g, rtol=1e-4, atol=1e-5)
+
+
+class _SpyCheckpoint:
+    def __init__(self):
+        self.calls = []
+
+    def restore(self, loop):
+        self.calls.append("restore")
+
+    def epoch_end(self, loop):
+        self.calls.append("epoch_end")
+
+    def interrupted(self, loop):
+        self.calls.append("interrupted")
+
+
+def test_only_rank_0_writes_checkpoints(monkeypatch):
+    """A rank other than 0 restores the checkpoint it is given but never writes one; rank 0 does both.
+    (A 1-process gloo group stands in for the world; the ranks' collectives then sum one part.)"""
+    for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(distributed.free_port())}.items():
+        monkeypatch.setenv(var, value)
+    posterior = bnnzoo.create("meanfield-vi", "regression", (3,), 1, seed=0, device="cpu")
+    x, y = torch.randn(40, 3), torch.randn(40)
+    spies = {}
+    with distributed.process_group("cpu"):
+        for rank in (0, 1):
+            spies[rank] = _SpyCheckpoint()
+            with data_parallel(DataParallel(rank, 2)):
+                fit_svi(posterior.model, posterior.guide, x, y, elbo=LocalReparamELBO(), epochs=2, batch_size=16,
+                        lr=1e-3, progress=False, checkpoint=spies[rank])
+    assert spies[0].calls == ["restore", "epoch_end", "epoch_end"]
+    assert spies[1].calls == ["restore"]

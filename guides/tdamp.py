@@ -1,8 +1,8 @@
 """The TDAMP guide: the E-step of EM-TDAMP (Xu, Liu, Zhang & Lau 2024, *Bayesian Deep Learning via
 Expectation Maximization and Turbo Deep Approximate Message Passing*) as a Pyro guide, in the form
-implemented here: Module A is ADF/PBP-style moment propagation (not the paper's deep AMP with
-Onsager terms, which appear only in the one-layer :func:`linear_tdamp`), one turbo iteration per
-minibatch by default.
+implemented here: Module A is ADF/PBP-style moment propagation by default (``module_a="adf"``), or
+deep AMP with Onsager-corrected cavity means and a damped turbo loop (``module_a="amp"``,
+:mod:`~bnnzoo.guides.deep_amp`); one turbo iteration per minibatch by default.
 
 The posterior over the weights of a dense ReLU network under the group-sparse Bernoulli-Gaussian
 prior (:class:`~bnnzoo.models.BernoulliGaussianPrior`) is found by message passing, not gradients:
@@ -20,7 +20,12 @@ prior (:class:`~bnnzoo.models.BernoulliGaussianPrior`) is found by message passi
   returns the minibatch's Gaussian message to every weight: the batch form of probabilistic
   backpropagation's assumed-density update, not an AMP iteration (no Onsager correction).
 * **Turbo iterations**: Module A and Module B exchange messages ``turbo_iterations`` times per
-  minibatch.
+  minibatch, or, with ``turbo_tolerance``, until no inclusion probability nor slab mean (in slab
+  posterior standard deviations) changes by more than it (one host read per iteration), at most
+  ``turbo_iterations`` times; :meth:`TDAMPGuide.mean_turbo_iterations` counts them over a pass. With
+  ``module_a="adf"`` every iteration folds its message into the state (the batch then counts once
+  per iteration); with ``"amp"`` every iteration replaces the batch's message of the last
+  (:func:`~bnnzoo.guides.deep_amp.turbo_update`).
 * **Minibatches, posterior as prior**: after a batch of ``B`` of the ``N`` examples, the state
   becomes ``(1 - beta B / (N T)) state + beta (P / T) message``: the posterior after a batch is the
   prior of the next. The forgetting factor ``1 - beta B / (N T)`` keeps ``T = memory`` passes of
@@ -67,6 +72,7 @@ from ..models.errors import ConfigError
 from ..models.likelihoods import GaussianLikelihood
 from ..models.probit_product import ProbitProductLikelihood
 from .bmr import GaussianSite, Reduction
+from .deep_amp import belief_change, check_module_a, copy_posteriors, turbo_update
 from .group_sparse_messages import GroupPosterior, group_posterior, make_workspace
 from .moment_propagation import (
     LayerRecord,
@@ -125,14 +131,17 @@ class TDAMPGuide(WeightGuide):
     :class:`~bnnzoo.models.BernoulliGaussianPrior` and a
     :class:`~bnnzoo.models.GaussianLikelihood` (regression, noise variance ``v = noise_scale^2``)
     or :class:`~bnnzoo.models.ProbitProductLikelihood` (classification). ``init_locs`` (site ->
-    tensor) replaces the random initial slab means.
+    tensor) replaces the random initial slab means. ``module_a`` is ``"adf"`` (moment propagation)
+    or ``"amp"`` (deep AMP, :mod:`~bnnzoo.guides.deep_amp`); ``turbo_tolerance`` (``None``: off) stops
+    a minibatch's turbo loop once the beliefs settle, ``turbo_iterations`` being then the cap.
 
     Implements :class:`~bnnzoo.guides.bmr.GaussianWeights` through its slab posteriors (see
     :meth:`gaussian_weights`), so Bayesian model reduction decides within the included neurons.
     """
 
     def __init__(self, model, damping: float = 0.8, turbo_iterations: int = 1, init_precision: float = 1.0,
-                 memory: float | None = 1.0, init_locs: dict | None = None, temper: float | None = None):
+                 memory: float | None = 1.0, init_locs: dict | None = None, temper: float | None = None,
+                 module_a: str = "adf", turbo_tolerance: float | None = None):
         super().__init__(model)
         check_network(self.net)
         if not isinstance(model.prior, BernoulliGaussianPrior):
@@ -145,6 +154,16 @@ class TDAMPGuide(WeightGuide):
                 or turbo_iterations < 1:
             raise ValueError(f"turbo_iterations must be a positive integer, got {turbo_iterations!r}")
         self.turbo_iterations = int(turbo_iterations)
+        #: Module A: ``"adf"`` (moment propagation) or ``"amp"`` (deep AMP, :mod:`~bnnzoo.guides.deep_amp`)
+        self.module_a = check_module_a(module_a)
+        #: the turbo loop stops when no inclusion probability nor slab mean (in slab posterior standard
+        #: deviations) changes by more than this (``None``: always ``turbo_iterations`` exchanges)
+        self.turbo_tolerance = None if turbo_tolerance is None else _check_positive("turbo_tolerance", turbo_tolerance)
+        self.turbo_count = 0  # turbo iterations and minibatches of the current pass
+        self.turbo_batches = 0
+        #: keep every minibatch's output moments of the pass (the probit noise M-step reads them)
+        self.collect_outputs = False
+        self._outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.init_precision = _check_positive("init_precision", init_precision)
         if memory is not None:  # below one pass, examples are forgotten before the pass ends
             memory = _check_positive("memory", memory)
@@ -254,8 +273,10 @@ class TDAMPGuide(WeightGuide):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor, num_data: int, likelihood_scale: float = 1.0) -> torch.Tensor:
-        """Process one minibatch: ``turbo_iterations`` exchanges between Module A and Module B, each
-        followed by the posterior-as-prior update of the state (:meth:`_absorb`). Returns the
+        """Process one minibatch: ``turbo_iterations`` exchanges between Module A and Module B (fewer
+        when the beliefs move by less than ``turbo_tolerance``), each followed by the
+        posterior-as-prior update of the state (:meth:`_absorb`); with ``module_a="amp"``, deep AMP's
+        turbo loop (:func:`~bnnzoo.guides.deep_amp.turbo_update`). Returns the
         batch's summed log evidence under the beliefs it was given (before its own update).
 
         ``likelihood_scale`` ``s`` multiplies the batch's whole message (curvatures, gradient terms
@@ -277,23 +298,52 @@ class TDAMPGuide(WeightGuide):
                               f"give a longer memory or smaller batches")
         power = self.power()
         beta = self.damping * likelihood_scale * power / memory  # the message's weight as it enters the state
+        if self.module_a == "amp":
+            return turbo_update(self, x, y, rate, beta)
         first = None
-        for _ in range(self.turbo_iterations):
+        posts_before = None
+        for it in range(self.turbo_iterations):
             posts = self.layer_posteriors(reuse_workspace=True)
+            if posts_before is not None:  # the convergence criterion (only with a tolerance)
+                if float(belief_change(posts_before, posts)) < self.turbo_tolerance:  # one host read
+                    break
             log_z, f_mean, f_var, messages = message_pass(
                 self.net, x, {name: p.weight_moments for name, p in posts.items()},
                 lambda mean, var: self.log_evidence_and_grads(mean, var, y),
                 curv_out={name: w["curv"] for name, w in self._workspace.items()})
+            self.turbo_count += 1
             if first is None:
                 first = log_z.sum()
-                self.log_evidence_sum += first
-                self.num_seen += len(x)
-                if self.task == "regression":
-                    residual = y - f_mean.squeeze(-1)
-                    self.noise_sum += torch.addcmul(f_var.squeeze(-1), residual, residual).sum()
+                self.record_batch(first, y, f_mean, f_var, len(x))
+            if self.turbo_tolerance is not None and it + 1 < self.turbo_iterations:
+                posts_before = copy_posteriors(posts)
             for name, msg in messages.items():
                 self._absorb(name, posts[name], msg, rate, beta)
+        self.turbo_batches += 1
         return first
+
+    def record_batch(self, log_z_sum: torch.Tensor, y: torch.Tensor, f_mean: torch.Tensor, f_var: torch.Tensor,
+                     batch_size: int) -> None:
+        """Add a minibatch's first exchange to the pass's statistics: its summed log evidence, its
+        size and (regression) its residual sum behind the noise M-step."""
+        self.log_evidence_sum += log_z_sum
+        self.num_seen += batch_size
+        if self.task == "regression":
+            residual = y - f_mean.squeeze(-1)
+            self.noise_sum += torch.addcmul(f_var.squeeze(-1), residual, residual).sum()
+        if self.collect_outputs:
+            self._outputs.append((f_mean.detach().clone(), f_var.detach().clone(), y.clone()))
+
+    def pass_outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The output means, variances and targets every minibatch of the current pass met (before
+        its own update), concatenated; ``None`` when none were collected (:attr:`collect_outputs`)."""
+        if not self._outputs:
+            return None
+        return tuple(torch.cat(parts) for parts in zip(*self._outputs))
+
+    def mean_turbo_iterations(self) -> float:
+        """Turbo iterations per minibatch in the current pass (0 before the first minibatch)."""
+        return self.turbo_count / self.turbo_batches if self.turbo_batches else 0.0
 
     def power(self) -> float:
         """The power ``P`` of the likelihood the state holds: :attr:`temper`, or without one the
@@ -386,6 +436,9 @@ class TDAMPGuide(WeightGuide):
         self.noise_sum.zero_()
         self.log_evidence_sum.zero_()
         self.num_seen.zero_()
+        self.turbo_count = 0
+        self.turbo_batches = 0
+        self._outputs = []
 
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` if any message holds a NaN or infinity (never replaced)."""
@@ -601,7 +654,8 @@ class TDAMPGuide(WeightGuide):
         self.set_masks(masks)
 
     def extra_repr(self) -> str:
-        return (f"damping={self.damping:g}, turbo_iterations={self.turbo_iterations}, "
+        return (f"module_a={self.module_a!r}, damping={self.damping:g}, turbo_iterations={self.turbo_iterations}, "
+                f"turbo_tolerance={self.turbo_tolerance}, "
                 f"init_precision={self.init_precision:g}, memory={'rule' if self.memory is None else f'{self.memory:g}'}, "
                 f"temper={self.power():g}")
 

@@ -34,7 +34,7 @@ from bnnzoo.guides.moment_propagation import (
     weight_messages,
 )
 from bnnzoo.guides.tdamp import linear_tdamp
-from bnnzoo.guides.tdamp_em import m_step
+from bnnzoo.guides.tdamp_em import NOISE_BRACKET, m_step, probit_noise_m_step
 from bnnzoo.guides.training import DivergenceError
 from bnnzoo.models import (
     BayesianNeuralNetwork,
@@ -650,3 +650,56 @@ def test_tdamp_on_cuda(boston):
     assert math.isfinite(m["rmse"])
     cpu = post.to("cpu")
     assert cpu.guide.posterior_mean()["fc1.weight"].device.type == "cpu"
+
+
+# ------------------------------------------------------------------------- the fuller M-step
+def test_probit_noise_m_step_finds_the_grid_maximum():
+    """The probit-product variance maximises the summed log evidence: against a brute-force grid of
+    4001 points in log v over the same bracket."""
+    gen = torch.Generator().manual_seed(0)
+    lik = ProbitProductLikelihood(1.0).to(torch.float64)
+    mean = 2.0 * torch.randn(300, 4, generator=gen, dtype=torch.float64)
+    var = 0.5 * torch.rand(300, 4, generator=gen, dtype=torch.float64)
+    # labels from a noisier probit than v = 1: the maximum lies inside the bracket, above 1
+    z = mean + var.sqrt() * torch.randn(300, 4, generator=gen, dtype=torch.float64)
+    y = (z + 1.5 * torch.randn(300, 4, generator=gen, dtype=torch.float64)).argmax(-1)
+    grid = torch.linspace(-math.log(NOISE_BRACKET), math.log(NOISE_BRACKET), 4001, dtype=torch.float64)
+    values = []
+    for lv in grid:
+        lik.noise_var.copy_(torch.exp(lv))
+        values.append(float(lik.log_evidence(mean, var, y).sum()))
+    lik.noise_var.fill_(1.0)
+    v = probit_noise_m_step(lik, mean, var, y)
+    best = float(torch.exp(grid[int(np.argmax(values))]))
+    assert float(lik.noise_var) == pytest.approx(float(v))
+    assert 1.5 < best < 50  # an interior maximum
+    assert float(v) == pytest.approx(best, rel=0.01)
+    lik.noise_var.copy_(v)
+    assert float(lik.log_evidence(mean, var, y).sum()) >= max(values) - 1e-6 * abs(max(values))
+
+
+def test_group_rate_m_step_sets_each_rate_to_its_inclusion():
+    net = mlp(3, [6], 1)
+    model = tdamp_model(net)
+    torch.manual_seed(0)
+    guide = TDAMPGuide(model)
+    before = guide.inclusion()["fc1"].clone()
+    out = m_step(guide, rate_level="group", learn_noise=False)
+    torch.testing.assert_close(torch.sigmoid(out["logit_rho.fc1"]), before.clamp(1e-6, 1 - 1e-6))
+    torch.testing.assert_close(torch.sigmoid(model.prior.logit_rho("fc1")), before.clamp(1e-6, 1 - 1e-6))
+    assert float(before.std()) > 1e-3  # the rates differ per neuron (a layer rate would be one value)
+    with pytest.raises(bnnzoo.errors.ConfigError, match="rate_level"):
+        m_step(guide, rate_level="neuron")
+
+
+def test_learned_probit_noise_and_slab_variance_in_fits(boston, mnist_small):
+    post = bnnzoo.fit("em-tdamp", mnist_small, epochs=2, batch_size=100, progress=False, seed=0,
+                      learn_probit_noise=True, network={"arch": "mlp", "hidden": [20]})
+    noise = post.history.extra["noise_var"]
+    assert len(noise) == 2 and noise[0] != 1.0 and all(math.isfinite(v) and v > 0 for v in noise)
+    for module_a in ("adf", "amp"):
+        post = bnnzoo.fit("em-tdamp", boston, epochs=3, batch_size=32, validation_fraction=None, progress=False,
+                          seed=0, learn_slab_var=True, module_a=module_a, turbo_iterations=3)
+        s2 = post.model.prior.slab_var("fc1")
+        assert bool(torch.isfinite(s2).all()) and abs(float(s2[0]) - 1.0 / 13) > 1e-4  # learned, away from 1/fan_in
+        assert math.isfinite(post.evaluate(boston.x_test, boston.y_test, num_samples=10)["rmse"])

@@ -14,6 +14,15 @@
   the fixed prior side by side. Target: test LL >= -2.55 with >= 70% of weights pruned.
 - ``bmr-boston-horseshoe``: post-hoc BMR of the fitted horseshoe posterior (``Posterior.reduce``,
   each rule) over the same 20 splits, against the same target.
+- ``bmr-rhs-boston``: BMR-RHS (rule ``rhs``, a regularised-horseshoe hyperprior fitted over the
+  ``dF`` surface, per weight) against the catalog default (rule ss) in one run, all 20
+  Boston splits, ``bmr-iterative`` at the regression defaults otherwise: test LL, RMSE, pruned fraction.
+- ``bmr-rhs-mnist-mlp``: iterative BMR on the 4x500 MLP with the S&S rule and BMR-RHS per weight
+  side by side, as ``bmr-mnist-mlp``.
+- ``bmr-rhs-posthoc-mnist-mlp``: one flat mean-field fit of the 4x500 MLP reduced post hoc by the
+  S&S rule and by BMR-RHS per weight and per neuron.
+- ``bmr-rhs-select-boston``: these two and BMR-RHS per neuron on a validation part (20%) of the training split of
+  Boston splits 0-4; the highest mean validation log-likelihood wins.
 - ``bmr-select-boston`` / ``bmr-select-mnist-mlp``: how the defaults were chosen, on a validation
   part of the training data only (20% of each of Boston's training splits 0-4; 1,000 of MNIST
   train5k): the candidates ``CANDIDATES`` / ``MLP_CANDIDATES``, the one with the highest validation
@@ -372,6 +381,123 @@ def select_mnist_mlp(device, candidates: dict | None = None) -> dict:
     }}
 
 
+#: BMR-RHS against the default (rule ss): bmr-rhs-boston's and bmr-rhs-select-boston's candidates
+RHS_CANDIDATES = {"ss": {"rule": "ss"}, "rhs/weight": {"rule": "rhs", "level": "weight"},
+                  "rhs/group": {"rule": "rhs", "level": "group"}}
+#: bmr-rhs-boston's: the default and BMR-RHS per weight (each RHS fit over 20 splits takes most of an
+#: hour on a shared CPU; the per-neuron variant is compared on validation data only)
+RHS_TEST = ("ss", "rhs/weight")
+
+
+def rhs_boston(device, splits: list[int] | None = None) -> dict:
+    """bmr-iterative with each of ``RHS_TEST`` (the regression defaults otherwise) over all 20
+    Boston splits, in one run; against plain Adam for the epoch time (which includes the reductions)."""
+    out = {}
+    for key in RHS_TEST:
+        options = RHS_CANDIDATES[key]
+        result = uci_protocol("bmr-iterative", "boston", splits, device=device, baseline="adam", progress=True,
+                              **options)
+        s = result["summary"]
+        ll, pruned = s["log_likelihood"], s["weights_pruned_fraction"]
+        result["targets"] = {"test_ll_at_least_-2.55": ll["mean"] >= -2.55,
+                             "at_least_70_percent_pruned": pruned["mean"] >= 0.7}
+        result["headline"] = (f"bmr-iterative {key}: test LL {ll['mean']:.3f} ± {ll['se']:.3f}, RMSE "
+                              f"{s['rmse']['mean']:.2f} ± {s['rmse']['se']:.2f}, {100 * pruned['mean']:.1f}% of weights "
+                              f"pruned (min over splits "
+                              f"{100 * min(r['weights_pruned_fraction'] for r in result['per_split']):.1f}%), "
+                              f"epoch time {s['epoch_time_ratio']['mean']:.2f}x plain Adam's, "
+                              f"{len(result['splits'])} splits")
+        out[f"bmr-rhs-boston-{key.replace('/', '-')}"] = result
+    return out
+
+
+def rhs_select_boston(device, splits=range(5)) -> dict:
+    """``RHS_CANDIDATES`` in bmr-iterative on a validation part (20%) of the training split of Boston
+    splits 0-4 (no test split is used); the highest mean validation log-likelihood wins."""
+    rows = {}
+    for key, options in RHS_CANDIDATES.items():
+        per_split = []
+        for split in splits:
+            data = load_uci("boston", split=split).validation_split(0.2, seed=split)
+            start = time.perf_counter()
+            posterior, _ = fit_with_baseline("bmr-iterative", data, device=device, seed=split, baseline=None,
+                                             **options)
+            seconds = time.perf_counter() - start
+            m = posterior.evaluate(data.x_test, data.y_test, num_samples=100)
+            per_split.append({"split": split, **m, "fit_seconds": seconds,
+                              "weights_pruned_fraction": posterior.sparsity()["weights_pruned_fraction"],
+                              "hidden_groups_pruned_fraction": posterior.sparsity()["hidden_groups_pruned_fraction"]})
+        rows[key] = {k: mean_se([r[k] for r in per_split]) for k in per_split[0] if k != "split"}
+        rows[key]["options"] = options
+        rows[key]["per_split"] = per_split
+        print(f"  validation boston {key}: LL {rows[key]['log_likelihood']['mean']:.3f}, pruned "
+              f"{rows[key]['weights_pruned_fraction']['mean']:.3f}", flush=True)
+    chosen = _choose(rows)
+    return {"bmr-rhs-validation-boston": {
+        "model": "bmr-iterative", "dataset": "boston (validation part of the training split)",
+        "splits": list(splits), "validation_fraction": 0.2, "candidates": rows,
+        "selection_rule": "highest mean validation log-likelihood", "chosen": chosen,
+        "headline": (f"validation (20% of each training split, Boston splits 0-{max(splits)}): "
+                     + "; ".join(f"{k} LL {r['log_likelihood']['mean']:.3f} ± {r['log_likelihood']['se']:.3f}, "
+                                 f"{100 * r['weights_pruned_fraction']['mean']:.1f}% pruned" for k, r in rows.items())
+                     + f"; chosen {chosen}"),
+    }}
+
+
+def rhs_posthoc_mnist_mlp(device, num_samples: int = 50) -> dict:
+    """The 4x500 MLP: one flat mean-field fit (``meanfield-vi``, the MLP suite's options, plain Adam
+    interleaved), then ``Posterior.reduce`` post hoc by each of ``RHS_CANDIDATES`` (the S&S rule
+    with ``count_pruned="prior"``); test accuracy, ECE, NLL, pruned fraction and the reduction's time,
+    beside the unreduced fit and plain Adam. A reporting run (t10k), not a choice of defaults."""
+    data = load_dataset("mnist")
+    posterior, plain = fit_with_baseline("meanfield-vi", data, device=device, seed=0, baseline="adam",
+                                         network=MLP_4X500, epochs=25, **{**MNIST, **MLP_OPTIONS})
+    x_test = posterior.standardizer.x(data.x_test.to(posterior.device))
+    adam = metrics.classification_metrics(plain.probs(x_test), data.y_test.to(posterior.device))
+    epoch_ratio = statistics.median(posterior.history.epoch_seconds[1:]) / statistics.median(plain.epoch_seconds[1:])
+    flat = posterior.evaluate(data.x_test, data.y_test, num_samples=num_samples)
+    rows = {}
+    for key, options in RHS_CANDIDATES.items():
+        options = {**options, "count_pruned": "prior"} if options["rule"] == "ss" else options
+        reduced = []
+        seconds = _timed(lambda: reduced.append(posterior.reduce(**options)), posterior.device)
+        m = reduced[0].evaluate(data.x_test, data.y_test, num_samples=num_samples)
+        sp = reduced[0].sparsity()
+        rows[key] = {"options": options, "metrics": m, "weights_pruned_fraction": sp["weights_pruned_fraction"],
+                     "hidden_groups_pruned_fraction": sp["hidden_groups_pruned_fraction"],
+                     "architecture": sp["architecture"], "reduce_seconds": seconds,
+                     "summary": reduced[0].fit_state.pruning[-1].summary}
+        print(f"  post-hoc {key}: accuracy {m['accuracy']:.4f}, ECE {m['ece']:.4f}, NLL {m['nll']:.3f}, pruned "
+              f"{sp['weights_pruned_fraction']:.4f}, {seconds:.1f} s", flush=True)
+    return {"bmr-rhs-posthoc-mnist-mlp-4x500": {
+        "model": "meanfield-vi + Posterior.reduce", "dataset": "mnist-train5k-t10k", "arch": "mlp-4x500-swish",
+        "options": {"epochs": 25, **MNIST, **MLP_OPTIONS}, "num_samples": num_samples, "unreduced": flat,
+        "plain_adam": adam, "epoch_time_ratio": epoch_ratio, "rules": rows, "config": posterior.config,
+        "headline": (f"4x500 MLP, flat mean-field (accuracy {100 * flat['accuracy']:.2f}%, ECE {flat['ece']:.4f}; epoch "
+                     f"time {epoch_ratio:.2f}x plain Adam's, Adam {100 * adam['accuracy']:.2f}%) reduced post hoc: "
+                     + "; ".join(f"{k} accuracy {100 * r['metrics']['accuracy']:.2f}%, ECE {r['metrics']['ece']:.4f}, "
+                                 f"NLL {r['metrics']['nll']:.3f}, {100 * r['weights_pruned_fraction']:.1f}% pruned "
+                                 f"({r['architecture']}), {r['reduce_seconds']:.1f} s" for k, r in rows.items())),
+    }}
+
+
+def rhs_mnist_mlp(device) -> dict:
+    """The 4x500 MLP, bmr-iterative: the catalog's rule (ss) and BMR-RHS per weight side by side, one
+    reduction after every epoch, against plain Adam and the flat mean-field baseline (as
+    ``bmr-mnist-mlp``); the epoch times leave the reductions out, ``bmr_seconds`` holds them."""
+    variants = {"bmr-rhs-iterative-ss": {"rule": "ss"}, "bmr-rhs-iterative-rhs": {"rule": "rhs"}}
+    results, flat, _ = _mnist(MLP_4X500, "mlp-4x500-swish", device=device, epochs=25, num_samples=50,
+                              variants=variants, options=MLP_OPTIONS)
+    for r in results.values():
+        r["targets"]["at_least_95_percent_pruned"] = r["weights_pruned_fraction"] >= 0.95
+        r["reduce_seconds_median"] = statistics.median(r["bmr_seconds"])
+    out = {f"{key}-mnist-mlp-4x500": r for key, r in results.items()}
+    out["bmr-rhs-flat-mnist-mlp-4x500"] = flat
+    return out
+
+
 SUITES = {"bmr-mnist-mlp": mnist_mlp, "bmr-mnist-lenet5": mnist_lenet5, "bmr-boston": boston,
           "bmr-boston-horseshoe": boston_horseshoe, "bmr-select-boston": select_boston,
-          "bmr-select-mnist-mlp": select_mnist_mlp}
+          "bmr-select-mnist-mlp": select_mnist_mlp, "bmr-rhs-boston": rhs_boston,
+          "bmr-rhs-select-boston": rhs_select_boston, "bmr-rhs-posthoc-mnist-mlp": rhs_posthoc_mnist_mlp,
+          "bmr-rhs-mnist-mlp": rhs_mnist_mlp}

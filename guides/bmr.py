@@ -15,7 +15,8 @@ reduced posterior a point mass at 0), so one code path serves both.
 Under a mean-field posterior a group's ``dF`` is the sum of its weights'; :func:`delta_f_multivariate`
 is the general form for full covariances (SPM's ``spm_log_evidence``). Which weights to prune:
 :func:`spike_and_slab_threshold` (a per-layer Beta(1, 1) prior on the keep probability, "BMR-S&S")
-or the plain rule ``dF > 0``; :func:`decide_reduction` decides a whole network's reduction at once.
+or the plain rule ``dF > 0``, or BMR-RHS (a regularised-horseshoe hyperprior fitted over the ``dF``
+surface, :mod:`bnnzoo.guides.bmr_rhs`); :func:`decide_reduction` decides a whole network's reduction at once.
 
 A guide offers its Gaussian weights through the :class:`GaussianWeights` protocol (its means,
 variances and prior variances per site, and how to write a :class:`Reduction` back);
@@ -36,10 +37,11 @@ import torch
 from torch import nn
 
 from ..models.sparsity import protect_layers
+from . import bmr_rhs
 from .sites import get_site, split_site
 from .weight_guide import PRUNED_SCALE
 
-RULES = ("ss", "plain")
+RULES = ("ss", "plain", "rhs")
 LEVELS = ("weight", "group")
 #: how a weight pruned before enters the S&S threshold: ``"prior"`` with ``dF = 0`` (bmr4pml),
 #: ``"pruned"`` with ``dF = +inf`` (counted as certainly pruned)
@@ -191,6 +193,8 @@ def prune_decision(d_f: torch.Tensor, rule: str = "ss", num_iters: int = 4,
     weight keeps its standardised ``N(0, 1)`` prior and no likelihood)."""
     if count_pruned not in PRUNED_COUNTS:
         raise ValueError(f"unknown count_pruned {count_pruned!r}; choose one of {PRUNED_COUNTS}")
+    if rule == "rhs":
+        raise ValueError("rule 'rhs' fits a hyperprior per layer: use decide_reduction or reduce, not prune_decision")
     if rule == "ss":
         zeta = spike_and_slab_threshold(d_f, num_iters, pruned_as_prior=count_pruned == "prior")
     elif rule == "plain":
@@ -216,7 +220,8 @@ class Reduction:
     pruned), ``accepted`` (where the reduced prior was accepted: these entries take the reduced
     posterior; with ``reduced_var = 0`` that is the point mass at 0, otherwise ``locs`` /
     ``variances`` hold it) and ``delta_f`` (per-weight dF, ``+inf`` where the weight was pruned
-    before); per layer, the ``threshold`` applied."""
+    before); per layer, the ``threshold`` applied (NaN for rule ``"rhs"``, which has none) and, for
+    rule ``"rhs"``, the fitted hyperparameters ``rhs`` (:class:`~bnnzoo.guides.bmr_rhs.RHSFit`)."""
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     accepted: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -226,16 +231,21 @@ class Reduction:
     threshold: dict[str, torch.Tensor] = field(default_factory=dict)
     reduced_var: float = 0.0
     protected: list[str] = field(default_factory=list)
+    rhs: dict[str, bmr_rhs.RHSFit] = field(default_factory=dict)
 
     def summary(self) -> dict:
         """Plain numbers for reports and JSON: per layer, the threshold and the fraction of its
-        weights where the reduced prior is accepted (pruned, when ``reduced_var = 0``)."""
+        weights where the reduced prior is accepted (pruned, when ``reduced_var = 0``); for rule
+        ``"rhs"`` the threshold is ``None`` and ``"rhs"`` holds the fitted hyperparameters."""
         layers = {}
         for layer, zeta in self.threshold.items():
             sites = [s for s in self.accepted if split_site(s)[0] == layer]
             n = sum(self.accepted[s].numel() for s in sites)
             acc = sum(int(self.accepted[s].sum()) for s in sites)
-            layers[layer] = {"threshold": float(zeta), "weights": n, "reduced_fraction": acc / n}
+            layers[layer] = {"threshold": None if layer in self.rhs else float(zeta), "weights": n,
+                             "reduced_fraction": acc / n}
+            if layer in self.rhs:
+                layers[layer]["rhs"] = self.rhs[layer].summary()
         out = {"reduced_var": self.reduced_var, "layers": layers}
         if self.protected:
             out["protected_layers"] = list(self.protected)
@@ -285,7 +295,8 @@ def _guard_layer(layer: str, prune: dict[str, torch.Tensor], d_fs: dict[str, tor
 
 def decide_reduction(weights: Mapping[str, GaussianSite], masks: Mapping[str, torch.Tensor] | None = None, *,
                      rule: str = "ss", level: str = "weight", reduced_var: float = 0.0,
-                     num_iters: int = 4, allow_empty: bool = False, count_pruned: str = "pruned") -> Reduction:
+                     num_iters: int = 4, allow_empty: bool = False, count_pruned: str = "pruned",
+                     rhs_tau0: float = bmr_rhs.TAU0) -> Reduction:
     """Decide a reduction for Gaussian weight sites ``{site: GaussianSite(mu, var, prior_var)}``.
 
     Sites named ``<layer>.<param>`` of one layer share a threshold (the per-layer Beta prior of
@@ -293,6 +304,9 @@ def decide_reduction(weights: Mapping[str, GaussianSite], masks: Mapping[str, to
     ``level="group"`` decides per output group (weight row + bias entry, ``dF`` summed over the
     group's kept weights) instead of per weight. ``reduced_var = 0`` removes the accepted weights;
     ``reduced_var > 0`` instead shrinks them to their reduced posterior under ``N(0, reduced_var)``.
+    ``rule="rhs"`` (removal only) prunes the groups (``level="group"``) or weights whose fitted
+    regularised-horseshoe scale is 0 (:func:`bnnzoo.guides.bmr_rhs.rhs_decision`, global scale
+    ``rhs_tau0``); weights pruned before are left out of that fit.
 
     No layer is emptied unless ``allow_empty``: where a removal (``reduced_var = 0``) would prune
     every weight of a layer's weight site (every group at ``level="group"``), the group with the
@@ -306,6 +320,11 @@ def decide_reduction(weights: Mapping[str, GaussianSite], masks: Mapping[str, to
         raise ValueError(f"unknown BMR level {level!r}; choose one of {LEVELS}")
     if not reduced_var >= 0:
         raise ValueError(f"reduced_var must be >= 0, got {reduced_var}")
+    if rule == "rhs" and reduced_var != 0:
+        raise ValueError(f"rule 'rhs' removes weights (its reduced priors are fitted): reduced_var must be 0, "
+                         f"got {reduced_var}")
+    if rule == "rhs" and not rhs_tau0 > 0:
+        raise ValueError(f"rhs_tau0 (the global half-Cauchy scale of rule 'rhs') must be > 0, got {rhs_tau0}")
     masks = dict(masks or {})
     out = Reduction(reduced_var=float(reduced_var))
     by_layer: dict[str, list[str]] = {}
@@ -321,7 +340,12 @@ def decide_reduction(weights: Mapping[str, GaussianSite], masks: Mapping[str, to
             if site in masks:
                 d_f = d_f.masked_fill(~masks[site], math.inf)
             d_fs[site], reduced[site] = d_f, (mu_r, var_r)
-        if level == "weight":
+        if rule == "rhs":
+            prune, fit = bmr_rhs.rhs_decision({s: weights[s] for s in sites}, masks, level, tau0=rhs_tau0)
+            prune = {s: prune[s] | ~masks[s] if s in masks else prune[s] for s in sites}
+            out.rhs[layer] = fit
+            zeta = torch.full((), math.nan, dtype=fit.tau.dtype, device=fit.tau.device)
+        elif level == "weight":
             prune_flat, zeta = prune_decision(torch.cat([d.reshape(-1) for d in d_fs.values()]), rule, num_iters,
                                               count_pruned)
             prune = _split_like(prune_flat, d_fs)
@@ -410,14 +434,15 @@ def _reducible_weights(guide, level: str, prune_last: bool, layers) -> dict[str,
 
 def reduce(guide: GaussianWeights, *, rule: str = "ss", level: str = "weight", prune_last: bool = False,
            layers=None, reduced_var: float = 0.0, num_iters: int = 4, allow_empty: bool = False,
-           count_pruned: str = "pruned") -> Reduction:
+           count_pruned: str = "pruned", rhs_tau0: float = bmr_rhs.TAU0) -> Reduction:
     """Bayesian model reduction of a fitted guide with Gaussian weights, in place; returns the
     :class:`Reduction` (see :meth:`Reduction.summary`).
 
     ``rule``: ``"ss"`` (prune a weight when its ``dF`` exceeds the per-layer spike-and-slab
     threshold, Beta(1, 1) prior on the keep probability, ``num_iters`` iterations) or ``"plain"``
-    (``dF > 0``). ``level``: ``"weight"`` or ``"group"`` (whole neurons / filters by their summed
-    ``dF``). The output layer is left alone unless ``prune_last`` (or ``layers`` names the layers to
+    (``dF > 0``) or ``"rhs"`` (BMR-RHS: prune where the layer's regularised-horseshoe scales, fitted
+    over the ``dF`` surface with global scale ``rhs_tau0``, are 0; :mod:`bnnzoo.guides.bmr_rhs`).
+    ``level``: ``"weight"`` or ``"group"`` (whole neurons / filters by their summed ``dF``). The output layer is left alone unless ``prune_last`` (or ``layers`` names the layers to
     reduce). Weights pruned before (the guide's ``masks``) stay pruned (``count_pruned``: how they
     enter the S&S threshold, see :func:`prune_decision`). Pruned weights are masked
     (exact zeros in every draw) and their posterior set to the reduced one, a point mass at 0; with
@@ -432,7 +457,8 @@ def reduce(guide: GaussianWeights, *, rule: str = "ss", level: str = "weight", p
     current = dict(guide.masks.items())
     masks = {s: current[s] for s in weights if s in current}
     reduction = decide_reduction(weights, masks, rule=rule, level=level, reduced_var=reduced_var,
-                                 num_iters=num_iters, allow_empty=allow_empty, count_pruned=count_pruned)
+                                 num_iters=num_iters, allow_empty=allow_empty, count_pruned=count_pruned,
+                                 rhs_tau0=rhs_tau0)
     guide.apply_reduction(reduction)
     return reduction
 

@@ -241,7 +241,7 @@ def test_cli_flags_and_set_must_agree(capture_config, tmp_path):
     ("spike-slab-sghmc", "cycles=0", "option 'cycles' must be an integer >= 1, got 0"),
     ("map", "noise_scale=null", "option 'noise_scale' cannot be null"),
     ("horseshoe-svi", "prune=1", "option 'prune' must be true or false, got 1"),
-    ("bmr", "rule=lasso", "option 'rule' must be one of 'ss', 'plain', got 'lasso'"),
+    ("bmr", "rule=lasso", "option 'rule' must be one of 'ss', 'plain', 'rhs', got 'lasso'"),
     ("em-tdamp", "keep=2", "option 'keep' must be a number in (0, 1], or null, got 2"),
     ("em-tdamp", "lr=0.1", "em-tdamp has no option 'lr'"),
 ])

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from bnnzoo.errors import BnnzooError
+from bnnzoo.guides.bmr import RULES as BMR_RULES
 from bnnzoo.runs import check_target, run_dataset
 
 from .common import SPARSITY_KEYS, num_samples_option, print_metrics, run_metrics
@@ -34,8 +35,9 @@ def _test_data(posterior, data: str | None):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="where to write the reduced run (default RUN_DIR-bmr-RULE)")
-@click.option("--rule", type=click.Choice(["ss", "plain"]), default="ss", show_default=True,
-              help="ss: spike-and-slab threshold with a per-layer Beta(1,1) prior; plain: prune when dF > 0")
+@click.option("--rule", type=click.Choice(list(BMR_RULES)), default="ss", show_default=True,
+              help="ss: spike-and-slab threshold with a per-layer Beta(1,1) prior; plain: prune when dF > 0; "
+                   "rhs: a regularised-horseshoe reduced prior fitted over the dF surface (BMR-RHS)")
 @click.option("--level", type=click.Choice(["weight", "group"]), default="weight", show_default=True,
               help="prune single weights or whole neurons/filters")
 @click.option("--prune-last", is_flag=True, help="also prune the output layer")

@@ -65,7 +65,7 @@ class PlainTorch:
     def __init__(self, net, x, y, task: str, batch_size: int, lr: float = 1e-3, optimizer: str = "adam",
                  seed: int = 0):
         torch.manual_seed(seed)
-        self.module = net.to_torch().to(x.device)
+        self.module = net.to_torch().to(x.device).train()  # a module's BatchNorm trains on batch statistics
         self.x, self.y, self.task, self.batch_size = x, y, task, batch_size
         if optimizer == "adam":
             self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)

@@ -12,15 +12,19 @@ import torch
 from .catalog import get_entry
 from .checkpoint import Checkpointer, fit_identity, supports_checkpoints
 from .data import Dataset, load_dataset
+from .distributed import check_entry
 from .guides import MeanFieldNormal, PointMass, PyroAutoGuide
+from .guides.data_parallel import current as data_parallel_context
 from .guides.training import set_seed
 from .models.errors import ConfigError
 from .models.standardizer import Standardizer
+from .networks import module_spec, supplying
 from .posterior import Posterior
 
 
 def create(name: str, task: str, input_shape, output_dim: int, *, network: dict | None = None,
-           dataset: str = "", device="auto", seed: int = 0, guide=None, **options) -> Posterior:
+           dataset: str = "", device="auto", seed: int = 0, guide=None, module: torch.nn.Module | None = None,
+           **options) -> Posterior:
     """An unfitted posterior of catalog model ``name`` for data of ``input_shape`` (per example)
     and ``output_dim`` outputs (1 for regression, the number of classes for classification).
 
@@ -34,25 +38,36 @@ def create(name: str, task: str, input_shape, output_dim: int, *, network: dict 
     (:class:`~bnnzoo.guides.PyroAutoGuide`); only the entries whose guide is a plain distribution over
     the weights of a Gaussian-prior model take one (``map``, ``meanfield-vi``), the others raise
     :class:`~bnnzoo.errors.ConfigError`. Such a posterior fits, predicts and evaluates, but is not saved.
+
+    ``module``: your own ``torch.nn.Module`` as the network, in place of ``network`` (a catalog
+    architecture): its ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers get the entry's prior,
+    one group per output neuron or channel, and every other parameter (normalisation layers,
+    embeddings) is a point estimate (:class:`~bnnzoo.models.ModuleNetwork`). The module is copied;
+    its last such layer is the output layer. A saved run is loaded with ``load(path, module=...)``.
     """
     return _create(name, task, input_shape, output_dim, network=network, dataset=dataset, device=device,
-                   seed=seed, options=options, guide=guide)
+                   seed=seed, options=options, guide=guide, module=module)
 
 
 def _create(name: str, task: str, input_shape, output_dim: int, *, network: dict | None, dataset: str, device,
-            seed: int, options: dict, data: dict | None = None, guide=None) -> Posterior:
+            seed: int, options: dict, data: dict | None = None, guide=None, module=None) -> Posterior:
     """The posterior of :func:`create`; ``data`` (where the training data came from) joins the config.
     The options are checked against the entry's schema (:meth:`CatalogEntry.configure`) before
     anything is built."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     entry = get_entry(name)
+    if module is not None:
+        if network is not None:
+            raise ConfigError("give network= (a catalog architecture) or module= (your own), not both")
+        network = module_spec(module)
     config = entry.configure(task, tuple(input_shape), output_dim, dataset, network=network, **options)
     config["seed"] = int(seed)
     if data is not None:
         config["data"] = data
     set_seed(seed)
-    posterior = entry.create(config, device=device)
+    with supplying(module):
+        posterior = entry.create(config, device=device)
     if guide is not None:
         _use_autoguide(posterior, guide)
     return posterior
@@ -82,7 +97,7 @@ class BuiltModel(NamedTuple):
 
 
 def build(name: str, task: str, *, input_shape, output_dim: int, data=None, network: dict | None = None,
-          seed: int = 0, **options) -> BuiltModel:
+          seed: int = 0, module: torch.nn.Module | None = None, **options) -> BuiltModel:
     """The Pyro model and guide of catalog entry ``name`` for your own Pyro code, on the CPU.
 
     ``model(x, y=None, num_data=None)`` is a :class:`~bnnzoo.models.BayesianNeuralNetwork`
@@ -99,7 +114,7 @@ def build(name: str, task: str, *, input_shape, output_dim: int, data=None, netw
     Returns a :class:`BuiltModel` named tuple ``(model, guide, standardizer)``.
     """
     posterior = _create(name, task, input_shape, output_dim, network=network, dataset="", device="cpu",
-                        seed=seed, options=options)
+                        seed=seed, options=options, module=module)
     standardizer = None
     if data is not None:
         if isinstance(data, Dataset):
@@ -119,13 +134,15 @@ def build(name: str, task: str, *, input_shape, output_dim: int, data=None, netw
 
 def fit(name: str, data: Dataset | str | None = None, *, split: int = 0, network: dict | None = None,
         seed: int = 0, device="auto", progress: bool = True, run_dir=None, resume=None,
-        checkpoint_every: int | None = None, guide=None, **options) -> Posterior:
+        checkpoint_every: int | None = None, guide=None, module: torch.nn.Module | None = None,
+        **options) -> Posterior:
     """Fit catalog model ``name`` on ``data`` (a :class:`~bnnzoo.data.Dataset`, a dataset name, a
     directory, or ``None`` for the bundled Boston housing split ``split``).
 
     ``options`` override the entry's defaults (``epochs``, ``batch_size``, ``lr``, prior settings...).
     ``guide``: an autoguide to fit in place of the entry's own guide, as in :func:`create` (no
     checkpoints then: ``run_dir`` and ``resume`` raise :class:`~bnnzoo.errors.ConfigError`).
+    ``module``: your own ``torch.nn.Module`` as the network, as in :func:`create`.
 
     Checkpoints (:mod:`bnnzoo.checkpoint`): with ``run_dir`` the fit writes checkpoints into
     ``run_dir/checkpoint/`` (every ``checkpoint_every`` epochs, or by default once a minute at an
@@ -136,6 +153,10 @@ def fit(name: str, data: Dataset | str | None = None, *, split: int = 0, network
     it: ``posterior.save(run_dir, overwrite=True)`` (as ``bnnzoo fit`` does) replaces the directory,
     checkpoint included. ``spike-slab-sghmc`` cannot checkpoint: ``run_dir`` alone fits it
     without checkpoints, ``resume`` or ``checkpoint_every`` raise :class:`~bnnzoo.errors.ConfigError`.
+
+    Inside :func:`bnnzoo.distributed.process_group` (every rank calling ``fit`` alike) the fit is
+    data-parallel over the group's ranks (docs/data-parallel.md); an entry without a data-parallel
+    fit (:data:`bnnzoo.distributed.DATA_PARALLEL_ENTRIES`) raises :class:`~bnnzoo.errors.ConfigError`.
     """
     if resume is not None and run_dir is not None and Path(resume).resolve() != Path(run_dir).resolve():
         raise ConfigError(f"resume={str(resume)!r} and run_dir={str(run_dir)!r} differ: a resumed fit "
@@ -145,11 +166,13 @@ def fit(name: str, data: Dataset | str | None = None, *, split: int = 0, network
         raise ConfigError("checkpoint_every needs a run directory to write checkpoints to: give run_dir= or resume=")
     if guide is not None and directory is not None:
         raise ConfigError("an autoguide's fit cannot checkpoint: give guide= without run_dir= and resume=")
+    if data_parallel_context() is not None:  # inside bnnzoo.distributed.process_group: every rank fits
+        check_entry(name)
     dataset = data if isinstance(data, Dataset) else load_dataset(data, split=split)
     posterior = _create(name, dataset.task, dataset.input_shape, dataset.output_dim, network=network,
                         dataset=dataset.name, device=device, seed=seed, options=options,
                         data={"name": dataset.name, "split": dataset.split, "source": dataset.source},
-                        guide=guide)
+                        guide=guide, module=module)
     if directory is None or (resume is None and checkpoint_every is None and not supports_checkpoints(posterior)):
         return posterior.fit(dataset.x_train, dataset.y_train, progress=progress)
     identity = fit_identity(name, posterior.config, dataset.x_train, dataset.y_train)
@@ -161,6 +184,8 @@ def fit(name: str, data: Dataset | str | None = None, *, split: int = 0, network
         posterior.checkpoint = None
 
 
-def load(path, device="cpu") -> Posterior:
-    """Load a posterior saved with ``Posterior.save``."""
-    return Posterior.load(path, device=device)
+def load(path, device="cpu", module: torch.nn.Module | None = None) -> Posterior:
+    """Load a posterior saved with ``Posterior.save``; a run fitted on your own module needs that
+    module again (``module=``; one whose layers differ from the saved run's is refused)."""
+    with supplying(module):
+        return Posterior.load(path, device=device)

@@ -177,6 +177,9 @@ TRAINING_OPTIONS: dict[str, Option] = {
     "epochs": Option(int, ge=1, help="passes over the training data"),
     "batch_size": Option(int, ge=1, help="examples per minibatch"),
     "lr": Option(float, gt=0, help="learning rate (step size)"),
+    "augment": Option(str, choices=("crop-flip",), nullable=True,
+                      help="image classification: augment every minibatch on the device (crop-flip: pad 4, "
+                           "random crop, random horizontal flip); null: none"),
 }
 
 #: the options of the entries that make choices on a validation part of the training data

@@ -221,6 +221,7 @@ class Posterior(ABC):
         self.history = TrainingHistory()
         self.fit_state = FitState()
         self.model.to(self.device)
+        self.model.eval()  # normalisation layers of a user's module predict with running statistics
 
     # ---- what subclasses provide ----------------------------------------------------------------
     @abstractmethod
@@ -323,6 +324,9 @@ class Posterior(ABC):
         """
         x, y = self.validate(x, y, "training data")
         train = self.config["train"]
+        if train.get("augment") is not None and x.dim() != 4:
+            raise ConfigError(f"{self.name}: augment={train['augment']!r} crops and flips images; these inputs have "
+                              f"shape {tuple(x.shape[1:])} per example, not (channels, height, width)")
         held_out = bool(train.get("validation_fraction"))
         calibrate = held_out and bool(train.get("calibrate", False))
         if calibrate and self.task != "classification":
@@ -336,7 +340,11 @@ class Posterior(ABC):
         self.fit_state = FitState(temperature=self.training_temperature, epoch_selection=selection,
                                   calibration=calibration)
         try:
-            self._fit(x, y, progress, callback)
+            self.model.train()  # batch statistics (and running averages) in a user module's normalisation layers
+            try:
+                self._fit(x, y, progress, callback)
+            finally:
+                self.model.eval()
             if selection and selection.get("noise_scale") is not None:  # estimated on held-out rows
                 with torch.no_grad():
                     self.model.likelihood.log_noise_scale.fill_(
@@ -1114,8 +1122,9 @@ class GuidePosterior(Posterior):
 
         The copy's guide is reduced in place by :func:`bnnzoo.guides.bmr.reduce` (``rule="ss"``: the
         per-layer spike-and-slab threshold on the evidence changes; ``"plain"``: prune where
-        ``dF > 0``; ``options``: ``level``, ``prune_last``, ``layers``, ``reduced_var``,
-        ``num_iters``, as there). The decision is appended to the copy's ``fit_state.pruning``
+        ``dF > 0``; ``"rhs"``: BMR-RHS, a regularised-horseshoe reduced prior fitted over the dF
+        surface (:mod:`bnnzoo.guides.bmr_rhs`); ``options``: ``level``, ``prune_last``, ``layers``,
+        ``reduced_var``, ``num_iters``, ``rhs_tau0``, as there). The decision is appended to the copy's ``fit_state.pruning``
         (rule ``"bmr"``: the options, the per-layer summary and the pruned fraction). Regression: with
         ``data = (x_train, y_train)`` the copy's noise is refitted (:meth:`refit_noise`). A guide that
         does not implement :class:`~bnnzoo.guides.bmr.GaussianWeights` raises ``TypeError``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .data.augment import augmentation
 from .guides import LocalReparamELBO
 from .guides.training import fit_svi
 from .posterior import GuidePosterior
@@ -40,6 +41,6 @@ class VariationalPosterior(GuidePosterior):
         run = fit_svi(
             self.model, self.guide, x, y, elbo=elbo, epochs=self.fit_epochs, batch_size=self.fit_batch_size,
             lr=train["lr"], progress=progress, description=self.name, on_epoch_end=callback,
-            checkpoint=self.checkpoint,
+            checkpoint=self.checkpoint, transform=augmentation(train.get("augment")),
         )
         self.history.extend(run)

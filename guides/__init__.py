@@ -6,6 +6,7 @@ Import as ``bnnzoo.guides``; of the rest of bnnzoo it imports only the layer bel
 
 from . import (
     bmr,
+    bmr_rhs,
     closed_form_kl,  # noqa: F401  (registers the closed-form KLs with torch)
     predictive_moments,
     temperature_scaling,
@@ -32,6 +33,7 @@ __all__ = [
     "TemperedLocalReparamELBO",
     "WeightGuide",
     "bmr",
+    "bmr_rhs",
     "kl_normal_zero_mean",
     "predictive_moments",
     "temperature_scaling",

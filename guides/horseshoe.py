@@ -47,6 +47,7 @@ from ..models.horseshoe import SCALE_VARIABLES, HorseshoePrior, regularised_log_
 from . import closed_form_kl  # noqa: F401  (registers the LogNormal-Gamma / -InverseGamma KLs with torch)
 from .bmr import GaussianSite, Reduction, write_reduction
 from .closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
+from .data_parallel import example_noise, example_noise_flat
 from .horseshoe_mlp import HorseshoeMLP
 from .horseshoe_scales import HorseshoeScales
 from .scaled_dense import scaled_local_reparam_dense
@@ -370,7 +371,7 @@ class HorseshoeGuide(WeightGuide):
             return layer.op(h, w if keep_w is None else w * keep_w, b if keep_b is None else b * keep_b), kl
         mean = layer.op(h, w_loc, b_loc)
         sd = layer.op(h * h, w_var, b_var + 1e-16).sqrt()
-        return torch.addcmul(mean, sd, torch.randn_like(mean)), kl
+        return torch.addcmul(mean, sd, example_noise(mean.shape, device=mean.device, dtype=mean.dtype)), kl
 
     def __getstate__(self):
         # copies and pickles rebuild the cached references on first use (sparse tensors do not copy)
@@ -443,7 +444,7 @@ class HorseshoeGuide(WeightGuide):
 
     def _mlp_step(self, x: torch.Tensor, y: torch.Tensor | None, log_noise, weights=(1.0, 1.0)):
         plan = self._fast.mlp
-        eps = torch.randn(plan.scale_noise + x.shape[0] * sum(plan.widths), device=x.device, dtype=x.dtype)
+        eps = example_noise_flat(plan.scale_noise, plan.widths, x.shape[0], device=x.device, dtype=x.dtype)
         return HorseshoeMLP.apply(x, y, log_noise, eps, plan, weights, *plan.params)
 
     def gaussian_loss(self, x: torch.Tensor, y: torch.Tensor, log_noise: torch.Tensor, nll_weight: float,
@@ -486,7 +487,7 @@ class HorseshoeGuide(WeightGuide):
                 out, layer_kl = scaled_local_reparam_dense(h, mu, rho, b_mu, b_rho, s, prior_scale)
             else:
                 out, layer_kl = self._gaussian_layer(layer, h, self._prior_scale(layer.name))
-                out = out * s.reshape(s.shape + (1,) * (out.dim() - 2))  # (K,) against (B, K) or (B, K, H, W)
+                out = out * s.view(layer.out_mask_shape())  # (K,) against (..., K) or (B, K, H, W)
             kl = kl + layer_kl
             return out
 

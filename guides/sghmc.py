@@ -95,6 +95,14 @@ step size. A working chain stays within a small factor of both from its first ep
 Several chains: ``MCMC(kernel, ..., num_chains=C)`` runs chains in processes when the machine has
 the cores (the kernel pickles without its data or callback; use ``mp_context="spawn"`` with CUDA)
 and one after the other otherwise; :meth:`setup` starts every chain from a fresh initialisation.
+
+Data parallel: set up inside :func:`~bnnzoo.guides.data_parallel.data_parallel`, every rank runs the
+same chain: the initial weights are broadcast from rank 0, every rank draws the same global minibatch
+and computes the likelihood gradient of its contiguous part of it scaled by ``N/|B|``; one
+``all_reduce`` per step sums those gradients (with the batch statistic), which gives the 1-rank
+minibatch gradient, and the injected noise comes from the random state all ranks share (seeded
+alike), so the preconditioner, EM and noise updates agree too and the ranks hold one chain, the
+chain of a 1-rank run on the same global minibatches.
 """
 
 from __future__ import annotations
@@ -109,6 +117,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from ..models.likelihoods import GaussianLikelihood
 from ..models.priors import GaussianPrior
 from ..models.spike_slab import SpikeSlabPrior
+from .data_parallel import all_reduce_flat, broadcast_, current
 from .spike_slab_em import SpikeSlabEM
 from .training import DivergenceError, EpochLoop, TrainingHistory, minibatches
 
@@ -215,13 +224,16 @@ class SGHMC(MCMCKernel):
                  batch_size: int = 32, *, precondition: str = "warmup", precond_decay: float = 0.99,
                  precond_eps: float = 1e-5, cycle_length: int | None = None, samples_per_cycle: int = 1,
                  thinning: int = 1, em: SpikeSlabEM | None = None, learn_noise: bool = True,
-                 method: str = "SGHMC", preconditioner: str = "rmsprop", tau_lr: float = 0.1):
+                 method: str = "SGHMC", preconditioner: str = "rmsprop", tau_lr: float = 0.1,
+                 augment=None):
         for attr in ("net", "prior", "likelihood"):
             if not hasattr(model, attr):
                 raise TypeError(f"SGHMC samples a BayesianNeuralNetwork (net, prior, likelihood); "
                                 f"{type(model).__name__} has no {attr!r}")
         self.model = model
         self.transforms = {}  # the weights are unconstrained: MCMC needs no transforms (and no setup pass)
+        #: data augmentation: each minibatch's inputs -> the inputs the step sees (global random state)
+        self.augment = augment
         self.step_size = float(_check("step_size", step_size, 0, low_open=True))
         self.friction = float(_check("friction", friction, 0, 1, low_open=True))
         self.temperature = float(_check("temperature", temperature, 0))
@@ -264,6 +276,7 @@ class SGHMC(MCMCKernel):
         self.on_epoch_end = None
         self._x = self._y = None
         self._loop: EpochLoop | None = None
+        self._parallel = None
         self._ready = False
 
     # ---- Pyro's kernel interface ------------------------------------------------------------------
@@ -310,6 +323,7 @@ class SGHMC(MCMCKernel):
         state["_batches"] = None  # the current epoch's batch iterator
         state["_loop"] = None  # epoch loops: a fresh process builds its own
         state["_ready"] = False  # the copy needs setup
+        state["_parallel"] = None  # a process group belongs to its process
         return state
 
     def setup(self, warmup_steps: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -331,6 +345,10 @@ class SGHMC(MCMCKernel):
         self._steps_per_epoch = math.ceil(self._n / self.batch_size)
         init = self._user_init if self._user_init is not None else self.model.net.init_params(device=device)
         self._params = [init[s].detach().to(device).clone().requires_grad_(True) for s in self.sites]
+        # data parallel (guides.data_parallel): every rank holds the one chain, started from rank 0's point
+        self._parallel = current()
+        if self._parallel is not None:
+            broadcast_(self._params, self._parallel)
         self._numels = [p.numel() for p in self._params]
         self._numel = sum(self._numels)
         self._param_dict = dict(zip(self.sites, self._params))
@@ -500,8 +518,11 @@ class SGHMC(MCMCKernel):
         self._step += 1
         eta = self._eta = cyclical_step_size(self._step, self.step_size, self.cycle_length)
         idx = self._next_batch()
-        xb, yb = self._x[idx], self._y[idx]
-        grads, stat = self.minibatch_gradient(xb, yb)
+        if self._parallel is None:
+            xb = self._x[idx] if self.augment is None else self.augment(self._x[idx])
+            grads, stat = self.minibatch_gradient(xb, self._y[idx])
+        else:
+            grads, stat = self._parallel_gradient(idx)
         with torch.no_grad():
             torch._foreach_add_([self._epoch_stat, self._sample_stat], stat.detach())
             self._sample_examples += len(idx)
@@ -523,6 +544,23 @@ class SGHMC(MCMCKernel):
         self._epoch_step += 1
         if self._epoch_step == self._steps_per_epoch:
             self._end_epoch()
+
+    def _parallel_gradient(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Data parallel: the global minibatch ``idx``'s likelihood gradient and statistic, from this
+        rank's contiguous part of it (:meth:`~bnnzoo.guides.data_parallel.DataParallel.bounds`) scaled
+        by ``N / |idx|`` and summed over the ranks in one collective; the sum is the 1-rank
+        :meth:`minibatch_gradient` of the global batch (the mean of the ranks' estimates scaled by
+        ``W N / |idx|``). Every rank then takes the same step: the injected noise comes from the
+        random state that all ranks share, so the ranks hold one chain."""
+        if self.augment is None:
+            local = self._parallel.slice(idx)
+            xb, yb = self._x[local], self._y[local]
+        else:  # the global batch augmented alike on every rank (shared random state), then this rank's rows
+            start, stop = self._parallel.bounds(len(idx))
+            xb, yb = self.augment(self._x[idx])[start:stop], self._y[idx][start:stop]
+        grads, stat = self.minibatch_gradient(xb, yb, batch=len(idx))
+        *grads, stat = all_reduce_flat([*grads, stat.detach()], self._parallel)
+        return grads, stat
 
     def _update_tau(self, lik_grads: list[torch.Tensor], eta: float) -> None:
         """Ke & Fan's step on ``rho`` (:func:`ke_fan_rho_gradient`, with the previous step's draws)."""
@@ -551,11 +589,14 @@ class SGHMC(MCMCKernel):
             return {s: r.pow(2) for s, r in zip(self.sites, self._frozen)}
         return {s: torch.sigmoid(r) for s, r in zip(self.sites, self._rho)}
 
-    def minibatch_gradient(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def minibatch_gradient(self, xb: torch.Tensor, yb: torch.Tensor,
+                           batch: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The gradient of the likelihood part of ``U``, ``-(N/B) grad sum_B ln p(y|x, theta)``, at the
         chain's weights (one list entry per site), and the batch's summed statistic (squared residuals
-        for a Gaussian likelihood, negative log-likelihoods otherwise). Plain torch, no Pyro trace."""
-        n, batch = self._n, len(xb)
+        for a Gaussian likelihood, negative log-likelihoods otherwise). Plain torch, no Pyro trace.
+        ``batch``: ``B``, the size of the minibatch that ``xb`` is part of (default ``len(xb)``; a
+        data-parallel rank passes the global batch's)."""
+        n, batch = self._n, len(xb) if batch is None else int(batch)
         f = self.model.net(xb, self._param_dict)
         if self._gaussian:  # -ln p(y|f) = (y - f)^2 / (2 sigma^2) + const
             stat = F.mse_loss(f.squeeze(-1), yb, reduction="sum")

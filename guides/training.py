@@ -16,6 +16,14 @@ import torch
 from tqdm import tqdm
 
 from ..models.errors import BnnzooError
+from .data_parallel import (
+    DataParallel,
+    all_reduce_gradients_,
+    all_reduce_sum,
+    broadcast_,
+    current,
+    example_slice,
+)
 
 
 def set_seed(seed: int) -> None:
@@ -233,6 +241,7 @@ def fit_svi(
     on_epoch_end: Callable[[int, float], None] | None = None,
     description: str = "SVI",
     checkpoint: Checkpoint | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainingHistory:
     """Stochastic variational inference: Adam on ``elbo(model, guide)`` over shuffled minibatches.
 
@@ -245,10 +254,29 @@ def fit_svi(
     With a ``checkpoint`` (:class:`Checkpoint`) the fit resumes from it (the optimiser's state is
     saved and restored with it, under ``"optimizer"``), offers it every epoch and hands it a
     ``KeyboardInterrupt``; the returned history then holds only the epochs run by this call.
+
+    ``transform`` (data augmentation) maps each minibatch's inputs to the inputs the step sees (a
+    fresh random crop and flip of every image...); it draws from the global random state, on the
+    inputs' device.
+
+    Data parallel: inside :func:`~bnnzoo.guides.data_parallel.data_parallel` (every rank calling
+    this with the same arguments and random state), the parameters are broadcast from rank 0, every
+    rank draws the same global minibatch and computes its slice of it (:func:`_rank_loss`: the
+    likelihood scaled to the global batch, an equal share of the KL), the gradients are summed over the
+    ranks in one collective per step, then every rank takes the same Adam step: the fit equals the
+    1-rank fit on the same global minibatches up to rounding. The epoch loss is summed over the
+    ranks; the progress bar and checkpoint writes are rank 0's (every rank restores a checkpoint).
     """
     n = len(x)
     loss_fn = elbo(model, guide)
-    optimizer = make_adam(loss_fn.parameters(), lr)
+    params = list(loss_fn.parameters())
+    optimizer = make_adam(params, lr)
+    parallel = current()
+    if parallel is not None:
+        broadcast_(params, parallel)  # one starting point (every rank also seeds alike)
+        if not parallel.is_main:  # rank 0 reports and writes; the others restore the same checkpoint
+            progress = False
+            checkpoint = _RestoreOnly(checkpoint) if checkpoint is not None else None
     loop = EpochLoop(epochs, method=description, progress=progress, on_epoch_end=on_epoch_end,
                      checkpoint=checkpoint, state={"optimizer": optimizer})
     with loop:
@@ -256,13 +284,56 @@ def fit_svi(
             total = torch.zeros((), device=x.device)
             for step, idx in enumerate(minibatches(n, batch_size, x.device)):
                 optimizer.zero_grad(set_to_none=True)
+                xb = x[idx] if transform is None else transform(x[idx])
                 try:
-                    loss = loss_fn(x[idx], y[idx], n)
+                    loss = loss_fn(xb, y[idx], n) if parallel is None else _rank_loss(loss_fn, xb, y[idx], n, parallel)
                 except ValueError as exc:  # Pyro's support checks fail on a weight the last step made NaN/inf
                     raise_if_parameters_diverged(loss_fn.parameters(), loop, step, exc)
                     raise
                 loss.backward()
+                if parallel is not None:
+                    all_reduce_gradients_(params, parallel)
                 optimizer.step()
                 total += loss.detach() * len(idx)
+            if parallel is not None:
+                total = all_reduce_sum(total, parallel)
             loop.end_epoch(total / n / n)
     return loop.history
+
+
+def _rank_loss(loss_fn, xb: torch.Tensor, yb: torch.Tensor, n: int, parallel: DataParallel) -> torch.Tensor:
+    """This rank's share of the loss of the global minibatch ``(xb, yb)`` (data-parallel :func:`fit_svi`).
+
+    The ELBOs compute ``kl_weight KL + (num_data / |batch|) NLL(batch)``. Of ``W`` ranks, the
+    ``V = min(B, W)`` that hold examples of the global batch of ``B`` (:meth:`DataParallel.bounds`)
+    compute their ``b_r`` examples with ``num_data = N V b_r / B`` and divide by ``V``:
+    ``KL / V + (N / B) NLL(their examples)``, whose sum over the ranks is the 1-rank loss of the global
+    batch, and so is the sum of the gradients. A rank without examples (a last batch smaller than
+    ``W``) computes the loss of the batch's first example times 0, so that its gradients are zeros of
+    the same parameters. Per-example noise is that of the global batch
+    (:func:`~bnnzoo.guides.data_parallel.example_slice`).
+    """
+    batch = len(xb)
+    holding = min(batch, parallel.world_size)
+    start, stop = parallel.bounds(batch)
+    if stop == start:
+        with example_slice(batch, 0, 1):
+            return loss_fn(xb[:1], yb[:1], n) * 0.0
+    with example_slice(batch, start, stop):
+        return loss_fn(xb[start:stop], yb[start:stop], n * holding * (stop - start) / batch) / holding
+
+
+class _RestoreOnly:
+    """A :class:`Checkpoint` seen from a rank other than 0: it restores, and never writes."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+
+    def restore(self, loop: EpochLoop) -> None:
+        self.checkpoint.restore(loop)
+
+    def epoch_end(self, loop: EpochLoop) -> None:
+        pass
+
+    def interrupted(self, loop: EpochLoop) -> None:
+        pass

@@ -12,6 +12,7 @@ from .likelihoods import (
     Likelihood,
     make_likelihood,
 )
+from .module_network import ModuleNetwork
 from .priors import GaussianPrior
 from .probit_product import ProbitProduct, ProbitProductLikelihood
 from .spike_slab import SpikeSlabPrior
@@ -25,6 +26,7 @@ __all__ = [
     "GroupBernoulliGaussian",
     "HorseshoePrior",
     "Likelihood",
+    "ModuleNetwork",
     "ProbitProduct",
     "ProbitProductLikelihood",
     "SpikeSlabPrior",

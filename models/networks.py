@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .architectures import MODULE_ARCHITECTURES
 from .errors import ConfigError
+from .module_network import ModuleNetwork
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -123,6 +125,9 @@ class Network:
     Sites are named ``"<layer>.weight"`` and ``"<layer>.bias"``, as PyTorch names the parameters
     of the matching :class:`torch.nn.Module`.
     """
+
+    #: each parametric layer reads the previous one's groups (:func:`~bnnzoo.models.sparsity.input_groups`)
+    is_chain = True
 
     def __init__(self, layers: list, input_shape: tuple[int, ...], name: str = "network"):
         self.layers = list(layers)
@@ -257,6 +262,40 @@ class Network:
         return out
 
 
+def chain_from_sequential(module: nn.Module, input_shape: tuple[int, ...]) -> Network | None:
+    """The chain a plain ``nn.Sequential`` describes, or ``None`` where it is not one: every child
+    an ``nn.Linear`` or a square ``nn.Conv2d`` with a bias (integer stride and padding, zero padding,
+    no dilation or groups), ``nn.ReLU`` / ``nn.Tanh`` / ``nn.SiLU`` / ``nn.Identity``, a
+    ``nn.MaxPool2d`` / ``nn.AvgPool2d`` whose stride is its kernel, or ``nn.Flatten``. Layers are
+    named by their index in the sequence, as PyTorch names their parameters (``"0.weight"``). Such a
+    module runs as a :class:`Network` (the fused fast paths and closed-form predictives apply)."""
+    if type(module) is not nn.Sequential:
+        return None
+    activations = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.SiLU: "swish", nn.Identity: "identity"}
+    layers: list = []
+    for name, child in module.named_children():
+        kind = type(child)
+        if kind is nn.Linear and child.bias is not None:
+            layers.append(Dense(name, child.in_features, child.out_features))
+        elif (kind is nn.Conv2d and child.bias is not None and child.groups == 1 and child.padding_mode == "zeros"
+              and len(set(child.kernel_size)) == 1 and len(set(child.stride)) == 1 and child.dilation == (1, 1)
+              and isinstance(child.padding, tuple) and len(set(child.padding)) == 1):
+            layers.append(Conv2d(name, child.in_channels, child.out_channels, child.kernel_size[0], child.stride[0],
+                                 child.padding[0]))
+        elif kind in activations:
+            layers.append(Activation(activations[kind]))
+        elif kind in (nn.MaxPool2d, nn.AvgPool2d) and isinstance(child.kernel_size, int) and \
+                child.stride == child.kernel_size and child.padding == 0:
+            layers.append(Pool2d(child.kernel_size, "max" if kind is nn.MaxPool2d else "avg"))
+        elif kind is nn.Flatten and child.start_dim == 1 and child.end_dim == -1:
+            layers.append(Flatten())
+        else:
+            return None
+    if not any(isinstance(layer, (Dense, Conv2d)) for layer in layers):
+        return None
+    return Network(layers, tuple(input_shape), name="sequential")
+
+
 # ---- the catalog's architectures ----------------------------------------------------------------
 def mlp(in_features: int, hidden: list[int] | tuple[int, ...], out_features: int, activation: str = "relu",
         name: str | None = None) -> Network:
@@ -296,13 +335,15 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) ->
     return Network(layers, (in_channels, image_size, image_size), name="lenet5")
 
 
-ARCHITECTURES = {"mlp": mlp, "lenet-300-100": lenet_300_100, "lenet5": lenet5}
+ARCHITECTURES = {"mlp": mlp, "lenet-300-100": lenet_300_100, "lenet5": lenet5, **MODULE_ARCHITECTURES}
 
 
 def build_network(arch: str, input_shape: tuple[int, ...], output_dim: int, hidden: list[int] | None = None,
-                  activation: str = "relu") -> Network:
+                  activation: str = "relu") -> Network | ModuleNetwork:
     """Build a catalog architecture by name for data of ``input_shape`` and ``output_dim`` outputs;
-    a :class:`~bnnzoo.models.errors.ConfigError` names what is wrong with a bad description."""
+    a :class:`~bnnzoo.models.errors.ConfigError` names what is wrong with a bad description. The
+    residual, attention and mixer architectures (:mod:`~bnnzoo.models.architectures`) are modules,
+    returned as a :class:`~bnnzoo.models.module_network.ModuleNetwork` named after the architecture."""
     if not isinstance(arch, str):
         raise ConfigError(f"the network's arch must be a name, one of {sorted(ARCHITECTURES)}; got {arch!r}")
     if arch in ("mlp", "lenet-300-100"):
@@ -314,6 +355,8 @@ def build_network(arch: str, input_shape: tuple[int, ...], output_dim: int, hidd
         if len(input_shape) > 1:  # images into a dense network: flatten first
             net = Network([Flatten(), *net.layers], tuple(input_shape), net.name)
         return net
+    if arch in MODULE_ARCHITECTURES:
+        return ModuleNetwork(MODULE_ARCHITECTURES[arch](tuple(input_shape), output_dim), tuple(input_shape), name=arch)
     if arch == "lenet5":
         if len(input_shape) != 3:
             raise ConfigError(f"lenet5 needs image inputs (channels, height, width), got shape {input_shape}")

@@ -15,8 +15,12 @@ def input_groups(net: Network) -> dict[str, torch.Tensor | None]:
     feature (dense) or channel (conv); ``None`` for the first layer, which reads the data.
 
     A flattened conv map feeds a dense layer channel by channel, contiguously (PyTorch's order).
+    A network that is not a chain of its parametric layers (``net.is_chain`` false: a user's module,
+    whose wiring the description does not hold) attributes no input to a group: ``None`` everywhere.
     """
     out: dict[str, torch.Tensor | None] = {}
+    if not getattr(net, "is_chain", True):
+        return {layer.name: None for layer in net.param_layers}
     prev = None
     for layer in net.param_layers:
         if prev is None:

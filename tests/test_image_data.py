@@ -238,3 +238,54 @@ def test_random_crop_flip_stays_on_the_gpu():
     x = torch.rand(8, 3, 32, 32, device="cuda")
     out = random_crop_flip(x, generator=torch.Generator(device="cuda").manual_seed(0))
     assert out.device == x.device and out.shape == x.shape
+
+
+def _image_task(n: int = 64) -> "Dataset":
+    from bnnzoo.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (2 * n,), generator=g)
+    x = 0.2 * torch.rand(2 * n, 1, 8, 8, generator=g)
+    x[torch.arange(2 * n), 0, 2 * y + 1, 3] += 1.0
+    return Dataset("toy", "classification", x[:n], y[:n], x[n:], y[n:], num_classes=3)
+
+
+@pytest.mark.parametrize("name", ["meanfield-vi", "spike-slab-sghmc"])
+def test_augment_option_transforms_every_minibatch(name, monkeypatch):
+    import bnnzoo
+    from bnnzoo.data import augment as augment_module
+
+    seen = []
+
+    def spy(x, generator=None, padding=4, flip=True):
+        seen.append(x.shape)
+        return random_crop_flip(x, generator, padding, flip)
+
+    monkeypatch.setitem(augment_module.AUGMENTATIONS, "crop-flip", spy)
+    data = _image_task()
+    options = {"epochs": 4, "batch_size": 16, "network": {"arch": "lenet-300-100"}}
+    options.update({"cycles": 2} if name == "spike-slab-sghmc" else {"validation_fraction": None})
+    plain = bnnzoo.fit(name, data, progress=False, **options)
+    assert seen == []
+    augmented = bnnzoo.fit(name, data, progress=False, augment="crop-flip", **options)
+    assert len(seen) == 4 * 4 and all(s == (16, 1, 8, 8) for s in seen)  # every step of every epoch
+    a = augmented.posterior_mean() if hasattr(augmented, "guide") else next(augmented.draw_weights(1))
+    b = plain.posterior_mean() if hasattr(plain, "guide") else next(plain.draw_weights(1))
+    assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
+    again = bnnzoo.fit(name, data, progress=False, augment="crop-flip", **options)
+    c = again.posterior_mean() if hasattr(again, "guide") else next(again.draw_weights(1))
+    assert torch.equal(a["fc1.weight"], c["fc1.weight"])  # seeded: the crops and flips reproduce
+
+
+def test_augment_refuses_inputs_that_are_not_images():
+    import bnnzoo
+
+    data = load_dataset("boston")
+    from bnnzoo.data import Dataset
+
+    fake = Dataset("flat", "classification", data.x_train, (data.y_train > 22).long(), data.x_test,
+                   (data.y_test > 22).long(), num_classes=2)
+    with pytest.raises(Exception, match="augment='crop-flip' crops and flips images"):
+        bnnzoo.fit("meanfield-vi", fake, augment="crop-flip", epochs=1, progress=False)
+    with pytest.raises(Exception, match="augment"):
+        bnnzoo.create("meanfield-vi", "classification", (1, 8, 8), 3, augment="rotate")

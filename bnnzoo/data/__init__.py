@@ -5,7 +5,7 @@ Every loader returns a :class:`Dataset` of raw tensors (standardisation is done 
 fitted posterior, with training statistics) and raises :class:`DataError` for bad data.
 """
 
-from .augment import random_crop_flip
+from .augment import AUGMENTATIONS, augmentation, random_crop_flip
 from .cifar import load_cifar
 from .dataset import Dataset
 from .download import (
@@ -28,6 +28,7 @@ from .uci import UCI_SETS, load_uci, uci_num_splits
 from .validate import validate_arrays
 
 __all__ = [
+    "AUGMENTATIONS",
     "CIFAR_ARCHIVES",
     "DATASETS",
     "DataError",
@@ -37,6 +38,7 @@ __all__ = [
     "MNIST_URLS",
     "TeacherNet",
     "UCI_SETS",
+    "augmentation",
     "bundled_dir",
     "download_cifar",
     "download_fashion_mnist",

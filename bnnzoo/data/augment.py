@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from .errors import DataError
 
 
+def augmentation(name: str | None):
+    """The transform of an ``augment`` option: ``None`` for none, or one of :data:`AUGMENTATIONS`."""
+    if name is None:
+        return None
+    try:
+        return AUGMENTATIONS[name]
+    except KeyError:
+        raise DataError(f"unknown augmentation {name!r}; choose one of {sorted(AUGMENTATIONS)}") from None
+
+
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4,
                      flip: bool = True) -> torch.Tensor:
     """Images ``x`` of shape ``(B, C, H, W)``, each zero-padded by ``padding`` pixels, cropped back to
@@ -38,3 +48,7 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
         mirror = torch.rand(b, device=x.device, generator=generator) < 0.5
         out = torch.where(mirror.view(b, 1, 1, 1), out.flip(-1), out)
     return out
+
+
+#: the ``augment`` option's values: name -> transform of a minibatch's images
+AUGMENTATIONS = {"crop-flip": random_crop_flip}

@@ -17,19 +17,28 @@ from ..catalog import (
 from ..guides import MeanFieldNormal, PointMass
 from ..models import BayesianNeuralNetwork, GaussianPrior, make_likelihood
 from ..models.likelihoods import FLOAT32_SCALE_RANGE
+from ..models.module_network import ModuleNetwork
 from ..models.networks import Network, build_network
+from ..networks import is_module_config, module_network
 from ..variational import VariationalPosterior
 
 
-def build_network_of(config: dict) -> Network:
+def build_network_of(config: dict) -> Network | ModuleNetwork:
     """The network a configuration describes: its ``network_spec`` where it carries one (a saved
-    run's exact network), else built from ``network``, ``input_shape`` and ``output_dim``. The
-    configuration is not modified."""
-    if config.get("network_spec") is not None:
-        return Network.from_spec(config["network_spec"])
+    run's exact network), else built from ``network``, ``input_shape`` and ``output_dim``; a user's
+    module (``network = {"arch": "module", ...}``) is the one supplied to this call
+    (:func:`bnnzoo.networks.module_network`). The configuration is not modified."""
+    if is_module_config(config):
+        return module_network(config)
+    saved = config.get("network_spec")
+    if saved is not None and "layers" in saved:
+        return Network.from_spec(saved)
     spec = config["network"]
-    return build_network(spec["arch"], tuple(config["input_shape"]), config["output_dim"], spec.get("hidden"),
-                         spec.get("activation", "relu"))
+    net = build_network(spec["arch"], tuple(config["input_shape"]), config["output_dim"], spec.get("hidden"),
+                        spec.get("activation", "relu"))
+    if saved is not None:  # a catalog module architecture, rebuilt by name: its sites must match
+        net.check_spec(saved)
+    return net
 
 
 def build_model(config: dict, prior_factory) -> BayesianNeuralNetwork:
@@ -73,7 +82,7 @@ GAUSSIAN_SVI_OPTIONS = {
 }
 
 _REGRESSION_TRAIN = {"epochs": 100, "batch_size": 32, "lr": 3e-3, **VALIDATION_OFF}
-_CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3, **VALIDATION_OFF}
+_CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3, "augment": None, **VALIDATION_OFF}
 #: MAP has no posterior spread to absorb a misfit: run to the end, it drives the learned noise below
 #: the held-out residuals (Boston: validation LL best near epoch 30 of 100), so its epochs are chosen
 #: on a validation fifth of the training rows (docs/methods/baselines.md)

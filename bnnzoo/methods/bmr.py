@@ -14,13 +14,14 @@ on every weight, :class:`~bnnzoo.models.GaussianPrior` and :class:`~bnnzoo.guide
 ``z ~ N(0, 1)``, ``c_l^-2 ~ Gamma(2, 2)`` learned per layer and ``f_l = hidden_factor`` (1/10) in
 hidden layers, :class:`~bnnzoo.models.priors.LayerScaleGaussianPrior` and
 :class:`~bnnzoo.guides.meanfield.LayerScaleMeanFieldNormal`, BMR's ``dF`` on ``z``). The ``train``
-section: ``rule`` (``"ss"``: the per-layer spike-and-slab threshold; ``"plain"``: ``dF > 0``),
+section: ``rule`` (``"ss"``: the per-layer spike-and-slab threshold; ``"plain"``: ``dF > 0``;
+``"rhs"``: BMR-RHS, prune where a regularised-horseshoe hyperprior fitted over the layer's ``dF``
+surface puts a scale at 0, :mod:`bnnzoo.guides.bmr_rhs`, with ``rhs_tau0`` its global half-Cauchy scale),
 ``level`` (``"weight"`` or ``"group"``), ``prune_last`` (reduce the output layer too),
 ``count_pruned`` (how weights pruned before enter the S&S threshold: ``"prior"``, ``dF = 0`` as in
 bmr4pml; ``"pruned"``, as certainly pruned), and for ``bmr-iterative`` ``warmup_epochs``. No
-reduction empties a layer (its best group is kept, with an ``EmptyLayerWarning``). The paper's
-BMR-RHS (a regularised-horseshoe hyperprior fitted over the ``dF`` surface) is not implemented.
-How the defaults were chosen: ``docs/methods/bmr.md``.
+reduction empties a layer (its best group is kept, with an ``EmptyLayerWarning``). How the defaults
+were chosen (BMR-RHS included): ``docs/methods/bmr.md``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ..guides.bmr import (
     evidence_changes,
     reduce,
 )
+from ..guides.bmr_rhs import TAU0 as RHS_TAU0
 from ..guides.meanfield import LayerScaleMeanFieldNormal
 from ..models import GaussianPrior
 from ..models.priors import LayerScaleGaussianPrior
@@ -51,8 +53,11 @@ from .baselines import GAUSSIAN_SVI_OPTIONS, build_model
 
 def _options(train: dict) -> dict:
     # a saved run from before count_pruned existed counted pruned weights as pruned
-    return {"rule": train["rule"], "level": train["level"], "prune_last": train["prune_last"],
-            "count_pruned": train.get("count_pruned", "pruned")}
+    out = {"rule": train["rule"], "level": train["level"], "prune_last": train["prune_last"],
+           "count_pruned": train.get("count_pruned", "pruned")}
+    if train["rule"] == "rhs":
+        out["rhs_tau0"] = train.get("rhs_tau0", RHS_TAU0)
+    return out
 
 
 class _ReducedExport:
@@ -165,7 +170,7 @@ def _creator(cls, name: str):
 
 # The defaults differ by task (learning rate, initial guide scale, epochs); how each was chosen is
 # in docs/methods/bmr.md.
-_BMR = {"rule": "ss", "level": "weight", "prune_last": False, "count_pruned": "prior"}
+_BMR = {"rule": "ss", "level": "weight", "prune_last": False, "count_pruned": "prior", "rhs_tau0": RHS_TAU0}
 # the paper's model is an option: it lost to the fixed prior on validation data (docs/methods/bmr.md)
 _MODEL = {"weight_prior": "fixed", "hidden_factor": 0.1}
 _OPTIONS = {
@@ -179,7 +184,10 @@ _OPTIONS = {
                                 "on z (the paper's code); fixed: N(0, prior_scale^2) on every weight"),
     "hidden_factor": Option(float, gt=0, le=1e3,
                             help="weight_prior=layer-scale: f_l of the hidden layers (the output layer's is 1)"),
-    "rule": Option(str, choices=RULES, help="ss: the per-layer spike-and-slab threshold; plain: prune where dF > 0"),
+    "rule": Option(str, choices=RULES, help="ss: the per-layer spike-and-slab threshold; plain: prune where dF > 0; "
+                                            "rhs: prune where a regularised-horseshoe hyperprior fitted over the "
+                                            "layer's dF surface puts the scale at 0 (BMR-RHS)"),
+    "rhs_tau0": Option(float, gt=0, le=1e3, help="rule rhs: scale of the global half-Cauchy prior on the layer's tau"),
     "level": Option(str, choices=LEVELS, help="reduce single weights or whole groups (neurons / filters)"),
     "prune_last": Option(bool, help="reduce the output layer too"),
     "count_pruned": Option(str, choices=PRUNED_COUNTS,
@@ -209,7 +217,8 @@ register(CatalogEntry(
         "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5, **_MODEL}, "guide": {"init_scale": 1e-3},
                        "train": {"epochs": 100, "batch_size": 32, "lr": 3e-3, **_BMR, **VALIDATION_OFF}},
         "classification": {"model": {"prior_scale": 1.0, **_MODEL}, "guide": {"init_scale": 1e-3},
-                           "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, **_BMR, **CALIBRATED}},
+                           "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "augment": None, **_BMR,
+                                     **CALIBRATED}},
     },
     options=_OPTIONS,
 ))
@@ -226,7 +235,8 @@ register(CatalogEntry(
                        "train": {"epochs": 200, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 1, **_BMR,
                                  **VALIDATION_OFF}},
         "classification": {"model": {"prior_scale": 1.0, **_MODEL}, "guide": {"init_scale": 1e-3},
-                           "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 1, **_BMR,
+                           "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "augment": None, "warmup_epochs": 1,
+                                     **_BMR,
                                      **CALIBRATED}},
     },
     options=_OPTIONS,

@@ -286,7 +286,7 @@ register(CatalogEntry(
                                  "untempered": True, "prune": True, "prune_rule": "evidence",
                                  "prune_threshold": 1.0, **VALIDATION_OFF}},
         "classification": {"model": dict(_MODEL), "guide": dict(_GUIDE),
-                           "train": {"epochs": 60, "batch_size": 128, "lr": 1e-2, "kl_weight": 0.2,
+                           "train": {"epochs": 60, "batch_size": 128, "lr": 1e-2, "augment": None, "kl_weight": 0.2,
                                      "untempered": False, "prune": True, "prune_rule": "evidence",
                                      "prune_threshold": 1.0, **CALIBRATED}},
     },

@@ -46,6 +46,7 @@ import math
 import torch
 
 from ..catalog import TRAINING_OPTIONS, CatalogEntry, Option, register
+from ..data.augment import augmentation
 from ..errors import ConfigError
 from ..guides.sghmc import PRECONDITIONER_KINDS, PRECONDITIONERS, SGHMC
 from ..guides.spike_slab_em import SpikeSlabEM, inclusion_probability
@@ -96,7 +97,8 @@ class SpikeSlabPosterior(SamplePosterior):
                        precond_eps=g["precond_eps"], cycle_length=plan["cycle_length"],
                        samples_per_cycle=plan["samples_per_cycle"], thinning=plan["thinning"], em=em,
                        learn_noise=t.get("learn_noise", True), method=self.name,
-                       preconditioner=g.get("preconditioner", "rmsprop"), tau_lr=g.get("tau_lr", 0.1))
+                       preconditioner=g.get("preconditioner", "rmsprop"), tau_lr=g.get("tau_lr", 0.1),
+                       augment=augmentation(t.get("augment")))
         return kernel, plan["warmup_steps"], plan["num_samples"]
 
     # ---- inclusion probabilities and one-shot pruning -----------------------------------------------
@@ -294,7 +296,7 @@ register(CatalogEntry(
         "classification": {
             "model": {**_MODEL, "slab_scale": 3.0, "spike_scale": 0.15, "scaling": "fan_in"},
             "guide": {**_GUIDE, "temperature": 0.005},
-            "train": {"epochs": 20, "batch_size": 128, "lr": 5e-4, "cycles": 4, "warmup_cycles": 1,
+            "train": {"epochs": 20, "batch_size": 128, "lr": 5e-4, "augment": None, "cycles": 4, "warmup_cycles": 1,
                       "samples_per_cycle": 2, "thinning": 1, "em_start": 2, "em_every": 1, "prune_start": 4,
                       "prune_threshold": 0.5, **_CHAINS}},
     },

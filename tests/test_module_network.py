@@ -1,0 +1,290 @@
+"""Any torch.nn.Module as the network: its Linear/Conv layers become weight sites, every other
+parameter a point estimate; every method but em-tdamp fits it, saves and loads it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnnzoo
+from bnnzoo.data import Dataset
+from bnnzoo.errors import ConfigError
+from bnnzoo.models import ModuleNetwork
+
+
+class Residual(nn.Module):
+    """Two convolutions, a residual addition, a LayerNorm and a linear head."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.norm = nn.LayerNorm(4 * 4 * 4)
+        self.head = nn.Linear(4 * 4 * 4, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = h + torch.relu(self.conv2(h))
+        return self.head(self.norm(nn.functional.avg_pool2d(h, 2).flatten(1)))
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def _images(n: int = 96, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (2 * n,), generator=g)
+    x = 0.3 * torch.rand(2 * n, 1, 8, 8, generator=g)
+    x[torch.arange(2 * n), 0, 2 * y + 1, 2 * y + 1] += 1.0  # the class is a bright pixel
+    return Dataset("toy-images", "classification", x[:n], y[:n], x[n:], y[n:], num_classes=3)
+
+
+def test_sites_are_the_modules_linear_and_conv_layers():
+    module = Residual()
+    net = ModuleNetwork(module, (1, 8, 8))
+    assert net.sites() == {"conv1.weight": (4, 1, 3, 3), "conv1.bias": (4,), "conv2.weight": (4, 4, 3, 3),
+                           "conv2.bias": (4,), "head.weight": (3, 64), "head.bias": (3,)}
+    assert [l.name for l in net.hidden_layers()] == ["conv1", "conv2"] and net.output_dim == 3
+    assert set(net.point_parameters()) == {"norm.weight", "norm.bias"}
+    init = net.init_params()
+    assert torch.equal(init["conv2.bias"], torch.zeros(4))  # a layer built without a bias gains a zero one
+    assert torch.equal(init["conv1.weight"], module.conv1.weight)
+    x = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(net(x, init), module(x))  # the module's own forward pass, rerouted
+    assert module.conv2.bias is None and isinstance(module.conv1.weight, nn.Parameter)  # the original is untouched
+    order = []
+    net.apply(x, lambda layer, h: order.append(layer.name) or layer.op(h, init[f"{layer.name}.weight"],
+                                                                       init[f"{layer.name}.bias"]))
+    assert order == ["conv1", "conv2", "head"]
+    fresh = net.init_params(torch.Generator().manual_seed(0))
+    assert fresh["head.weight"].abs().max() <= 64 ** -0.5 and not torch.equal(fresh["head.weight"], init["head.weight"])
+
+
+def test_bad_modules_are_named():
+    with pytest.raises(ConfigError, match="torch.nn.Module"):
+        ModuleNetwork(lambda x: x, (3,))
+    with pytest.raises(ConfigError, match="no nn.Linear"):
+        ModuleNetwork(nn.Sequential(nn.ReLU()), (3,))
+    with pytest.raises(ConfigError, match="does not run on inputs of shape"):
+        ModuleNetwork(Residual(), (1, 5, 5))
+    with pytest.raises(ConfigError, match="padding_mode 'reflect'"):
+        ModuleNetwork(nn.Sequential(nn.Conv2d(1, 2, 3, padding_mode="reflect", padding=1), nn.Flatten(),
+                                    nn.Linear(2 * 16, 2)), (1, 4, 4))
+    with pytest.raises(ConfigError, match="not both"):
+        bnnzoo.create("map", "classification", (1, 8, 8), 3, module=Residual(), network={"arch": "lenet5"})
+    with pytest.raises(ConfigError, match="has 3 outputs, the data need 4"):
+        bnnzoo.create("map", "classification", (1, 8, 8), 4, module=Residual())
+
+
+METHODS = {"map": {}, "meanfield-vi": {}, "bmr": {}, "bmr-iterative": {}, "horseshoe-svi": {},
+           "spike-slab-sghmc": {"cycles": 2}}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_fits_a_user_module_and_loads_it_back(name, tmp_path):
+    data = _images()
+    options = {"epochs": 4, "batch_size": 32, **METHODS[name]}
+    if "validation_fraction" in bnnzoo.get_entry(name).schema("classification"):
+        options["validation_fraction"] = None  # no held-out selection: a quick fit
+    post = bnnzoo.fit(name, data, module=Residual(), progress=False, **options)
+    assert isinstance(post.net, ModuleNetwork)
+    torch.manual_seed(1)
+    ref = post.predict(data.x_test, num_samples=4).mean
+    assert torch.isfinite(ref).all() and ref.shape == (len(data.x_test), 3)
+    post.save(tmp_path / "run")
+    back = bnnzoo.load(tmp_path / "run", module=Residual())
+    torch.manual_seed(1)
+    torch.testing.assert_close(back.predict(data.x_test, num_samples=4).mean, ref)
+    with pytest.raises(Exception, match="pass the module again"):
+        bnnzoo.load(tmp_path / "run")
+    with pytest.raises(Exception, match="does not match the saved run"):
+        bnnzoo.load(tmp_path / "run", module=nn.Sequential(nn.Flatten(), nn.Linear(64, 3)))
+
+
+def test_point_estimates_are_learned_and_the_fit_learns_the_task():
+    data = _images(192)
+    module = Residual()
+    post = bnnzoo.fit("map", data, module=module, epochs=30, batch_size=32, lr=1e-2, progress=False)
+    norm = post.net.module.norm
+    assert not torch.equal(norm.weight.detach().cpu(), torch.ones(64))  # LayerNorm's scale moved: a point estimate
+    assert torch.equal(module.norm.weight, torch.ones(64))  # on the copy, not on the user's module
+    assert post.evaluate(data.x_test, data.y_test, num_samples=1)["accuracy"] > 0.9
+
+
+def test_em_tdamp_refuses_a_module_naming_the_layer():
+    with pytest.raises(ConfigError, match="em-tdamp.*'conv1'"):
+        bnnzoo.create("em-tdamp", "classification", (1, 8, 8), 3, module=Residual())
+
+
+def test_pruned_export_equals_the_masked_network():
+    net = ModuleNetwork(Residual(), (1, 8, 8))
+    params = net.init_params(torch.Generator().manual_seed(2))
+    keep = {"conv1": torch.tensor([True, False, True, True]), "conv2": torch.tensor([False, True, True, False])}
+    masked = dict(params)
+    for layer, k in keep.items():
+        masked[f"{layer}.weight"] = params[f"{layer}.weight"] * k.view(-1, 1, 1, 1)
+        masked[f"{layer}.bias"] = params[f"{layer}.bias"] * k
+    exported = net.to_torch(params, keep)
+    x = torch.rand(6, 1, 8, 8)
+    torch.testing.assert_close(exported(x), net(x, masked))
+    # the mask holds through further training of the exported module
+    opt = torch.optim.SGD(exported.parameters(), lr=0.1)
+    exported(x).sum().backward()
+    opt.step()
+    assert torch.equal(exported.conv1.weight[1], torch.zeros(1, 3, 3)) and exported.conv2.bias[0] == 0
+
+
+def test_batch_norm_trains_on_batches_and_predicts_with_running_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 5, generator=g) * 3 + 2
+    y = x[:, 0] - x[:, 1] + 0.1 * torch.randn(128, generator=g)
+    data = Dataset("toy", "regression", x[:96], y[:96], x[96:], y[96:])
+    post = bnnzoo.fit("meanfield-vi", data, module=WithBatchNorm(), epochs=5, batch_size=32, progress=False)
+    bn = post.net.module.bn
+    assert bn.num_batches_tracked > 0 and not post.model.training
+    assert not torch.equal(bn.running_mean, torch.zeros(8))
+    # eval mode: an example's prediction does not depend on the batch it comes in
+    params = post.guide.posterior_mean()
+    xs = post.standardizer.x(data.x_test)
+    with torch.no_grad():
+        torch.testing.assert_close(post.net(xs[:3], params), post.net(xs, params)[:3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_user_module_fits_on_cuda():
+    post = bnnzoo.fit("meanfield-vi", _images(), module=Residual(), epochs=2, device="cuda", progress=False)
+    assert next(post.net.module.parameters()).device.type == "cuda"
+    assert post.predict(_images().x_test.cuda(), num_samples=2).mean.device.type == "cuda"
+
+
+@pytest.mark.parametrize("arch", ["resnet-8", "resnet-20", "resnet-18", "vit-tiny", "mixer-small"])
+def test_catalog_module_architectures_build_for_mnist_and_cifar_shapes(arch):
+    from bnnzoo.models.architectures import MODULE_ARCHITECTURES
+    from bnnzoo.models.networks import build_network
+
+    for shape in ((1, 28, 28), (3, 32, 32)):
+        torch.manual_seed(0)
+        net = build_network(arch, shape, 10)
+        torch.manual_seed(0)
+        plain = MODULE_ARCHITECTURES[arch](shape, 10).eval()
+        assert isinstance(net, ModuleNetwork) and net.name == arch and net.output_dim == 10
+        x = torch.rand(2, *shape)
+        net.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(net(x, net.init_params()), plain(x))
+    with pytest.raises(ConfigError, match="image inputs"):
+        build_network(arch, (13,), 1)
+
+
+def test_patch_models_refuse_sides_the_patch_does_not_divide():
+    from bnnzoo.models.networks import build_network
+
+    with pytest.raises(ConfigError, match="multiples of 4"):
+        build_network("vit-tiny", (3, 30, 30), 10)
+
+
+def test_a_named_module_architecture_fits_saves_and_loads_without_the_module(tmp_path):
+    data = _images(64)
+    post = bnnzoo.fit("meanfield-vi", data, network={"arch": "resnet-8"}, epochs=2, batch_size=32,
+                      validation_fraction=None, progress=False)
+    assert post.net.name == "resnet-8" and isinstance(post.net, ModuleNetwork)
+    post.save(tmp_path / "run")
+    back = bnnzoo.load(tmp_path / "run")  # rebuilt by name; BatchNorm statistics restored from the run
+    torch.manual_seed(0)
+    ref = post.predict(data.x_test, num_samples=3).mean
+    torch.manual_seed(0)
+    torch.testing.assert_close(back.predict(data.x_test, num_samples=3).mean, ref)
+
+
+def test_a_pruned_user_module_exports_with_its_masks():
+    data = _images(96)
+    post = bnnzoo.fit("bmr", data, module=Residual(), epochs=4, batch_size=32, validation_fraction=None,
+                      progress=False)
+    keep = post.sparsity()["keep"]
+    exported = post.to_torch().eval()
+    assert isinstance(exported, Residual)  # the user's class, with its biases and masks
+    xs = post.standardizer.x(data.x_test)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(xs), post.net(xs, post.posterior_mean()))
+    for name in ("conv1", "conv2"):
+        gone = ~keep[name]
+        assert torch.equal(getattr(exported, name).weight[gone], torch.zeros_like(getattr(exported, name).weight[gone]))
+
+
+def test_mlp_hidden_units_are_removed_physically_on_export():
+    from bnnzoo.models.networks import build_network
+
+    torch.manual_seed(0)
+    net = build_network("mixer-small", (1, 8, 8), 3)
+    params = net.init_params(torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    keep = {layer.name: torch.rand(layer.num_groups, generator=g) < 0.4 for layer in net.hidden_layers()}
+    masked = dict(params)
+    for name, k in keep.items():
+        shape = (-1,) + (1,) * (params[f"{name}.weight"].dim() - 1)
+        masked[f"{name}.weight"] = params[f"{name}.weight"] * k.view(shape)
+        masked[f"{name}.bias"] = params[f"{name}.bias"] * k
+    exported = net.to_torch(params, keep).eval()
+    net.eval()
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x, masked))
+    fc1 = exported.blocks[0].channel_mlp.fc1
+    assert fc1.out_features == int(keep["blocks.0.channel_mlp.fc1"].sum())  # smaller, not masked
+    assert exported.blocks[0].channel_mlp.fc2.in_features == fc1.out_features
+    assert not parametrize_is(fc1) and parametrize_is(exported.patches.proj)
+
+
+def parametrize_is(module) -> bool:
+    return torch.nn.utils.parametrize.is_parametrized(module)
+
+
+def test_a_plain_sequential_runs_as_the_built_in_chain(tmp_path):
+    from bnnzoo.models.networks import Network
+
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+    data = _images(64)
+    for name in ("em-tdamp", "meanfield-vi"):
+        options = {"epochs": 2} if name == "em-tdamp" else {"epochs": 2, "validation_fraction": None}
+        post = bnnzoo.fit(name, data, module=seq, progress=False, **options)
+        assert isinstance(post.net, Network) and set(post.net.sites()) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+        post.save(tmp_path / name)
+        back = bnnzoo.load(tmp_path / name)  # a chain is described by the run itself
+        torch.manual_seed(0)
+        ref = post.predict(data.x_test, num_samples=2).mean
+        torch.manual_seed(0)
+        torch.testing.assert_close(back.predict(data.x_test, num_samples=2).mean, ref)
+    # a Sequential with a layer the chain does not know is a module network
+    odd = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 3))
+    post = bnnzoo.create("map", "classification", (1, 8, 8), 3, module=odd)
+    assert isinstance(post.net, ModuleNetwork)
+    with pytest.raises(ConfigError, match="has 5 outputs, the data need 3"):
+        bnnzoo.create("map", "classification", (1, 8, 8), 3, module=nn.Sequential(nn.Flatten(), nn.Linear(64, 5)))
+
+
+def test_cli_network_option(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from bnnzoo.cli import main
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(main, ["fit", "map", "--network", "mlp", "--hidden", "8,4", "--epochs", "1", "--quiet",
+                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["config"]["network"] == {"arch": "mlp", "hidden": [8, 4]}
+    bad = runner.invoke(main, ["fit", "map", "--network", "lenet5", "--hidden", "8"])
+    assert bad.exit_code != 0 and "--hidden sets the widths of --network mlp" in bad.output
+    bad = runner.invoke(main, ["fit", "map", "--network", "resnet-21"])
+    assert bad.exit_code != 0 and "resnet-20" in bad.output  # the choices are listed

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import ConfigError
+from .site_layout import SiteLayout
 
 #: the module types whose weights become sites, with the kind of their layer spec
 SITE_MODULES: dict[type, str] = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
@@ -92,7 +93,7 @@ def _layer_spec(name: str, module: nn.Module) -> ModuleLayer:
     return ModuleLayer(name, kind, tuple(module.weight.shape), conv)
 
 
-class ModuleNetwork(nn.Module):
+class ModuleNetwork(SiteLayout, nn.Module):
     """A user's ``nn.Module`` (copied; the original is never changed) as a network whose linear and
     convolutional layers are weight sites (module docstring). ``input_shape`` is the shape of one
     input without the batch dimension; a forward pass on zeros checks that the module runs on it."""
@@ -145,31 +146,6 @@ class ModuleNetwork(nn.Module):
                               f"layer {self.param_layers[-1].name!r}, got shape {tuple(out.shape)}")
 
     # ---- structure -------------------------------------------------------------------------
-    @property
-    def output_dim(self) -> int:
-        return self.param_layers[-1].num_groups
-
-    def sites(self) -> dict[str, tuple[int, ...]]:
-        """Every weight site with its shape, in the module's registration order."""
-        out: dict[str, tuple[int, ...]] = {}
-        for layer in self.param_layers:
-            out[f"{layer.name}.weight"] = layer.weight_shape
-            out[f"{layer.name}.bias"] = (layer.num_groups,)
-        return out
-
-    def layer(self, name: str) -> ModuleLayer:
-        for layer in self.param_layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(f"no layer named {name!r}; layers are {[l.name for l in self.param_layers]}")
-
-    def num_weights(self) -> int:
-        return sum(math.prod(s) for s in self.sites().values())
-
-    def hidden_layers(self) -> list[ModuleLayer]:
-        """The layers whose groups may be pruned (all but the output layer)."""
-        return self.param_layers[:-1]
-
     def point_parameters(self) -> dict[str, nn.Parameter]:
         """The module's parameters that are not weight sites (point estimates)."""
         return dict(self.module.named_parameters())

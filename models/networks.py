@@ -22,6 +22,7 @@ from torch import nn
 from .architectures import MODULE_ARCHITECTURES
 from .errors import ConfigError
 from .module_network import ModuleNetwork
+from .site_layout import SiteLayout
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -119,7 +120,7 @@ _LAYER_KINDS = {"dense": Dense, "conv2d": Conv2d, "activation": Activation, "poo
 ParamLayer = Dense | Conv2d
 
 
-class Network:
+class Network(SiteLayout):
     """A feed-forward architecture: layers in order, the input shape and a name.
 
     Sites are named ``"<layer>.weight"`` and ``"<layer>.bias"``, as PyTorch names the parameters
@@ -140,33 +141,6 @@ class Network:
         for layer in self.layers:
             if isinstance(layer, Activation) and layer.fn not in ACTIVATIONS:
                 raise ConfigError(f"unknown activation {layer.fn!r}; choose one of {sorted(ACTIVATIONS)}")
-
-    # ---- structure -------------------------------------------------------------------------
-    @property
-    def output_dim(self) -> int:
-        last = self.param_layers[-1]
-        return last.out_features if isinstance(last, Dense) else last.out_channels
-
-    def sites(self) -> dict[str, tuple[int, ...]]:
-        """Every weight site with its shape, in forward order."""
-        out: dict[str, tuple[int, ...]] = {}
-        for layer in self.param_layers:
-            out[f"{layer.name}.weight"] = layer.weight_shape
-            out[f"{layer.name}.bias"] = (layer.num_groups,)
-        return out
-
-    def layer(self, name: str) -> ParamLayer:
-        for layer in self.param_layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(f"no layer named {name!r}; layers are {[l.name for l in self.param_layers]}")
-
-    def num_weights(self) -> int:
-        return sum(math.prod(s) for s in self.sites().values())
-
-    def hidden_layers(self) -> list[ParamLayer]:
-        """The layers whose groups may be pruned (all but the output layer)."""
-        return self.param_layers[:-1]
 
     # ---- forward -----------------------------------------------------------------------------
     def apply(self, x: torch.Tensor, linear: Callable[[ParamLayer, torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -119,7 +119,7 @@ def run(device, n: int, epochs: int, archs=ARCHS) -> dict:
 
 def mnist_bmr(device, arch: str) -> dict:
     out, flat, _ = mnist_comparison({"arch": arch}, arch, device=device, epochs=25, num_samples=32,
-                                    variants={f"bmr-iterative-mnist-{arch}": {}},
+                                    variants={f"bmr-iterative-mnist-{arch}": {"rule": "ss"}},
                                     options={"validation_fraction": None})
     return {**out, f"meanfield-vi-mnist-{arch}": flat}
 

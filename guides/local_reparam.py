@@ -51,6 +51,14 @@ class LocalReparamDense(torch.autograd.Function):
 
 
 def local_reparam_dense(h, mu, rho, b_mu, b_rho, prior_scale: float):
-    """One local-reparameterised draw of a dense layer's pre-activations and the layer's KL."""
-    eps = example_noise((h.shape[0], mu.shape[0]), device=h.device, dtype=h.dtype)
-    return LocalReparamDense.apply(h, mu, rho, b_mu, b_rho, eps, prior_scale)
+    """One local-reparameterised draw of a dense layer's pre-activations and the layer's KL. Inputs
+    ``h`` of shape ``(B, ..., I)`` (tokens of a transformer or a mixer) are one draw per example and
+    position: the noise is drawn as ``(B, ..., O)`` (per example, as a data-parallel rank slices it)
+    and the products run on the flattened ``(B * ..., I)`` rows."""
+    lead = h.shape[:-1]
+    eps = example_noise(lead + (mu.shape[0],), device=h.device, dtype=h.dtype)
+    if h.dim() == 2:
+        return LocalReparamDense.apply(h, mu, rho, b_mu, b_rho, eps, prior_scale)
+    out, kl = LocalReparamDense.apply(h.reshape(-1, h.shape[-1]), mu, rho, b_mu, b_rho,
+                                      eps.reshape(-1, mu.shape[0]), prior_scale)
+    return out.reshape(lead + (mu.shape[0],)), kl

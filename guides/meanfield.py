@@ -137,7 +137,7 @@ class MeanFieldNormal(WeightGuide):
 
         def linear(layer, h):
             nonlocal kl
-            if fused_scale is not None and layer.kind == "dense" and len(self.masks) == 0:
+            if fused_scale is not None and layer.kind in ("dense", "linear") and len(self.masks) == 0:
                 out, layer_kl = local_reparam_dense(
                     h, self.locs[layer.name]["weight"], self.log_scales[layer.name]["weight"],
                     self.locs[layer.name]["bias"], self.log_scales[layer.name]["bias"], fused_scale)

@@ -288,3 +288,26 @@ def test_cli_network_option(tmp_path):
     assert bad.exit_code != 0 and "--hidden sets the widths of --network mlp" in bad.output
     bad = runner.invoke(main, ["fit", "map", "--network", "resnet-21"])
     assert bad.exit_code != 0 and "resnet-20" in bad.output  # the choices are listed
+
+
+def test_token_linear_layers_take_the_fused_local_reparameterisation(monkeypatch):
+    import bnnzoo.guides.meanfield as meanfield
+
+    calls = []
+    fused = meanfield.local_reparam_dense
+    monkeypatch.setattr(meanfield, "local_reparam_dense", lambda h, *a: calls.append(h.dim()) or fused(h, *a))
+    post = bnnzoo.create("meanfield-vi", "classification", (1, 8, 8), 3, network={"arch": "mixer-small"},
+                         validation_fraction=None)
+    guide, model = post.guide, post.model
+    x = torch.rand(5, 1, 8, 8)
+    torch.manual_seed(3)
+    fused_f, fused_kl = guide.sample_outputs_and_kl(model, x)
+    linear = [layer for layer in post.net.param_layers if layer.kind == "linear"]
+    assert len(calls) == len(linear) and 3 in calls  # every linear layer, token inputs (B, T, D) included
+    # all-ones masks route every layer through the generic path, with the same noise drawn
+    guide.set_masks({site: torch.ones(shape, dtype=torch.bool) for site, shape in post.net.sites().items()})
+    torch.manual_seed(3)
+    plain_f, plain_kl = guide.sample_outputs_and_kl(model, x)
+    torch.testing.assert_close(fused_f, plain_f, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_kl, plain_kl, rtol=1e-5, atol=1e-3)
+    fused_f.sum().backward()  # the fused backward runs on token inputs

@@ -82,18 +82,9 @@ from __future__ import annotations
 import torch
 
 from ..models.errors import ConfigError
-from ..models.networks import Activation, Dense, Flatten, Network
+from ..models.networks import Dense, Network
 from .group_sparse_messages import GroupPosterior, group_posterior
-from .moment_propagation import (
-    LayerRecord,
-    WeightMessage,
-    _dense_forward,
-    _flatten,
-    _layer_message,
-    _relu_backward,
-    _relu_forward,
-    check_network,
-)
+from .moment_propagation import WeightMessage, message_pass
 
 MODULE_A = ("adf", "amp")  # the Module A variants of TDAMPGuide
 TURBO_DAMPING = 0.5  # a turbo iteration's message enters the batch's message with this weight
@@ -152,48 +143,20 @@ def amp_message_pass(net: Network, x: torch.Tensor, posts: dict[str, GroupPoster
     held at their values. Returns ``log_z`` per example, the output mean and variance, and the
     messages per layer (:class:`~bnnzoo.guides.moment_propagation.WeightMessage`, at the cavity).
     """
-    mean, var = x, None
-    steps = []
-    for layer in net.layers:
-        if isinstance(layer, Dense):
-            post = posts[layer.name]
-            inputs, input_var, mean, var, second = _dense_forward(mean, var, *post.weight_moments)
-            if previous is not None:
-                prev = previous[layer.name]
-                g, curv = prev.pre_grad, prev.example_curv
-                g_tau = 0.5 * (g * g - curv)
-                correction = onsager_correction(inputs, input_var, post, g, g_tau, curv, weight)
-                mean = mean + correction
-                if corrections_out is not None:
-                    corrections_out[layer.name] = correction
-            if offsets is not None and layer.name in offsets:
-                mean = mean + offsets[layer.name]
-            steps.append(LayerRecord(layer.name, inputs, second, input_var, mean, var))
-        elif isinstance(layer, Flatten):
-            mean, var = _flatten(mean, var)
-        elif isinstance(layer, Activation) and layer.fn == "relu":
-            mean, var, saved = _relu_forward(mean, var if var is not None else torch.zeros_like(mean))
-            steps.append(saved)
-        elif isinstance(layer, Activation) and layer.fn == "identity":
-            pass
-        else:
-            check_network(net)
-    log_z, g, g_tau = output_grads(mean, var)
-    messages = {}
-    for step in reversed(steps):
-        if isinstance(step, LayerRecord):
-            w_mean, w_var = posts[step.name].weight_moments
-            messages[step.name] = _layer_message(step, g, g_tau, w_mean,
-                                                 None if curv_out is None else curv_out.get(step.name))
-            if step.input_var is None:
-                break
-            m_w, v_w = w_mean[:, :-1], w_var[:, :-1]
-            d_mean = torch.addcmul(g @ m_w, step.inputs[:, :-1], g_tau @ v_w, value=2.0)
-            g_tau = g_tau @ torch.addcmul(v_w, m_w, m_w)
-            g = d_mean
-        else:
-            g, g_tau = _relu_backward(step, g, g_tau)
-    return log_z, mean, var, messages
+    def adjust(name: str, inputs: torch.Tensor, input_var, mean: torch.Tensor) -> torch.Tensor:
+        if previous is not None:
+            prev = previous[name]
+            g, curv = prev.pre_grad, prev.example_curv
+            correction = onsager_correction(inputs, input_var, posts[name], g, 0.5 * (g * g - curv), curv, weight)
+            mean = mean + correction
+            if corrections_out is not None:
+                corrections_out[name] = correction
+        if offsets is not None and name in offsets:
+            mean = mean + offsets[name]
+        return mean
+
+    moments = {name: post.weight_moments for name, post in posts.items()}
+    return message_pass(net, x, moments, output_grads, curv_out, adjust=adjust)
 
 
 def belief_change(before: dict[str, GroupPosterior], after: dict[str, GroupPosterior]) -> torch.Tensor:

@@ -346,12 +346,16 @@ def weight_messages(records: list[LayerRecord], log_evidence: torch.Tensor, w_me
 
 
 def message_pass(net: Network, x: torch.Tensor, moments: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 output_grads, curv_out: dict[str, torch.Tensor] | None = None):
+                 output_grads, curv_out: dict[str, torch.Tensor] | None = None, adjust=None):
     """Module A without autograd: :func:`propagate`, the log evidence with its derivatives at the
     output (``output_grads(mean, var) -> (log_z, g, g_tau)``), the backward pass in closed form and
     :func:`weight_messages`' messages. Backward through a dense layer (``p = [m, 1] M^T``, ``tau =
     [m^2 + v, 1] V^T + [v, 0] (M^2)^T``): ``dm = g M + 2 m (g_tau V)``, ``dv = g_tau (V + M^2)`` (the
     bias column dropped); through a ReLU, :func:`relu_moments`' closed-form derivatives.
+
+    ``adjust(name, inputs, input_var, mean) -> mean``, if given, replaces each dense layer's
+    pre-activation means before they go on (deep AMP's Onsager-corrected cavity means); the backward
+    pass holds the adjustment fixed.
 
     Returns ``log_z`` (per example), the output mean and variance, and the messages per layer.
     """
@@ -360,6 +364,8 @@ def message_pass(net: Network, x: torch.Tensor, moments: dict[str, tuple[torch.T
     for layer in net.layers:
         if isinstance(layer, Dense):
             inputs, input_var, mean, var, second = _dense_forward(mean, var, *moments[layer.name])
+            if adjust is not None:
+                mean = adjust(layer.name, inputs, input_var, mean)
             steps.append(LayerRecord(layer.name, inputs, second, input_var, mean, var))
         elif isinstance(layer, Flatten):
             mean, var = _flatten(mean, var)

@@ -49,6 +49,15 @@ def is_module_config(config: dict) -> bool:
     return isinstance(config.get("network"), dict) and config["network"].get("arch") == MODULE_ARCH
 
 
+def check_saved_sites(net, saved: dict, name: str) -> None:
+    """Raise :class:`ConfigError` unless ``net`` has the sites and input shape a saved run's
+    ``network_spec`` (:meth:`ModuleNetwork.spec`) records."""
+    if ({k: list(v) for k, v in net.sites().items()} != dict(saved.get("sites", {}))
+            or list(net.input_shape) != list(saved.get("input_shape", []))):
+        raise ConfigError(f"the module given ({name}) does not match the saved run's network "
+                          f"{saved.get('module')!r}: its layers or input shape differ")
+
+
 def module_network(config: dict) -> ModuleNetwork | Network:
     """The network of a configuration naming a user module, from the module supplied now: a plain
     ``nn.Sequential`` of the chain's layer kinds becomes that chain
@@ -71,10 +80,8 @@ def module_network(config: dict) -> ModuleNetwork | Network:
     else:
         net = ModuleNetwork(module, tuple(config["input_shape"]), name=name)
         outputs = net.output_dim
-    if saved is not None and ({k: list(v) for k, v in net.sites().items()} != dict(saved.get("sites", {}))
-                              or list(net.input_shape) != list(saved.get("input_shape", []))):
-        raise ConfigError(f"the module given ({name}) does not match the saved run's network "
-                          f"{saved.get('module')!r}: its layers or input shape differ")
+    if saved is not None:
+        check_saved_sites(net, saved, name)
     if outputs != config["output_dim"]:
         raise ConfigError(f"module {name} has {outputs} outputs, the data need {config['output_dim']}")
     return net

@@ -191,13 +191,6 @@ class ModuleNetwork(SiteLayout, nn.Module):
         return {"module": self.name, "input_shape": list(self.input_shape),
                 "sites": {k: list(v) for k, v in self.sites().items()}}
 
-    def check_spec(self, spec: Mapping) -> None:
-        """Raise :class:`ConfigError` unless ``spec`` (a saved run's) describes this module's sites."""
-        mine = self.spec()
-        if dict(spec.get("sites", {})) != mine["sites"] or list(spec.get("input_shape", [])) != mine["input_shape"]:
-            raise ConfigError(f"the module given ({self.name}) does not match the saved run's network "
-                              f"{spec.get('module')!r}: its layers or input shape differ")
-
     def __repr__(self) -> str:
         widths = "-".join(str(layer.num_groups) for layer in self.param_layers)
         return f"ModuleNetwork({self.name}: {'x'.join(map(str, self.input_shape))}-{widths})"

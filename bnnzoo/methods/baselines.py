@@ -19,7 +19,7 @@ from ..models import BayesianNeuralNetwork, GaussianPrior, make_likelihood
 from ..models.likelihoods import FLOAT32_SCALE_RANGE
 from ..models.module_network import ModuleNetwork
 from ..models.networks import Network, build_network
-from ..networks import is_module_config, module_network
+from ..networks import check_saved_sites, is_module_config, module_network
 from ..variational import VariationalPosterior
 
 
@@ -37,7 +37,7 @@ def build_network_of(config: dict) -> Network | ModuleNetwork:
     net = build_network(spec["arch"], tuple(config["input_shape"]), config["output_dim"], spec.get("hidden"),
                         spec.get("activation", "relu"))
     if saved is not None:  # a catalog module architecture, rebuilt by name: its sites must match
-        net.check_spec(saved)
+        check_saved_sites(net, saved, spec["arch"])
     return net
 
 

@@ -36,8 +36,9 @@ from .guides.data_parallel import DataParallel, data_parallel, init_process_grou
 #: the variables ``torchrun`` sets for every rank
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
-#: the catalog entries whose fits are data-parallel (SVI through ``fit_svi``, SGHMC)
-DATA_PARALLEL_ENTRIES = ("map", "meanfield-vi", "bmr", "bmr-iterative", "horseshoe-svi", "spike-slab-sghmc")
+#: the catalog entries whose fits are data-parallel (SVI through ``fit_svi``, SGHMC, EM-TDAMP's passes)
+DATA_PARALLEL_ENTRIES = ("map", "meanfield-vi", "bmr", "bmr-iterative", "horseshoe-svi", "spike-slab-sghmc",
+                         "em-tdamp")
 
 #: seconds :func:`spawn` waits for its processes by default
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600.0

@@ -26,6 +26,10 @@ What makes an N-rank fit equal the 1-rank fit on the same global minibatches:
   each keeping the rows of its own examples (:func:`example_noise`), so that example ``i`` of a
   global batch gets the same draw whichever rank computes it.
 
+EM-TDAMP (:class:`~bnnzoo.guides.TDAMPGuide`) has no gradient: the same schedule, and in place of the
+loss its minibatch message, a sum over examples, is summed over the ranks in one :func:`all_reduce_flat`
+per turbo iteration before any update (:meth:`~bnnzoo.guides.TDAMPGuide.update`).
+
 Backends: NCCL for CUDA tensors, gloo for the CPU (:func:`backend_for`).
 """
 

@@ -315,10 +315,11 @@ class WeightMessage:
 
 
 def _layer_message(r: LayerRecord, g: torch.Tensor, g_tau: torch.Tensor, w_mean: torch.Tensor,
-                   curv_out: torch.Tensor | None) -> WeightMessage:
+                   curv_out: torch.Tensor | None, floor: bool = True) -> WeightMessage:
     curv_pre = torch.addcmul(g_tau, g, g, value=-0.5).mul_(-2.0)  # g^2 - 2 g_tau = -d^2 log Z_n / d p^2
     curv = curv_pre.t() @ r.second if curv_out is None else torch.mm(curv_pre.t(), r.second, out=curv_out)
-    curv.clamp_min_(0.0)
+    if floor:
+        curv.clamp_min_(0.0)
     var_term = None
     if r.input_var is not None:
         var_term = (g_tau.t() @ r.input_var).mul_(w_mean).mul_(2.0)
@@ -346,7 +347,8 @@ def weight_messages(records: list[LayerRecord], log_evidence: torch.Tensor, w_me
 
 
 def message_pass(net: Network, x: torch.Tensor, moments: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 output_grads, curv_out: dict[str, torch.Tensor] | None = None, adjust=None):
+                 output_grads, curv_out: dict[str, torch.Tensor] | None = None, adjust=None,
+                 floor_curvature: bool = True):
     """Module A without autograd: :func:`propagate`, the log evidence with its derivatives at the
     output (``output_grads(mean, var) -> (log_z, g, g_tau)``), the backward pass in closed form and
     :func:`weight_messages`' messages. Backward through a dense layer (``p = [m, 1] M^T``, ``tau =
@@ -356,6 +358,9 @@ def message_pass(net: Network, x: torch.Tensor, moments: dict[str, tuple[torch.T
     ``adjust(name, inputs, input_var, mean) -> mean``, if given, replaces each dense layer's
     pre-activation means before they go on (deep AMP's Onsager-corrected cavity means); the backward
     pass holds the adjustment fixed.
+
+    ``floor_curvature=False`` leaves each message's summed curvature ``curv`` as it is, negative
+    entries included (a data-parallel step floors the sum over the ranks' examples, not each rank's part).
 
     Returns ``log_z`` (per example), the output mean and variance, and the messages per layer.
     """
@@ -382,7 +387,8 @@ def message_pass(net: Network, x: torch.Tensor, moments: dict[str, tuple[torch.T
         if isinstance(step, LayerRecord):
             w_mean, w_var = moments[step.name]
             messages[step.name] = _layer_message(step, g, g_tau, w_mean,
-                                                 None if curv_out is None else curv_out.get(step.name))
+                                                 None if curv_out is None else curv_out.get(step.name),
+                                                 floor=floor_curvature)
             if step.input_var is None:  # known inputs: nothing further back depends on the weights
                 break
             m_w, v_w = w_mean[:, :-1], w_var[:, :-1]

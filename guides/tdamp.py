@@ -43,6 +43,12 @@ prior (:class:`~bnnzoo.models.BernoulliGaussianPrior`) is found by message passi
   pass (every example counts), so on large data the means move ``beta`` of a Newton step per pass
   rather than ``beta / 10``.
 
+Data parallel: inside :func:`~bnnzoo.guides.data_parallel.data_parallel`, :meth:`TDAMPGuide.update` is
+given the global minibatch on every rank, runs Module A on the rank's part of it and sums the parts of
+the message (and of the pass statistics) over the ranks in one collective per turbo iteration before
+the state absorbs it (:meth:`TDAMPGuide._update_parallel`): every rank keeps the state of the
+1-process pass, up to the summation order. ``module_a="amp"`` is refused there.
+
 Called as a Pyro guide, ``guide(x, y, num_data)`` samples every weight site of the model from the
 Bernoulli-Gaussian posterior (each neuron on or off with probability ``pi_g``, then its weights from
 the slab posterior), so ``pyro.infer.Predictive`` works unchanged. The state is plain tensors:
@@ -72,6 +78,7 @@ from ..models.errors import ConfigError
 from ..models.likelihoods import GaussianLikelihood
 from ..models.probit_product import ProbitProductLikelihood
 from .bmr import GaussianSite, Reduction
+from .data_parallel import DataParallel, all_reduce_flat, broadcast_, current
 from .deep_amp import belief_change, check_module_a, copy_posteriors, turbo_update
 from .group_sparse_messages import GroupPosterior, group_posterior, make_workspace
 from .moment_propagation import (
@@ -286,7 +293,10 @@ class TDAMPGuide(WeightGuide):
         for the whole training set). Scaling the message by ``s`` is the same as taking
         ``beta s`` in place of ``beta`` in front of it (:meth:`_absorb`); ``s = 1`` is plain TDAMP.
         The memory ``T`` and power ``P = temper`` enter as the forgetting rate ``beta B / (N T)`` and the
-        message weight ``beta s P / T`` (module docstring)."""
+        message weight ``beta s P / T`` (module docstring).
+
+        Inside :func:`~bnnzoo.guides.data_parallel.data_parallel`, ``(x, y)`` is the global minibatch
+        (the same on every rank) and the update is data-parallel (:meth:`_update_parallel`)."""
         if not 0 < len(x) <= num_data:
             raise ValueError(f"a batch of {len(x)} examples cannot come from {num_data} training examples")
         likelihood_scale = _check_positive("likelihood_scale", likelihood_scale)
@@ -298,6 +308,9 @@ class TDAMPGuide(WeightGuide):
                               f"give a longer memory or smaller batches")
         power = self.power()
         beta = self.damping * likelihood_scale * power / memory  # the message's weight as it enters the state
+        parallel = current()
+        if parallel is not None:
+            return self._update_parallel(x, y, rate, beta, parallel)
         if self.module_a == "amp":
             return turbo_update(self, x, y, rate, beta)
         first = None
@@ -329,10 +342,105 @@ class TDAMPGuide(WeightGuide):
         self.log_evidence_sum += log_z_sum
         self.num_seen += batch_size
         if self.task == "regression":
-            residual = y - f_mean.squeeze(-1)
-            self.noise_sum += torch.addcmul(f_var.squeeze(-1), residual, residual).sum()
+            self.noise_sum += self._residual_sum(y, f_mean, f_var)
         if self.collect_outputs:
             self._outputs.append((f_mean.detach().clone(), f_var.detach().clone(), y.clone()))
+
+    @staticmethod
+    def _residual_sum(y: torch.Tensor, f_mean: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:
+        """``sum_n (y_n - E z_n)^2 + Var z_n`` (regression), the sum behind the noise M-step."""
+        residual = y - f_mean.squeeze(-1)
+        return torch.addcmul(f_var.squeeze(-1), residual, residual).sum()
+
+    # ---- data parallel ----------------------------------------------------------------------------
+    def _update_parallel(self, x: torch.Tensor, y: torch.Tensor, rate: float, beta: float,
+                         parallel: DataParallel) -> torch.Tensor:
+        """:meth:`update` of the global minibatch ``(x, y)`` as rank ``parallel.rank`` of a
+        data-parallel fit (:mod:`~bnnzoo.guides.data_parallel`): every rank is given the same global
+        batch and holds the same state, computes Module A on its contiguous part of the batch
+        (:meth:`~bnnzoo.guides.data_parallel.DataParallel.bounds`), and one ``all_reduce`` per turbo
+        iteration (:func:`~bnnzoo.guides.data_parallel.all_reduce_flat`, one flat buffer) sums
+
+        * per layer, the message's curvature ``sum_n c_n`` (before its floor at zero, which is applied
+          to the sum) and gradient ``sum_n g_n^T h_n`` (with the input-variance term): the
+          precision and precision-weighted mean the state absorbs;
+        * the rows of the batch's first ``LINE_SEARCH_EXAMPLES`` examples that :meth:`_absorb`'s step
+          control reads (inputs, per-example curvatures, pre-activation variances), each rank writing
+          the rows it holds into zeros at their places in the global batch, so that every rank gets
+          the global rows exactly;
+        * on the first iteration, the pass statistics: the batch's summed log evidence and (regression)
+          residual sum, and with :attr:`collect_outputs` the output moments of every example (placed
+          as the rows above).
+
+        Every rank then folds the same global message into the same state: the ranks keep one state,
+        equal to the 1-process update of the global batch up to the summation order. At the first
+        minibatch of a pass the state is broadcast from rank 0 (every rank also seeds alike). A rank
+        whose part is empty (a batch smaller than the number of ranks) adds zeros. Module A
+        ``"amp"`` has no data-parallel form here: its turbo loop keeps the per-example messages of
+        the last iteration (:func:`~bnnzoo.guides.deep_amp.turbo_update`) and is refused."""
+        if self.module_a == "amp":
+            raise ConfigError("module_a='amp' (deep AMP) has no data-parallel pass: fit it in one process, or use "
+                              "module_a='adf' with --devices / torchrun")
+        if self.turbo_batches == 0:  # the first minibatch of a pass: one state on every rank
+            broadcast_([t for layer in self.net.param_layers for t in (self.messages[layer.name].eta,
+                                                                     self.messages[layer.name].precision)], parallel)
+        batch = len(x)
+        start, stop = parallel.bounds(batch)
+        rows = min(batch, LINE_SEARCH_EXAMPLES)
+        held = max(0, min(stop, rows) - start)  # rows of the step control's examples this rank holds
+        xs, ys = x[start:stop], y[start:stop]
+
+        def placed(local: torch.Tensor, total: int) -> torch.Tensor:
+            """``local``'s leading rows at this rank's places among ``total`` global rows, zeros elsewhere."""
+            out = local.new_zeros((total, *local.shape[1:]))
+            count = min(len(local), max(0, total - start))
+            out[start:start + count] = local[:count]
+            return out
+
+        first = None
+        posts_before = None
+        for it in range(self.turbo_iterations):
+            posts = self.layer_posteriors(reuse_workspace=True)
+            if posts_before is not None:  # the same beliefs on every rank: the same decision
+                if float(belief_change(posts_before, posts)) < self.turbo_tolerance:
+                    break
+            log_z, f_mean, f_var, messages = message_pass(
+                self.net, xs, {name: p.weight_moments for name, p in posts.items()},
+                lambda mean, var: self.log_evidence_and_grads(mean, var, ys),
+                curv_out={name: w["curv"] for name, w in self._workspace.items()}, floor_curvature=False)
+            self.turbo_count += 1
+            names = list(messages)
+            parts = []
+            for name in names:
+                msg = messages[name]
+                parts += [msg.curv, msg.grad, placed(msg.inputs[:held], rows), placed(msg.example_curv[:held], rows),
+                          placed(msg.pre_var[:held], rows)]
+            statistics = first is None
+            if statistics:
+                parts.append(log_z.sum().reshape(1))
+                if self.task == "regression":
+                    parts.append(self._residual_sum(ys, f_mean, f_var).reshape(1))
+                if self.collect_outputs:
+                    parts += [placed(f_mean, batch), placed(f_var, batch)]
+            summed = iter(all_reduce_flat(parts, parallel))
+            reduced = {}
+            for name in names:
+                curv, grad, inputs, example_curv, pre_var = (next(summed) for _ in range(5))
+                reduced[name] = (WeightMessage(curv.clamp_min_(0.0), example_curv, inputs, pre_var, None, None), grad)
+            if statistics:
+                first = next(summed).reshape(())
+                self.log_evidence_sum += first
+                self.num_seen += batch
+                if self.task == "regression":
+                    self.noise_sum += next(summed).reshape(())
+                if self.collect_outputs:
+                    self._outputs.append((next(summed).clone(), next(summed).clone(), y.clone()))
+            if self.turbo_tolerance is not None and it + 1 < self.turbo_iterations:
+                posts_before = copy_posteriors(posts)
+            for name, (msg, grad) in reduced.items():
+                self._absorb(name, posts[name], msg, rate, beta, grad=grad, batch_size=batch)
+        self.turbo_batches += 1
+        return first
 
     def pass_outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The output means, variances and targets every minibatch of the current pass met (before
@@ -363,7 +471,8 @@ class TDAMPGuide(WeightGuide):
         return memory_rule(num_data, self._batch_size)
 
     def _absorb(self, name: str, post: GroupPosterior, msg: WeightMessage, rate: float,
-                beta: float | None = None) -> None:
+                beta: float | None = None, *, grad: torch.Tensor | None = None,
+                batch_size: int | None = None) -> None:
         """Fold the batch's message into layer ``name``'s state, with a per-neuron step control.
 
         The state becomes ``(1 - rate) state + beta message`` (``beta = damping``), which moves each
@@ -391,6 +500,11 @@ class TDAMPGuide(WeightGuide):
 
         ``beta`` (default ``damping``) is the weight of the message; :meth:`update` passes
         ``damping * likelihood_scale * P / T`` (power over memory).
+
+        ``grad`` (default: formed from ``msg``) is the message's whole gradient ``g^T h`` plus its
+        input-variance term, already summed, and ``batch_size`` (default ``len(msg.inputs)``) the
+        batch's size, when ``msg`` holds only the rows of the step control's examples (a
+        data-parallel step, :meth:`_update_parallel`).
         """
         beta = self.damping if beta is None else beta
         mod = self.messages[name]
@@ -400,9 +514,12 @@ class TDAMPGuide(WeightGuide):
         m_old, w_mean = post.weight_slab[0], post.weight_moments[0]
         # the new state: precision (1 - rate) lam + beta c, precision-mean (1 - rate) eta + beta (g^T h + c M)
         lam.mul_(1.0 - rate).add_(msg.curv, alpha=beta)
-        eta.addmm_(msg.pre_grad.t(), msg.inputs, beta=1.0 - rate, alpha=beta)
-        if msg.var_grad_term is not None:
-            eta.add_(msg.var_grad_term, alpha=beta)
+        if grad is None:
+            eta.addmm_(msg.pre_grad.t(), msg.inputs, beta=1.0 - rate, alpha=beta)
+            if msg.var_grad_term is not None:
+                eta.add_(msg.var_grad_term, alpha=beta)
+        else:
+            eta.mul_(1.0 - rate).add_(grad, alpha=beta)
         eta.addcmul_(msg.curv, w_mean, value=beta)
         workspace = self._workspace.get(name)
         if workspace is not None and workspace["mean"] is m_old:  # scratch space: Module B's tensors
@@ -420,7 +537,8 @@ class TDAMPGuide(WeightGuide):
         # the coupled curvature, estimated on at most LINE_SEARCH_EXAMPLES examples of the batch
         n = min(len(msg.inputs), LINE_SEARCH_EXAMPLES)
         change_sq = (msg.inputs[:n] @ neg_delta.t()).mul_(pi).square_()  # (n, K): (pi (h_n . Delta + Delta_bias))^2
-        coupled = (msg.example_curv[:n] * change_sq).sum(0).mul_(len(msg.inputs) / n)
+        batch_size = len(msg.inputs) if batch_size is None else batch_size
+        coupled = (msg.example_curv[:n] * change_sq).sum(0).mul_(batch_size / n)
         denom = d_new - beta * d_msg + beta * coupled
         tiny = torch.finfo(denom.dtype).tiny
         t = torch.where(denom > 0, d_new / denom.clamp_min(tiny), torch.ones_like(denom))

@@ -26,7 +26,8 @@ from bnnzoo.guides.data_parallel import (
     example_noise_flat,
     example_slice,
 )
-from bnnzoo.guides.training import _rank_loss, fit_svi
+from bnnzoo.guides.tdamp_em import m_step
+from bnnzoo.guides.training import _rank_loss, fit_svi, minibatches
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -144,12 +145,16 @@ def test_cli_refuses_bad_devices(tmp_path, devices):
     assert not (tmp_path / "r").exists()
 
 
-def test_entries_without_a_data_parallel_fit_are_refused(tmp_path):
-    result = CliRunner().invoke(main, ["fit", "em-tdamp", "--devices", "2", "--out", str(tmp_path / "r")])
-    assert result.exit_code != 0 and "em-tdamp has no data-parallel fit" in result.output
+def test_entries_without_a_data_parallel_fit_are_refused(tmp_path, monkeypatch):
+    """Every built-in entry fits data-parallel; an entry outside :data:`DATA_PARALLEL_ENTRIES` (an
+    entry-point plugin's) is refused, here ``map`` taken off the list."""
+    monkeypatch.setattr(distributed, "DATA_PARALLEL_ENTRIES", tuple(e for e in distributed.DATA_PARALLEL_ENTRIES
+                                                                    if e != "map"))
+    result = CliRunner().invoke(main, ["fit", "map", "--devices", "2", "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "map has no data-parallel fit" in result.output
     with pytest.raises(ConfigError, match="no data-parallel fit"):
         with data_parallel(DataParallel(0, 1)):
-            bnnzoo.fit("em-tdamp", None, progress=False)
+            bnnzoo.fit("map", None, progress=False)
 
 
 def test_check_devices_errors(monkeypatch):
@@ -307,5 +312,187 @@ def test_only_rank_0_writes_checkpoints(monkeypatch):
             with data_parallel(DataParallel(rank, 2)):
                 fit_svi(posterior.model, posterior.guide, x, y, elbo=LocalReparamELBO(), epochs=2, batch_size=16,
                         lr=1e-3, progress=False, checkpoint=spies[rank])
+    assert spies[0].calls == ["restore", "epoch_end", "epoch_end"]
+    assert spies[1].calls == ["restore"]
+
+
+# ---- EM-TDAMP ---------------------------------------------------------------------------------------
+#: Boston's 455 rows in global batches of 50 (9 of 50, split 25 / 25, whose first 32 examples, behind
+#: the step control, lie on both ranks, and a last batch of 5 split 2 / 3), float32 through the catalog
+TDAMP_OPTIONS = {"epochs": 2, "batch_size": 50, "validation_fraction": None, "network": {"arch": "mlp", "hidden": [16]}}
+#: the guide-level passes in float64: synthetic rows, options, batch size, passes, M-step options
+TDAMP_GUIDE_CASES = {
+    # 203 rows in batches of 40 (20 / 20 per rank; a last batch of 3, split 1 / 2), two turbo iterations
+    # per batch (two collectives per step), slab variances and noise learned
+    "regression": dict(rows=203, options={"turbo_iterations": 2}, batch_size=40, passes=3,
+                       m_step={"learn_slab_var": True}),
+    # 121 rows in batches of 30 (a last batch of one example: rank 0 computes nothing and adds zeros),
+    # the probit noise M-step on the outputs of every example gathered from the ranks
+    "classification": dict(rows=121, options={}, batch_size=30, passes=2, m_step={"learn_probit_noise": True}),
+}
+
+
+def _tdamp_guide(task: str):
+    """A float64 EM-TDAMP guide (hidden widths 8 and 6) and synthetic data for ``task`` (seeded alike
+    in every process)."""
+    case = TDAMP_GUIDE_CASES[task]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(case["rows"] + 40, 5, generator=gen, dtype=torch.float64)
+    if task == "regression":
+        y = torch.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2] + 0.1 * torch.randn(len(x), generator=gen, dtype=torch.float64)
+    else:
+        y = (x[:, :3] + 0.3 * torch.randn(len(x), 3, generator=gen, dtype=torch.float64)).argmax(1)
+    posterior = bnnzoo.create("em-tdamp", task, (5,), 1 if task == "regression" else 3, seed=5, device="cpu",
+                              network={"arch": "mlp", "hidden": [8, 6]}, **case["options"])
+    posterior.model.double()
+    guide = posterior.guide.double()
+    guide.collect_outputs = bool(case["m_step"].get("learn_probit_noise"))
+    return guide, x[:case["rows"]], y[:case["rows"]], x[case["rows"]:]
+
+
+def _tdamp_passes(task: str) -> dict:
+    """EM-TDAMP passes (TDAMP over the shuffled minibatches, then the M-step) of the float64 guide of
+    ``task``; the beliefs, the learned noise, the pass statistics and the predictive means after them."""
+    case = TDAMP_GUIDE_CASES[task]
+    guide, x, y, x_new = _tdamp_guide(task)
+    start = guide.state()
+    for _ in range(case["passes"]):
+        guide.reset_statistics()
+        for idx in minibatches(len(x), case["batch_size"], x.device):
+            guide.update(x[idx], y[idx], len(x))
+        m_step(guide, **case["m_step"])
+    state = guide.state()
+    out = {f"{what}.{k}": v for what in ("inclusion", "slab_mean", "slab_var") for k, v in state[what].items()}
+    out.update({k: state[k] for k in ("noise_var", "log_evidence_sum", "num_seen")})
+    out["prior_var"] = torch.cat(list(state["prior_var"].values()))
+    with torch.no_grad():
+        out["predictive_mean"] = guide.propagate(x_new)[0]
+    out["moved"] = max(float((state["slab_mean"][k] - v).abs().max()) for k, v in start["slab_mean"].items())
+    return out
+
+
+def _tdamp_fit_state(posterior) -> dict:
+    state = posterior.guide.state()
+    out = {f"{what}.{k}": v for what in ("inclusion", "slab_mean", "slab_var") for k, v in state[what].items()}
+    out["noise_var"] = state["noise_var"]
+    out["predictive_mean"] = posterior.predict(load_dataset(None).x_test, num_samples=20, seed=0).mean
+    out["loss"] = torch.tensor(posterior.history.loss)
+    return out
+
+
+def _tdamp_rank(parallel: DataParallel, device, out: str) -> None:
+    """A rank of the EM-TDAMP job: the float64 guide passes of both tasks and the catalog fit on
+    Boston, with the sizes of the ``all_reduce`` calls of each."""
+    calls = []
+    all_reduce = torch.distributed.all_reduce
+
+    def counted(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
+
+    torch.distributed.all_reduce = counted
+    results = {}
+    for task in TDAMP_GUIDE_CASES:
+        calls.clear()
+        results[task] = dict(_tdamp_passes(task), all_reduce=list(calls))
+    calls.clear()
+    posterior = bnnzoo.fit("em-tdamp", None, seed=3, device=device, progress=False, **TDAMP_OPTIONS)
+    results["fit"] = dict(_tdamp_fit_state(posterior), all_reduce=list(calls))
+    torch.save(results, Path(out) / f"tdamp{parallel.rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def tdamp_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("tdamp")
+    distributed.spawn(_tdamp_rank, 2, str(out), device="cpu", timeout_s=TIMEOUT_S, threads=1)
+    return [torch.load(out / f"tdamp{r}.pt") for r in range(2)]
+
+
+def _tdamp_collectives(task: str, batches: list[int]) -> list[int]:
+    """The size of each step's one flat buffer: per layer the curvature and gradient ``(K, I + 1)`` and
+    the step control's rows (inputs ``(r, I + 1)``, per-example curvatures and pre-activation
+    variances ``(r, K)``, ``r = min(B, 32)``), then on a batch's first exchange its log evidence, and
+    its residual sum (regression) or every example's output moments (the probit noise M-step)."""
+    layers = [(8, 6), (6, 9), (1 if task == "regression" else 3, 7)]  # (K, I + 1)
+    outputs = 1 if task == "regression" else 3
+    sizes = []
+    for batch in batches:
+        rows = min(batch, 32)
+        per_layer = sum(2 * k * i + rows * i + 2 * rows * k for k, i in layers)
+        first = per_layer + 1 + (1 if task == "regression" else 2 * batch * outputs)
+        sizes += [first] + [per_layer] * (TDAMP_GUIDE_CASES[task]["options"].get("turbo_iterations", 1) - 1)
+    return sizes
+
+
+@pytest.mark.parametrize("task", list(TDAMP_GUIDE_CASES))
+def test_tdamp_two_rank_passes_equal_the_one_rank_passes(tdamp_ranks, task):
+    """In float64, the EM-TDAMP passes of two ranks (each Module A on its half of every global
+    minibatch, the precision-weighted sums all-reduced) end with the beliefs, learned noise, pass
+    statistics and predictions of the one-process passes, to 1e-6 (the summation order alone differs)."""
+    single = _tdamp_passes(task)
+    ranks = [{k: v for k, v in r[task].items() if k not in ("all_reduce", "moved")} for r in tdamp_ranks]
+    expected = {k: v for k, v in single.items() if k != "moved"}
+    _assert_close(ranks[0], ranks[1], atol=0.0)  # the ranks hold one state
+    _assert_close(ranks[0], expected, atol=1e-6)
+    case = TDAMP_GUIDE_CASES[task]
+    assert float(single["num_seen"]) == case["rows"]
+    inclusion = torch.cat([v for k, v in single.items() if k.startswith("inclusion.")])
+    assert bool(((inclusion > 0.01) & (inclusion < 0.99)).any())  # inclusion probabilities that are not saturated
+    assert single["moved"] > 1e-2  # the passes moved the beliefs
+    batches = [min(case["batch_size"], case["rows"] - s) for s in range(0, case["rows"], case["batch_size"])]
+    assert tdamp_ranks[0][task]["all_reduce"] == _tdamp_collectives(task, batches) * case["passes"]
+
+
+def test_tdamp_two_rank_catalog_fit_equals_the_one_process_fit(tdamp_ranks):
+    """``bnnzoo.fit("em-tdamp", ...)`` inside a 2-rank process group (float32, Boston, M-step and
+    pruning as configured) equals the 1-process fit: beliefs and learned noise to 1e-6 (standardised
+    units), the predictive means to 1e-6 relative (original units)."""
+    single = _tdamp_fit_state(bnnzoo.fit("em-tdamp", None, seed=3, device="cpu", progress=False, **TDAMP_OPTIONS))
+    ranks = [{k: v for k, v in r["fit"].items() if k != "all_reduce"} for r in tdamp_ranks]
+    _assert_close(ranks[0], ranks[1], atol=0.0)
+    prediction = ranks[0].pop("predictive_mean")
+    torch.testing.assert_close(prediction, single.pop("predictive_mean"), rtol=1e-6, atol=0)
+    _assert_close(ranks[0], single, atol=1e-6)
+    assert len(tdamp_ranks[0]["fit"]["all_reduce"]) == 2 * 10  # one collective per minibatch step: 10 per pass
+
+
+def test_cli_devices_2_fits_em_tdamp_into_one_run(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["fit", "em-tdamp", "--devices", "2", "--device", "cpu", "--epochs", "2",
+                                       "--batch-size", "100", "--set", "validation_fraction=null", "--network", "mlp",
+                                       "--hidden", "8", "--checkpoint-every", "1", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("saved to") == 1
+    posterior = bnnzoo.load(out)
+    assert len(posterior.history.loss) == 2
+    single = bnnzoo.fit("em-tdamp", None, seed=0, device="cpu", progress=False, epochs=2, batch_size=100,
+                        validation_fraction=None, network={"arch": "mlp", "hidden": [8]})
+    for key, value in single.guide.state()["slab_mean"].items():
+        torch.testing.assert_close(posterior.guide.state()["slab_mean"][key], value, atol=1e-5, rtol=0)
+
+
+def test_tdamp_deep_amp_is_refused_in_data_parallel_passes():
+    posterior = bnnzoo.create("em-tdamp", "regression", (3,), 1, network={"arch": "mlp", "hidden": [4]}, seed=0,
+                              device="cpu", module_a="amp")
+    x, y = torch.randn(8, 3), torch.randn(8)
+    with data_parallel(DataParallel(0, 2)), pytest.raises(ConfigError, match="module_a='amp'"):
+        posterior.guide.update(x, y, 8)
+
+
+def test_only_rank_0_writes_tdamp_checkpoints(monkeypatch):
+    """The EM-TDAMP passes, as :func:`fit_svi`: a rank other than 0 restores the checkpoint and never
+    writes one (a 1-process gloo group stands in for the world)."""
+    for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(distributed.free_port())}.items():
+        monkeypatch.setenv(var, value)
+    x, y = torch.randn(40, 3), torch.randn(40)
+    spies = {}
+    with distributed.process_group("cpu"):
+        for rank in (0, 1):
+            posterior = bnnzoo.create("em-tdamp", "regression", (3,), 1, network={"arch": "mlp", "hidden": [4]},
+                                      seed=0, device="cpu", epochs=2, batch_size=16, validation_fraction=None)
+            posterior.checkpoint = spies[rank] = _SpyCheckpoint()
+            with data_parallel(DataParallel(rank, 2)):
+                posterior.fit(x, y, progress=False)
     assert spies[0].calls == ["restore", "epoch_end", "epoch_end"]
     assert spies[1].calls == ["restore"]

@@ -85,8 +85,9 @@ import torch
 
 from ..catalog import VALIDATION_OPTIONS, CatalogEntry, Option, register
 from ..guides import TDAMPGuide
+from ..guides.data_parallel import current as data_parallel_context
 from ..guides.tdamp_em import keep_count, m_step
-from ..guides.training import EpochLoop, minibatches
+from ..guides.training import EpochLoop, _RestoreOnly, minibatches
 from ..models import (
     BayesianNeuralNetwork,
     BernoulliGaussianPrior,
@@ -167,8 +168,13 @@ class TDAMPPosterior(GuidePosterior):
 
         batch_size = self.fit_batch_size
         self.guide.collect_outputs = bool(train.get("learn_probit_noise", False)) and self.task == "classification"
+        checkpoint = self.checkpoint
+        parallel = data_parallel_context()  # data parallel: rank 0 reports and writes, every rank restores
+        if parallel is not None and not parallel.is_main:
+            progress = False
+            checkpoint = _RestoreOnly(checkpoint) if checkpoint is not None else None
         loop = EpochLoop(self.fit_epochs, method=self.name, progress=progress, history=self.history,
-                         on_epoch_end=pass_end, checkpoint=self.checkpoint)
+                         on_epoch_end=pass_end, checkpoint=checkpoint)
         with loop:
             for _ in range(loop.epoch, loop.epochs):
                 self.guide.reset_statistics()

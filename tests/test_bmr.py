@@ -543,6 +543,26 @@ def test_posthoc_entry_fits_then_reduces(boston):
     assert record.summary["weights_pruned_fraction"] == post.sparsity()["weights_pruned_fraction"]
 
 
+def test_posthoc_entry_refits_the_reduced_model(boston):
+    """refit_epochs=r: the one reduction runs after epoch epochs - r, on the guide as it was then, and
+    the last r epochs train the kept weights while the pruned ones stay at the point mass at 0."""
+    options = dict(device="cpu", progress=False, seed=0, rule="plain", init_scale=0.05, lr=1e-2)
+    reduced_at_4 = bnnzoo.fit("bmr", boston, epochs=4, **options)
+    refitted = bnnzoo.fit("bmr", boston, epochs=6, refit_epochs=2, **options)
+    assert len(refitted.history.epoch_seconds) == 6 and len(refitted.history.extra["bmr_seconds"]) == 1
+    assert len(refitted.fit_state.pruning) == 1
+    masks, masks_at_4 = refitted.masks(), reduced_at_4.masks()
+    assert masks.keys() == masks_at_4.keys() and refitted.sparsity()["weights_pruned_fraction"] > 0.1
+    for site, keep in masks.items():
+        assert torch.equal(keep, masks_at_4[site])  # the same decision, taken after the same 4 epochs
+        assert (get_site(refitted.guide.locs, site)[~keep] == 0).all()
+        assert (get_site(refitted.guide.log_scales, site)[~keep] == math.log(PRUNED_SCALE)).all()
+        moved = get_site(refitted.guide.locs, site)[keep] - get_site(reduced_at_4.guide.locs, site)[keep]
+        assert moved.abs().max() > 1e-4  # the kept weights trained on after the reduction
+    with pytest.raises(ValueError, match="refit_epochs"):
+        bnnzoo.fit("bmr", boston, epochs=3, refit_epochs=3, **options)
+
+
 # ---- the other guides with Gaussian weights -------------------------------------------------------
 def test_horseshoe_guide_weights_are_reduced_as_standardised_gaussians(boston):
     """The horseshoe guide's decentred weights beta (prior N(0, 1)) are what BMR reduces; the

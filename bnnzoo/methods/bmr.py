@@ -74,15 +74,43 @@ class _ReducedExport:
         out.update({f"{site}.delta_f": d_f for site, d_f in changes.items()})
         return out
 
+    def _freeze_pruned(self) -> None:
+        """Write the reduced posterior (a point mass at 0) into the pruned weights' guide entries
+        again: the optimiser's momentum may have moved them (without effect: they are masked)."""
+        masks = self.masks()
+        self.guide.apply_reduction(Reduction(masks=masks, accepted={s: ~keep for s, keep in masks.items()}))
+
 
 class PostHocBMR(_ReducedExport, VariationalPosterior):
     """Mean-field Gaussian VI, then one Bayesian model reduction of the fitted guide.
+
+    ``train.refit_epochs`` (``r``, default 0): the reduction runs after epoch ``epochs - r`` and the
+    last ``r`` epochs train the reduced model (pruned weights frozen at zero, as in ``bmr-iterative``),
+    so the kept weights adapt to the removal; ``r = 0`` reduces the fitted guide as it is.
 
     ``history.extra["bmr_seconds"]`` holds the reduction's wall time; ``fit_state.pruning`` its
     record (rule ``"bmr"``, the options and :meth:`~bnnzoo.guides.bmr.Reduction.summary`)."""
 
     def _fit(self, x, y, progress: bool, callback=None) -> None:
-        super()._fit(x, y, progress, callback)
+        refit, epochs = int(self.config["train"].get("refit_epochs", 0)), self.fit_epochs  # older runs: 0
+        if not 0 <= refit < epochs:
+            raise ConfigError(f"{self.name}: option 'refit_epochs' must be in [0, epochs), got refit_epochs={refit} "
+                              f"with epochs={epochs}")
+        if refit == 0:
+            super()._fit(x, y, progress, callback)
+            self._reduce_once()
+            return
+
+        def hook(epoch: int, loss: float) -> None:
+            if epoch + 1 == epochs - refit:
+                self._reduce_once()
+            if callback is not None:
+                callback(epoch, loss)
+
+        super()._fit(x, y, progress, hook)
+        self._freeze_pruned()
+
+    def _reduce_once(self) -> None:
         options = _options(self.config["train"])
         start = time.perf_counter()
         reduction = reduce(self.guide, **options)
@@ -128,13 +156,6 @@ class IterativeBMR(_ReducedExport, VariationalPosterior):
 
         super()._fit(x, y, progress, hook)
         self._freeze_pruned()
-
-    def _freeze_pruned(self) -> None:
-        """Write the reduced posterior (a point mass at 0) into the pruned weights' guide entries
-        again: the optimiser's momentum may have moved them (without effect: they are masked)."""
-        masks = self.masks()
-        self.guide.apply_reduction(Reduction(masks=masks, accepted={s: ~keep for s, keep in masks.items()}))
-
 
 #: the weight priors of the bmr entries: ``layer-scale``, the paper's non-centred model with a learned
 #: scale per layer (:class:`~bnnzoo.models.priors.LayerScaleGaussianPrior`); ``fixed``, ``N(0, prior_scale^2)``
@@ -194,6 +215,8 @@ _OPTIONS = {
                            help="rule ss: weights pruned before enter the threshold with dF = 0 (prior: bmr4pml's "
                                 "code) or as certainly pruned (pruned)"),
     "warmup_epochs": Option(int, ge=1, help="bmr-iterative: SVI epochs before the first reduction (< epochs)"),
+    "refit_epochs": Option(int, ge=0, help="bmr: the last epochs, trained on the reduced model after the one "
+                                           "reduction (< epochs; 0: reduce the fitted guide as it is)"),
 }
 
 
@@ -215,10 +238,11 @@ register(CatalogEntry(
     create=_creator(PostHocBMR, "bmr"),
     defaults={
         "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5, **_MODEL}, "guide": {"init_scale": 1e-3},
-                       "train": {"epochs": 100, "batch_size": 32, "lr": 3e-3, **_BMR, **VALIDATION_OFF}},
+                       "train": {"epochs": 100, "batch_size": 32, "lr": 3e-3, **_BMR, "refit_epochs": 0,
+                                 **VALIDATION_OFF}},
         "classification": {"model": {"prior_scale": 1.0, **_MODEL}, "guide": {"init_scale": 1e-3},
                            "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "augment": None, **_BMR,
-                                     **CALIBRATED}},
+                                     "refit_epochs": 0, **CALIBRATED}},
     },
     options=_OPTIONS,
 ))

@@ -544,11 +544,12 @@ def test_posthoc_entry_fits_then_reduces(boston):
 
 
 def test_posthoc_entry_refits_the_reduced_model(boston):
-    """refit_epochs=r: the one reduction runs after epoch epochs - r, on the guide as it was then, and
-    the last r epochs train the kept weights while the pruned ones stay at the point mass at 0."""
+    """refit_fraction=f: the one reduction runs after epoch epochs - r, r = round(f epochs), on the guide
+    as it was then, and the last r epochs train the kept weights while the pruned ones stay at the
+    point mass at 0."""
     options = dict(device="cpu", progress=False, seed=0, rule="plain", init_scale=0.05, lr=1e-2)
-    reduced_at_4 = bnnzoo.fit("bmr", boston, epochs=4, **options)
-    refitted = bnnzoo.fit("bmr", boston, epochs=6, refit_epochs=2, **options)
+    reduced_at_4 = bnnzoo.fit("bmr", boston, epochs=4, refit_fraction=0.0, **options)
+    refitted = bnnzoo.fit("bmr", boston, epochs=6, refit_fraction=1 / 3, **options)
     assert len(refitted.history.epoch_seconds) == 6 and len(refitted.history.extra["bmr_seconds"]) == 1
     assert len(refitted.fit_state.pruning) == 1
     masks, masks_at_4 = refitted.masks(), reduced_at_4.masks()
@@ -559,8 +560,10 @@ def test_posthoc_entry_refits_the_reduced_model(boston):
         assert (get_site(refitted.guide.log_scales, site)[~keep] == math.log(PRUNED_SCALE)).all()
         moved = get_site(refitted.guide.locs, site)[keep] - get_site(reduced_at_4.guide.locs, site)[keep]
         assert moved.abs().max() > 1e-4  # the kept weights trained on after the reduction
-    with pytest.raises(ValueError, match="refit_epochs"):
-        bnnzoo.fit("bmr", boston, epochs=3, refit_epochs=3, **options)
+    with pytest.raises(ValueError, match="refit_fraction"):
+        bnnzoo.fit("bmr", boston, epochs=3, refit_fraction=1.0, **options)
+    one_epoch = bnnzoo.fit("bmr", boston, epochs=1, refit_fraction=0.9, **options)  # at most epochs - 1: none here
+    assert len(one_epoch.history.extra["bmr_seconds"]) == 1 and len(one_epoch.history.epoch_seconds) == 1
 
 
 # ---- the other guides with Gaussian weights -------------------------------------------------------

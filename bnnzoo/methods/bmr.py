@@ -84,18 +84,17 @@ class _ReducedExport:
 class PostHocBMR(_ReducedExport, VariationalPosterior):
     """Mean-field Gaussian VI, then one Bayesian model reduction of the fitted guide.
 
-    ``train.refit_epochs`` (``r``, default 0): the reduction runs after epoch ``epochs - r`` and the
-    last ``r`` epochs train the reduced model (pruned weights frozen at zero, as in ``bmr-iterative``),
-    so the kept weights adapt to the removal; ``r = 0`` reduces the fitted guide as it is.
+    ``train.refit_fraction`` (``f``): the last ``r = round(f * epochs)`` epochs (at most ``epochs - 1``)
+    train the reduced model: the reduction runs after epoch ``epochs - r`` and the kept weights then
+    adapt to the removal, the pruned ones frozen at zero as in ``bmr-iterative``; ``r = 0`` reduces
+    the fitted guide as it is.
 
     ``history.extra["bmr_seconds"]`` holds the reduction's wall time; ``fit_state.pruning`` its
     record (rule ``"bmr"``, the options and :meth:`~bnnzoo.guides.bmr.Reduction.summary`)."""
 
     def _fit(self, x, y, progress: bool, callback=None) -> None:
-        refit, epochs = int(self.config["train"].get("refit_epochs", 0)), self.fit_epochs  # older runs: 0
-        if not 0 <= refit < epochs:
-            raise ConfigError(f"{self.name}: option 'refit_epochs' must be in [0, epochs), got refit_epochs={refit} "
-                              f"with epochs={epochs}")
+        epochs = self.fit_epochs
+        refit = min(round(float(self.config["train"].get("refit_fraction", 0.0)) * epochs), epochs - 1)  # older runs: 0
         if refit == 0:
             super()._fit(x, y, progress, callback)
             self._reduce_once()
@@ -215,8 +214,9 @@ _OPTIONS = {
                            help="rule ss: weights pruned before enter the threshold with dF = 0 (prior: bmr4pml's "
                                 "code) or as certainly pruned (pruned)"),
     "warmup_epochs": Option(int, ge=1, help="bmr-iterative: SVI epochs before the first reduction (< epochs)"),
-    "refit_epochs": Option(int, ge=0, help="bmr: the last epochs, trained on the reduced model after the one "
-                                           "reduction (< epochs; 0: reduce the fitted guide as it is)"),
+    "refit_fraction": Option(float, ge=0, lt=1, help="bmr: the fraction of the epochs, at the end, that train the "
+                                                     "reduced model after the one reduction (0: reduce the fitted "
+                                                     "guide as it is)"),
 }
 
 
@@ -238,11 +238,11 @@ register(CatalogEntry(
     create=_creator(PostHocBMR, "bmr"),
     defaults={
         "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5, **_MODEL}, "guide": {"init_scale": 1e-3},
-                       "train": {"epochs": 100, "batch_size": 32, "lr": 3e-3, **_BMR, "refit_epochs": 0,
+                       "train": {"epochs": 100, "batch_size": 32, "lr": 3e-3, **_BMR, "refit_fraction": 0.2,
                                  **VALIDATION_OFF}},
         "classification": {"model": {"prior_scale": 1.0, **_MODEL}, "guide": {"init_scale": 1e-3},
                            "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "augment": None, **_BMR,
-                                     "refit_epochs": 0, **CALIBRATED}},
+                                     "refit_fraction": 0.0, **CALIBRATED}},
     },
     options=_OPTIONS,
 ))

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import pyro
 import torch
@@ -80,7 +81,12 @@ from ..models.probit_product import ProbitProductLikelihood
 from .bmr import GaussianSite, Reduction
 from .data_parallel import DataParallel, all_reduce_flat, broadcast_, current
 from .deep_amp import belief_change, check_module_a, copy_posteriors, turbo_update
-from .group_sparse_messages import GroupPosterior, group_posterior, make_workspace
+from .group_sparse_messages import (
+    GroupPosterior,
+    group_posterior,
+    log_likelihood_ratio,
+    make_workspace,
+)
 from .moment_propagation import (
     LayerRecord,
     WeightMessage,
@@ -779,64 +785,288 @@ class TDAMPGuide(WeightGuide):
 
 
 # ---- one linear layer: Bernoulli-Gaussian turbo GAMP ----------------------------------------------
+LINEAR_METHODS = ("gamp", "ep", "ep-clamped")  # Module A of :func:`linear_tdamp`
+STALL_ITERATIONS = 20  # iterations without a new smallest change before :func:`linear_tdamp` halves its damping
+MIN_DAMPING = 0.05  # the floor of that halving
+STALL_STOP = 200  # iterations without a new smallest change at the floor after which the iteration stops
+PD_BACKTRACKS = 30  # halvings of an EP step of Module B's messages that would leave the Gaussian part indefinite
+EP_MATCH_TOL = 1e-3  # EP's fixed point: the Gaussian part's marginals match Module B's moments to this
+
+
 @torch.no_grad()
 def linear_tdamp(A: torch.Tensor, y: torch.Tensor, rho: float, slab_var: float, noise_var: float,
                  iterations: int = 500, damping: float = 0.5, tol: float = 1e-7, learn_rho: bool = False,
-                 learn_noise: bool = False) -> dict[str, torch.Tensor]:
+                 learn_noise: bool = False, method: str = "gamp") -> dict[str, torch.Tensor]:
     """TDAMP with a single linear layer: ``y = A x + N(0, v I)``, ``x_i ~ rho N(0, s^2) + (1 - rho) delta``.
 
-    Every unknown is its own group, so the exchange is Bernoulli-Gaussian turbo GAMP (Rangan 2011):
-    Module A (:func:`~bnnzoo.guides.moment_propagation.linear_moments`, the Gaussian log evidence and
-    :func:`~bnnzoo.guides.moment_propagation.weight_messages`) evaluates the output at the
-    Onsager-corrected mean ``p_n = (A M)_n - tau_n s_n`` (``tau_n = sum_i A_ni^2 V_i``, ``s_n`` the
-    previous iteration's score ``d log Z_n / d p_n = (y_n - p_n) / (v + tau_n)``) and sends each ``x_i``
-    the Gaussian message ``N(mu_i, 1/c_i)`` with ``c_i = sum_n A_ni^2 / (v + tau_n)`` and ``mu_i = M_i +
-    (1/c_i) sum_n A_ni s_n``; Module B (:func:`~bnnzoo.guides.group_sparse_messages.group_posterior`)
-    returns the Bernoulli-Gaussian posterior moments ``M``, ``V``. The Onsager term removes each
-    unknown's own contribution from the residual it sees; without it the fixed point is a ridge
-    regression weighted by ``1 / (v + tau_n)`` rather than the GAMP fixed point (which, for a Gaussian
-    prior, is the exact posterior mean). The data are one batch and the messages are damped
-    (``damping``) until the posterior means change by less than ``tol`` (relative). With ``learn_rho``
-    / ``learn_noise`` the EM M-step updates ``rho`` and ``v`` after each iteration.
+    Every unknown is its own group. Module B (:func:`~bnnzoo.guides.group_sparse_messages.group_posterior`)
+    turns the Gaussian message ``N(mu_i, 1/c_i)`` that Module A sends each ``x_i`` (natural parameters
+    ``eta``, ``lam``) into the Bernoulli-Gaussian posterior moments ``M``, ``V`` and the inclusion
+    probability. Module A is one of (``method``):
 
-    Returns ``mean``, ``var``, ``inclusion`` (each ``(n,)``), ``rho``, ``noise_var`` and ``iterations``.
+    * ``"gamp"`` (default): Bernoulli-Gaussian turbo GAMP (Rangan 2011). Module A
+      (:func:`~bnnzoo.guides.moment_propagation.linear_moments`, the Gaussian log evidence and
+      :func:`~bnnzoo.guides.moment_propagation.weight_messages`) evaluates the output at the
+      Onsager-corrected mean ``p_n = (A M)_n - tau_n s_n`` (``tau_n = sum_i A_ni^2 V_i``, ``s_n`` the
+      previous iteration's score ``d log Z_n / d p_n = (y_n - p_n) / (v + tau_n)``) and sends
+      ``c_i = sum_n A_ni^2 / (v + tau_n)``, ``mu_i = M_i + (1/c_i) sum_n A_ni s_n``. The Onsager term
+      removes each unknown's own contribution from the residual it sees; without it the fixed point
+      is a ridge regression weighted by ``1 / (v + tau_n)`` rather than the GAMP fixed point (which,
+      for a Gaussian prior, is the exact posterior mean). ``O(m n)`` per iteration.
+    * ``"ep"``: expectation propagation (Minka 2001) with exact cavities (the turbo form of EP /
+      vector AMP with one variance per unknown). Module B's extrinsic message to the likelihood is the Gaussian
+      quotient ``N(M, V) / N(mu, 1/c)``: precision ``lam_B = 1/V - c``, precision-mean ``eta_B = M/V -
+      c mu`` (negative precisions allowed). Module A multiplies the likelihood by these messages,
+      ``Sigma = (A^T A / v + diag lam_B)^-1``, ``m = Sigma (A^T y / v + eta_B)``, and sends each ``x_i``
+      the exact cavity: ``c_i = 1 / Sigma_ii - lam_B,i``, ``c_i mu_i = m_i / Sigma_ii - eta_B,i``. GAMP's
+      ``c_i`` and Onsager term are the large-system limits of this cavity: they treat the columns of
+      ``A`` as uncorrelated, which holds when ``m`` and ``n`` grow with ``A`` i.i.d., but with a few
+      rows (``m = 8``) two columns correlate by ``O(1/sqrt(m))`` and GAMP's fixed point moves away from
+      the posterior; EP keeps those correlations and is exact for a Gaussian prior at any size. Its
+      remaining error is the product of one Gaussian message per unknown (two unknowns that
+      explain the same data are competing supports that no such product represents). ``O(n^3)`` per
+      iteration (one Cholesky factorisation and its inverse): for small layers. A step of Module
+      B's messages that would make ``A^T A / v + diag lam_B`` indefinite is halved until it is not (at
+      most ``PD_BACKTRACKS`` times, then the previous messages are kept); an unknown whose cavity
+      precision is not positive keeps its previous message. Also returns EP's approximation of the
+      log evidence ``log p(y)`` (``log_evidence``, below).
+    * ``"ep-clamped"``: EP with each inclusion clamped in turn, as conditioned belief propagation
+      clamps a variable (Eaton & Ghahramani 2009, *Choosing a variable to clamp*), for the unknowns'
+      marginals beyond one Gaussian message each. By Bayes'
+      rule ``logit P(x_i != 0 | y) = logit rho + log p(y | x_i on) - log p(y | x_i off)``: EP gives
+      both evidences (``x_i`` on: its prior is the Gaussian slab, so its message is exact; off: its
+      column is removed), and ``E[x_i | y] = P(x_i != 0 | y) E[x_i | y, x_i on]`` with the second
+      factor EP's mean of the clamped problem. ``2 n + 1`` EP runs, the clamped ones started from
+      plain EP's messages and damping. A clamped problem without an EP fixed point (typically the
+      improbable branch, e.g. a certainly included unknown switched off) leaves that unknown with
+      plain EP's marginal, and so does every unknown when plain EP has no fixed point (warned);
+      ``clamped`` says which unknowns were clamped. No ``learn_rho`` / ``learn_noise``.
+
+    EP's log evidence: the product of the likelihood and sites ``C_i exp(eta_B,i x_i - lam_B,i x_i^2 /
+    2)``, each ``C_i`` such that the site and the prior have the same integral against the cavity
+    ``N(mu_i, 1/c_i)`` (``Z_i = (1 - rho) N(0; mu_i, 1/c_i) + rho N(0; mu_i, 1/c_i + s^2)``):
+    ``log p(y) ~ sum_i log C_i + log int N(y; A x, v I) prod_i exp(eta_B,i x_i - lam_B,i x_i^2 / 2) dx``,
+    exact for a Gaussian prior.
+
+    The data are one batch. Module A's messages are damped (``damping``, the weight of the new
+    message) until Module B's posterior means change by less than ``tol`` (relative), at most
+    ``iterations`` times; when the change has not reached a new minimum for ``STALL_ITERATIONS``
+    iterations (the iteration oscillates or stalls) the damping is halved, down to ``MIN_DAMPING``;
+    at that floor, ``STALL_STOP`` iterations without a new smallest change stop the iteration
+    unconverged.
+    EP's fixed point matches moments (the Gaussian part's marginals equal Module B's ``M``, ``V``):
+    a run that stops without them matching to ``EP_MATCH_TOL`` (a step held back to keep the Gaussian
+    part positive definite, an iteration run away) is not converged and warns (``RuntimeWarning``).
+    One host read per iteration (the convergence test; EP also reads whether the factorisation
+    succeeded). With ``learn_rho`` / ``learn_noise`` the EM M-step updates ``rho`` and ``v`` after each
+    iteration.
+
+    Returns ``mean``, ``var``, ``inclusion`` (each ``(n,)``), ``rho``, ``noise_var``, ``iterations``,
+    ``converged`` (whether the change fell below ``tol`` before the cap, and for EP whether the
+    moments match), ``damping`` (the final damping); with EP also ``log_evidence``; with
+    ``"ep-clamped"`` also ``clamped`` (``(n,)``, bool), and ``iterations`` / ``converged`` /
+    ``damping`` / ``log_evidence`` are plain EP's.
     """
     if A.dim() != 2 or y.shape != (A.shape[0],):
         raise ValueError(f"A must be (m, n) and y (m,), got {tuple(A.shape)} and {tuple(y.shape)}")
-    _check_positive("damping", damping, 1.0, closed=True)
-    rho_t = torch.tensor(_check_positive("rho", rho, 1.0), dtype=A.dtype, device=A.device)
-    v = torch.tensor(_check_positive("noise_var", noise_var), dtype=A.dtype, device=A.device)
+    if method not in LINEAR_METHODS:
+        raise ConfigError(f"unknown method {method!r} for linear_tdamp; choose one of {LINEAR_METHODS}")
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
+        raise ConfigError(f"iterations must be a positive integer, got {iterations!r}")
+    damping = _check_positive("damping", damping, 1.0, closed=True)
+    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 <= tol < math.inf):
+        raise ConfigError(f"tol must be a non-negative number, got {tol!r}")
+    _check_positive("rho", rho, 1.0)
+    _check_positive("noise_var", noise_var)
+    _check_positive("slab_var", slab_var)
+    if method == "ep-clamped" and (learn_rho or learn_noise):
+        raise ConfigError("method='ep-clamped' learns neither rho nor the noise: use method='ep' with "
+                          "learn_rho / learn_noise, then clamp with the learned values")
+    run = _linear_turbo(A, y, rho, slab_var, noise_var, int(iterations), damping, float(tol), learn_rho,
+                        learn_noise, "gamp" if method == "gamp" else "ep")
+    if method != "ep-clamped":
+        del run["messages"]
+    if method != "gamp" and not run.pop("matched"):
+        warnings.warn(f"linear_tdamp (ep) stopped after {int(run['iterations'])} iterations without a fixed point: "
+                      f"the Gaussian part's marginals do not match Module B's moments to {EP_MATCH_TOL:g}; the "
+                      "result is not EP's", RuntimeWarning, stacklevel=3)
+    if method == "ep-clamped":
+        run.update(_clamped_marginals(A, y, rho, slab_var, noise_var, int(iterations), damping, float(tol), run))
+    return run
+
+
+def _linear_turbo(A, y, rho, slab_var, noise_var, iterations, damping, tol, learn_rho, learn_noise, method,
+                  clamped_on: int | None = None, start: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The iteration of :func:`linear_tdamp` (options checked there); ``clamped_on``: the unknown whose
+    prior is the slab alone (EP only); ``start``: Module A's first messages ``(eta, lam)`` (``(n, 1)``;
+    default flat). Adds ``matched`` (EP: the moments match) and ``messages`` (Module A's last
+    ``(eta, lam)``) to the result."""
+    rho_t = torch.tensor(rho, dtype=A.dtype, device=A.device)
+    v = torch.tensor(noise_var, dtype=A.dtype, device=A.device)
     n = A.shape[1]
-    s2 = torch.full((n,), _check_positive("slab_var", slab_var), dtype=A.dtype, device=A.device)
-    eta = torch.zeros(n, 1, dtype=A.dtype, device=A.device)
+    s2 = torch.full((n,), slab_var, dtype=A.dtype, device=A.device)
+    on = torch.zeros(n, dtype=torch.bool, device=A.device)
+    if clamped_on is not None:
+        on[clamped_on] = True
+    eta = torch.zeros(n, 1, dtype=A.dtype, device=A.device)  # Module A's messages to Module B
     lam = torch.zeros_like(eta)
-    zero = torch.zeros(1, dtype=A.dtype, device=A.device)
-    score = torch.zeros(A.shape[0], 1, dtype=A.dtype, device=A.device)  # s_n of the previous iteration
-    previous = None
+    if start is not None:
+        eta, lam = start
+    if method == "ep":
+        gram, rhs = A.t() @ A, (A.t() @ y).unsqueeze(-1)  # divided by v where used (v may be learned)
+        eta_b = lam_b = None  # Module B's messages to Module A
+    else:
+        zero = torch.zeros(1, dtype=A.dtype, device=A.device)
+        score = torch.zeros(A.shape[0], 1, dtype=A.dtype, device=A.device)  # s_n of the previous iteration
+    previous, best, since_best, converged = None, math.inf, 0, False
     for it in range(1, iterations + 1):
-        post = group_posterior(torch.logit(rho_t).expand(n), s2, eta, lam)
+        logit = torch.where(on, math.inf, torch.logit(rho_t))
+        post = group_posterior(logit, s2, eta, lam)
         mean, var = post.weight_moments  # (n, 1): one group per unknown
-        with torch.enable_grad():
-            p, tau, records = propagate_linear(A, mean.t(), var.t(), zero, score=score)
-            log_z = gaussian_log_evidence(y, p, tau, v)
-            msg = weight_messages(records, log_z, {"x": mean.t()})["x"]
-        score = msg.pre_grad
-        curv, grad = msg.curv.t(), msg.grad.t()
-        eta = (1 - damping) * eta + damping * (curv * mean + grad)
-        lam = (1 - damping) * lam + damping * curv
+        if method == "ep":
+            eta_b, lam_b, chol = _ep_module_b_messages(gram / v, mean, var, eta, lam, eta_b, lam_b)
+            shift, b_mean, b_var = rhs / v, mean, var
+            new_eta, new_lam = _ep_cavities(chol, shift, eta_b, lam_b)
+            keep = new_lam > 0
+            eta = torch.where(keep, (1 - damping) * eta + damping * new_eta, eta)
+            lam = torch.where(keep, (1 - damping) * lam + damping * new_lam, lam)
+            tau = (A * A) @ var if learn_noise else None  # the output variances, for the noise M-step
+        else:
+            with torch.enable_grad():
+                p, tau, records = propagate_linear(A, mean.t(), var.t(), zero, score=score)
+                log_z = gaussian_log_evidence(y, p, tau, v)
+                msg = weight_messages(records, log_z, {"x": mean.t()})["x"]
+            score = msg.pre_grad
+            curv, grad = msg.curv.t(), msg.grad.t()
+            eta = (1 - damping) * eta + damping * (curv * mean + grad)
+            lam = (1 - damping) * lam + damping * curv
         if learn_rho:
             rho_t = post.inclusion.mean().clamp(1e-6, 1 - 1e-6)
         if learn_noise:
             v = (((y - (A @ mean).squeeze(-1)) ** 2 + tau.detach().squeeze(-1)).mean()).clamp_min(1e-10)
         current = mean.squeeze(-1)
-        if previous is not None and float((current - previous).norm()) <= tol * max(float(current.norm()), 1e-30):
-            break
+        if previous is not None:
+            change = float((current - previous).norm())  # one host read
+            if change <= tol * max(float(current.norm()), 1e-30):
+                converged = True
+                break
+            if change < best:
+                best, since_best = change, 0
+            else:
+                since_best += 1
+                if since_best >= STALL_ITERATIONS and damping > MIN_DAMPING:
+                    damping, best, since_best = max(damping / 2, MIN_DAMPING), change, 0
+                elif since_best >= STALL_STOP:  # at the floor and still no progress: no fixed point in reach
+                    break
         previous = current
-    post = group_posterior(torch.logit(rho_t).expand(n), s2, eta, lam)
+    logit = torch.where(on, math.inf, torch.logit(rho_t))
+    post = group_posterior(logit, s2, eta, lam)
     mean, var = post.weight_moments
     check_finite("the linear TDAMP posterior", mean, var)
-    return {"mean": mean.squeeze(-1), "var": var.squeeze(-1), "inclusion": post.inclusion, "rho": rho_t,
-            "noise_var": v, "iterations": torch.tensor(it)}
+    out = {"mean": mean.squeeze(-1), "var": var.squeeze(-1), "inclusion": post.inclusion, "rho": rho_t,
+           "noise_var": v, "iterations": torch.tensor(it), "damping": torch.tensor(damping), "messages": (eta, lam)}
+    if method == "ep":  # EP's fixed point matches moments; a run that stopped without it is no fixed point
+        sigma = torch.cholesky_inverse(chol)
+        m = sigma @ (shift + eta_b)
+        mismatch = torch.maximum(((m - b_mean).abs() / b_var.sqrt()).max(),
+                                 (torch.diagonal(sigma).unsqueeze(-1) / b_var - 1).abs().max())
+        out["matched"] = bool(mismatch <= EP_MATCH_TOL)  # one host read
+        converged = converged and out["matched"]
+        out["log_evidence"] = _ep_log_evidence(y, v, chol, m, shift + eta_b, eta_b, lam_b, eta, lam,
+                                               torch.logit(rho_t), on, s2)
+    out["converged"] = torch.tensor(converged)
+    return out
+
+
+def _ep_log_evidence(y, v, chol, m, h, eta_b, lam_b, eta, lam, logit_rho, on, s2) -> torch.Tensor:
+    """EP's ``log p(y)`` (:func:`linear_tdamp`): ``sum_i log C_i + log int N(y; A x, v I) prod_i
+    exp(eta_B,i x_i - lam_B,i x_i^2 / 2) dx``; the integral is ``-m/2 log(2 pi v) - y^T y / (2 v) +
+    Phi(h, P)`` with ``P = A^T A / v + diag lam_B`` (Cholesky factor ``chol``), ``h = A^T y / v +
+    eta_B``, ``m = P^-1 h`` and ``Phi(h, P) = h^T P^-1 h / 2 - log det P / 2 + n/2 log 2 pi``;
+    ``log C_i = log Z_i - phi(c mu + eta_B, c + lam_B) + phi(c mu, c)`` with the cavity ``(c mu, c) =
+    (eta, lam)`` and ``phi(e, l) = e^2 / (2 l) - log(l) / 2 + log(2 pi) / 2``. An unknown ``on`` has the
+    slab prior: ``log Z_i = log N(0; mu, 1/c + s^2)``."""
+    log2pi = math.log(2 * math.pi)
+    e, lc = eta.squeeze(-1), lam.squeeze(-1)
+    eb, lb = eta_b.squeeze(-1), lam_b.squeeze(-1)
+
+    def phi(e_, l_):
+        return e_ * e_ / (2 * l_) - 0.5 * torch.log(l_) + 0.5 * log2pi
+
+    llr = log_likelihood_ratio(eta, lam, s2.unsqueeze(-1)).squeeze(-1)
+    mixture = torch.nn.functional.softplus(logit_rho + llr) - torch.nn.functional.softplus(logit_rho)
+    log_z = -phi(e, lc) + torch.where(on, llr, mixture)  # log N(0; mu, 1/c) = -phi(c mu, c)
+    log_c = log_z - phi(e + eb, lc + lb) + phi(e, lc)
+    n, rows = len(e), len(y)
+    gaussian = 0.5 * (h * m).sum() - torch.log(torch.diagonal(chol)).sum() + 0.5 * n * log2pi
+    return log_c.sum() + gaussian - 0.5 * rows * torch.log(2 * math.pi * v) - (y @ y) / (2 * v)
+
+
+def _clamped_marginals(A, y, rho, slab_var, noise_var, iterations, damping, tol, plain) -> dict[str, torch.Tensor]:
+    """``"ep-clamped"`` (:func:`linear_tdamp`): each unknown's marginal from EP's evidences with its
+    inclusion clamped on and off; plain EP's (``plain``) where a clamped problem has no EP fixed point
+    (and for every unknown when plain EP has none)."""
+    n = A.shape[1]
+    mean, var, inclusion = plain["mean"].clone(), plain["var"].clone(), plain["inclusion"].clone()
+    clamped = torch.zeros(n, dtype=torch.bool, device=A.device)
+    logit_rho = math.log(rho) - math.log1p(-rho)
+    eta, lam = plain.pop("messages")
+    damping = float(plain["damping"])
+    if not bool(plain["converged"]):  # no EP fixed point to start the clamped problems from (warned)
+        return {"clamped": clamped}
+    for i in range(n):
+        rest = [j for j in range(n) if j != i]
+        try:  # each clamped problem starts from plain EP's messages
+            on = _linear_turbo(A, y, rho, slab_var, noise_var, iterations, damping, tol, False, False, "ep",
+                               clamped_on=i, start=(eta, lam))
+            off = _linear_turbo(A[:, rest], y, rho, slab_var, noise_var, iterations, damping, tol, False, False,
+                                "ep", start=(eta[rest], lam[rest]))
+        except FloatingPointError:  # the start leaves the Gaussian part indefinite: no EP fixed point from there
+            continue
+        if not (bool(on["converged"]) and bool(off["converged"])):  # one host read per unknown
+            continue
+        p = torch.sigmoid(logit_rho + on["log_evidence"] - off["log_evidence"])
+        mean[i] = p * on["mean"][i]
+        var[i] = p * (on["var"][i] + on["mean"][i] ** 2) - mean[i] ** 2
+        inclusion[i] = p
+        clamped[i] = True
+    return {"mean": mean, "var": var, "inclusion": inclusion, "clamped": clamped}
+
+
+def _ep_module_b_messages(precision: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eta: torch.Tensor,
+                          lam: torch.Tensor, eta_b: torch.Tensor | None, lam_b: torch.Tensor | None):
+    """EP: Module B's extrinsic messages to the likelihood, ``N(M, V) / N(eta, lam)`` in natural
+    parameters, the step from the previous ones (``None`` at the start) halved while ``precision +
+    diag lam_B`` is not positive definite (:func:`linear_tdamp`). Returns ``eta_B``, ``lam_B`` and the
+    Cholesky factor of ``precision + diag lam_B``."""
+    new_lam, new_eta = var.reciprocal() - lam, mean / var - eta
+    step = 1.0
+    for _ in range(PD_BACKTRACKS):
+        trial = new_lam if lam_b is None else lam_b + step * (new_lam - lam_b)
+        chol, info = torch.linalg.cholesky_ex(precision + torch.diag(trial.squeeze(-1)))
+        if int(info) == 0:  # one host read
+            return (new_eta if eta_b is None else eta_b + step * (new_eta - eta_b)), trial, chol
+        if lam_b is None:
+            break
+        step /= 2
+    if lam_b is not None:
+        chol, info = torch.linalg.cholesky_ex(precision + torch.diag(lam_b.squeeze(-1)))
+    if lam_b is None or int(info) != 0:
+        raise FloatingPointError("linear_tdamp (ep): the Gaussian part A^T A / v + diag(lam_B) is not positive "
+                                 "definite")
+    return eta_b, lam_b, chol
+
+
+def _ep_cavities(chol: torch.Tensor, shift: torch.Tensor, eta_b: torch.Tensor, lam_b: torch.Tensor):
+    """EP's Module A: the Gaussian part ``N(y; A x, v I) prod_i exp(eta_B,i x_i - lam_B,i x_i^2 / 2)``
+    has precision ``P = A^T A / v + diag lam_B`` (Cholesky factor ``chol``) and precision-mean ``A^T y
+    / v + eta_B`` (``shift = A^T y / v``); each unknown's cavity (the part without its own message)
+    has precision ``1 / Sigma_ii - lam_B,i`` and precision-mean ``m_i / Sigma_ii - eta_B,i`` (``Sigma =
+    P^-1``, ``m = Sigma (A^T y / v + eta_B)``). Returns the cavities' precision-means and precisions."""
+    sigma = torch.cholesky_inverse(chol)
+    m = sigma @ (shift + eta_b)
+    diag = torch.diagonal(sigma).unsqueeze(-1)
+    return m / diag - eta_b, diag.reciprocal() - lam_b
 
 
 def propagate_linear(A: torch.Tensor, w_mean: torch.Tensor, w_var: torch.Tensor, bias: torch.Tensor,

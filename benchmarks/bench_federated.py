@@ -4,7 +4,7 @@ Every federated run is real: Flower's ServerApp and ClientApp in its Simulation 
 ServerApp in the benchmark process, the clients executed by Ray actors;
 :func:`bnnzoo.federated.run.run_federated`); a round is ``local_epochs``
 local passes over each client's data, then the server's aggregation and EM step (FedAvg: as many
-local Adam epochs per client, then the weighted average). Centralised EM-TDAMP runs as many passes
+local Adam epochs per client, then Flower's FedAvg aggregation). Centralised EM-TDAMP runs as many passes
 as there are rounds, on the same split, seed and options.
 
 Local passes per round: one on Boston housing (100 rounds). On MNIST a client's 500 examples are

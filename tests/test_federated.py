@@ -12,6 +12,7 @@ import ipaddress
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,7 +29,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from bnnzoo.catalog import get_entry
@@ -45,7 +54,7 @@ from bnnzoo.federated import (
 )
 from bnnzoo.federated.client import StandardizedClient, TDAMPClient, local_passes
 from bnnzoo.federated.client_app import client_app
-from bnnzoo.federated.fedavg import AdamClient, get_weights, weighted_average
+from bnnzoo.federated.fedavg import AdamClient, SeededFedAvg, state_of
 from bnnzoo.federated.run import FederatedServer, build_posterior, run_federated
 from bnnzoo.federated.settings import (
     RUN_CONFIG,
@@ -314,27 +323,71 @@ def test_a_clients_local_epochs_run_in_the_epoch_loop():
     # the reply's statistics add up over the round's epochs; each epoch's loss is its own part of them
     assert metrics["log_evidence"] == pytest.approx(-sum(tdamp.history.loss) / 3, rel=1e-5)
 
-    weights = get_weights(fedavg.module)
+    weights = state_of(fedavg.module)
     config = {"stage": "fedavg", "epochs": 2, "round": 1, "standardizer": blob}
     _, _, first = fedavg.fit(weights, config)
     _, _, second = fedavg.fit(weights, {**config, "round": 2})
     assert len(fedavg.history.loss) == 4 and all(t > 0 for t in fedavg.history.epoch_seconds)
     assert (first["train_loss"], second["train_loss"]) == (fedavg.history.loss[1], fedavg.history.loss[3])
     with pytest.raises(DivergenceError, match="FedAvg client"):
-        fedavg.fit([w * np.nan for w in weights], {**config, "round": 3})
+        fedavg.fit({name: w * np.nan for name, w in weights.items()}, {**config, "round": 3})
 
 
-def test_fedavg_averages_the_weights_by_the_clients_numbers_of_examples():
-    gen = np.random.default_rng(0)
-    clients = [([gen.normal(size=(3, 2)).astype(np.float32), gen.normal(size=4).astype(np.float32)], n)
-               for n in (10, 30, 60)]
-    out = weighted_average(clients)
-    for layer in range(2):
-        exact = sum(arrays[layer].astype(np.float64) * n for arrays, n in clients) / 100
-        np.testing.assert_allclose(out[layer], exact, rtol=1e-6)
-        assert out[layer].dtype == np.float32
-    with pytest.raises(ValueError, match="at least one"):
-        weighted_average([])
+def test_the_fedavg_aggregate_is_flowers_example_weighted_mean(task_identity, monkeypatch):
+    """The baseline's strategy is Flower's FedAvg: its train messages carry the global arrays and
+    Flower's ``server-round``, and a round of three clients' replies (arriving in any order) goes
+    through ``FedAvg.aggregate_train`` (in the run's order of clients) to the mean of their weights
+    weighted by their ``num-examples``, and their train losses alike."""
+    seen = []
+    flower_aggregate = FedAvg.aggregate_train
+
+    def spy(self, server_round, replies):
+        replies = list(replies)
+        seen.append([reply.metadata.src_node_id for reply in replies])
+        return flower_aggregate(self, server_round, replies)
+
+    monkeypatch.setattr(FedAvg, "aggregate_train", spy)
+    sizes = {101: 10, 102: 30, 103: 60}
+    strategy = SeededFedAvg([101, 102, 103], 3, seed=0)
+    assert isinstance(strategy, FedAvg)
+    initial = ArrayRecord({"w": torch.zeros(3, 2), "b": torch.zeros(4)})
+    messages = list(strategy.configure_train(1, initial, ConfigRecord({"lr": 0.1}), grid=None))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [101, 102, 103]
+    assert all(m.metadata.message_type == "train" and m.content["config"]["server-round"] == 1 for m in messages)
+    gen = torch.Generator().manual_seed(0)
+    states, replies = {}, []
+    for message in sorted(messages, key=lambda m: -m.metadata.dst_node_id):  # the replies arrive in reverse
+        node = message.metadata.dst_node_id
+        states[node] = {"w": torch.randn(3, 2, generator=gen), "b": torch.randn(4, generator=gen)}
+        metrics = MetricRecord({"num-examples": sizes[node], "train_loss": float(node)})
+        replies.append(Message(RecordDict({"arrays": ArrayRecord(states[node]), "metrics": metrics}),
+                               reply_to=message))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert seen == [[101, 102, 103]]
+    out = arrays.to_torch_state_dict()
+    for key in ("w", "b"):
+        exact = sum(states[n][key].double() * k for n, k in sizes.items()) / 100
+        torch.testing.assert_close(out[key].double(), exact, rtol=1e-6, atol=1e-7)
+    assert metrics["train_loss"] == pytest.approx((101 * 10 + 102 * 30 + 103 * 60) / 100)
+
+
+def test_the_fedavg_draw_is_seeded_with_flowers_count():
+    """Each round asks Flower's count of clients (``fraction_train`` of them, at least
+    ``min_train_nodes``): ``clients_per_round`` drawn by ``random.Random(seed)`` from the given
+    order; the same seed gives the same rounds, another seed others; bad counts are named."""
+    clients = list(range(1000, 1100))
+    first, again = SeededFedAvg(clients, 10, seed=3), SeededFedAvg(clients, 10, seed=3)
+    assert (first.fraction_train, first.min_train_nodes, first.fraction_evaluate) == (0.1, 10, 0.0)
+    rounds = [first.sample(r) for r in range(1, 6)]
+    rng = random.Random(3)
+    assert rounds == [sorted(rng.sample(clients, 10)) for _ in range(5)]
+    assert rounds == [again.sample(r) for r in range(1, 6)] and first.asked[5] == rounds[4]
+    assert rounds != [SeededFedAvg(clients, 10, seed=4).sample(r) for r in range(1, 6)]
+    assert SeededFedAvg(clients[:3], 3).sample(1) == clients[:3]
+    with pytest.raises(ConfigError, match="clients_per_round must be a count from 1 to 3"):
+        SeededFedAvg(clients[:3], 4)
+    with pytest.raises(ConfigError, match="distinct node ids"):
+        SeededFedAvg([1, 1, 2], 1)
 
 
 def test_adams_state_kept_by_the_node_continues_the_same_optimisation():
@@ -351,7 +404,7 @@ def test_adams_state_kept_by_the_node_continues_the_same_optimisation():
         return AdamClient(server.net.to_torch(), data.x_train, data.y_train, "regression", 16, seed=0)
 
     same = client()
-    start = get_weights(same.module)
+    start = state_of(same.module)
     after_one, _, _ = same.fit(start, config)
     kept = ArrayRecord(same.optimizer_state())
     continued, _, _ = same.fit(after_one, {**config, "round": 2})
@@ -359,9 +412,9 @@ def test_adams_state_kept_by_the_node_continues_the_same_optimisation():
     rebuilt.load_optimizer_state(kept.to_torch_state_dict())
     resumed, _, _ = rebuilt.fit(after_one, {**config, "round": 2})
     fresh, _, _ = client().fit(after_one, {**config, "round": 2})
-    for a, b, c in zip(continued, resumed, fresh):
-        np.testing.assert_array_equal(a, b)
-    assert any(not np.allclose(a, c) for a, c in zip(continued, fresh))
+    for name in continued:
+        assert torch.equal(continued[name], resumed[name])
+    assert any(not torch.allclose(continued[name], fresh[name]) for name in continued)
 
 
 # ---- the ServerApp's rounds on an in-process grid -----------------------------------------------
@@ -374,14 +427,15 @@ def task_identity(monkeypatch):
 
 class LoopbackGrid:
     """Flower's ``Grid`` in this process: each message goes straight to the ClientApp of its node
-    (a real :func:`client_app`, each node with its own Flower ``Context``); nodes listed in ``silent``
-    answer the statistics round but no training round (their replies are dropped, as after a
-    connection lost mid-run)."""
+    (a real :func:`client_app`, each node with its own Flower ``Context``); node ``ids[k]`` (default
+    ``100 + k``) holds partition ``k``; nodes listed in ``silent`` answer the statistics round but no
+    training round (their replies are dropped, as after a connection lost mid-run)."""
 
-    def __init__(self, app, num_nodes: int, silent=()):
+    def __init__(self, app, num_nodes: int, silent=(), ids=None):
         self.app, self.silent = app, set(silent)
-        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k,
-                                          "num-partitions": num_nodes}, state=RecordDict(), run_config={})
+        ids = [100 + k for k in range(num_nodes)] if ids is None else list(ids)
+        self.contexts = {ids[k]: Context(run_id=1, node_id=ids[k], node_config={"partition-id": k,
+                                         "num-partitions": num_nodes}, state=RecordDict(), run_config={})
                          for k in range(num_nodes)}
         self.sent: list[tuple[str, int]] = []
         self.round_data: dict[int, set] = {}  # round -> the round_data its train messages carried
@@ -394,7 +448,7 @@ class LoopbackGrid:
         for message in messages:
             node = message.metadata.dst_node_id
             self.sent.append((message.metadata.message_type, node))
-            if message.metadata.message_type == "train":
+            if message.metadata.message_type == "train" and "round_data" in message.content["config"]:
                 self.round_data.setdefault(int(message.content["config"]["round"]), set()).add(
                     int(message.content["config"]["round_data"]))
             reply = self.app(message, self.contexts[node])
@@ -445,6 +499,65 @@ def test_the_server_app_samples_clients_names_the_failed_and_stops_short_of_the_
     assert str(info.value) == (f"round {failing['round']}: 1 of the 2 clients asked answered, fewer than the minimum "
                                f"2; failed clients: client 3: round {failing['round']}: no answer in 5 s")
     assert short.history["eval_round"] == list(range(1, failing["round"]))  # nothing evaluated after the short round
+
+
+def test_the_fedavg_baseline_runs_on_flowers_fedavg_and_asks_the_same_clients_for_a_seed(boston, task_identity,
+                                                                                           monkeypatch):
+    """The FedAvg server's rounds are Flower's: ``FedAvg.start`` runs them, every round's global
+    weights are ``FedAvg.aggregate_train``'s example-weighted mean of the replies, the server's
+    evaluation is the strategy's ``evaluate_fn`` (the same history keys, Flower's ``Result`` holds
+    the same figures) and the final network is the last aggregate. Run again on SuperNodes with
+    other node ids (Flower's are random), the same seed asks the same clients, by name, and gives
+    the same weights bit for bit; ordering the clients by node id instead would not."""
+    calls = {"start": 0, "aggregate": []}
+    flower_start, flower_aggregate = FedAvg.start, FedAvg.aggregate_train
+
+    def start(self, *args, **kwargs):
+        calls["start"] += 1
+        return flower_start(self, *args, **kwargs)
+
+    def aggregate(self, server_round, replies):
+        replies = list(replies)
+        out = flower_aggregate(self, server_round, replies)
+        calls["aggregate"].append((replies, out[0]))
+        return out
+
+    monkeypatch.setattr(FedAvg, "start", start)
+    monkeypatch.setattr(FedAvg, "aggregate_train", aggregate)
+    parts = iid(len(boston.y_train), 5, seed=0)
+
+    def run(ids):
+        server = FederatedServer(boston, method="fedavg", num_clients=5, clients_per_round=2, rounds=3, seed=1,
+                                 eval_every=2, network={"arch": "mlp", "hidden": [4]})
+        server.main(LoopbackGrid(client_app(boston, parts), 5, ids=ids))
+        return server
+
+    ids = [900 - 7 * k for k in range(5)]  # partition 0 on the largest node id
+    a, b = run(None), run(ids)
+    assert isinstance(a.strategy, FedAvg) and calls["start"] == 2 and len(calls["aggregate"]) == 6
+    for replies, arrays in calls["aggregate"]:
+        n = [int(r.content["metrics"]["num-examples"]) for r in replies]
+        states = [r.content["arrays"].to_torch_state_dict() for r in replies]
+        assert len(replies) == 2 and sum(n) < len(boston.y_train)
+        for key, value in arrays.to_torch_state_dict().items():
+            exact = sum(s[key].double() * k for s, k in zip(states, n)) / sum(n)
+            torch.testing.assert_close(value.double(), exact, rtol=1e-5, atol=1e-6)
+    final = calls["aggregate"][2][1].to_torch_state_dict()
+    assert all(torch.equal(value, final[key]) for key, value in a.model.state_dict().items())
+    assert a.history["eval_round"] == [2, 3] and a.history["clients"] == [2, 2, 2] and a.failed == {}
+    assert {"nmse", "rmse", "wall_seconds", "eval_seconds"} <= set(a.history)
+    assert sorted(a.result.evaluate_metrics_serverapp) == [2, 3]
+    assert a.result.evaluate_metrics_serverapp[3]["nmse"] == a.history["nmse"][-1]
+    assert set(a.result.train_metrics_clientapp) == {1, 2, 3}
+    asked = [r["asked"] for r in a.rounds_log]
+    names = [f"client {k}" for k in range(5)]
+    rng = random.Random(1)
+    assert asked == [sorted(rng.sample(names, 2)) for _ in range(3)]
+    assert [r["asked"] for r in b.rounds_log] == asked and a.history["nmse"] == b.history["nmse"]
+    assert all(torch.equal(v, w) for v, w in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    by_node_id = [names[ids.index(node)] for node in sorted(ids)]  # the names in the order of b's node ids
+    rng = random.Random(1)
+    assert asked != [sorted(rng.sample(by_node_id, 2)) for _ in range(3)]
 
 
 def test_a_server_whose_clients_never_come_fails_naming_the_count(boston, task_identity):

@@ -5,7 +5,7 @@
 - :mod:`.standardize`: the statistics round (training statistics from the clients' sums);
 - :mod:`.client`: a client's local work (TDAMP passes on local data from the global posterior);
 - :mod:`.strategy`: the server's aggregation and EM step;
-- :mod:`.fedavg`: the FedAvg-of-Adam baseline (Adam clients, the weighted average);
+- :mod:`.fedavg`: the FedAvg-of-Adam baseline (Adam clients, Flower's FedAvg strategy with a seeded draw of clients);
 - :mod:`.codec`: the TDAMP messages as arrays;
 - :mod:`.settings`: a run's settings as Flower's run config, :class:`FederatedError`;
 - :mod:`.client_app`, :mod:`.server_app`: Flower's ``ClientApp`` and ``ServerApp`` of a run;

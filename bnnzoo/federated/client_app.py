@@ -6,13 +6,16 @@ A client answers two kinds of message from the ServerApp (:mod:`.server_app`):
   moments of its data (:mod:`.standardize`), in the records ``"config"``, ``"metrics"`` and
   ``"arrays"``;
 - ``train`` (each round it is sampled for): the global posterior (EM-TDAMP, :mod:`.codec`) or the
-  global weights (FedAvg) in the ``ArrayRecord`` ``"arrays"``, and in the ``ConfigRecord``
-  ``"config"`` the round's settings, the standardiser, the method and the server's posterior
-  configuration (so every client builds exactly the server's network and options). It runs its
-  local epochs (:class:`~.client.TDAMPClient`, :class:`~.fedavg.AdamClient`) and replies with its
-  local posterior or weights (``"arrays"``) and ``"metrics"`` (``num-examples``, the log evidence
-  or the training loss). FedAvg's Adam state stays with the node between the rounds it takes part
-  in, in the node's Flower ``Context.state``.
+  global weights (FedAvg: the network's state dict, as Flower's ``FedAvg`` strategy sends it) in
+  the ``ArrayRecord`` ``"arrays"``, and in the ``ConfigRecord`` ``"config"`` the round's settings
+  (its number: ``round``, or Flower's ``server-round`` in FedAvg's messages), the standardiser,
+  the method and the server's posterior configuration (so every client builds exactly the
+  server's network and options). It runs its local epochs (:class:`~.client.TDAMPClient`,
+  :class:`~.fedavg.AdamClient`) and replies with its local posterior or trained state dict
+  (``"arrays"``) and the ``MetricRecord`` ``"metrics"`` (``num-examples``, the key by which
+  Flower's ``FedAvg`` weighs the replies, and the log evidence or the training loss): the one
+  ``ArrayRecord`` and one ``MetricRecord`` that strategy expects. FedAvg's Adam state stays with
+  the node between the rounds it takes part in, in the node's Flower ``Context.state``.
 
 A local fit that fails (a bnnzoo error such as a diverging client, or any other exception of the
 local computation) is answered with Flower's error reply naming the client and the reason; the
@@ -133,19 +136,21 @@ def client_app(data=None, parts=None, *, threads: int | None = None, crash: tupl
     def train(message: Message, context: Context) -> Message:
         def work(x, y, name):
             config = dict(message.content["config"])
-            rnd = int(config["round"])
+            if "round" not in config and "server-round" not in config:
+                raise KeyError("the train message's config names no round ('round' or 'server-round')")
+            rnd = int(config["round"] if "round" in config else config["server-round"])
+            config["round"] = rnd
             index = int(context.node_config.get("partition-id", 0))
             if crash is not None and crash[0] == index and crash[1] == rnd:
                 raise RuntimeError(f"lost in round {rnd} (fault injection)")
             device = str(config["device"])
             posterior = _posterior(str(config["posterior"]), device)
             seed = int(config["seed"]) * 1000 + index
-            parameters = message.content["arrays"].to_numpy_ndarrays()
             flushing = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)  # as the centralised fit
             try:
                 if config["method"] == "em-tdamp":
                     client = TDAMPClient(posterior, x, y, seed=seed)
-                    arrays, n, metrics = client.fit(parameters, config)
+                    arrays, n, metrics = client.fit(message.content["arrays"].to_numpy_ndarrays(), config)
                 else:
                     torch.manual_seed(seed)
                     client = AdamClient(posterior.net.to_torch(), x, y, posterior.task,
@@ -153,7 +158,7 @@ def client_app(data=None, parts=None, *, threads: int | None = None, crash: tupl
                                         device=device)
                     if "adam" in context.state:
                         client.load_optimizer_state(context.state["adam"].to_torch_state_dict())
-                    arrays, n, metrics = client.fit(parameters, config)
+                    arrays, n, metrics = client.fit(message.content["arrays"].to_torch_state_dict(), config)
                     context.state["adam"] = ArrayRecord(client.optimizer_state())
             finally:
                 if flushing:  # the setting is global to the process: leave it as found

@@ -10,15 +10,21 @@ posterior, or FedAvg's network), the held-out data it evaluates on and the run's
 2. **Statistics.** Every connected client answers a ``query.statistics`` message with its name and
    the moments of its data; the server builds the standardiser of the union (:mod:`.standardize`).
 3. **Rounds.** Each of ``rounds`` rounds samples ``clients_per_round`` of the clients (all of them
-   by default; a seeded draw without replacement), sends each a ``train`` message with the global
-   posterior or weights and the round's configuration, and waits up to ``round_timeout`` seconds
-   for the replies. A client that answers with an error, or not at all, is named as failed with
-   the reason; a round with fewer answers than ``min_clients`` (a count, or a fraction of the
-   clients asked; default all of them) stops the run with :class:`~.settings.FederatedError`
-   naming the round, the failed clients and the reasons. Otherwise the replies are aggregated:
-   EM-TDAMP's Gaussian product, product of odds and EM step (:class:`~.strategy.FederatedTDAMP`),
-   FedAvg's weighted average (:func:`~.fedavg.weighted_average`). The global model is evaluated on
-   the test split after every ``eval_every`` rounds and after the last.
+   by default; a draw without replacement by a ``random.Random(seed)``, from the clients ordered
+   by the names they gave in the statistics round, then by node id: the node ids of Flower's
+   SuperLink are random numbers, the names are not, so the same seed asks the same clients),
+   sends each a ``train`` message with the global posterior or weights and the round's
+   configuration, and waits up to ``round_timeout`` seconds for the replies. A client that answers
+   with an error, or not at all, is named as failed with the reason; a round with fewer answers
+   than ``min_clients`` (a count, or a fraction of the clients asked; default all of them) stops
+   the run with :class:`~.settings.FederatedError` naming the round, the failed clients and the
+   reasons. Otherwise the replies are aggregated. EM-TDAMP: the server's own round loop and
+   :class:`~.strategy.FederatedTDAMP` (Gaussian product, product of odds and EM step). FedAvg:
+   Flower's ``FedAvg`` strategy runs the rounds (:class:`~.fedavg.SeededFedAvg`: Flower's
+   messages, example-weighted aggregation and round loop, the draw above), the server's
+   bookkeeping and minimum on its replies. The global model is evaluated on the test split after
+   every ``eval_every`` rounds and after the last (for FedAvg through the strategy's
+   ``evaluate_fn``; Flower's ``Result`` of the run is :attr:`FederatedServer.result`).
 4. **End.** The EM-TDAMP posterior is pruned by its own rule; a regression noise keeps the value of
    the last EM step (the server has no training data to refit it on the pruned network).
 
@@ -37,7 +43,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 
 from bnnzoo.api import create
@@ -48,7 +61,7 @@ from bnnzoo.errors import ConfigError
 from bnnzoo.metrics import accuracy
 
 from .client_app import STATISTICS
-from .fedavg import get_weights, set_weights, weighted_average
+from .fedavg import SeededFedAvg, state_of
 from .settings import (
     METHODS,
     FederatedError,
@@ -119,8 +132,11 @@ class FederatedServer:
     After :meth:`main`: :attr:`model` (the pruned posterior, or the FedAvg ``nn.Module``),
     :attr:`standardizer`, :attr:`history` (``eval_round``, ``eval_seconds``, ``wall_seconds`` and
     the test metrics per evaluation; per round ``round``, ``clients``, ``failures`` and, for
-    EM-TDAMP, the strategy's records), :attr:`failed` (client name -> "round r: reason") and
-    :attr:`rounds` (per round: the clients asked, those that answered, the failures)."""
+    EM-TDAMP, the strategy's records), :attr:`failed` (client name -> "round r: reason"),
+    :attr:`rounds_log` (per round: the clients asked, those that answered, the failures) and, for
+    FedAvg, :attr:`strategy` (the :class:`~.fedavg.SeededFedAvg` that ran the rounds) and
+    :attr:`result` (its Flower ``Result``: the final arrays, the clients' example-weighted
+    ``train_loss`` per round and the server's evaluations)."""
 
     def __init__(self, data, *, method: str = "em-tdamp", num_clients: int = 4, rounds: int = 100,
                  clients_per_round: int | None = None, local_epochs: int = 1, seed: int = 0, device="cpu",
@@ -158,10 +174,10 @@ class FederatedServer:
             self.strategy = FederatedTDAMP(posterior, len(data.y_train), local_epochs=local_epochs, weighting=weighting)
             self.model = posterior
         else:
-            self.strategy = None
+            self.strategy = None  # Flower's FedAvg, made once the run's clients are known (main)
             torch.manual_seed(seed)
             self.model = posterior.net.to_torch().to(self.device)
-            self.weights = get_weights(self.model)
+        self.result = None
         self._score = test_metrics(data.task, data.y_test)
 
     def __repr__(self) -> str:
@@ -184,34 +200,54 @@ class FederatedServer:
         when it stops short."""
         nodes = self._wait(grid)
         self._statistics(grid, nodes)
+        clients = self._ordered(nodes)
         start = time.perf_counter()
+        if self.method == "fedavg":
+            self._fedavg(grid, clients, start)
+            return
         sampler = random.Random(self.seed)
         for rnd in range(1, self.rounds + 1):
-            asked = sorted(sampler.sample(nodes, self.clients_per_round))
-            results, failures = self._round(grid, rnd, asked)
-            self.history["round"].append(rnd)
-            self.history["clients"].append(len(results))
-            self.history["failures"].append(len(failures))
-            if len(results) < self.min_clients:
-                raise FederatedError(f"round {rnd}: {len(results)} of the {len(asked)} clients asked answered, fewer "
-                                     f"than the minimum {self.min_clients}; {self._summary()}")
-            if self.method == "em-tdamp":
-                self.strategy.end_round(rnd, results, len(failures))
-            else:
-                self.weights = weighted_average(results)
-            if rnd % self.eval_every == 0 or rnd == self.rounds:
+            asked = sorted(sampler.sample(clients, self.clients_per_round))
+            results, failures = self._round(grid, rnd, asked, clients)
+            self.strategy.end_round(rnd, results, failures)
+            if self._due(rnd):
                 self._evaluate(rnd, start)
-        if self.method == "em-tdamp":
-            self.history.update({k: v for k, v in self.strategy.history.items()
-                                 if k not in ("round", "clients", "failures")})
-            if self.posterior.prune_at_end:
-                with warnings.catch_warnings():
-                    # the server holds no training data to refit a regression noise on: the pruned
-                    # posterior keeps the noise of the last EM step, from every client's statistics
-                    warnings.filterwarnings("ignore", message=".*noise scale was not refitted", category=UserWarning)
-                    self.model = self.posterior.prune()
-        else:
-            set_weights(self.model, self.weights)
+        self.history.update({k: v for k, v in self.strategy.history.items()
+                             if k not in ("round", "clients", "failures")})
+        if self.posterior.prune_at_end:
+            with warnings.catch_warnings():
+                # the server holds no training data to refit a regression noise on: the pruned
+                # posterior keeps the noise of the last EM step, from every client's statistics
+                warnings.filterwarnings("ignore", message=".*noise scale was not refitted", category=UserWarning)
+                self.model = self.posterior.prune()
+
+    def _fedavg(self, grid: Grid, clients: list[int], start: float) -> None:
+        """The FedAvg rounds: Flower's ``FedAvg`` (:class:`~.fedavg.SeededFedAvg`) from the
+        initial network's weights, the server's evaluation as its ``evaluate_fn``."""
+        self.strategy = SeededFedAvg(clients, self.clients_per_round, seed=self.seed, on_replies=self._fedavg_replies)
+        config = ConfigRecord({"stage": "fedavg", "epochs": self.local_epochs, **self._run_config()})
+        self.result = self.strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(state_of(self.model)), num_rounds=self.rounds,
+            timeout=self.round_timeout, train_config=config,
+            evaluate_fn=lambda rnd, arrays: self._evaluate_fedavg(rnd, arrays, start))
+        with torch.no_grad():
+            self.model.load_state_dict(self.result.arrays.to_torch_state_dict())
+
+    def _fedavg_replies(self, rnd: int, asked: list[int], replies: list[Message]) -> None:
+        ok, failed = self._split(asked, replies)
+        self._book(rnd, asked, ok, failed)
+
+    def _ordered(self, nodes: list[int]) -> list[int]:
+        """The clients in the order the rounds draw from: by name, then node id."""
+        return sorted(nodes, key=lambda node: (self.names.get(node, ""), node))
+
+    def _due(self, rnd: int) -> bool:
+        return rnd >= 1 and (rnd % self.eval_every == 0 or rnd == self.rounds)
+
+    def _run_config(self) -> dict:
+        """What every train message of the run carries besides the round's own settings."""
+        return {STANDARDIZER_KEY: self._blob, "method": self.method, "posterior": self.posterior_json,
+                "device": str(self.device), "seed": self.seed, "lr": float(self.lr)}
 
     def _wait(self, grid: Grid) -> list[int]:
         start = time.monotonic()
@@ -239,7 +275,10 @@ class FederatedServer:
 
     def _send(self, grid: Grid, nodes, message_type: str, content, group: str) -> tuple[dict, dict]:
         messages = [Message(content(), dst_node_id=node, message_type=message_type, group_id=group) for node in nodes]
-        replies = grid.send_and_receive(messages, timeout=self.round_timeout)
+        return self._split(nodes, grid.send_and_receive(messages, timeout=self.round_timeout))
+
+    def _split(self, nodes, replies) -> tuple[dict, dict]:
+        """``(ok, failed)``: node -> reply for the answers, node -> reason for errors and silence."""
         ok, failed = {}, {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -271,17 +310,21 @@ class FederatedServer:
         self.posterior.standardizer = self.standardizer
         self._blob = encode(self.standardizer)
 
-    def _round(self, grid: Grid, rnd: int, asked: list[int]):
-        if self.method == "em-tdamp":
-            held = sum(self.sizes.get(node, 0) for node in asked) if len(asked) < len(self.sizes) else 0
-            arrays, config = self.strategy.global_arrays(), self.strategy.round_config(rnd, held)
-        else:
-            arrays, config = self.weights, {"stage": "fedavg", "epochs": self.local_epochs, "round": rnd}
-        config = {**config, STANDARDIZER_KEY: self._blob, "method": self.method, "posterior": self.posterior_json,
-                  "device": str(self.device), "seed": self.seed, "lr": float(self.lr)}
-        record = ArrayRecord(arrays)
+    def _round(self, grid: Grid, rnd: int, asked: list[int], clients: list[int]):
+        """An EM-TDAMP round: ``(results, failures)``, the answers as ``(arrays, num_examples)`` in
+        the order of ``clients``, and the number of clients that failed."""
+        held = sum(self.sizes.get(node, 0) for node in asked) if len(asked) < len(self.sizes) else 0
+        config = {**self.strategy.round_config(rnd, held), **self._run_config()}
+        record = ArrayRecord(self.strategy.global_arrays())
         ok, failed = self._send(grid, asked, "train", lambda: RecordDict({"arrays": record,
                                                                           "config": ConfigRecord(config)}), str(rnd))
+        self._book(rnd, asked, ok, failed)
+        return [(ok[node].content["arrays"].to_numpy_ndarrays(), int(ok[node].content["metrics"]["num-examples"]))
+                for node in clients if node in ok], len(failed)
+
+    def _book(self, rnd: int, asked: list[int], ok: dict, failed: dict) -> None:
+        """Record round ``rnd`` (failed clients, the rounds' log, the history's counts); raise
+        :class:`~.settings.FederatedError` when fewer than ``min_clients`` answered."""
         failures = {}
         for node, reason in failed.items():
             name = self.names.get(node, f"node {node}")
@@ -290,23 +333,36 @@ class FederatedServer:
             self.report(f"round {rnd}: client {name!r} failed ({reason})")
         self.rounds_log.append({"round": rnd, "asked": sorted(self.names.get(n, f"node {n}") for n in asked),
                                 "answered": sorted(self.names.get(n, f"node {n}") for n in ok), "failed": failures})
-        results = [(reply.content["arrays"].to_numpy_ndarrays(), int(reply.content["metrics"]["num-examples"]))
-                   for _, reply in sorted(ok.items())]
-        return results, failures
+        self.history["round"].append(rnd)
+        self.history["clients"].append(len(ok))
+        self.history["failures"].append(len(failures))
+        if len(ok) < self.min_clients:
+            raise FederatedError(f"round {rnd}: {len(ok)} of the {len(asked)} clients asked answered, fewer "
+                                 f"than the minimum {self.min_clients}; {self._summary()}")
 
     @torch.no_grad()
     def _evaluate(self, rnd: int, start: float) -> None:
         begin = time.perf_counter()
-        x_test = self.data.x_test
-        if self.method == "em-tdamp":
-            pred = self.posterior.predict(x_test, num_samples=self.eval_samples)
-            metrics = self._score(pred.probs if self.data.task == "classification" else pred.mean)
-        else:
-            set_weights(self.model, self.weights)
-            std, device = self.standardizer, self.device
-            out = torch.cat([self.model(std.x(x_test[i:i + 4096].to(device))) for i in range(0, len(x_test), 4096)])
-            pred = torch.softmax(out, -1) if self.data.task == "classification" else std.y_inverse(out.squeeze(-1))
-            metrics = self._score(pred)
+        pred = self.posterior.predict(self.data.x_test, num_samples=self.eval_samples)
+        self._record_evaluation(rnd, start, begin, self._score(pred.probs if self.data.task == "classification"
+                                                                else pred.mean))
+
+    @torch.no_grad()
+    def _evaluate_fedavg(self, rnd: int, arrays: ArrayRecord, start: float) -> MetricRecord | None:
+        """FedAvg's ``evaluate_fn``: the global weights ``arrays`` of round ``rnd`` on the test split
+        (``None`` for the rounds not evaluated, round 0 included)."""
+        if not self._due(rnd):
+            return None
+        begin = time.perf_counter()
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        x_test, std, device = self.data.x_test, self.standardizer, self.device
+        out = torch.cat([self.model(std.x(x_test[i:i + 4096].to(device))) for i in range(0, len(x_test), 4096)])
+        pred = torch.softmax(out, -1) if self.data.task == "classification" else std.y_inverse(out.squeeze(-1))
+        metrics = self._score(pred)
+        self._record_evaluation(rnd, start, begin, metrics)
+        return MetricRecord(metrics)
+
+    def _record_evaluation(self, rnd: int, start: float, begin: float, metrics: dict) -> None:
         self.history["eval_round"].append(rnd)
         self.history["wall_seconds"].append(time.perf_counter() - start)
         self.history["eval_seconds"].append(time.perf_counter() - begin)

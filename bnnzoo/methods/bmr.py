@@ -249,8 +249,8 @@ register(CatalogEntry(
 
 register(CatalogEntry(
     name="bmr-iterative",
-    summary="BMR-S&S during training (Markovic et al.'s schedule, one reduction per epoch): warm-up, then "
-            "train an epoch / reduce, pruned weights frozen at zero",
+    summary="BMR during training (Markovic et al.'s schedule, one reduction per epoch; rule S&S for regression, "
+            "BMR-RHS for classification): warm-up, then train an epoch / reduce, pruned weights frozen at zero",
     paper=_PAPER,
     tasks=("regression", "classification"),
     create=_creator(IterativeBMR, "bmr-iterative"),
@@ -260,7 +260,7 @@ register(CatalogEntry(
                                  **VALIDATION_OFF}},
         "classification": {"model": {"prior_scale": 1.0, **_MODEL}, "guide": {"init_scale": 1e-3},
                            "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "augment": None, "warmup_epochs": 1,
-                                     **_BMR,
+                                     **_BMR, "rule": "rhs",  # chosen on validation data: docs/methods/bmr.md
                                      **CALIBRATED}},
     },
     options=_OPTIONS,

@@ -21,9 +21,11 @@ pool globally.
 
 Structured pruning removes groups (output neurons and channels) of every layer but the head. In an
 exported pruned network the hidden units of the transformer and mixer MLPs are removed physically
-(:class:`MLP`'s ``prunable_pairs``); the other groups are masked. A residual block's inner channels
-cannot be dropped exactly: BatchNorm shifts a pruned channel's zero output to a constant, which the
-next convolution, with its zero padding, does not turn into a bias.
+(:class:`MLP`'s ``prunable_pairs``), and so are a residual block's pruned inner channels whose
+BatchNorm maps their zero output to a constant the ReLU clips to 0 (:class:`BasicBlock`'s
+``prunable_channels``); the other groups are masked. A pruned inner channel whose constant survives
+the ReLU stays, masked: the next convolution, with its zero padding, does not turn a constant image
+into a bias.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+    #: inner channels a pruned export may remove (:meth:`~bnnzoo.models.ModuleNetwork.to_torch`):
+    #: conv1's output channels, with bn1's entries and conv2's input channels
+    prunable_channels = (("conv1", "bn1", "conv2"),)
 
 
 class ResNet(nn.Module):

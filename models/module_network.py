@@ -200,7 +200,9 @@ class ModuleNetwork(SiteLayout, nn.Module):
         """A plain copy of the module with these weights: ``params`` fills in every site (the initial
         weights otherwise) and every layer gets its bias. A ``keep`` mask over a layer's groups
         removes them physically where that is exact (the hidden units of a submodule's
-        ``prunable_pairs``, such as the MLPs of :mod:`~bnnzoo.models.architectures`) and is applied
+        ``prunable_pairs``, such as the MLPs of :mod:`~bnnzoo.models.architectures`, and, in eval
+        mode, the inner channels of its ``prunable_channels`` that the ReLU after BatchNorm zeroes:
+        :func:`_shrink_channels`) and is applied
         with :func:`torch.nn.utils.parametrize` elsewhere (pruned rows read as zero, also after
         further training), so the exported module's outputs equal the masked network's."""
         values = {k: v.detach().cpu() for k, v in (params or self._initial).items()}
@@ -214,10 +216,11 @@ class ModuleNetwork(SiteLayout, nn.Module):
             mod.weight = nn.Parameter(values[f"{layer.name}.weight"].clone())
             mod.bias = nn.Parameter(values[f"{layer.name}.bias"].clone())
         shrunk = _shrink_pairs(out, keep)
+        keep = {**keep, **_shrink_channels(out, keep)}
         leaves = dict(out.named_modules())
         for layer in self.param_layers:
             k = keep.get(layer.name)
-            if k is not None and layer.name not in shrunk:
+            if k is not None and layer.name not in shrunk and not bool(k.all()):
                 mod = leaves[layer.name]
                 parametrize.register_parametrization(mod, "weight", _RowMask(k, tuple(mod.weight.shape)))
                 parametrize.register_parametrization(mod, "bias", _RowMask(k, (len(k),)))
@@ -251,6 +254,58 @@ def _shrink_pairs(module: nn.Module, keep: Mapping[str, torch.Tensor]) -> set[st
             setattr(mod, consumer, smaller_second)
             shrunk.add(name)
     return shrunk
+
+
+def _shrink_channels(module: nn.Module, keep: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove pruned inner channels of convolutional blocks physically where that is exact in eval
+    mode: a submodule's ``prunable_channels`` lists ``(producer, norm, consumer)`` child names, two
+    ``nn.Conv2d`` with a ``nn.BatchNorm2d`` (running statistics) and then a ReLU between them (a
+    residual block's ``conv1 -> bn1 -> relu -> conv2``). A pruned channel of the producer outputs 0,
+    which the normalisation maps to the constant ``c = beta - gamma mu / sqrt(var + eps)``; where
+    ``relu(c) = 0`` the channel adds nothing to the consumer, so it is dropped with its normalisation
+    entries and the consumer's input channel. Where ``c > 0`` it adds a constant image, which the
+    consumer's zero padding makes position-dependent at the borders, so no bias can stand for it:
+    that channel stays, masked. Returns, per producer changed, the keep mask of its remaining
+    channels (the masked ones among them False)."""
+    out = {}
+    for path, mod in list(module.named_modules()):
+        for producer, norm, consumer in getattr(mod, "prunable_channels", ()):
+            name = f"{path}.{producer}" if path else producer
+            k = keep.get(name)
+            first, bn, second = getattr(mod, producer), getattr(mod, norm), getattr(mod, consumer)
+            if k is None or not (isinstance(first, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                                 and isinstance(second, nn.Conv2d) and bn.track_running_stats
+                                 and first.groups == 1 and second.groups == 1):
+                continue
+            with torch.no_grad():
+                gamma = bn.weight if bn.affine else torch.ones_like(bn.running_mean)
+                beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+                constant = beta - gamma * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+            stays = k | (constant > 0).cpu()
+            if bool(stays.all()):
+                continue
+            idx = torch.nonzero(stays).flatten()
+            with torch.no_grad():
+                smaller_first = copy.deepcopy(first)
+                smaller_first.weight = nn.Parameter(first.weight[idx].clone())
+                if first.bias is not None:
+                    smaller_first.bias = nn.Parameter(first.bias[idx].clone())
+                smaller_first.out_channels = len(idx)
+                smaller_bn = copy.deepcopy(bn)
+                smaller_bn.num_features = len(idx)
+                for attr in ("weight", "bias"):
+                    if getattr(bn, attr) is not None:
+                        setattr(smaller_bn, attr, nn.Parameter(getattr(bn, attr)[idx].clone()))
+                for attr in ("running_mean", "running_var"):
+                    setattr(smaller_bn, attr, getattr(bn, attr)[idx].clone())
+                smaller_second = copy.deepcopy(second)
+                smaller_second.weight = nn.Parameter(second.weight[:, idx].clone())
+                smaller_second.in_channels = len(idx)
+            setattr(mod, producer, smaller_first)
+            setattr(mod, norm, smaller_bn)
+            setattr(mod, consumer, smaller_second)
+            out[name] = k[idx]
+    return out
 
 
 class _RowMask(nn.Module):

@@ -311,3 +311,45 @@ def test_token_linear_layers_take_the_fused_local_reparameterisation(monkeypatch
     torch.testing.assert_close(fused_f, plain_f, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused_kl, plain_kl, rtol=1e-5, atol=1e-3)
     fused_f.sum().backward()  # the fused backward runs on token inputs
+
+
+def test_residual_inner_channels_are_removed_where_exact():
+    """A pruned conv1 channel whose BatchNorm constant the ReLU clips to 0 leaves the exported
+    block (conv1, bn1 and conv2 smaller); one whose constant survives stays, masked; the outputs
+    equal the masked network's in eval mode."""
+    from bnnzoo.models.networks import build_network
+
+    torch.manual_seed(0)
+    net = build_network("resnet-8", (3, 8, 8), 4)
+    params = net.init_params(torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(3)
+    blocks = [name[: -len(".conv1")] for name in (layer.name for layer in net.param_layers) if name.endswith("conv1")
+              and name.startswith("blocks.")]
+    assert blocks
+    keep, removable = {}, {}
+    with torch.no_grad():
+        for b in blocks:
+            bn = net.module.get_submodule(f"{b}.bn1")
+            bn.running_mean.uniform_(-1.0, 1.0, generator=g)
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+            bn.bias.uniform_(-0.5, 0.5, generator=g)
+            constant = bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+            k = torch.rand(bn.num_features, generator=g) < 0.5
+            keep[f"{b}.conv1"] = k
+            removable[b] = (~k & (constant <= 0)).sum().item()
+    assert sum(removable.values()) > 0 and any((~k).sum() > removable[b] for b, k in
+                                              zip(blocks, keep.values()))  # some pruned channels stay masked
+    masked = dict(params)
+    for name, k in keep.items():
+        masked[f"{name}.weight"] = params[f"{name}.weight"] * k.view(-1, 1, 1, 1)
+        masked[f"{name}.bias"] = params[f"{name}.bias"] * k
+    net.eval()
+    exported = net.to_torch(params, keep).eval()
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x, masked))
+    for b in blocks:
+        block, n = exported.get_submodule(b), int(keep[f"{b}.conv1"].numel())
+        assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels == n - removable[b]
+        assert block.conv1.weight.shape[0] == n - removable[b] and block.conv2.weight.shape[1] == n - removable[b]
+        assert parametrize_is(block.conv1) == bool(n - removable[b] > int(keep[f"{b}.conv1"].sum()))

@@ -41,9 +41,9 @@ SGHMC_OPTIONS = {"epochs": 4, "batch_size": 227, "cycles": 2, "samples_per_cycle
                  "prune_start": 3, "precondition": "always"}
 
 
-def _fit_rank(parallel: DataParallel, device, name: str, options: dict, out: str) -> None:
-    """A rank of a spawned job: the fit of ``name`` on Boston, its state saved as ``rank<r>.pt`` with
-    the number of ``all_reduce`` calls it made."""
+def _count_all_reduce() -> list[int]:
+    """Wrap this process's ``torch.distributed.all_reduce`` so that every call appends the size of
+    its tensor to the returned list (a spawned rank's own process: nothing to restore)."""
     calls = []
     all_reduce = torch.distributed.all_reduce
 
@@ -52,6 +52,13 @@ def _fit_rank(parallel: DataParallel, device, name: str, options: dict, out: str
         return all_reduce(tensor, *args, **kwargs)
 
     torch.distributed.all_reduce = counted
+    return calls
+
+
+def _fit_rank(parallel: DataParallel, device, name: str, options: dict, out: str) -> None:
+    """A rank of a spawned job: the fit of ``name`` on Boston, its state saved as ``rank<r>.pt`` with
+    the number of ``all_reduce`` calls it made."""
+    calls = _count_all_reduce()
     posterior = bnnzoo.fit(name, None, seed=3, device=device, progress=False, **options)
     torch.save(dict(_state(posterior), all_reduce=calls), Path(out) / f"rank{parallel.rank}.pt")
 
@@ -383,14 +390,7 @@ def _tdamp_fit_state(posterior) -> dict:
 def _tdamp_rank(parallel: DataParallel, device, out: str) -> None:
     """A rank of the EM-TDAMP job: the float64 guide passes of both tasks and the catalog fit on
     Boston, with the sizes of the ``all_reduce`` calls of each."""
-    calls = []
-    all_reduce = torch.distributed.all_reduce
-
-    def counted(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return all_reduce(tensor, *args, **kwargs)
-
-    torch.distributed.all_reduce = counted
+    calls = _count_all_reduce()
     results = {}
     for task in TDAMP_GUIDE_CASES:
         calls.clear()

@@ -136,7 +136,8 @@ class SamplePosterior(Posterior):
             with warnings.catch_warnings():  # fewer cores than chains: MCMC runs them in turn, as intended
                 warnings.filterwarnings("ignore", message=".*Chains will be drawn sequentially.*")
                 mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
-                            mp_context=mp_context, disable_progbar=not progress, save_params=sites,
+                            mp_context=mp_context, disable_progbar=not progress,
+                            save_params=sites + list(self.net.state_buffers()),  # a draw's BatchNorm statistics
                             hook_fn=records)
             mcmc.run(x, y)
             samples = mcmc.get_samples(group_by_chain=True)

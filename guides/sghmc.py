@@ -281,9 +281,10 @@ class SGHMC(MCMCKernel):
 
     # ---- Pyro's kernel interface ------------------------------------------------------------------
     def output_sites(self) -> list[str]:
-        """The names a sample holds: the weight sites, and with EM ``pi`` and ``<layer>.inclusion_prob``."""
+        """The names a sample holds: the weight sites, the network's state buffers (a module's
+        normalisation statistics at the draw), and with EM ``pi`` and ``<layer>.inclusion_prob``."""
         extra = ["pi"] + [f"{lay.layer}.inclusion_prob" for lay in self.em.layouts] if self.em else []
-        return self.sites + extra
+        return self.sites + list(self.model.net.state_buffers()) + extra
 
     @property
     def save_params(self) -> list[str]:
@@ -477,6 +478,7 @@ class SGHMC(MCMCKernel):
 
     def _current(self) -> dict[str, torch.Tensor]:
         out = {s: p.detach().clone() for s, p in zip(self.sites, self._params)}
+        out.update(self.model.net.state_buffers())  # a module's BatchNorm statistics belong to this draw
         if self.em is not None:
             out["pi"] = self.em.pi.clone()
             with torch.no_grad():

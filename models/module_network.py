@@ -167,8 +167,33 @@ class ModuleNetwork(SiteLayout, nn.Module):
             return self.module(x)
 
     def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Outputs for one set of weights ``params`` (site name -> tensor)."""
-        return self.apply(x, lambda layer, h: layer.op(h, params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]))
+        """Outputs for one set of weights ``params`` (site name -> tensor). Where ``params`` also
+        holds entries of :meth:`state_buffers` (a sampler's draw records them), the module runs with
+        those normalisation statistics in place of its own."""
+        with self._buffers_from(params):
+            return self.apply(x, lambda layer, h: layer.op(h, params[f"{layer.name}.weight"],
+                                                           params[f"{layer.name}.bias"]))
+
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        """Copies of the module's floating-point buffers (BatchNorm's running means and variances),
+        by their names in the module: they follow the weights, so each stored draw of a sampler
+        needs its own."""
+        return {name: b.detach().clone() for name, b in self.module.named_buffers() if b.is_floating_point()}
+
+    @contextmanager
+    def _buffers_from(self, params: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        swapped = []
+        for name, buf in self.module.named_buffers():
+            if name in params and buf.is_floating_point():
+                owner, _, attr = name.rpartition(".")
+                mod = self.module.get_submodule(owner) if owner else self.module
+                swapped.append((mod, attr, mod._buffers[attr]))
+                mod._buffers[attr] = params[name]
+        try:
+            yield
+        finally:
+            for mod, attr, original in swapped:
+                mod._buffers[attr] = original
 
     # ---- initialisation, description, export ---------------------------------------------------
     def init_params(self, generator: torch.Generator | None = None, device=None) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 class SiteLayout:
     """The sites, layers and sizes of a network whose ``param_layers`` (each with ``name``,
@@ -37,3 +39,10 @@ class SiteLayout:
     def hidden_layers(self) -> list:
         """The layers whose groups may be pruned (all but the output layer)."""
         return self.param_layers[:-1]
+
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        """Copies of the state the network keeps besides its weights that depends on them (a
+        module's normalisation statistics), by name; none for a chain of layers. A sampler records
+        it with each stored draw, and :meth:`forward` uses a draw's own where its ``params`` hold
+        them."""
+        return {}

@@ -353,3 +353,48 @@ def test_residual_inner_channels_are_removed_where_exact():
         assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels == n - removable[b]
         assert block.conv1.weight.shape[0] == n - removable[b] and block.conv2.weight.shape[1] == n - removable[b]
         assert parametrize_is(block.conv1) == bool(n - removable[b] > int(keep[f"{b}.conv1"].sum()))
+
+
+def test_each_stored_sghmc_draw_keeps_its_own_batchnorm_statistics():
+    """BatchNorm's running averages follow the weights: spike-slab-sghmc stores them with every
+    draw, and the network predicts each draw with its own (the module's last ones match only the
+    last draw)."""
+    from bnnzoo.models.networks import build_network
+
+    net = build_network("resnet-8", (1, 8, 8), 3)
+    params = net.init_params(torch.Generator().manual_seed(0))
+    state = net.state_buffers()
+    assert state and all("running" in k for k in state)
+    x = torch.rand(4, 1, 8, 8)
+    net.eval()
+    with torch.no_grad():
+        own = net(x, params)
+        shifted = {k: v + 0.5 if k.endswith("running_mean") else v * 2.0 for k, v in state.items()}
+        with_draw = net(x, {**params, **shifted})
+        for name, value in shifted.items():  # the same statistics loaded into the module by hand
+            owner, _, attr = name.rpartition(".")
+            getattr(net.module.get_submodule(owner), attr).copy_(value)
+        by_hand = net(x, params)
+        for name, value in state.items():
+            owner, _, attr = name.rpartition(".")
+            getattr(net.module.get_submodule(owner), attr).copy_(value)
+    assert not torch.allclose(with_draw, own)
+    torch.testing.assert_close(with_draw, by_hand)
+    torch.testing.assert_close(net(x, params), own)  # the module's own statistics are left as they were
+
+    data = _images(64)
+    post = bnnzoo.fit("spike-slab-sghmc", data, network={"arch": "resnet-8"}, epochs=4, batch_size=16, cycles=2,
+                      samples_per_cycle=2, thinning=1, progress=False, seed=0)
+    names = list(post.net.state_buffers())
+    assert set(names) <= set(post.samples)
+    means = post.samples[names[0]].reshape(post.num_draws, -1)
+    assert not torch.allclose(means[0], means[-1])  # recorded at each draw, not once
+    xs = post.standardizer.x(data.x_test)
+    draws = list(post.draw_weights(post.num_draws))
+    first = draws[0]
+    module_stats = post.net.state_buffers()
+    for name in names:  # the module itself ends with the last draw's statistics
+        torch.testing.assert_close(module_stats[name], draws[-1][name])
+    with torch.no_grad():
+        without = post.net(xs, {k: v for k, v in first.items() if k not in names})
+        assert not torch.allclose(post.net(xs, first), without)

@@ -242,21 +242,28 @@ def boston(device, splits: list[int] | None = None) -> dict:
     far outside the training inputs (errors of 25-40 on it)."""
     out = {}
     for prior, key in (("fixed", "bmr-iterative-ss-boston"), ("layer-scale", "bmr-iterative-ss-layer-scale-boston")):
-        result = uci_protocol("bmr-iterative", "boston", splits, device=device, baseline="adam", progress=True,
-                              rule="ss", weight_prior=prior)
-        s = result["summary"]
-        ll, pruned = s["log_likelihood"], s["weights_pruned_fraction"]
-        result["targets"] = {"test_ll_at_least_-2.55": ll["mean"] >= -2.55,
-                             "at_least_70_percent_pruned": pruned["mean"] >= 0.7}
-        result["headline"] = (f"rule ss, weight prior {prior} (pruned weights counted as "
-                              f"{result['config']['train']['count_pruned']}): test LL {ll['mean']:.3f} ± {ll['se']:.3f}, "
-                              f"RMSE {s['rmse']['mean']:.2f} ± {s['rmse']['se']:.2f}, {100 * pruned['mean']:.1f}% of "
-                              f"weights pruned (min over splits "
-                              f"{100 * min(r['weights_pruned_fraction'] for r in result['per_split']):.1f}%), "
-                              f"epoch time {s['epoch_time_ratio']['mean']:.2f}x plain Adam's, "
-                              f"{len(result['splits'])} splits")
-        out[key] = result
+        out[key] = _boston_iterative(
+            device, splits, lambda r, prior=prior: (f"rule ss, weight prior {prior} (pruned weights counted as "
+                                                    f"{r['config']['train']['count_pruned']})"),
+            rule="ss", weight_prior=prior)
     return out
+
+
+def _boston_iterative(device, splits, label, **options) -> dict:
+    """bmr-iterative with ``options`` over the Boston splits (plain Adam interleaved), with the Boston
+    targets (test LL >= -2.55, >= 70% of weights pruned) and a headline opening with ``label(result)``."""
+    result = uci_protocol("bmr-iterative", "boston", splits, device=device, baseline="adam", progress=True, **options)
+    s = result["summary"]
+    ll, pruned = s["log_likelihood"], s["weights_pruned_fraction"]
+    result["targets"] = {"test_ll_at_least_-2.55": ll["mean"] >= -2.55,
+                         "at_least_70_percent_pruned": pruned["mean"] >= 0.7}
+    result["headline"] = (f"{label(result)}: test LL {ll['mean']:.3f} ± {ll['se']:.3f}, "
+                          f"RMSE {s['rmse']['mean']:.2f} ± {s['rmse']['se']:.2f}, {100 * pruned['mean']:.1f}% of "
+                          f"weights pruned (min over splits "
+                          f"{100 * min(r['weights_pruned_fraction'] for r in result['per_split']):.1f}%), "
+                          f"epoch time {s['epoch_time_ratio']['mean']:.2f}x plain Adam's, "
+                          f"{len(result['splits'])} splits")
+    return result
 
 
 def boston_horseshoe(device, num_samples: int = 1000) -> dict:
@@ -392,23 +399,9 @@ RHS_TEST = ("ss", "rhs/weight")
 def rhs_boston(device, splits: list[int] | None = None) -> dict:
     """bmr-iterative with each of ``RHS_TEST`` (the regression defaults otherwise) over all 20
     Boston splits, in one run; against plain Adam for the epoch time (which includes the reductions)."""
-    out = {}
-    for key in RHS_TEST:
-        options = RHS_CANDIDATES[key]
-        result = uci_protocol("bmr-iterative", "boston", splits, device=device, baseline="adam", progress=True,
-                              **options)
-        s = result["summary"]
-        ll, pruned = s["log_likelihood"], s["weights_pruned_fraction"]
-        result["targets"] = {"test_ll_at_least_-2.55": ll["mean"] >= -2.55,
-                             "at_least_70_percent_pruned": pruned["mean"] >= 0.7}
-        result["headline"] = (f"bmr-iterative {key}: test LL {ll['mean']:.3f} ± {ll['se']:.3f}, RMSE "
-                              f"{s['rmse']['mean']:.2f} ± {s['rmse']['se']:.2f}, {100 * pruned['mean']:.1f}% of weights "
-                              f"pruned (min over splits "
-                              f"{100 * min(r['weights_pruned_fraction'] for r in result['per_split']):.1f}%), "
-                              f"epoch time {s['epoch_time_ratio']['mean']:.2f}x plain Adam's, "
-                              f"{len(result['splits'])} splits")
-        out[f"bmr-rhs-boston-{key.replace('/', '-')}"] = result
-    return out
+    return {f"bmr-rhs-boston-{key.replace('/', '-')}":
+            _boston_iterative(device, splits, lambda r, key=key: f"bmr-iterative {key}", **RHS_CANDIDATES[key])
+            for key in RHS_TEST}
 
 
 def rhs_select_boston(device, splits=range(5)) -> dict:

@@ -22,7 +22,8 @@ plumbing check). Run on one CPU thread, or on a GPU::
     python -m benchmarks.run module-nets --threads 1
 
 ``module-mnist-mixer`` and ``module-mnist-vit``: BMR's architectures on MNIST train5k -> t10k,
-bmr-iterative (catalog defaults: 25 epochs, lr 3e-3, rule ss) with plain Adam interleaved, against
+bmr-iterative at its catalog classification defaults (epochs, learning rate and reduction rule read
+from the catalog) with plain Adam interleaved, against
 the flat mean-field posterior of the same settings (the comparison of :mod:`benchmarks.bench_bmr`);
 both without the validation part (no calibration: the comparison is of the fits), 32 test draws.
 """
@@ -34,6 +35,7 @@ import time
 
 import torch
 
+from bnnzoo.catalog import get_entry
 from bnnzoo.data import Dataset
 
 from .bench_bmr import _mnist as mnist_comparison
@@ -118,9 +120,10 @@ def run(device, n: int, epochs: int, archs=ARCHS) -> dict:
 
 
 def mnist_bmr(device, arch: str) -> dict:
-    out, flat, _ = mnist_comparison({"arch": arch}, arch, device=device, epochs=25, num_samples=32,
-                                    variants={f"bmr-iterative-mnist-{arch}": {"rule": "ss"}},
-                                    options={"validation_fraction": None})
+    train = get_entry("bmr-iterative").defaults["classification"]["train"]
+    out, flat, _ = mnist_comparison({"arch": arch}, arch, device=device, epochs=train["epochs"], num_samples=32,
+                                    variants={f"bmr-iterative-mnist-{arch}": {"rule": train["rule"]}},
+                                    options={"validation_fraction": None, "lr": train["lr"]})
     return {**out, f"meanfield-vi-mnist-{arch}": flat}
 
 

@@ -482,7 +482,7 @@ class HorseshoeGuide(WeightGuide):
         def linear(layer, h):
             nonlocal kl
             s = scales[layer.name]
-            if fused and layer.kind == "dense":
+            if fused and layer.kind in ("dense", "linear"):  # a module's nn.Linear: on its last axis
                 mu, rho, b_mu, b_rho, prior_scale = fast.layers[layer.name]
                 out, layer_kl = scaled_local_reparam_dense(h, mu, rho, b_mu, b_rho, s, prior_scale)
             else:

@@ -58,6 +58,14 @@ class ScaledLocalReparamDense(torch.autograd.Function):
 
 def scaled_local_reparam_dense(h, mu, rho, b_mu, b_rho, s, prior_scale: float):
     """One local-reparameterised draw of ``s * (h beta^T + beta_bias)`` and the layer's Gaussian KL;
-    ``s`` has one positive entry per output unit."""
-    eps = example_noise((h.shape[0], mu.shape[0]), device=h.device, dtype=h.dtype)
-    return ScaledLocalReparamDense.apply(h, mu, rho, b_mu, b_rho, s, eps, prior_scale)
+    ``s`` has one positive entry per output unit. Inputs ``h`` of shape ``(B, ..., I)`` (the tokens
+    of a transformer or a mixer) are one draw per example and position: the noise is drawn as
+    ``(B, ..., O)`` (per example, as a data-parallel rank slices it) and the products run on the
+    flattened ``(B * ..., I)`` rows."""
+    lead = h.shape[:-1]
+    eps = example_noise(lead + (mu.shape[0],), device=h.device, dtype=h.dtype)
+    if h.dim() == 2:
+        return ScaledLocalReparamDense.apply(h, mu, rho, b_mu, b_rho, s, eps, prior_scale)
+    out, kl = ScaledLocalReparamDense.apply(h.reshape(-1, h.shape[-1]), mu, rho, b_mu, b_rho, s,
+                                            eps.reshape(-1, mu.shape[0]), prior_scale)
+    return out.reshape(lead + (mu.shape[0],)), kl

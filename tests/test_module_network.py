@@ -398,3 +398,46 @@ def test_each_stored_sghmc_draw_keeps_its_own_batchnorm_statistics():
     with torch.no_grad():
         without = post.net(xs, {k: v for k, v in first.items() if k not in names})
         assert not torch.allclose(post.net(xs, first), without)
+
+
+class Tokens(nn.Module):
+    """A linear layer applied to every token (input ``(B, T, I)``), mean pooling, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(x)).mean(1))
+
+
+def test_horseshoe_token_wise_linear_takes_the_fused_step_with_the_same_draw(monkeypatch):
+    """A module's nn.Linear on tokens goes through the fused local-reparameterised layer; with the
+    same random state its output and KL equal the generic per-layer path's (one draw per example,
+    token and unit)."""
+    from bnnzoo.guides import horseshoe
+
+    calls = []
+
+    def counted(h, *args):
+        calls.append(tuple(h.shape))
+        return fused_layer(h, *args)
+
+    fused_layer = horseshoe.scaled_local_reparam_dense
+    monkeypatch.setattr(horseshoe, "scaled_local_reparam_dense", counted)
+    built = bnnzoo.create("horseshoe-svi", "classification", (4, 6), 3, module=Tokens(), seed=0)
+    guide, model = built.guide, built.model
+    x = torch.randn(7, 4, 6)
+    plan = guide.step_plan()
+    assert not plan.pruned
+    torch.manual_seed(1)
+    fused, fused_kl = guide.sample_outputs_and_kl(model, x)
+    plan.pruned = True  # the generic path (the one a pruned guide takes), same parameters
+    torch.manual_seed(1)
+    generic, generic_kl = guide.sample_outputs_and_kl(model, x)
+    assert fused.shape == (7, 3) and calls == [(7, 4, 6), (7, 5)]  # both layers fused, the first on tokens
+    assert torch.allclose(fused, generic, atol=1e-5) and torch.allclose(fused_kl, generic_kl, rtol=1e-5)
+    plan.pruned = False
+    torch.manual_seed(2)
+    assert not torch.allclose(guide.sample_outputs_and_kl(model, x)[0], fused)  # a new draw differs

@@ -13,8 +13,10 @@ For every architecture:
   (target: at most 1.3x);
 * one post-hoc BMR reduction (``Posterior.reduce(rule="ss")`` of the mean-field fit, deep copy
   included) against that fit's median epoch (target: at most 5%);
-* peak memory of a training epoch on CUDA (``torch.cuda.max_memory_allocated``, against the plain
-  run's); on the CPU no per-method peak is available from torch and none is reported.
+* peak memory of training: on CUDA ``torch.cuda.max_memory_allocated`` over the interleaved fit; on
+  the CPU (Linux), the peak resident memory of the method's epochs and of its plain baseline's,
+  each measured in a fresh process on 256 images (:mod:`benchmarks.peak_memory`), and the ratio of
+  what their epochs allocate above the resting process.
 
 ``module-nets`` runs N = 1,024 images for 4 epochs; ``module-nets-quick`` N = 256 for 2 epochs (the
 plumbing check). Run on one CPU thread, or on a GPU::
@@ -40,12 +42,15 @@ from bnnzoo.data import Dataset
 
 from .bench_bmr import _mnist as mnist_comparison
 from .harness import epoch_ratio, fit_with_baseline
+from .peak_memory import cpu_epoch_peak
 
 ARCHS = ("resnet-20", "vit-tiny", "mixer-small")
 BATCH_SIZE = 128
 #: the catalog's validation-based choices are off: the fit itself is what is timed
 UNTIMED_CHOICES = {"validation_fraction": None}
 TARGETS = {"meanfield-vi": 2.5, "horseshoe-svi": 2.5, "spike-slab-sghmc": 1.3}
+#: images of the peak-memory runs on the CPU (two minibatches of BATCH_SIZE: the peak is a step's)
+PEAK_IMAGES = 2 * BATCH_SIZE
 
 
 def synthetic_images(n: int, seed: int = 0, shape=(3, 32, 32), classes: int = 10) -> Dataset:
@@ -65,6 +70,19 @@ def _peak(device, fn) -> tuple[float | None, object]:
     out = fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20, out
+
+
+def _cpu_peaks(arch: str, name: str, baseline: str, lr: float, epochs: int) -> dict:
+    """Peak resident memory of ``name``'s training epochs and of its plain baseline's, each in a
+    fresh process on :data:`PEAK_IMAGES` images (:mod:`benchmarks.peak_memory`)."""
+    job = {"network": {"arch": arch}, "n": PEAK_IMAGES, "batch_size": BATCH_SIZE}
+    method = cpu_epoch_peak({**job, "entry": name, "options": _options(name, epochs)})
+    plain = cpu_epoch_peak({**job, "plain": baseline, "lr": lr})
+    if method is None or plain is None:
+        return {}
+    return {"cpu_peak_rss_mib": method["peak_rss_mib"], "plain_cpu_peak_rss_mib": plain["peak_rss_mib"],
+            "cpu_epoch_rise_mib": method["epoch_rise_mib"], "plain_cpu_epoch_rise_mib": plain["epoch_rise_mib"],
+            "cpu_epoch_rise_ratio": method["epoch_rise_mib"] / plain["epoch_rise_mib"]}
 
 
 def _options(name: str, epochs: int) -> dict:
@@ -89,6 +107,8 @@ def architecture_rows(arch: str, data: Dataset, device, epochs: int) -> dict:
                       "peak_memory_mib": peak, "weights": posterior.net.num_weights(),
                       "target": TARGETS[name], "meets_target": ratio <= TARGETS[name]}
         fitted[name] = posterior
+        if device.type == "cpu":
+            rows[name].update(_cpu_peaks(arch, name, baseline, lr, epochs))
     flat = fitted["meanfield-vi"]
     seconds = []
     for _ in range(3):

@@ -4,9 +4,11 @@ process) for ``meanfield-vi`` and ``spike-slab-sghmc`` on LeNet-5, MNIST train5k
 Suites (``python -m benchmarks.run SUITE --threads 1``):
 
 - ``scaling``: examples per second of the fit with one process (the ordinary fit, in this process)
-  and with two (``bnnzoo.distributed.spawn``: two ranks, each computing half of every global
-  minibatch), on the same global minibatches (same seed, same batch size); the ratio is the speed-up
-  (the target is 1.6x on two cores). Throughput is the training examples of the timed epochs over
+  and with two (``bnnzoo.distributed.spawn``), in two ways: on the same global minibatches (same
+  seed, same batch size, each rank computing half of every minibatch: strong scaling) and with a
+  global minibatch twice as large (each rank computing as many examples a step as the single
+  process: weak scaling, the way data-parallel training is usually scaled out). The ratio is the
+  speed-up (the target is 1.6x on two cores). Throughput is the training examples of the timed epochs over
   their summed wall time (the fits' own ``history.epoch_seconds``: process start-up, data loading and
   evaluation are left out); the first epoch is left out as warm-up. The final losses of the 1- and
   2-process fits are recorded side by side: on the same global batches they agree up to rounding.
@@ -70,22 +72,33 @@ def _throughput(run: dict, warmup: int = 1) -> float:
     return len(seconds) * run["num_train"] / sum(seconds)
 
 
+def _two_processes(name: str, options: dict, n: int | None, device) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bnnzoo-scaling-") as out:
+        distributed.spawn(_rank, 2, name, options, n, out, device=device, threads=1)
+        return torch.load(Path(out) / "rank0.pt")
+
+
 def scaling_case(name: str, epochs: int, n: int | None = None, device="cpu") -> dict:
-    """One entry's 1- and 2-process fits of ``epochs`` epochs (the first one untimed)."""
+    """One entry's 1- and 2-process fits of ``epochs`` epochs (the first one untimed): the 2-process
+    fit on the same global minibatches (strong scaling: each rank computes half of every batch of
+    ``BATCH_SIZE``) and on global minibatches twice as large (weak scaling: each rank computes
+    ``BATCH_SIZE`` examples a step, as the single process does)."""
     options = {**OPTIONS[name], **_epochs_options(name, epochs)}
     torch.set_num_threads(1)
     single = _fit(name, options, n, device)
-    with tempfile.TemporaryDirectory(prefix="bnnzoo-scaling-") as out:
-        distributed.spawn(_rank, 2, name, options, n, out, device=device, threads=1)
-        double = torch.load(Path(out) / "rank0.pt")
-    one, two = _throughput(single), _throughput(double)
+    double = _two_processes(name, options, n, device)
+    weak = _two_processes(name, {**options, "batch_size": 2 * options["batch_size"]}, n, device)
+    one, two, two_weak = _throughput(single), _throughput(double), _throughput(weak)
     return {"examples_per_second": {"1": one, "2": two}, "speedup": two / one,
             "epoch_seconds": {"1": single["epoch_seconds"], "2": double["epoch_seconds"]},
             "final_loss": {"1": single["loss"][-1], "2": double["loss"][-1]},
             "final_loss_abs_difference": abs(single["loss"][-1] - double["loss"][-1]),
             "options": options, "num_train": single["num_train"],
             "median_epoch_seconds": {"1": statistics.median(single["epoch_seconds"][1:]),
-                                     "2": statistics.median(double["epoch_seconds"][1:])}}
+                                     "2": statistics.median(double["epoch_seconds"][1:])},
+            "weak": {"batch_size_per_process": options["batch_size"], "global_batch_size": 2 * options["batch_size"],
+                     "examples_per_second": two_weak, "speedup": two_weak / one,
+                     "epoch_seconds": weak["epoch_seconds"]}}
 
 
 def _suite(key: str, epochs: int, n: int | None, device) -> dict:
@@ -94,9 +107,13 @@ def _suite(key: str, epochs: int, n: int | None, device) -> dict:
     cases = {name: scaling_case(name, epochs, n, device) for name in OPTIONS}
     summary = ", ".join(f"{name} {c['speedup']:.2f}x ({c['examples_per_second']['1']:.0f} -> "
                         f"{c['examples_per_second']['2']:.0f} examples/s)" for name, c in cases.items())
+    weak = ", ".join(f"{name} {c['weak']['speedup']:.2f}x ({c['weak']['examples_per_second']:.0f} examples/s)"
+                     for name, c in cases.items())
     return {key: {"model": ", ".join(OPTIONS), "dataset": "mnist-train5k" if n is None else f"mnist-train5k[:{n}]",
                   "arch": ARCH, "processes": [1, 2], "backend": "gloo", "threads_per_process": 1,
-                  "headline": f"2 processes over 1: {summary}", "cases": cases}}
+                  "headline": (f"2 processes over 1, global batch {BATCH_SIZE} (strong scaling): {summary}; "
+                               f"batch {BATCH_SIZE} per process (weak scaling): {weak}"),
+                  "cases": cases}}
 
 
 def run_scaling(device) -> dict:

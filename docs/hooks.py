@@ -17,10 +17,12 @@ These hooks bring it in at build time, without copying or linking anything into 
   README (the catalog table), so the table has one source.
 - On the API page, the Sphinx roles of the docstrings (``:func:`fit```) are shown as the code they
   name (``fit``; ``~a.b.C`` as ``C``), as Sphinx shows them.
-- ``javascripts/mathjax.js``: the MathJax 3 configuration that ``mkdocs.yml`` loads, typesetting the
+- ``javascripts/mathjax.js``: the MathJax configuration that ``mkdocs.yml`` loads, typesetting the
   math of Markdown pages (Material's arithmatex, ``\\(...\\)`` and ``\\[...\\]``) and of notebook
   Markdown cells (``$...$`` and ``$$...$$``), and nothing else of the page content (a ``$`` in a
-  Markdown page stays a dollar sign).
+  Markdown page stays a dollar sign); MathJax itself (2.7, from the ``jupyter-server-mathjax``
+  package of the docs extra) is copied into ``javascripts/mathjax/`` of the built site, so the
+  site typesets its math without network.
 
 :func:`nav_targets` is used by ``tests/test_docs_site.py`` to check the nav.
 """
@@ -29,8 +31,10 @@ from __future__ import annotations
 
 import posixpath
 import re
+import shutil
 from pathlib import Path
 
+import jupyter_server_mathjax
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
@@ -49,19 +53,24 @@ GENERATED: dict[str, tuple[str, str]] = {
 }
 
 MATHJAX_JS = "javascripts/mathjax.js"
+#: where MathJax itself is served in the site (copied from jupyter-server-mathjax, the docs extra's)
+MATHJAX_DIR = "javascripts/mathjax"
 MATHJAX_CONFIG = r"""window.MathJax = {
-  tex: {
+  // the combined configuration the package ships (TeX input, HTML-CSS output, tex2jax, AMS), which
+  // holds the output jax that its trimmed tree leaves out as separate files
+  config: ["TeX-AMS-MML_HTMLorMML-full.js"],
+  tex2jax: {
     inlineMath: [["\\(", "\\)"], ["$", "$"]],
     displayMath: [["\\[", "\\]"], ["$$", "$$"]],
     processEscapes: true,
-    processEnvironments: true
-  },
-  options: {
+    processEnvironments: true,
     // the page content is left alone but for arithmatex's elements and the notebooks' Markdown
-    // cells (whose math sits in child paragraphs, so ".*|", which would skip those, is not used)
-    ignoreHtmlClass: "md-typeset",
-    processHtmlClass: "arithmatex|jp-RenderedMarkdown"
-  }
+    // cells (a dollar sign elsewhere in a page stays a dollar sign)
+    ignoreClass: "md-typeset",
+    processClass: "arithmatex|jp-RenderedMarkdown"
+  },
+  "HTML-CSS": {availableFonts: ["STIX-Web"], preferredFont: "STIX-Web", webFont: "STIX-Web", imageFont: null},
+  messageStyle: "none"
 };
 """
 
@@ -188,3 +197,9 @@ def on_page_content(html: str, page, config, files) -> str:
     if page.file.src_uri == API_PAGE:
         return _ROLE.sub(r"\1", html)
     return html
+
+
+def on_post_build(config) -> None:
+    """Copy MathJax (the static files of ``jupyter-server-mathjax``) into the built site."""
+    source = Path(jupyter_server_mathjax.__file__).parent / "static"
+    shutil.copytree(source, Path(config.site_dir) / MATHJAX_DIR, dirs_exist_ok=True)

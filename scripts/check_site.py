@@ -10,12 +10,12 @@ The site is served from a local HTTP server on 127.0.0.1 (as a browser would see
 and Chromium (Debian's ``chromium``: ``apt-get install -y chromium``; ``--chromium PATH`` for
 another) is driven through the Chrome DevTools Protocol (the ``websockets`` package). For the
 syllabus page and one tutorial page it writes a full-page screenshot, ``OUT_DIR/<page>.png``, and
-reports the page's title and its math typeset by MathJax (loaded from a CDN: none without
-network). On the tutorial page it checks that every ``<img>`` loaded (``naturalWidth > 0``): a
+reports the page's title and the number of formulas MathJax typeset (MathJax is served by the site
+itself, so this needs no network). On the tutorial page it checks that every ``<img>`` loaded (``naturalWidth > 0``): a
 notebook stored without outputs has no images, and the check reports "0 images" and passes.
 
-Exit status 0 when both pages loaded and every image on the tutorial page loaded, 1 otherwise
-(every failure is printed), 2 when the site, Chromium or ``websockets`` is missing.
+Exit status 0 when both pages loaded with MathJax, every formula typeset and every image on the
+tutorial page loaded, 1 otherwise (every failure is printed), 2 when the site, Chromium or ``websockets`` is missing.
 """
 
 from __future__ import annotations
@@ -47,12 +47,16 @@ _INSPECT = """
   const settle = Promise.all(imgs.map(img => img.complete ? null :
       new Promise(done => { img.addEventListener('load', done); img.addEventListener('error', done); })));
   await Promise.race([settle, new Promise(done => setTimeout(done, IMAGE_WAIT_MS))]);
-  await new Promise(done => setTimeout(done, 1500));  // MathJax typesets after load, when it came
+  const hub = typeof window.MathJax === 'object' && window.MathJax.Hub;
+  if (hub) {  // MathJax queues its typesetting after load: wait until the queue has run it
+    await Promise.race([new Promise(done => hub.Queue(done)), new Promise(done => setTimeout(done, IMAGE_WAIT_MS))]);
+  }
   return JSON.stringify({
     title: document.title,
     images: imgs.map(img => ({src: img.currentSrc.slice(0, 80), width: img.naturalWidth})),
-    math: document.querySelectorAll('mjx-container').length,
-    mathjax: typeof window.MathJax === 'object' && !!window.MathJax.typesetPromise,
+    math: document.querySelectorAll('script[type^="math/tex"]').length,  // one per typeset formula
+    errors: Array.from(document.querySelectorAll('.noError, .MathJax_Error')).map(e => e.textContent.slice(0, 80)),
+    mathjax: !!hub,
   });
 })()
 """.replace("IMAGE_WAIT_MS", str(IMAGE_WAIT_MS))
@@ -177,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
 
     failures = []
     for name, info in found.items():
-        math = (f"{info['math']} formulas typeset" if info["mathjax"]
-                else "MathJax not loaded (it comes from a CDN: no network?)")
+        math = f"{info['math']} formulas typeset by MathJax" if info["mathjax"] else "MathJax not loaded"
         print(f"{name} ({pages[name]}): title {info['title']!r}; {math}; screenshot {args.out / (name + '.png')}")
+        if not info["mathjax"]:
+            failures.append(f"MathJax did not load on {pages[name]} (javascripts/mathjax/ of the site)")
+        for error in info["errors"]:
+            failures.append(f"a formula MathJax could not typeset on {pages[name]}: {error!r}")
     images = found["tutorial"]["images"]
     broken = [img for img in images if img["width"] <= 0]
     if not images:

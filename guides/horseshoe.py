@@ -63,15 +63,44 @@ DENSE_STEP_MATRIX = 2**16
 FUSED_NETWORK_MAX_WEIGHTS = 2**14
 
 
-def _step_matrix(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` (the scale block's 0/1 and 1/2 matrices, two non-zeros per row at most) for the
-    matrix-vector products of a training step: dense up to ``DENSE_STEP_MATRIX`` entries, sparse
-    CSR beyond."""
-    if matrix.numel() <= DENSE_STEP_MATRIX:
-        return matrix
+def _step_matrix(rows: torch.Tensor, cols: torch.Tensor, value: float, shape: tuple[int, int],
+                 like: torch.Tensor) -> torch.Tensor:
+    """The scale block's matrix with ``value`` at ``(rows, cols)`` and zeros elsewhere (two non-zeros
+    per row at most), for the matrix-vector products of a training step, in ``like``'s dtype and on
+    its device: dense up to ``DENSE_STEP_MATRIX`` entries, sparse CSR beyond, built from its
+    entries without a dense copy (a vision transformer's few thousand groups would make each dense
+    matrix hundreds of megabytes)."""
+    values = torch.full((len(rows),), value, dtype=like.dtype, device=like.device)
+    index = torch.stack([rows, cols]).to(like.device)
+    coo = torch.sparse_coo_tensor(index, values, shape, check_invariants=True).coalesce()
+    if shape[0] * shape[1] <= DENSE_STEP_MATRIX:
+        return coo.to_dense()
     with warnings.catch_warnings():  # torch flags its sparse CSR layout as beta
         warnings.simplefilter("ignore", UserWarning)
-        return matrix.to_sparse_csr()
+        return coo.to_sparse_csr()
+
+
+def scale_block_entries(sizes: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, tuple[int, int]]]:
+    """The non-zero entries of the scale block's constant matrices for hidden layers of ``sizes``
+    groups (``L`` layers, ``G`` groups, ``W = L + G``), as ``(rows, cols, value, shape)``:
+
+    * ``Q`` (``(W + L, 2 W + L)``, ones): the ``W + L`` Gaussians ``ln tau^2``, ``ln lambda^2``,
+      ``ln c^2`` from the LogNormal factors' parameters ``[tau_a, lambda_a | tau_b, lambda_b | c^2]``;
+    * ``S`` (``(2 G, W + L)``, halves): ``(ln tau^2 + ln lambda_k^2) / 2`` and ``ln c^2 / 2`` of
+      every group from the draws of those;
+
+    and their transposes ``Qt`` and ``St``."""
+    n_layers, n_groups = len(sizes), sum(sizes)
+    width = n_layers + n_groups
+    idx, layers, groups = torch.arange(width), torch.arange(n_layers), torch.arange(n_groups)
+    q_rows = torch.cat([idx, idx, width + layers])
+    q_cols = torch.cat([idx, width + idx, 2 * width + layers])
+    layer_of = torch.repeat_interleave(layers, torch.tensor(sizes, dtype=torch.long))
+    s_rows = torch.cat([groups, groups, n_groups + groups])
+    s_cols = torch.cat([layer_of, n_layers + groups, width + layer_of])
+    q_shape, s_shape = (width + n_layers, 2 * width + n_layers), (2 * n_groups, width + n_layers)
+    return {"Q": (q_rows, q_cols, 1.0, q_shape), "Qt": (q_cols, q_rows, 1.0, q_shape[::-1]),
+            "S": (s_rows, s_cols, 0.5, s_shape), "St": (s_cols, s_rows, 0.5, s_shape[::-1])}
 
 
 def gaussian_kl(loc: torch.Tensor, log_scale: torch.Tensor, prior_scale: float,
@@ -147,19 +176,9 @@ class HorseshoeGuide(WeightGuide):
         rate[2 * width:] = slab_b
         sign = torch.cat([-torch.ones(width), torch.ones(width + n_layers)])
         const = (torch.lgamma(shape) - shape * rate.log()).sum() - size * 0.5 * math.log(2 * math.pi * math.e)
-        # Q: the L + G + L Gaussians ln tau^2, ln lambda^2, ln c^2 from the LogNormal factors' parameters;
-        # S: (ln tau^2 + ln lambda_k^2) / 2 and ln c^2 / 2 of every group from the draws of those
-        q = torch.zeros(width + n_layers, size)
-        idx = torch.arange(width)
-        q[idx, idx] = q[idx, width + idx] = 1.0
-        q[width + torch.arange(n_layers), 2 * width + torch.arange(n_layers)] = 1.0
-        layer_of = torch.repeat_interleave(torch.arange(n_layers), torch.tensor(sizes))
-        groups = torch.arange(n_groups)
-        spread = torch.zeros(2 * n_groups, width + n_layers)
-        spread[groups, layer_of] = spread[groups, n_layers + groups] = spread[n_groups + groups, width + layer_of] = 0.5
+        # the constant matrices Q and S of the scale block: scale_block_entries, built by step_plan
         for name, value in (("scale_sign", sign), ("scale_shape_sign", shape * sign), ("scale_rate", rate),
-                            ("scale_q", q), ("scale_q_t", q.t().contiguous()), ("scale_spread", spread),
-                            ("scale_spread_t", spread.t().contiguous()), ("kl_const", torch.tensor(float(const))),
+                            ("kl_const", torch.tensor(float(const))),
                             ("gain", torch.tensor(self.scale_gain)), ("one_half", torch.tensor(0.5)),
                             ("minus_one", torch.tensor(-1.0))):
             self.register_buffer(name, value, persistent=False)
@@ -402,17 +421,17 @@ class HorseshoeGuide(WeightGuide):
         ``mlp`` (the plan of :class:`~bnnzoo.guides.horseshoe_mlp.HorseshoeMLP`, or ``None`` where
         the one-node step does not apply)."""
         if getattr(self, "_fast", None) is None:
+            sizes = [b - a for a, b in zip(self.group_offsets[:-1], self.group_offsets[1:])]
+            matrices = {key: _step_matrix(*entries, like=self.scale_sign)
+                        for key, entries in scale_block_entries(sizes).items()}
             scales = SimpleNamespace(gain=self.gain, half=self.one_half, minus_one=self.minus_one,
                                      kl_const=self.kl_const, sign=self.scale_sign, shape_sign=self.scale_shape_sign,
                                      log_rate=self.scale_rate.log(),  # in the buffers' dtype (ln 6 is not a float32)
-                                     Q=_step_matrix(self.scale_q),
-                                     Qt=_step_matrix(self.scale_q_t), S=_step_matrix(self.scale_spread),
-                                     St=_step_matrix(self.scale_spread_t))
+                                     **matrices)
             names = [layer.name for layer in self.net.param_layers]
             layers = {name: (self.locs[name]["weight"], self.log_scales[name]["weight"], self.locs[name]["bias"],
                              self.log_scales[name]["bias"], self._prior_scale(name)) for name in names}
             params = (self.scale_params,)
-            sizes = [b - a for a, b in zip(self.group_offsets[:-1], self.group_offsets[1:])]
             self._fast = SimpleNamespace(scales=scales, layers=layers, params=params, output_units=self.output_units,
                                          sizes=sizes, mlp=None, pruned=len(self.masks) > 0)
             if self._is_relu_mlp() and self.net.num_weights() <= FUSED_NETWORK_MAX_WEIGHTS:

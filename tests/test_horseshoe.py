@@ -227,12 +227,13 @@ def test_fused_scaled_dense_gradients():
     assert torch.allclose(kl, ref)
 
 
-def test_fused_scale_block_matches_the_elementwise_formulas():
+@pytest.mark.parametrize("hidden", [[7, 4], [200, 120]])  # dense step matrices; sparse CSR ones
+def test_fused_scale_block_matches_the_elementwise_formulas(hidden):
     """HorseshoeScales (one autograd node) against scale_kl + sample_log_scales (autograd of the
     formulas) with the same noise: values and gradients, and gradcheck in double precision."""
     from bnnzoo.guides.horseshoe_scales import HorseshoeScales
 
-    net = mlp(5, [7, 4], 1)
+    net = mlp(5, hidden, 1)
     guide = spread_guide(HorseshoeGuide(horseshoe_model(net)), seed=3)
     torch.manual_seed(0)
     guide.sample_outputs_and_kl(guide.prior, torch.randn(3, 5))  # builds the cached references in float32
@@ -241,6 +242,7 @@ def test_fused_scale_block_matches_the_elementwise_formulas():
     eps = torch.randn(guide.scale_width + 2, dtype=torch.float64)
     const = guide.step_plan().scales
     assert const.sign.dtype == const.Q.dtype == torch.float64
+    assert (const.Q.layout == torch.sparse_csr) == (sum(hidden) > 100)
     s, kl = HorseshoeScales.apply(params, eps, const)
     # the same draw through the autograd path: sample_log_scales reads its noise from torch.randn
     original = torch.randn

@@ -50,6 +50,7 @@ from .closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
 from .data_parallel import example_noise, example_noise_flat
 from .horseshoe_mlp import HorseshoeMLP
 from .horseshoe_scales import HorseshoeScales
+from .local_reparam import local_reparam_dense
 from .scaled_dense import scaled_local_reparam_dense
 from .sites import get_site, site_parameters
 from .tempered_elbo import untempered_variance
@@ -109,6 +110,20 @@ def gaussian_kl(loc: torch.Tensor, log_scale: torch.Tensor, prior_scale: float,
     kl = (0.5 * (torch.exp(2 * log_scale) + loc * loc) / prior_scale**2 - log_scale
           + (math.log(prior_scale) - 0.5))
     return (kl * keep).sum() if keep is not None else kl.sum()
+
+
+def weight_scaled_local_reparam_dense(h, mu, rho, b_mu, b_rho, s, prior_scale: float):
+    """The draw and KL of :func:`~bnnzoo.guides.scaled_dense.scaled_local_reparam_dense` with the
+    scale ``s`` folded into the Gaussian's parameters instead of applied to the outputs:
+    ``s_k z_k`` with ``z_k ~ N(m_k, v_k)`` is ``N(s_k m_k, s_k^2 v_k)``, the local-reparameterised
+    draw of weights ``N(s_k mu_k, s_k^2 sigma_k^2)`` (log-scales ``rho_k + ln s_k``), the same draw
+    for the same noise. It costs passes over the weights instead of over the outputs, which is
+    cheaper where a layer has more output rows than inputs (a transformer's or a mixer's tokens:
+    batch x tokens rows). The KL is that of the decentred weights, as there."""
+    log_s = s.log()
+    out, _ = local_reparam_dense(h, mu * s.unsqueeze(-1), rho + log_s.unsqueeze(-1), b_mu * s, b_rho + log_s,
+                                 prior_scale)
+    return out, gaussian_kl(mu, rho, prior_scale) + gaussian_kl(b_mu, b_rho, prior_scale)
 
 
 class HorseshoeGuide(WeightGuide):
@@ -503,7 +518,9 @@ class HorseshoeGuide(WeightGuide):
             s = scales[layer.name]
             if fused and layer.kind in ("dense", "linear"):  # a module's nn.Linear: on its last axis
                 mu, rho, b_mu, b_rho, prior_scale = fast.layers[layer.name]
-                out, layer_kl = scaled_local_reparam_dense(h, mu, rho, b_mu, b_rho, s, prior_scale)
+                rows = h.numel() // h.shape[-1]
+                fold = weight_scaled_local_reparam_dense if rows > h.shape[-1] else scaled_local_reparam_dense
+                out, layer_kl = fold(h, mu, rho, b_mu, b_rho, s, prior_scale)
             else:
                 out, layer_kl = self._gaussian_layer(layer, h, self._prior_scale(layer.name))
                 out = out * s.view(layer.out_mask_shape())  # (K,) against (..., K) or (B, K, H, W)

@@ -691,3 +691,32 @@ def test_fit_and_predict_on_cuda(boston):
     assert pred.mean.device.type == "cuda"
     cpu = post.to("cpu").predict(boston.x_test, num_samples=10)
     assert cpu.mean.device.type == "cpu"
+
+
+def test_scale_folded_into_the_weights_is_the_same_draw_and_gradient():
+    """weight_scaled_local_reparam_dense (the scale on the weights) against scaled_local_reparam_dense
+    (the scale on the outputs) for the same noise, on token-shaped inputs: outputs, KL and the
+    gradients of every input agree."""
+    from bnnzoo.guides.horseshoe import weight_scaled_local_reparam_dense
+    from bnnzoo.guides.scaled_dense import scaled_local_reparam_dense
+
+    gen = torch.Generator().manual_seed(0)
+    d = dict(dtype=torch.float64)
+    h = torch.randn(3, 5, 4, generator=gen, **d)
+    mu, b_mu = torch.randn(6, 4, generator=gen, **d), torch.randn(6, generator=gen, **d)
+    rho, b_rho = -1 + 0.3 * torch.randn(6, 4, generator=gen, **d), -1 + 0.3 * torch.randn(6, generator=gen, **d)
+    s = 0.5 + torch.rand(6, generator=gen, **d)
+    results = []
+    for fn in (scaled_local_reparam_dense, weight_scaled_local_reparam_dense):
+        inputs = [t.clone().requires_grad_() for t in (h, mu, rho, b_mu, b_rho, s)]
+        torch.manual_seed(1)
+        out, kl = fn(*inputs, 0.7)
+        weights = torch.linspace(-1, 1, out.numel(), **d).reshape(out.shape)
+        grads = torch.autograd.grad((out * weights).sum() + 0.3 * kl, inputs)
+        results.append((out, kl, grads))
+    (out_a, kl_a, grads_a), (out_b, kl_b, grads_b) = results
+    assert out_a.shape == (3, 5, 6)
+    torch.testing.assert_close(out_b, out_a)
+    torch.testing.assert_close(kl_b, kl_a)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a)

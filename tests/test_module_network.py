@@ -413,19 +413,21 @@ class Tokens(nn.Module):
 
 
 def test_horseshoe_token_wise_linear_takes_the_fused_step_with_the_same_draw(monkeypatch):
-    """A module's nn.Linear on tokens goes through the fused local-reparameterised layer; with the
-    same random state its output and KL equal the generic per-layer path's (one draw per example,
-    token and unit)."""
+    """A module's nn.Linear on tokens goes through a fused local-reparameterised layer (the scale
+    folded into the weights where the layer has more rows than inputs); with the same random state
+    its output and KL equal the generic per-layer path's (one draw per example, token and unit)."""
     from bnnzoo.guides import horseshoe
 
     calls = []
 
-    def counted(h, *args):
-        calls.append(tuple(h.shape))
-        return fused_layer(h, *args)
+    def counted(kind, fn):
+        def wrapper(h, *args):
+            calls.append((kind, tuple(h.shape)))
+            return fn(h, *args)
+        return wrapper
 
-    fused_layer = horseshoe.scaled_local_reparam_dense
-    monkeypatch.setattr(horseshoe, "scaled_local_reparam_dense", counted)
+    for name, kind in (("scaled_local_reparam_dense", "outputs"), ("weight_scaled_local_reparam_dense", "weights")):
+        monkeypatch.setattr(horseshoe, name, counted(kind, getattr(horseshoe, name)))
     built = bnnzoo.create("horseshoe-svi", "classification", (4, 6), 3, module=Tokens(), seed=0)
     guide, model = built.guide, built.model
     x = torch.randn(7, 4, 6)
@@ -436,8 +438,12 @@ def test_horseshoe_token_wise_linear_takes_the_fused_step_with_the_same_draw(mon
     plan.pruned = True  # the generic path (the one a pruned guide takes), same parameters
     torch.manual_seed(1)
     generic, generic_kl = guide.sample_outputs_and_kl(model, x)
-    assert fused.shape == (7, 3) and calls == [(7, 4, 6), (7, 5)]  # both layers fused, the first on tokens
+    # 28 token rows of 6 inputs: the scale on the weights; 7 rows of 5 inputs: the same
+    assert fused.shape == (7, 3) and calls == [("weights", (7, 4, 6)), ("weights", (7, 5))]
     assert torch.allclose(fused, generic, atol=1e-5) and torch.allclose(fused_kl, generic_kl, rtol=1e-5)
     plan.pruned = False
     torch.manual_seed(2)
     assert not torch.allclose(guide.sample_outputs_and_kl(model, x)[0], fused)  # a new draw differs
+    calls.clear()
+    guide.sample_outputs_and_kl(model, x[:1])  # 4 token rows of 6 inputs, 1 row of 5
+    assert calls == [("outputs", (1, 4, 6)), ("outputs", (1, 5))]

@@ -34,7 +34,6 @@ import re
 import shutil
 from pathlib import Path
 
-import jupyter_server_mathjax
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
@@ -201,5 +200,7 @@ def on_page_content(html: str, page, config, files) -> str:
 
 def on_post_build(config) -> None:
     """Copy MathJax (the static files of ``jupyter-server-mathjax``) into the built site."""
+    import jupyter_server_mathjax  # lazy: only a build needs it (the docs extra), not the nav tests
+
     source = Path(jupyter_server_mathjax.__file__).parent / "static"
     shutil.copytree(source, Path(config.site_dir) / MATHJAX_DIR, dirs_exist_ok=True)

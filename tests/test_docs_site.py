@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("mkdocs")
-pytest.importorskip("jupyter_server_mathjax")  # docs/hooks.py copies MathJax from it
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parent.parent

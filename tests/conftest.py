@@ -61,6 +61,20 @@ def randomise_guide(guide, loc_scale: float = 0.5, log_scale_range: tuple[float,
     return guide
 
 
+def dense_layer_float64(out_features: int = 3, in_features: int = 4, batch: int = 5):
+    """A dense layer's Gaussian parameters in float64 for gradient checks of the fused layers:
+    ``(h, mu, rho, b_mu, b_rho, gen)``, all but ``gen`` requiring gradients; ``gen`` (seeded 0)
+    draws whatever else the test needs after them."""
+    gen = torch.Generator().manual_seed(0)
+    d = dict(dtype=torch.float64)
+    h = torch.randn(batch, in_features, generator=gen, **d).requires_grad_()
+    mu, b_mu = torch.randn(out_features, in_features, generator=gen, **d), torch.randn(out_features, generator=gen, **d)
+    rho = -1 + 0.3 * torch.randn(out_features, in_features, generator=gen, **d)
+    b_rho = -1 + 0.3 * torch.randn(out_features, generator=gen, **d)
+    mu, b_mu, rho, b_rho = (t.requires_grad_() for t in (mu, b_mu, rho, b_rho))
+    return h, mu, rho, b_mu, b_rho, gen
+
+
 @pytest.fixture(scope="session")
 def boston():
     """The bundled Boston split 0, training part cut to 200 rows."""

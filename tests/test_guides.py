@@ -10,7 +10,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import make_model, randomise_guide
+from conftest import dense_layer_float64, make_model, randomise_guide
 from pyro import poutine
 from pyro.infer import Predictive, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
@@ -452,13 +452,8 @@ def test_fused_local_reparam_dense_gradients():
 
     from bnnzoo.guides.local_reparam import LocalReparamDense
 
-    gen = torch.Generator().manual_seed(0)
-    d = dict(dtype=torch.float64)
-    h = torch.randn(5, 4, generator=gen, **d).requires_grad_()
-    mu, b_mu = torch.randn(3, 4, generator=gen, **d), torch.randn(3, generator=gen, **d)
-    rho, b_rho = -1 + 0.3 * torch.randn(3, 4, generator=gen, **d), -1 + 0.3 * torch.randn(3, generator=gen, **d)
-    mu, b_mu, rho, b_rho = (t.requires_grad_() for t in (mu, b_mu, rho, b_rho))
-    eps = torch.randn(5, 3, generator=gen, **d)
+    h, mu, rho, b_mu, b_rho, gen = dense_layer_float64()
+    eps = torch.randn(5, 3, generator=gen, dtype=torch.float64)
 
     def fn(*args):
         return LocalReparamDense.apply(*args, eps, 0.7)

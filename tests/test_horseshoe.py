@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import dense_layer_float64
 from pyro.infer import Predictive, TraceMeanField_ELBO
 from scipy import stats
 from torch.distributions import kl_divergence
@@ -26,7 +27,6 @@ from bnnzoo.models import (
     make_likelihood,
 )
 from bnnzoo.models.horseshoe import regularised_log_scale
-from bnnzoo.models.sparsity import EmptyLayerWarning
 from bnnzoo.models.networks import (
     Activation,
     Conv2d,
@@ -36,6 +36,7 @@ from bnnzoo.models.networks import (
     Pool2d,
     mlp,
 )
+from bnnzoo.models.sparsity import EmptyLayerWarning
 
 
 def tiny_convnet() -> Network:
@@ -204,12 +205,8 @@ def test_fast_loss_agrees_with_trace_meanfield_elbo(net_fn, task):
 def test_fused_scaled_dense_gradients():
     from bnnzoo.guides.scaled_dense import ScaledLocalReparamDense
 
-    gen = torch.Generator().manual_seed(0)
+    h, mu, rho, b_mu, b_rho, gen = dense_layer_float64()
     d = dict(dtype=torch.float64)
-    h = torch.randn(5, 4, generator=gen, **d).requires_grad_()
-    mu, b_mu = torch.randn(3, 4, generator=gen, **d), torch.randn(3, generator=gen, **d)
-    rho, b_rho = -1 + 0.3 * torch.randn(3, 4, generator=gen, **d), -1 + 0.3 * torch.randn(3, generator=gen, **d)
-    mu, b_mu, rho, b_rho = (t.requires_grad_() for t in (mu, b_mu, rho, b_rho))
     s = (0.5 + torch.rand(3, generator=gen, **d)).requires_grad_()
     eps = torch.randn(5, 3, generator=gen, **d)
 

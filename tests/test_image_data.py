@@ -17,6 +17,7 @@ from bnnzoo.data import (
     CIFAR_ARCHIVES,
     FASHION_MNIST_MD5,
     DataError,
+    Dataset,
     download_cifar,
     download_fashion_mnist,
     file_md5,
@@ -240,9 +241,7 @@ def test_random_crop_flip_stays_on_the_gpu():
     assert out.device == x.device and out.shape == x.shape
 
 
-def _image_task(n: int = 64) -> "Dataset":
-    from bnnzoo.data import Dataset
-
+def _image_task(n: int = 64) -> Dataset:
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (2 * n,), generator=g)
     x = 0.2 * torch.rand(2 * n, 1, 8, 8, generator=g)

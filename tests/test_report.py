@@ -17,7 +17,13 @@ import pytest
 import torch
 
 import bnnzoo
-from benchmarks import bench_dense_teacher, bench_peers_boston, bench_uci, harness, report
+from benchmarks import (
+    bench_dense_teacher,
+    bench_peers_boston,
+    bench_uci,
+    harness,
+    report,
+)
 from benchmarks import run as bench_run
 from bnnzoo.catalog import get_entry
 from bnnzoo.data import Dataset

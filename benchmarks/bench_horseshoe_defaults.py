@@ -15,12 +15,19 @@ Suite ``horseshoe-select`` (the temperature, the predictive and the step size): 
 :data:`CANDIDATES` fitted with the entry's closing prune on the same 80/20 parts of splits 0-2 of
 the five UCI sets and of one dense teacher (16 inputs) and the near-linear set; the default is the
 candidate with the highest validation log-likelihood averaged over the sets.
+
+Suite ``horseshoe-select-prior`` (the noise scale the fit starts from, the global scale's tau0 and
+the number of epochs): the same protocol and sets as ``horseshoe-select``, with the candidates of
+:data:`PRIOR_CANDIDATES`, each one setting changed from the defaults, among them the epochs chosen
+inside every fit on a validation fifth of its own training rows (``validation_fraction``), a rule of
+the data rather than a number of passes.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 import warnings
 
 import torch
@@ -119,6 +126,17 @@ CANDIDATES = {
 }
 
 
+#: the candidates of ``horseshoe-select-prior`` (one setting changed from the entry's defaults)
+PRIOR_CANDIDATES = {
+    "defaults": {},
+    "noise start 0.5": {"noise_scale": 0.5},
+    "tau0 0.1": {"tau0": 0.1},
+    "epochs 50": {"epochs": 50},
+    "epochs 200": {"epochs": 200},
+    "epochs chosen on a validation fifth (<= 300)": {"epochs": 300, "validation_fraction": 0.2, "patience": 30},
+}
+
+
 def _select_sets():
     for name in UCI_SETS:
         for split in range(3):
@@ -127,27 +145,31 @@ def _select_sets():
     yield "near-linear-4", 0, near_linear(0).validation_split(0.2, seed=0)
 
 
-def select(device) -> dict:
+def select(device, candidates: dict | None = None, key: str = "horseshoe-select") -> dict:
+    candidates = CANDIDATES if candidates is None else candidates
     rows = []
     for name, split, data in _select_sets():
         row = {"set": name, "split": split}
-        for label, options in CANDIDATES.items():
+        for label, options in candidates.items():
+            start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", EmptyLayerWarning)
                 post = bnnzoo.create("horseshoe-svi", "regression", data.input_shape, 1, dataset=data.name,
                                      device=device, seed=split, **options).fit(data.x_train, data.y_train, progress=False)
+            seconds = time.perf_counter() - start
             m = post.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)
             row[label] = {"rmse": m["rmse"], "log_likelihood": m["log_likelihood"],
-                          "architecture": post.sparsity()["architecture"]}
+                          "architecture": post.sparsity()["architecture"], "epochs": post.fit_epochs,
+                          "fit_seconds": seconds}
         rows.append(row)
-        print(f"  {name} {split}: " + " | ".join(f"{k} {row[k]['log_likelihood']:.3f}" for k in CANDIDATES), flush=True)
+        print(f"  {name} {split}: " + " | ".join(f"{k} {row[k]['log_likelihood']:.3f}" for k in candidates), flush=True)
     sets = list(dict.fromkeys(r["set"] for r in rows))
-    per_set = {s: {c: mean_se([r[c]["log_likelihood"] for r in rows if r["set"] == s]) for c in CANDIDATES}
+    per_set = {s: {c: mean_se([r[c]["log_likelihood"] for r in rows if r["set"] == s]) for c in candidates}
                for s in sets}
-    score = {c: statistics.mean(per_set[s][c]["mean"] for s in sets) for c in CANDIDATES}
-    return {"horseshoe-select": {
+    score = {c: statistics.mean(per_set[s][c]["mean"] for s in sets) for c in candidates}
+    return {key: {
         "model": "horseshoe-svi", "protocol": "fit on 80% of each training split, score on the other 20%",
-        "num_samples": NUM_SAMPLES, "candidates": CANDIDATES, "per_set_validation_log_likelihood": per_set,
+        "num_samples": NUM_SAMPLES, "candidates": candidates, "per_set_validation_log_likelihood": per_set,
         "mean_validation_log_likelihood": score, "chosen": max(score, key=score.get), "rows": rows}}
 
 
@@ -177,5 +199,9 @@ def prune_rules_mnist(device) -> dict:
         "num_samples": NUM_SAMPLES, "validation": out}}
 
 
+def select_prior(device) -> dict:
+    return select(device, PRIOR_CANDIDATES, "horseshoe-select-prior")
+
+
 SUITES = {"horseshoe-prune-rules": prune_rules, "horseshoe-prune-rules-mnist": prune_rules_mnist,
-          "horseshoe-select": select}
+          "horseshoe-select": select, "horseshoe-select-prior": select_prior}

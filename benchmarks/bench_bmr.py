@@ -23,6 +23,11 @@
   S&S rule and by BMR-RHS per weight and per neuron.
 - ``bmr-rhs-select-boston``: these two and BMR-RHS per neuron on a validation part (20%) of the training split of
   Boston splits 0-4; the highest mean validation log-likelihood wins.
+- ``bmr-warmup-select``: ``bmr-iterative``'s regression warm-up (SVI epochs before the first
+  reduction), each of :data:`WARMUP_CANDIDATES` of its 200 epochs, on a validation part (20%) of the
+  training split of splits 0-2 of the five small UCI sets and of the dense teachers with 8 and 16
+  inputs (seeds 0 and 1; :mod:`benchmarks.bench_dense_teacher`); the highest validation
+  log-likelihood averaged over the sets wins.
 - ``bmr-select-boston`` / ``bmr-select-mnist-mlp``: how the defaults were chosen, on a validation
   part of the training data only (20% of each of Boston's training splits 0-4; 1,000 of MNIST
   train5k): the candidates ``CANDIDATES`` / ``MLP_CANDIDATES``, the one with the highest validation
@@ -42,6 +47,7 @@ import torch
 from bnnzoo import metrics
 from bnnzoo.data import load_dataset, load_uci, uci_num_splits
 
+from .bench_dense_teacher import dense_teacher
 from .harness import fit_with_baseline, mean_se, uci_protocol
 
 # the catalog's classification defaults of the bmr entries (LeNet-5 runs with them)
@@ -516,6 +522,63 @@ def refit_select(device, splits=range(5)) -> dict:
     }}
 
 
+#: bmr-warmup-select's candidates: SVI epochs before bmr-iterative's first reduction (of its 200 regression
+#: epochs: Markovic et al.'s one, an eighth, a quarter, a half)
+WARMUP_CANDIDATES = (1, 25, 50, 100)
+WARMUP_TEACHER_INPUTS = (8, 16)
+
+
+def _warmup_sets(splits):
+    for name in REFIT_SETS:
+        for split in splits:
+            yield name, split, load_uci(name, split=split).validation_split(0.2, seed=split)
+    for inputs in WARMUP_TEACHER_INPUTS:
+        for seed in (0, 1):
+            yield f"dense-teacher-{inputs}", seed, dense_teacher(inputs, seed).validation_split(0.2, seed=seed)
+
+
+def warmup_select(device, splits=range(3)) -> dict:
+    """``bmr-iterative`` (regression defaults otherwise) with each ``warmup_epochs`` of
+    :data:`WARMUP_CANDIDATES` on the validation parts of :func:`_warmup_sets` (no test split is used).
+    The rule: the highest validation log-likelihood averaged over the sets (each set's mean over its
+    splits or seeds)."""
+    runs = {str(w): {} for w in WARMUP_CANDIDATES}
+    for name, split, data in _warmup_sets(splits):
+        for warmup in WARMUP_CANDIDATES:
+            start = time.perf_counter()
+            posterior, _ = fit_with_baseline("bmr-iterative", data, device=device, seed=split, baseline=None,
+                                             warmup_epochs=warmup)
+            seconds = time.perf_counter() - start
+            m = posterior.evaluate(data.x_test, data.y_test, num_samples=100)
+            sp = posterior.sparsity()
+            runs[str(warmup)].setdefault(name, []).append(
+                {"split": split, "log_likelihood": m["log_likelihood"], "rmse": m["rmse"],
+                 "weights_pruned_fraction": sp["weights_pruned_fraction"], "architecture": sp["architecture"],
+                 "fit_seconds": seconds})
+        print(f"  validation {name} {split}: " + ", ".join(
+            f"warmup {w}: LL {runs[str(w)][name][-1]['log_likelihood']:.3f} "
+            f"({100 * runs[str(w)][name][-1]['weights_pruned_fraction']:.0f}% pruned)" for w in WARMUP_CANDIDATES),
+            flush=True)
+    rows = {}
+    for warmup, per_set_runs in runs.items():
+        per_set = {name: {k: mean_se([r[k] for r in rs]) for k in ("log_likelihood", "rmse", "weights_pruned_fraction")}
+                   | {"per_split": rs} for name, rs in per_set_runs.items()}
+        rows[warmup] = {"sets": per_set,
+                        "mean_log_likelihood": statistics.mean(v["log_likelihood"]["mean"] for v in per_set.values()),
+                        "mean_weights_pruned_fraction": statistics.mean(v["weights_pruned_fraction"]["mean"]
+                                                                        for v in per_set.values())}
+    chosen = max(rows, key=lambda k: rows[k]["mean_log_likelihood"])
+    return {"bmr-warmup-validation": {
+        "model": "bmr-iterative", "datasets": list(REFIT_SETS) + [f"dense-teacher-{d}" for d in WARMUP_TEACHER_INPUTS],
+        "splits": list(splits), "teacher_seeds": [0, 1], "validation_fraction": 0.2, "candidates": rows,
+        "selection_rule": "highest validation log-likelihood averaged over the sets", "chosen_warmup_epochs": int(chosen),
+        "headline": ("bmr-iterative, validation (20% of each training split), mean LL over the sets / weights pruned: "
+                     + "; ".join(f"warmup {k}: {r['mean_log_likelihood']:.3f} / "
+                                 f"{100 * r['mean_weights_pruned_fraction']:.0f}%" for k, r in rows.items())
+                     + f"; chosen {chosen}"),
+    }}
+
+
 #: BMR-RHS against the default on the 4x500 MLP's validation part: the catalog's rule at the MLP suite's
 #: options, and BMR-RHS per weight at the same options
 RHS_MLP_CANDIDATES = {"ss": {"rule": "ss", **MLP_OPTIONS}, "rhs/weight": {"rule": "rhs", "level": "weight", **MLP_OPTIONS}}
@@ -550,4 +613,5 @@ SUITES = {"bmr-mnist-mlp": mnist_mlp, "bmr-mnist-lenet5": mnist_lenet5, "bmr-bos
           "bmr-select-mnist-mlp": select_mnist_mlp, "bmr-rhs-boston": rhs_boston,
           "bmr-rhs-select-boston": rhs_select_boston, "bmr-rhs-posthoc-mnist-mlp": rhs_posthoc_mnist_mlp,
           "bmr-rhs-mnist-mlp": rhs_mnist_mlp,
-          "bmr-rhs-select-mnist-mlp": rhs_select_mnist_mlp, "bmr-refit-select": refit_select}
+          "bmr-rhs-select-mnist-mlp": rhs_select_mnist_mlp, "bmr-refit-select": refit_select,
+          "bmr-warmup-select": warmup_select}

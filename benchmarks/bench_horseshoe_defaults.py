@@ -20,7 +20,8 @@ Suite ``horseshoe-select-prior`` (the noise scale the fit starts from, the globa
 the number of epochs): the same protocol and sets as ``horseshoe-select``, with the candidates of
 :data:`PRIOR_CANDIDATES`, each one setting changed from the defaults, among them the epochs chosen
 inside every fit on a validation fifth of its own training rows (``validation_fraction``), a rule of
-the data rather than a number of passes.
+the data rather than a number of passes. Suite ``horseshoe-select-steps``: the same with the candidates
+of :data:`STEPS_CANDIDATES`, the number of epochs as a rule of the number of rows (``min_steps``).
 """
 
 from __future__ import annotations
@@ -137,6 +138,17 @@ PRIOR_CANDIDATES = {
 }
 
 
+#: the candidates of ``horseshoe-select-steps``: ``horseshoe-select-prior`` preferred 200 epochs to 100 on
+#: the small sets and 100 on the large ones; a number of minibatch steps (``min_steps``: at least that
+#: many, at least ``epochs`` passes) gives small sets more passes and large ones the same
+STEPS_CANDIDATES = {
+    "defaults": {},
+    "epochs 200": {"epochs": 200},
+    "min_steps 3000": {"min_steps": 3000},
+    "min_steps 6000": {"min_steps": 6000},
+}
+
+
 def _select_sets():
     for name in UCI_SETS:
         for split in range(3):
@@ -203,5 +215,10 @@ def select_prior(device) -> dict:
     return select(device, PRIOR_CANDIDATES, "horseshoe-select-prior")
 
 
+def select_steps(device) -> dict:
+    return select(device, STEPS_CANDIDATES, "horseshoe-select-steps")
+
+
 SUITES = {"horseshoe-prune-rules": prune_rules, "horseshoe-prune-rules-mnist": prune_rules_mnist,
-          "horseshoe-select": select, "horseshoe-select-prior": select_prior}
+          "horseshoe-select": select, "horseshoe-select-prior": select_prior,
+          "horseshoe-select-steps": select_steps}

@@ -220,6 +220,7 @@ class Posterior(ABC):
         self.standardizer: Standardizer | None = None
         self.history = TrainingHistory()
         self.fit_state = FitState()
+        self.train_rows: int | None = None  # rows of the last fit's training data (fit_epochs' min_steps rule)
         self.model.to(self.device)
         self.model.eval()  # normalisation layers of a user's module predict with running statistics
 
@@ -323,6 +324,7 @@ class Posterior(ABC):
           ``softmax(log p / T)`` of the posterior predictive ``p`` (:attr:`predictive_temperature`).
         """
         x, y = self.validate(x, y, "training data")
+        self.train_rows = len(x)  # the rows a train.min_steps rule counts (fit_epochs)
         train = self.config["train"]
         if train.get("augment") is not None and x.dim() != 4:
             raise ConfigError(f"{self.name}: augment={train['augment']!r} crops and flips images; these inputs have "
@@ -359,9 +361,19 @@ class Posterior(ABC):
     @property
     def fit_epochs(self) -> int:
         """The epochs (passes) the fit runs: those chosen on validation data
-        (``fit_state.epoch_selection``), else ``train.epochs``."""
+        (``fit_state.epoch_selection``), else ``train.epochs``, raised where ``train.min_steps`` is
+        set to the passes that make at least that many minibatch steps over the fit's training rows:
+        ``max(epochs, ceil(min_steps / ceil(n / batch_size)))``, a rule of ``n`` that gives a small
+        data set more passes and a large one ``epochs``."""
         chosen = self.fit_state.epoch_selection
-        return int(chosen["epochs"]) if chosen else int(self.config["train"]["epochs"])
+        if chosen:
+            return int(chosen["epochs"])
+        train = self.config["train"]
+        epochs = int(train["epochs"])
+        steps, rows = train.get("min_steps"), self.train_rows
+        if steps and rows:
+            epochs = max(epochs, math.ceil(int(steps) / math.ceil(rows / self.fit_batch_size)))
+        return epochs
 
     @property
     def fit_batch_size(self) -> int:

@@ -182,6 +182,11 @@ TRAINING_OPTIONS: dict[str, Option] = {
                            "random crop, random horizontal flip); null: none"),
 }
 
+#: a number a user may give (key) and the default rule that otherwise sets it (value, a ``train``
+#: option): giving the number without the rule sets the rule to null, so that it runs as asked
+#: (``epochs`` and horseshoe-svi's ``min_steps``; ``warmup_epochs`` and bmr-iterative's ``warmup_fraction``)
+RULE_OPTIONS = {"epochs": "min_steps", "warmup_epochs": "warmup_fraction"}
+
 #: the options of the entries that make choices on a validation part of the training data
 #: (:meth:`bnnzoo.posterior.Posterior.fit`): the number of epochs (``epochs`` is then the most they
 #: may run) and, for classification, the predictive's temperature
@@ -281,6 +286,9 @@ class CatalogEntry:
             for s in _SECTIONS:
                 if key in config.get(s, {}):
                     config[s][key] = value
+        for asked, rule in RULE_OPTIONS.items():  # an asked-for number replaces the default rule that would set it
+            if asked in overrides and rule not in overrides and rule in config.get("train", {}):
+                config["train"][rule] = None
         for check in self.checks:
             check(config)
         return config

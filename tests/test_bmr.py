@@ -517,7 +517,7 @@ def test_reduce_needs_gaussian_weights(fitted_map):
 def test_iterative_bmr_masks_permanently_and_freezes(boston):
     calls = []
     post = bnnzoo.create("bmr-iterative", "regression", (13,), 1, device="cpu", seed=0, epochs=6, lr=1e-2,
-                         init_scale=0.05)
+                         init_scale=0.05, warmup_epochs=1)
     post.fit(boston.x_train, boston.y_train, progress=False, callback=lambda e, l: calls.append(e))
     assert calls == list(range(6))
     fractions = post.history.extra["weights_pruned_fraction"]
@@ -850,3 +850,17 @@ def test_layer_scale_model_and_guide_are_plain_pyro():
     assert 4 * se < float(guide.scale_kl().detach())  # leaving out the scales' KL would fail
     sites = {name for name, node in poutine.trace(guide).get_trace(x, y).nodes.items() if node["type"] == "sample"}
     assert {"fc1.c_inv_sqr", "fc2.c_inv_sqr", "fc1.weight", "fc2.bias"} <= sites
+
+
+def test_iterative_warmup_is_a_fraction_of_the_epochs_by_default():
+    from bnnzoo.methods.bmr import warmup_epochs
+
+    post = bnnzoo.create("bmr-iterative", "regression", (13,), 1)
+    train = post.config["train"]
+    assert train["warmup_fraction"] == 0.5 and warmup_epochs(train, train["epochs"]) == 100
+    short = bnnzoo.create("bmr-iterative", "regression", (13,), 1, epochs=6).config["train"]
+    assert warmup_epochs(short, 6) == 3
+    asked = bnnzoo.create("bmr-iterative", "regression", (13,), 1, epochs=6, warmup_epochs=2).config["train"]
+    assert asked["warmup_fraction"] is None and warmup_epochs(asked, 6) == 2
+    with pytest.raises(bnnzoo.errors.ConfigError, match="warmup_fraction"):
+        bnnzoo.create("bmr-iterative", "regression", (13,), 1, epochs=1)

@@ -29,3 +29,12 @@ def test_without_min_steps_the_fit_runs_its_epochs():
                          network={"arch": "mlp", "hidden": [4]}, prune=False)
     post.fit(x, y, progress=False)
     assert post.fit_epochs == 2 and len(post.history.loss) == 2
+
+
+def test_asked_for_epochs_switch_the_default_rule_off():
+    default = bnnzoo.create("horseshoe-svi", "regression", (3,), 1)
+    assert default.config["train"]["min_steps"] == 6000
+    asked = bnnzoo.create("horseshoe-svi", "regression", (3,), 1, epochs=5)
+    assert asked.config["train"]["min_steps"] is None
+    both = bnnzoo.create("horseshoe-svi", "regression", (3,), 1, epochs=5, min_steps=100)
+    assert both.config["train"]["min_steps"] == 100

@@ -134,7 +134,8 @@ class IterativeBMR(_ReducedExport, VariationalPosterior):
     def _fit(self, x, y, progress: bool, callback=None) -> None:
         train = self.config["train"]
         options = _options(train)
-        warmup, epochs = int(train["warmup_epochs"]), self.fit_epochs
+        epochs = self.fit_epochs
+        warmup = warmup_epochs(train, epochs)
         if not 1 <= warmup < epochs:
             raise ConfigError(f"{self.name}: need 1 <= warmup_epochs < epochs, got {warmup} and {epochs}")
         sync = self.device.type == "cuda"
@@ -213,17 +214,36 @@ _OPTIONS = {
     "count_pruned": Option(str, choices=PRUNED_COUNTS,
                            help="rule ss: weights pruned before enter the threshold with dF = 0 (prior: bmr4pml's "
                                 "code) or as certainly pruned (pruned)"),
-    "warmup_epochs": Option(int, ge=1, help="bmr-iterative: SVI epochs before the first reduction (< epochs)"),
+    "warmup_epochs": Option(int, ge=1, help="bmr-iterative: SVI epochs before the first reduction (< epochs; "
+                                            "used where warmup_fraction is null)"),
+    "warmup_fraction": Option(float, gt=0, lt=1, nullable=True,
+                              help="bmr-iterative: the fraction of the epochs run before the first reduction, "
+                                   "max(1, round(f * epochs)) (< epochs); null: warmup_epochs (giving warmup_epochs "
+                                   "without warmup_fraction sets it to null)"),
     "refit_fraction": Option(float, ge=0, lt=1, help="bmr: the fraction of the epochs, at the end, that train the "
                                                      "reduced model after the one reduction (0: reduce the fitted "
                                                      "guide as it is)"),
 }
 
 
+def warmup_epochs(train: dict, epochs: int) -> int:
+    """bmr-iterative's SVI epochs before the first reduction: ``max(1, round(warmup_fraction *
+    epochs))`` where ``warmup_fraction`` is set, else ``warmup_epochs``."""
+    fraction = train.get("warmup_fraction")
+    if fraction is None:
+        return int(train["warmup_epochs"])
+    return max(1, round(float(fraction) * epochs))
+
+
 def _check_warmup(config: dict) -> None:
-    """bmr-iterative needs ``1 <= warmup_epochs < epochs`` (at least one reduction, and an epoch
-    after it)."""
+    """bmr-iterative needs ``1 <= warmup < epochs`` (at least one reduction, and an epoch after
+    it)."""
     train = config["train"]
+    if train.get("warmup_fraction") is not None:
+        if warmup_epochs(train, train["epochs"]) >= train["epochs"]:
+            raise ConfigError(f"bmr-iterative: warmup_fraction={train['warmup_fraction']} of epochs={train['epochs']} "
+                              f"leaves no epoch after the warm-up; give more epochs or a smaller fraction")
+        return
     if not train["warmup_epochs"] < train["epochs"]:
         raise ConfigError(f"bmr-iterative: option 'warmup_epochs' must be below 'epochs', got warmup_epochs="
                           f"{train['warmup_epochs']} with epochs={train['epochs']}")
@@ -256,10 +276,11 @@ register(CatalogEntry(
     create=_creator(IterativeBMR, "bmr-iterative"),
     defaults={
         "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5, **_MODEL}, "guide": {"init_scale": 1e-3},
-                       "train": {"epochs": 200, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 1, **_BMR,
+                       "train": {"epochs": 200, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 1, "warmup_fraction": 0.5, **_BMR,
                                  **VALIDATION_OFF}},
         "classification": {"model": {"prior_scale": 1.0, **_MODEL}, "guide": {"init_scale": 1e-3},
                            "train": {"epochs": 25, "batch_size": 128, "lr": 3e-3, "augment": None, "warmup_epochs": 1,
+                                     "warmup_fraction": None,
                                      **_BMR, "rule": "rhs",  # chosen on validation data: docs/methods/bmr.md
                                      **CALIBRATED}},
     },

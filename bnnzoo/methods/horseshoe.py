@@ -262,7 +262,8 @@ _OPTIONS = {
     "scale_gain": Option(float, gt=0, help="learning-rate gain of the packed scale parameters"),
     "min_steps": Option(int, ge=1, nullable=True,
                         help="at least this many minibatch steps: the fit runs max(epochs, ceil(min_steps / "
-                             "steps per epoch)) epochs, more passes on a small data set; null: epochs"),
+                             "steps per epoch)) epochs, more passes on a small data set; null: epochs (giving "
+                             "epochs without min_steps sets it to null: the fit runs the epochs asked for)"),
     "kl_weight": scale_option(help="temperature T of the ELBO's KL term (1: the exact ELBO)"),
     "untempered": Option(bool, help="predict from q widened to the untempered posterior's variance"),
     "prune": Option(bool, help="prune neurons / filters at the end of the fit"),
@@ -285,7 +286,7 @@ register(CatalogEntry(
     create=_create,
     defaults={
         "regression": {"model": {**_MODEL, "noise_scale": 1.0}, "guide": dict(_GUIDE),
-                       "train": {"epochs": 100, "min_steps": None, "batch_size": 32, "lr": 1e-2, "kl_weight": 0.2,
+                       "train": {"epochs": 100, "min_steps": 6000, "batch_size": 32, "lr": 1e-2, "kl_weight": 0.2,
                                  "untempered": True, "prune": True, "prune_rule": "evidence",
                                  "prune_threshold": 1.0, **VALIDATION_OFF}},
         "classification": {"model": dict(_MODEL), "guide": dict(_GUIDE),

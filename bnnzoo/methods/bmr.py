@@ -19,7 +19,8 @@ section: ``rule`` (``"ss"``: the per-layer spike-and-slab threshold; ``"plain"``
 surface puts a scale at 0, :mod:`bnnzoo.guides.bmr_rhs`, with ``rhs_tau0`` its global half-Cauchy scale),
 ``level`` (``"weight"`` or ``"group"``), ``prune_last`` (reduce the output layer too),
 ``count_pruned`` (how weights pruned before enter the S&S threshold: ``"prior"``, ``dF = 0`` as in
-bmr4pml; ``"pruned"``, as certainly pruned), and for ``bmr-iterative`` ``warmup_epochs``. No
+bmr4pml; ``"pruned"``, as certainly pruned), and for ``bmr-iterative`` the warm-up
+(``warmup_fraction`` of the epochs, 0.5 for regression; else ``warmup_epochs``, 1 for classification). No
 reduction empties a layer (its best group is kept, with an ``EmptyLayerWarning``). How the defaults
 were chosen (BMR-RHS included): ``docs/methods/bmr.md``.
 """
@@ -120,7 +121,7 @@ class PostHocBMR(_ReducedExport, VariationalPosterior):
 
 
 class IterativeBMR(_ReducedExport, VariationalPosterior):
-    """BMR-S&S during training (Markovic et al.'s schedule): ``warmup_epochs`` of SVI, then
+    """BMR-S&S during training (Markovic et al.'s schedule): a warm-up of SVI (:func:`warmup_epochs`), then
     {reduce; train one epoch} until ``epochs`` are done, so the last epoch trains the final
     reduced model (there is no reduction after it).
 

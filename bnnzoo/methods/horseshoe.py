@@ -32,6 +32,10 @@ With ``untempered`` (``train.untempered``: on for regression, off for classifica
 Gaussian factor widened to the untempered posterior's variance, ``1/v_1 = T/v_T + (1 - T)/prior_var``
 (:func:`~bnnzoo.guides.untempered_variance`); training, the means and the pruning rule are unchanged.
 
+Epochs. Regression runs ``max(epochs, ceil(min_steps / steps per epoch))`` epochs (``train.min_steps``
+6,000, ``epochs`` 100): at least 6,000 minibatch steps, so a few hundred rows get several hundred
+passes and 8,000 rows or more get 100 (docs/methods/horseshoe.md: how it was chosen).
+
 Departures from the papers (Ghosh, Yao & Doshi-Velez 2019; Louizos, Ullrich & Welling 2017):
 
 * the ELBO is tempered by default (``kl_weight = 0.2``) and regression predicts from the

@@ -32,7 +32,7 @@ from bnnzoo.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 UCI = {
-    "benchmark": "meanfield-vi-boston", "model": "meanfield-vi", "dataset": "boston", "device": "CPU (test)",
+    "benchmark": "uci-boston-meanfield-vi", "model": "meanfield-vi", "dataset": "boston", "device": "CPU (test)",
     "summary": {
         "rmse": {"mean": 3.0181, "se": 0.1721, "n": 20},
         "log_likelihood": {"mean": -2.5269, "se": 0.0484, "n": 20},
@@ -68,8 +68,8 @@ def test_the_page_is_written_from_the_json_files(tmp_path):
     # the full table: one row per file, in file-name order, the UCI layout summarised
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == ["bmr-reduction-cost-mlp-4x500", "em-tdamp-boston-keep40",
-                                                  "meanfield-vi-boston"]
-    assert "| `meanfield-vi-boston` | meanfield-vi | boston | RMSE 3.02 ± 0.17, test LL -2.53 ± 0.05 | 2.60x |" in text
+                                                  "uci-boston-meanfield-vi"]
+    assert "| `uci-boston-meanfield-vi` | meanfield-vi | boston | RMSE 3.02 ± 0.17, test LL -2.53 ± 0.05 | 2.60x |" in text
     # the headline table: rows for the files present only, with the targets judged from the JSON
     assert "| em-tdamp | Boston, 20 splits | test NMSE 0.150 ± 0.013 at 40% of hidden neurons kept‡ | NMSE <= 0.14 | **no** |" in text
     assert "one reduction of 1,149,010 weights: 1.1% of an epoch (in training), 1.6% (post hoc)‡ | <= 5% of an epoch | yes |" in text

@@ -34,7 +34,8 @@ Gaussian factor widened to the untempered posterior's variance, ``1/v_1 = T/v_T 
 
 Epochs. Regression runs ``max(epochs, ceil(min_steps / steps per epoch))`` epochs (``train.min_steps``
 6,000, ``epochs`` 100): at least 6,000 minibatch steps, so a few hundred rows get several hundred
-passes and 8,000 rows or more get 100 (docs/methods/horseshoe.md: how it was chosen).
+passes and from 1,920 rows on (60 minibatches of 32) the fit runs 100 (docs/methods/horseshoe.md: how it
+was chosen).
 
 Departures from the papers (Ghosh, Yao & Doshi-Velez 2019; Louizos, Ullrich & Welling 2017):
 

@@ -28,8 +28,8 @@ below 0.5 (the median probability rule; validation could not tell it from the fo
 Regression: absolute scales ``s1 = 1``, ``s0 = 0.2``, temperature 1, the noise scale learned by its
 M-step. Classification: scales divided by the square root of each layer's fan-in (``s1 = 3``,
 ``s0 = 0.15``) and a cold posterior, temperature 0.005, under which unsupported groups shrink into
-the spike and are pruned while supported ones stay; the temperature was chosen on a validation
-fifth of MNIST train5k by the one-standard-error rule (the sparsest of the temperatures whose
+the spike and are pruned while supported ones stay; the temperature was chosen on three validation
+fifths of MNIST train5k by the one-standard-error rule (the sparsest of the temperatures whose
 validation NLL is within one standard error of the lowest; docs/methods/spike-slab-sghmc.md).
 
 One-shot pruning after the fit (:meth:`SpikeSlabPosterior.prune`): the posterior inclusion

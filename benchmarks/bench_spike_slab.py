@@ -23,8 +23,9 @@ Suites (``python -m benchmarks.run SUITE``):
 - ``spike-slab-temperature-mnist``: the classification temperature, chosen on validation data only:
   each of :data:`TEMPERATURES` fitted with the otherwise default settings on a random 80% of MNIST
   train5k with LeNet-5 and LeNet-300-100 and scored on the other 20% (NLL, accuracy, ECE, weights
-  pruned), for each of :data:`TEMPERATURE_SEEDS` (its own validation part and fit seed). The rule, the one-standard-error rule of model selection (Breiman et al. 1984;
-  glmnet's ``lambda.1se``) read for a sparse method: among the temperatures whose validation NLL
+  pruned), for each of :data:`TEMPERATURE_SEEDS` (its own validation part and fit seed). The rule,
+  the one-standard-error rule of model selection (Breiman et al. 1984; glmnet's ``lambda.1se``)
+  read for a sparse method: among the temperatures whose validation NLL
   (averaged over the two networks) is within one standard error of the lowest (the standard error of
   that mean over the validation images), the one that prunes the most weights; a fit that the
   validation images cannot tell from the best is preferred when it is sparser. No test image is read.
@@ -500,7 +501,8 @@ TEMPERATURE_SEEDS = (0, 1, 2)
 
 
 def temperature_mnist(device) -> dict:
-    """The classification temperature on a validation fifth of MNIST train5k (module docstring)."""
+    """The classification temperature on validation fifths of MNIST train5k, one per seed (module
+    docstring)."""
     mnist = load_dataset("mnist")
     rows = []
     for seed, arch, temperature in itertools.product(TEMPERATURE_SEEDS, TEMPERATURE_ARCHS, TEMPERATURES):

@@ -1,0 +1,89 @@
+"""Choosing a regression entry's defaults on validation data only, never on test splits.
+
+:func:`select_defaults` fits every candidate (a set of options over the entry's catalog defaults) on
+80% of each training split of :func:`selection_sets` and scores it on the other 20%
+(:meth:`bnnzoo.data.Dataset.validation_split`); the candidate with the highest validation
+log-likelihood averaged over the sets is chosen. The sets: splits 0-2 of the five small bundled UCI
+sets, a dense ReLU teacher with 16 inputs (every input relevant) and a near-linear target with 4
+inputs and 9,500 rows, so that no choice rests on one data set's shape.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+
+import torch
+
+import bnnzoo
+from bnnzoo.data import Dataset, load_uci
+from bnnzoo.models.sparsity import EmptyLayerWarning
+
+from .harness import TEST_DRAWS, mean_se
+
+UCI_SETS = ("boston", "concrete", "energy", "yacht", "wine")
+NUM_SAMPLES = TEST_DRAWS
+
+
+def dense_teacher(inputs: int, seed: int, n: int = 2000, noise: float = 0.1) -> Dataset:
+    """A random one-hidden-layer ReLU teacher (50 units) using every input, noise sd ``noise`` of
+    the signal's; the "test" part of the result is a validation part of the same size."""
+    g = torch.Generator().manual_seed(seed)
+    w1, w2 = torch.randn(inputs, 50, generator=g) / math.sqrt(inputs), torch.randn(50, generator=g) / math.sqrt(50)
+    x = torch.randn(2 * n, inputs, generator=g)
+    f = torch.relu(x @ w1 + 0.1) @ w2
+    y = f + noise * f.std() * torch.randn(2 * n, generator=g)
+    return Dataset(f"teacher-{inputs}", "regression", x[:n], y[:n], x[n:], y[n:], split=seed)
+
+
+def near_linear(seed: int, n: int = 9500, inputs: int = 4) -> Dataset:
+    """A near-linear target of ``inputs`` inputs with a weak interaction, in the units of a
+    power-plant output (mean 450, sd 15), noise a quarter of the signal's spread."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * n, inputs, generator=g)
+    f = x @ torch.randn(inputs, generator=g) + 0.3 * torch.tanh(x[:, 0] * x[:, 1])
+    y = 450 + 15 * (f / f.std() + 0.25 * torch.randn(2 * n, generator=g))
+    # only the first n rows are ever used: the validation part is carved out of them
+    return Dataset(f"near-linear-{inputs}", "regression", x[:n], y[:n], x[n:], y[n:], split=seed)
+
+
+def selection_sets():
+    """``(name, split, data)`` for the sets of the module docstring; ``data.x_test`` holds the
+    validation part."""
+    for name in UCI_SETS:
+        for split in range(3):
+            yield name, split, load_uci(name, split=split).validation_split(0.2, seed=split)
+    yield "teacher-16", 0, dense_teacher(16, 0).validation_split(0.2, seed=0)
+    yield "near-linear-4", 0, near_linear(0).validation_split(0.2, seed=0)
+
+
+def select_defaults(model: str, candidates: dict, key: str, device) -> dict:
+    """Fit ``model`` with each of ``candidates`` (label -> options) on every set of
+    :func:`selection_sets`, seeded with the split; returns ``{key: result}`` with the validation
+    log-likelihood per set and candidate, its mean over the sets, and the chosen candidate."""
+    rows = []
+    for name, split, data in selection_sets():
+        row = {"set": name, "split": split}
+        for label, options in candidates.items():
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", EmptyLayerWarning)
+                post = bnnzoo.create(model, "regression", data.input_shape, 1, dataset=data.name,
+                                     device=device, seed=split, **options).fit(data.x_train, data.y_train, progress=False)
+            seconds = time.perf_counter() - start
+            m = post.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)
+            row[label] = {"rmse": m["rmse"], "log_likelihood": m["log_likelihood"],
+                          "architecture": post.sparsity()["architecture"], "epochs": post.fit_epochs,
+                          "fit_seconds": seconds}
+        rows.append(row)
+        print(f"  {name} {split}: " + " | ".join(f"{k} {row[k]['log_likelihood']:.3f}" for k in candidates), flush=True)
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    per_set = {s: {c: mean_se([r[c]["log_likelihood"] for r in rows if r["set"] == s]) for c in candidates}
+               for s in sets}
+    score = {c: statistics.mean(per_set[s][c]["mean"] for s in sets) for c in candidates}
+    return {key: {
+        "model": model, "protocol": "fit on 80% of each training split, score on the other 20%",
+        "num_samples": NUM_SAMPLES, "candidates": candidates, "per_set_validation_log_likelihood": per_set,
+        "mean_validation_log_likelihood": score, "chosen": max(score, key=score.get), "rows": rows}}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pyro.util
 import pytest
 import torch
 
 import bnnzoo
+from bnnzoo.catalog import get_entry
 from bnnzoo.errors import ConfigError, DataError
 
 
@@ -147,3 +150,16 @@ def test_small_batches_are_not_tried_where_a_pass_has_many_updates(boston, monke
     monkeypatch.setattr(Posterior, "MAX_SELECTED_BATCHES_PER_PASS", -(-n_fit // 8))  # 8 just allowed
     post = bnnzoo.fit("em-tdamp", boston, epochs=2, patience=1, progress=False, seed=0)
     assert [c["batch_size"] for c in post.fit_state.epoch_selection["candidates"]] == [32, 8]
+
+
+def test_map_regression_defaults_are_the_committed_validation_choice():
+    """map's regression step size and epoch cap are the candidate that the committed ``map-select``
+    run chose on validation data (benchmarks/results/map-select.json): changing one without
+    re-running the other fails here."""
+    result = json.loads((Path(__file__).parents[1] / "benchmarks/results/map-select.json").read_text())
+    scores = result["mean_validation_log_likelihood"]
+    assert result["chosen"] == max(scores, key=scores.get)
+    train = get_entry("map").defaults["regression"]["train"]
+    chosen = result["candidates"][result["chosen"]]
+    assert {k: train[k] for k in chosen} == chosen
+    assert train["validation_fraction"] and train["select_epochs"]

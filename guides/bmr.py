@@ -118,10 +118,15 @@ def savage_dickey(mu, var, prior_var) -> torch.Tensor:
 
 
 def group_delta_f(d_f_weight: torch.Tensor, d_f_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A group's ``dF`` under a mean-field posterior: the sum over its weights (a row of the weight
-    tensor, i.e. an output neuron or filter, plus its bias entry)."""
-    out = d_f_weight.reshape(d_f_weight.shape[0], -1).sum(1)
-    return out if d_f_bias is None else out + d_f_bias
+    """A group's ``dF`` under a mean-field posterior: the sum over its still-kept weights (a row of
+    the weight tensor, i.e. an output neuron or filter, plus its bias entry). Weights pruned before
+    (``dF = +inf``, as :func:`evidence_changes` marks them) are already at zero and add nothing; a
+    group whose every weight is pruned gets ``+inf``."""
+    rows = d_f_weight.reshape(d_f_weight.shape[0], -1)
+    if d_f_bias is not None:
+        rows = torch.cat([rows, d_f_bias.reshape(-1, 1)], 1)
+    kept = ~torch.isposinf(rows)
+    return torch.where(kept, rows, torch.zeros_like(rows)).sum(1).masked_fill(~kept.any(1), math.inf)
 
 
 # ---- the multivariate (full covariance) form ----------------------------------------------------

@@ -553,6 +553,30 @@ def test_prune_removes_exactly_the_groups_its_rule_names(fitted_dense, boston, r
     assert post.prune(threshold=1.0, data=(boston.x_train, boston.y_train)).fit_state.pruning[-1].rule == "threshold"
 
 
+def test_the_evidence_rule_after_a_weight_reduction_counts_the_kept_weights_only(fitted_dense, boston):
+    """A weight-level BMR reduction leaves pruned weights at a point mass at zero; removing a group
+    then changes the evidence by its kept weights' dF only (the pruned ones are at zero already).
+    Summing the point masses' own (huge) Savage-Dickey ratios would remove every group that lost a
+    weight."""
+    reduced = fitted_dense.reduce(rule="plain", level="weight", data=(boston.x_train, boston.y_train))
+    keep_w, keep_b = reduced.guide.mask("fc1.weight"), reduced.guide.mask("fc1.bias")
+    kept = torch.cat([keep_w, keep_b.unsqueeze(1)], 1)
+    partial = kept.any(1) & ~kept.all(1)
+    total = 0.0
+    for param, keep in (("weight", keep_w), ("bias", keep_b)):
+        mu = get_site(fitted_dense.guide.locs, f"fc1.{param}").detach()
+        var = torch.exp(2 * get_site(fitted_dense.guide.log_scales, f"fc1.{param}").detach())
+        d_f = (0.5 * torch.log(1 / var) - 0.5 * mu**2 / var) * keep
+        total = total + d_f.reshape(d_f.shape[0], -1).sum(1)
+    # groups that lost some weights, and whose kept weights still carry evidence: they must stay
+    assert (partial & (total <= 0)).any()
+    d_f = reduced.group_evidence_changes()["fc1"]
+    assert torch.isposinf(d_f[~kept.any(1)]).all()
+    assert torch.allclose(d_f[kept.any(1)].float(), total[kept.any(1)], rtol=1e-4, atol=1e-3)
+    pruned = reduced.prune(data=(boston.x_train, boston.y_train))
+    assert torch.equal(pruned.sparsity()["keep"]["fc1"], kept.any(1) & ~(total > 0))
+
+
 def test_a_rule_that_would_empty_a_layer_keeps_its_best_group(fitted_dense, boston):
     post = copy.deepcopy(fitted_dense)
     with torch.no_grad():

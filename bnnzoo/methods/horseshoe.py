@@ -54,6 +54,7 @@ The choice of the defaults and the measured figures: ``docs/methods/horseshoe.md
 from __future__ import annotations
 
 import math
+import time
 from typing import Iterator
 
 import torch
@@ -100,10 +101,41 @@ class HorseshoePosterior(VariationalPosterior):
         self.prune_rule = _check_rule(prune_rule)
         self.prune_threshold = _check_threshold(prune_threshold)
 
+    def reduction_epoch(self) -> int | None:
+        """The epoch after which the fit reduces its network (``train.reduce_at`` of the epochs,
+        at least 1, at most the last), or ``None`` where it does not."""
+        fraction = self.config["train"].get("reduce_at")
+        if fraction is None:
+            return None
+        epochs = self.fit_epochs
+        return min(max(1, round(fraction * epochs)), epochs)
+
     def _fit(self, x, y, progress: bool, callback=None) -> None:
-        super()._fit(x, y, progress, callback)
+        at = self.reduction_epoch()
+        hook = callback
+        if at is not None:
+            def hook(epoch: int, loss: float) -> None:
+                if epoch + 1 == at:
+                    self._reduce_during_fit(at)
+                if callback is not None:
+                    callback(epoch, loss)
+
+        super()._fit(x, y, progress, hook)
         if self.prune_at_end:
             self._prune()
+
+    @torch.no_grad()
+    def _reduce_during_fit(self, epoch: int) -> None:
+        """The reduction of ``train.reduce_at``: the groups go by :attr:`prune_rule`, then every
+        remaining weight of the hidden layers whose removal raises the evidence (BMR at weight level,
+        ``dF > 0`` on its decentred ``q(beta)``, the Bayes factor the group rule uses); the fit then
+        trains the reduced network for its remaining epochs. Recorded in ``fit_state.pruning``."""
+        self._prune()
+        start = time.perf_counter()
+        reduction = bmr.reduce(self.guide, rule="plain", level="weight")
+        summary = {**reduction.summary(), "weights_pruned_fraction": self.sparsity()["weights_pruned_fraction"]}
+        self.fit_state.pruning.append(PruningRecord("bmr", {"rule": "plain", "level": "weight", "epoch": epoch},
+                                                    summary, time.perf_counter() - start))
 
     def _draw_kl_weight(self) -> float:
         """The KL weight the draws undo: the fitted temperature when ``untempered``, else 1 (q itself)."""
@@ -279,6 +311,10 @@ _OPTIONS = {
                               "scale: when E[ln s] + 0.5 ln(fan_in) < ln(prune_threshold)"),
     "prune_threshold": Option(float, gt=0, help="the scale rule's threshold: prune a group when "
                                                 "E[ln s] + 0.5 ln(fan_in) < ln(threshold)"),
+    "reduce_at": Option(float, gt=0, le=1, nullable=True,
+                        help="after this fraction of the epochs, prune the groups by prune_rule and every hidden "
+                             "weight whose removal raises the evidence (BMR, dF > 0), then train the reduced "
+                             "network for the remaining epochs; null: no reduction during the fit"),
     **VALIDATION_OPTIONS,
 }
 
@@ -293,11 +329,11 @@ register(CatalogEntry(
         "regression": {"model": {**_MODEL, "noise_scale": 1.0}, "guide": dict(_GUIDE),
                        "train": {"epochs": 100, "min_steps": 6000, "batch_size": 32, "lr": 1e-2, "kl_weight": 0.2,
                                  "untempered": True, "prune": True, "prune_rule": "evidence",
-                                 "prune_threshold": 1.0, **VALIDATION_OFF}},
+                                 "prune_threshold": 1.0, "reduce_at": None, **VALIDATION_OFF}},
         "classification": {"model": dict(_MODEL), "guide": dict(_GUIDE),
                            "train": {"epochs": 60, "min_steps": None, "batch_size": 128, "lr": 1e-2, "augment": None, "kl_weight": 0.2,
                                      "untempered": False, "prune": True, "prune_rule": "evidence",
-                                     "prune_threshold": 1.0, **CALIBRATED}},
+                                     "prune_threshold": 1.0, "reduce_at": None, **CALIBRATED}},
     },
     options=_OPTIONS,
 ))

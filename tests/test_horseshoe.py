@@ -577,6 +577,41 @@ def test_the_evidence_rule_after_a_weight_reduction_counts_the_kept_weights_only
     assert torch.equal(pruned.sparsity()["keep"]["fc1"], kept.any(1) & ~(total > 0))
 
 
+def test_reduce_at_reduces_once_then_trains_the_reduced_network(boston):
+    """``reduce_at``: after that fraction of the epochs the groups go by the prune rule and single
+    weights by BMR (dF > 0); the remaining epochs train the reduced network (kept weights move,
+    pruned ones stay zero in every draw), and the closing prune follows."""
+    snapshots = {}
+
+    def callback(epoch, loss):
+        if epoch + 1 == 4:
+            snapshots["masks"] = {k: v.clone() for k, v in post.guide.masks.items()}
+            snapshots["loc"] = get_site(post.guide.locs, "fc1.weight").detach().clone()
+
+    post = bnnzoo.create("horseshoe-svi", "regression", boston.input_shape, 1, dataset=boston.name, device="cpu",
+                         seed=0, epochs=8, reduce_at=0.5)
+    assert post.config["train"]["min_steps"] is None  # epochs asked for: 8 epochs, the reduction after 4
+    post.fit(boston.x_train, boston.y_train, progress=False, callback=callback)
+    assert post.reduction_epoch() == 4
+    rules = [(r.rule, r.options.get("epoch")) for r in post.fit_state.pruning]
+    assert rules == [("evidence", None), ("bmr", 4), ("evidence", None)]
+    keep = snapshots["masks"]["fc1.weight"]
+    partial = keep.any(1) & ~keep.all(1)
+    assert partial.any()  # single weights of kept neurons were pruned, not only whole neurons
+    final_keep = post.guide.mask("fc1.weight")
+    assert not (final_keep & ~keep).any()  # masks only shrink
+    moved = (get_site(post.guide.locs, "fc1.weight").detach() - snapshots["loc"]).abs()
+    assert moved[final_keep].max() > 0  # the reduced network was trained on
+    for params in [post.posterior_mean(), next(iter(post.draw_weights(1)))]:
+        assert torch.all(params["fc1.weight"][~final_keep] == 0)
+    assert post.fit_state.pruning[1].summary["weights_pruned_fraction"] > 0
+    # the noise was refitted for the reduced network (regression)
+    assert math.isfinite(post.evaluate(boston.x_test, boston.y_test, num_samples=10)["log_likelihood"])
+    plain = bnnzoo.create("horseshoe-svi", "regression", boston.input_shape, 1, dataset=boston.name, device="cpu",
+                          seed=0, epochs=8)
+    assert plain.reduction_epoch() is None
+
+
 def test_a_rule_that_would_empty_a_layer_keeps_its_best_group(fitted_dense, boston):
     post = copy.deepcopy(fitted_dense)
     with torch.no_grad():

@@ -25,6 +25,14 @@ and, for regression, re-estimates the noise for the pruned network
 (:meth:`~bnnzoo.posterior.Posterior.refit_noise`); :meth:`HorseshoePosterior.prune` returns a
 pruned copy by either rule. Each pruning is recorded in ``fit_state.pruning``.
 
+Reduction during the fit (``train.reduce_at``, a fraction of the epochs; null by default for
+regression): after that many epochs the groups go by the rule above, then every remaining hidden
+weight whose removal raises the evidence (BMR at weight level on the decentred ``q(beta)``, the same
+``dF > 0``), and the fit trains the reduced network for its remaining epochs before its closing
+prune. Under the mean-field ``q`` each weight's ``dF`` ignores the others, so removing many at once
+moves the function; the epochs that follow let the kept weights take up the slack. A group's ``dF``
+counts its kept weights only (:func:`~bnnzoo.guides.bmr.group_delta_f`).
+
 Temperature. The ELBO's KL term is weighted by ``train.kl_weight = T`` (0.2 by default: a tempered,
 "cold" posterior; ``T = 1`` is the exact ELBO). The fit records ``T`` as ``fit_state.temperature``.
 With ``untempered`` (``train.untempered``: on for regression, off for classification; the

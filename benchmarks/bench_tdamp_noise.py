@@ -1,7 +1,8 @@
 """EM-TDAMP's learned noise against a known one: a random ReLU teacher with noise from 1% to 100% of
 the target's spread.
 
-Suite ``tdamp-noise`` (writes ``benchmarks/results/tdamp-noise.json``): for each noise level the
+Suite ``tdamp-noise`` (writes ``benchmarks/results/tdamp-noise.json``; ``tdamp-noise-learnable`` the same
+on a teacher of 5 hidden units, :func:`noise_sweep_learnable`): for each noise level the
 ratio of em-tdamp's learned noise standard deviation (after its fit, pruning and the noise refit
 that follows it; units of ``y``) to the true one, the test RMSE of em-tdamp and of a meanfield-vi fit
 on the same data (both with their catalog defaults, same seed), and each RMSE over the true noise
@@ -49,12 +50,13 @@ FORMER = {"memory": 10.0}
 
 
 def fit_and_compare(noise_fraction: float, *, n: int = TRAIN, seed: int = 0, device="cpu", baseline: bool = True,
-                    former: bool = False, **options) -> dict:
+                    former: bool = False, hidden: int = HIDDEN, **options) -> dict:
     """Fit em-tdamp (catalog defaults, overridden by ``options``) and, with ``baseline``, meanfield-vi
-    on one teacher problem (with ``former``, also em-tdamp with :data:`FORMER`, keys
-    ``em_tdamp_former_*``); return the learned noise over the true one and the test RMSEs."""
-    x, y, x_test, y_test, noise_sd = teacher(n, noise_fraction, seed=seed)
-    row = {"noise_fraction": noise_fraction, "true_noise_sd": noise_sd, "n": n, "seed": seed}
+    on one teacher problem (a teacher of ``hidden`` units; with ``former``, also em-tdamp with
+    :data:`FORMER`, keys ``em_tdamp_former_*``); return the learned noise over the true one and the
+    test RMSEs."""
+    x, y, x_test, y_test, noise_sd = teacher(n, noise_fraction, seed=seed, hidden=hidden)
+    row = {"noise_fraction": noise_fraction, "true_noise_sd": noise_sd, "n": n, "seed": seed, "teacher_hidden": hidden}
     fits = [("em-tdamp", "em_tdamp", options)] + ([("em-tdamp", "em_tdamp_former", FORMER)] if former else []) \
         + ([("meanfield-vi", "meanfield_vi", {})] if baseline else [])
     for name, key, opts in fits:
@@ -76,29 +78,42 @@ def fit_and_compare(noise_fraction: float, *, n: int = TRAIN, seed: int = 0, dev
     return row
 
 
-def noise_sweep(device) -> dict:
+def noise_sweep(device, hidden: int = HIDDEN, former: bool = True, key: str = "tdamp-noise") -> dict:
     rows = []
     for fraction in NOISE_FRACTIONS:
-        row = fit_and_compare(fraction, device=device, former=True)
+        row = fit_and_compare(fraction, device=device, former=former, hidden=hidden)
         rows.append(row)
+        former_text = (f" (former {row['em_tdamp_former_noise_ratio']:.3f}, {row['em_tdamp_former_rmse_over_noise']:.2f})"
+                       if former else "")
         print(f"  noise {fraction:g} of sd(f): em-tdamp noise/true {row['em_tdamp_noise_ratio']:.3f}, RMSE/noise "
-              f"{row['em_tdamp_rmse_over_noise']:.2f} (former {row['em_tdamp_former_noise_ratio']:.3f}, "
-              f"{row['em_tdamp_former_rmse_over_noise']:.2f}); meanfield-vi noise/true {row['meanfield_vi_noise_ratio']:.3f}, "
-              f"RMSE/noise {row['meanfield_vi_rmse_over_noise']:.2f}", flush=True)
+              f"{row['em_tdamp_rmse_over_noise']:.2f}{former_text}; meanfield-vi noise/true "
+              f"{row['meanfield_vi_noise_ratio']:.3f}, RMSE/noise {row['meanfield_vi_rmse_over_noise']:.2f}", flush=True)
     within = [r["noise_fraction"] for r in rows if abs(r["em_tdamp_noise_ratio"] - 1) <= 0.2]
-    headline = (f"teacher {INPUTS}-{HIDDEN}-1 ReLU, n={TRAIN}: learned/true noise sd "
+    headline = (f"teacher {INPUTS}-{hidden}-1 ReLU, n={TRAIN}: learned/true noise sd "
                 + ", ".join(f"{r['em_tdamp_noise_ratio']:.2f}" for r in rows)
                 + f" at noise {', '.join(f'{f:g}' for f in NOISE_FRACTIONS)} of sd(f) (within 20% at "
-                + (", ".join(f"{f:g}" for f in within) or "none")
-                + "); with the former memory of 10 passes "
-                + ", ".join(f"{r['em_tdamp_former_noise_ratio']:.2f}" for r in rows)
+                + (", ".join(f"{f:g}" for f in within) or "none") + ")"
+                + ("; with the former memory of 10 passes " + ", ".join(f"{r['em_tdamp_former_noise_ratio']:.2f}" for r in rows)
+                   if former else "")
                 + "; test RMSE / true noise em-tdamp "
                 + ", ".join(f"{r['em_tdamp_rmse_over_noise']:.2f}" for r in rows)
-                + " (former " + ", ".join(f"{r['em_tdamp_former_rmse_over_noise']:.2f}" for r in rows) + ")"
+                + (" (former " + ", ".join(f"{r['em_tdamp_former_rmse_over_noise']:.2f}" for r in rows) + ")"
+                   if former else "")
                 + ", meanfield-vi " + ", ".join(f"{r['meanfield_vi_rmse_over_noise']:.2f}" for r in rows))
-    return {"tdamp-noise": {"model": "em-tdamp vs meanfield-vi", "dataset": "synthetic ReLU teacher",
-                            "headline": headline, "inputs": INPUTS, "hidden": HIDDEN, "n_train": TRAIN,
-                            "n_test": TEST, "rows": rows}}
+    return {key: {"model": "em-tdamp vs meanfield-vi", "dataset": "synthetic ReLU teacher",
+                  "headline": headline, "inputs": INPUTS, "hidden": hidden, "n_train": TRAIN,
+                  "n_test": TEST, "rows": rows}}
 
 
-SUITES = {"tdamp-noise": noise_sweep}
+#: the teacher of ``tdamp-noise-learnable``: few enough units that a fit can reach the noise floor
+LEARNABLE_HIDDEN = 5
+
+
+def noise_sweep_learnable(device) -> dict:
+    """The sweep on an 8-5-1 teacher, which the 50-unit network fits to below 1% of its spread: where
+    the fit can reach the noise floor, the learned noise is the noise estimator's error alone (on the
+    8-50-1 teacher of ``tdamp-noise`` the fit's own error exceeds the smallest noises for every entry)."""
+    return noise_sweep(device, hidden=LEARNABLE_HIDDEN, former=False, key="tdamp-noise-learnable")
+
+
+SUITES = {"tdamp-noise": noise_sweep, "tdamp-noise-learnable": noise_sweep_learnable}

@@ -427,8 +427,8 @@ def test_validation_split_carves_the_training_part_and_never_touches_the_test_pa
         data.validation_split(1.0)
 
 
-def test_validation_split_without_a_seed_holds_out_the_last_rows_in_order():
-    data = load_uci("yacht", split=0)
+def test_validation_split_without_a_seed_holds_out_the_last_rows_in_order(boston):
+    data = boston
     val = data.validation_split(0.25, seed=None)
     n_val = round(0.25 * data.n_train)
     assert torch.equal(val.x_test, data.x_train[-n_val:]) and torch.equal(val.y_train, data.y_train[:-n_val])

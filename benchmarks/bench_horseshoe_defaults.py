@@ -208,6 +208,7 @@ def reduce_select(device) -> dict:
         "mean_validation_nll": score, "chosen": min(score, key=score.get), "rows": rows}}
 
 
-SUITES = {"horseshoe-reduce-select": reduce_select, "horseshoe-prune-rules": prune_rules, "horseshoe-prune-rules-mnist": prune_rules_mnist,
+SUITES = {"horseshoe-reduce-select": reduce_select, "horseshoe-prune-rules": prune_rules,
+          "horseshoe-prune-rules-mnist": prune_rules_mnist,
           "horseshoe-select": select, "horseshoe-select-prior": select_prior,
           "horseshoe-select-steps": select_steps}

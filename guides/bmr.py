@@ -360,10 +360,7 @@ def decide_reduction(weights: Mapping[str, GaussianSite], masks: Mapping[str, to
                 raise ValueError(f"group-level BMR needs a layer's weight (and bias) sites, got {sites}")
             w, b = kinds["weight"], kinds.get("bias")
             # a group's dF over its still-kept weights; a fully pruned group counts as pruned
-            parts = [d_fs[w].reshape(d_fs[w].shape[0], -1)] + ([d_fs[b].unsqueeze(1)] if b else [])
-            rows = torch.cat(parts, 1)
-            finite = torch.isfinite(rows)
-            g = torch.where(finite, rows, torch.zeros_like(rows)).sum(1).masked_fill(~finite.any(1), math.inf)
+            g = group_delta_f(d_fs[w], d_fs[b] if b else None)
             prune_g, zeta = prune_decision(g, rule, num_iters, count_pruned)
             prune = {w: prune_g.view(-1, *([1] * (d_fs[w].dim() - 1))).expand_as(d_fs[w])}
             if b:

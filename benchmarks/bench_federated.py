@@ -5,7 +5,8 @@ ServerApp in the benchmark process, the clients executed by Ray actors;
 :func:`bnnzoo.federated.run.run_federated`); a round is ``local_epochs``
 local passes over each client's data, then the server's aggregation and EM step (FedAvg: as many
 local Adam epochs per client, then Flower's FedAvg aggregation). Centralised EM-TDAMP runs as many passes
-as there are rounds, on the same split, seed and options.
+as there are rounds, on the same split, seed and options (and, in ``federated-mnist-100``, as many
+passes as the federated run's rounds hold data: 50 rounds of 10 of 100 clients, 5 passes).
 
 Local passes per round: one on Boston housing (100 rounds). On MNIST a client's 500 examples are
 four minibatches of 128, so 30 rounds of one local pass are only 120 sequential steps of the
@@ -175,6 +176,16 @@ def mnist100(device, seed: int = 0) -> dict:
     target = central_error + 0.01
     print(f"  centralised EM-TDAMP ({rounds} passes): test error {100 * central_error:.2f}% "
           f"({central_seconds:.0f} s)", flush=True)
+    # the same data as the federated run: a round's clients hold a tenth of the training set, so 50
+    # rounds see 5 passes' worth of examples
+    equal_passes = max(1, round(rounds * MNIST100_PER_ROUND / MNIST100_CLIENTS))
+    set_seed(seed)
+    equal = bnnzoo.create("em-tdamp", data.task, data.input_shape, data.output_dim, dataset=data.name,
+                          network=network, device=device, seed=seed, keep=KEEP, epochs=equal_passes)
+    equal.fit(data.x_train, data.y_train, progress=False)
+    equal_error = 1.0 - equal.evaluate(data.x_test, data.y_test, num_samples=100)["accuracy"]
+    print(f"  centralised EM-TDAMP ({equal_passes} passes, the federated run's data): test error "
+          f"{100 * equal_error:.2f}%", flush=True)
     common = dict(num_clients=MNIST100_CLIENTS, clients_per_round=MNIST100_PER_ROUND, rounds=rounds,
                   partition="label-skew", alpha=ALPHA, seed=seed, device=device, network=network,
                   local_epochs=MNIST_LOCAL_EPOCHS, eval_every=1)
@@ -191,7 +202,7 @@ def mnist100(device, seed: int = 0) -> dict:
                 f"{rounds} rounds, {100 * KEEP:.0f}% of hidden neurons kept: federated EM-TDAMP {100 * fed_error:.2f}% "
                 f"vs centralised EM-TDAMP ({rounds} passes) {100 * central_error:.2f}% ({100 * gap:+.2f} points, "
                 f"target within 1: {'met' if gap <= 0.01 else 'not met'}; reaches centralised + 1 point at round "
-                f"{fed_to}); FedAvg of Adam clients {100 * avg.history['error'][-1]:.2f}% at round {rounds} (best "
+                f"{fed_to}; centralised EM-TDAMP on as much data, {equal_passes} passes: {100 * equal_error:.2f}%); FedAvg of Adam clients {100 * avg.history['error'][-1]:.2f}% at round {rounds} (best "
                 f"{100 * min(avg.history['error']):.2f}%, reaches the target at round {avg_to}); wall time of the "
                 f"simulations {fed.seconds:.0f} s (EM-TDAMP) and {avg.seconds:.0f} s (FedAvg) on the shared CPUs")
     return {"federated-mnist-100": {
@@ -199,6 +210,7 @@ def mnist100(device, seed: int = 0) -> dict:
         "clients": MNIST100_CLIENTS, "clients_per_round": MNIST100_PER_ROUND, "rounds": rounds,
         "reduced": rounds != 50, "local_epochs": MNIST_LOCAL_EPOCHS, "alpha": ALPHA, "keep": KEEP,
         "central_error": central_error, "central_seconds": central_seconds, "target_error": target,
+        "equal_data_passes": equal_passes, "equal_data_central_error": equal_error,
         "federated_error": fed_error, "federated_curve": fed.history["error"], "federated_rounds_to_target": fed_to,
         "federated_seconds": fed.seconds, "federated_failed_clients": fed.failed_clients,
         "fedavg_error": avg.history["error"][-1], "fedavg_best_error": min(avg.history["error"]),

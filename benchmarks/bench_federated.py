@@ -176,8 +176,8 @@ def mnist100(device, seed: int = 0) -> dict:
     target = central_error + 0.01
     print(f"  centralised EM-TDAMP ({rounds} passes): test error {100 * central_error:.2f}% "
           f"({central_seconds:.0f} s)", flush=True)
-    # the same data as the federated run: a round's clients hold a tenth of the training set, so 50
-    # rounds see 5 passes' worth of examples
+    # as much data as the federated run: its rounds' clients hold rounds x per_round / clients passes'
+    # worth of examples (50 rounds of 10 of 100 clients: 5 passes)
     equal_passes = max(1, round(rounds * MNIST100_PER_ROUND / MNIST100_CLIENTS))
     set_seed(seed)
     equal = bnnzoo.create("em-tdamp", data.task, data.input_shape, data.output_dim, dataset=data.name,
@@ -202,7 +202,8 @@ def mnist100(device, seed: int = 0) -> dict:
                 f"{rounds} rounds, {100 * KEEP:.0f}% of hidden neurons kept: federated EM-TDAMP {100 * fed_error:.2f}% "
                 f"vs centralised EM-TDAMP ({rounds} passes) {100 * central_error:.2f}% ({100 * gap:+.2f} points, "
                 f"target within 1: {'met' if gap <= 0.01 else 'not met'}; reaches centralised + 1 point at round "
-                f"{fed_to}; centralised EM-TDAMP on as much data, {equal_passes} passes: {100 * equal_error:.2f}%); FedAvg of Adam clients {100 * avg.history['error'][-1]:.2f}% at round {rounds} (best "
+                f"{fed_to}; centralised EM-TDAMP on as much data, {equal_passes} passes: {100 * equal_error:.2f}%); "
+                f"FedAvg of Adam clients {100 * avg.history['error'][-1]:.2f}% at round {rounds} (best "
                 f"{100 * min(avg.history['error']):.2f}%, reaches the target at round {avg_to}); wall time of the "
                 f"simulations {fed.seconds:.0f} s (EM-TDAMP) and {avg.seconds:.0f} s (FedAvg) on the shared CPUs")
     return {"federated-mnist-100": {

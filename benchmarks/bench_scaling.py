@@ -133,7 +133,7 @@ def _suite(key: str, epochs: int, n: int | None, device, repeats: int = 1) -> di
                         f"{c['examples_per_second']['2']:.0f} examples/s)" for name, c in cases.items())
     weak = ", ".join(f"{name} {c['weak']['speedup']:.2f}x{spread(c['weak_speedups'])} "
                      f"({c['weak']['examples_per_second']:.0f} examples/s)" for name, c in cases.items())
-    what = "median of " + (f"{repeats} runs" if repeats > 1 else "1 run")
+    what = f"median of {repeats} runs" if repeats > 1 else "1 run"
     return {key: {"model": ", ".join(OPTIONS), "dataset": "mnist-train5k" if n is None else f"mnist-train5k[:{n}]",
                   "arch": ARCH, "processes": [1, 2], "backend": "gloo", "threads_per_process": 1, "repeats": repeats,
                   "headline": (f"2 processes over 1 ({what}), global batch {BATCH_SIZE} (strong scaling): {summary}; "

@@ -22,9 +22,13 @@ What makes an N-rank fit equal the 1-rank fit on the same global minibatches:
   1-rank loss on the global batch (:func:`~bnnzoo.guides.training.fit_svi`);
 - the noise: draws that belong to the whole step (an SGHMC step's injected noise, a weight draw, a
   horseshoe scale draw) come from the shared global generator and are the same on every rank;
-  per-example draws (local reparameterisation) are drawn for the whole global batch by every rank,
-  each keeping the rows of its own examples (:func:`example_noise`), so that example ``i`` of a
-  global batch gets the same draw whichever rank computes it.
+  per-example draws (local reparameterisation) are made block by block: the shared generator gives
+  one seed per block of the global batch and each rank draws only the blocks that hold its rows
+  (:func:`example_noise`), so that example ``i`` of a global batch gets the same draw whichever rank
+  computes it, and a rank's noise costs its share of the batch. A fit in one process *outside* any
+  process group draws its per-example noise in one plain draw instead: the same distribution from
+  another stream, so the N-rank fit equals the 1-rank world's (``torchrun --nproc-per-node 1``), not
+  that fit's.
 
 EM-TDAMP (:class:`~bnnzoo.guides.TDAMPGuide`) has no gradient: the same schedule, and in place of the
 loss its minibatch message, a sum over examples, is summed over the ranks in one :func:`all_reduce_flat`
@@ -213,13 +217,70 @@ def example_slice(batch: int, start: int, stop: int) -> Iterator[ExampleSlice]:
         _EXAMPLES.remove(s)
 
 
+#: the blocks a data-parallel step's global batch is cut into for its per-example noise
+#: (:func:`example_noise`): 2, 4 or 8 ranks whose share of the batch is a whole number of blocks draw
+#: exactly their own rows
+NOISE_BLOCKS = 8
+
+#: the generator :func:`example_noise` reseeds for each block, one per device
+_BLOCK_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def noise_blocks(batch: int) -> tuple[int, int]:
+    """``(rows, blocks)``: a global batch of ``batch`` examples is cut into ``blocks`` blocks of
+    ``rows = ceil(batch / NOISE_BLOCKS)`` consecutive examples (the last one may hold fewer)."""
+    rows = -(-int(batch) // NOISE_BLOCKS)
+    return rows, -(-int(batch) // rows)
+
+
+def _block_seeds(blocks: int) -> list[int]:
+    """One seed per block, from the global CPU generator (every rank holds the same random state, so
+    every rank draws the same seeds; the global stream advances by one draw per block)."""
+    return torch.empty(blocks, dtype=torch.int64).random_().tolist()
+
+
+def _block_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The device's block generator reseeded with ``seed``: the CPU's (MT19937) takes the low 32 bits,
+    a CUDA generator (Philox) all 63."""
+    generator = _BLOCK_GENERATORS.get(device)
+    if generator is None:
+        generator = _BLOCK_GENERATORS[device] = torch.Generator(device=device)
+    return generator.manual_seed(seed & 0xFFFFFFFF if device.type == "cpu" else seed)
+
+
+def _blocked_rows(s: ExampleSlice, widths: Sequence[tuple[int, ...]], device, dtype) -> list[torch.Tensor]:
+    """For each per-example shape in ``widths``, the draws of rows ``[s.start, s.stop)`` of a global
+    batch drawn block by block: block ``k`` (rows ``[k R, (k + 1) R)``) draws from a generator seeded
+    with the ``k``-th of the call's seeds, the shapes one after the other, each in full (so every
+    rank draws a block alike); only the blocks that hold this rank's rows are drawn."""
+    rows, blocks = noise_blocks(s.batch)
+    seeds = _block_seeds(blocks)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    first, last = s.start // rows, max(-(-s.stop // rows), s.start // rows + 1)
+    lo, hi = first * rows, min(last * rows, s.batch)
+    outs = [torch.empty((hi - lo, *w), device=device, dtype=dtype) for w in widths]
+    for k in range(first, last):
+        generator = _block_generator(device, seeds[k])
+        a, b = k * rows - lo, min((k + 1) * rows, s.batch) - lo
+        for out in outs:
+            out[a:b].normal_(generator=generator)
+    return [out[s.start - lo:s.stop - lo] for out in outs]
+
+
 def example_noise(shape, *, device=None, dtype=None) -> torch.Tensor:
     """Standard normal draws for a tensor of ``shape`` whose first dimension indexes the examples of
     the current minibatch (local reparameterisation's one draw per example and unit).
 
-    Alone, ``torch.randn(shape)``. Inside :func:`example_slice` (a data-parallel step), the draws of
-    the whole global batch, ``torch.randn((batch, *shape[1:]))``, rows ``[start, stop)``: the
-    random state advances as in the 1-rank step and each example gets the draw it gets there."""
+    Alone, ``torch.randn(shape)``. Inside :func:`example_slice` (a data-parallel step), the rows
+    ``[start, stop)`` of the global batch's draw made block by block (:func:`noise_blocks`): the
+    global generator gives one seed per block of the global batch, the same on every rank, and each
+    rank draws only the blocks that hold its rows, each from its own generator seeded with that
+    block's seed. An example thus gets the same draw whichever rank computes it (any number of ranks,
+    one included), and a rank draws its own rows, not the whole global batch's. The CPU's block
+    generator (MT19937) takes 32-bit seeds: of ``n`` blocks drawn in a fit, about ``n^2 / 2^33`` pairs
+    share a seed (about 100 pairs in a million blocks), which repeats those blocks' noise."""
     shape = tuple(shape)
     if not _EXAMPLES:
         return torch.randn(shape, device=device, dtype=dtype)
@@ -227,29 +288,26 @@ def example_noise(shape, *, device=None, dtype=None) -> torch.Tensor:
     if shape[0] != s.stop - s.start:
         raise RuntimeError(f"example_noise: a draw for {shape[0]} examples inside a data-parallel step that "
                            f"computes {s.stop - s.start} examples of a global batch of {s.batch}")
-    return torch.randn((s.batch, *shape[1:]), device=device, dtype=dtype)[s.start:s.stop]
+    return _blocked_rows(s, [shape[1:]], device, dtype or torch.get_default_dtype())[0]
 
 
 def example_noise_flat(head: int, widths: Sequence[int], batch: int, *, device=None, dtype=None) -> torch.Tensor:
     """Standard normal draws laid out flat as ``[head | (batch, widths[0]) | (batch, widths[1]) | ...]``:
     ``head`` draws of the whole step, then one block per layer of one draw per example and unit
     (row-major). Alone, ``torch.randn(head + batch * sum(widths))``; inside :func:`example_slice`,
-    the global batch's draws with each block cut to this rank's rows (as :func:`example_noise`)."""
+    ``head`` draws from the global generator (the same on every rank), then this rank's rows of every
+    layer's draw made block by block as in :func:`example_noise` (one seed per block for all layers)."""
     if not _EXAMPLES:
         return torch.randn(head + batch * sum(widths), device=device, dtype=dtype)
     s = _EXAMPLES[-1]
     if batch != s.stop - s.start:
         raise RuntimeError(f"example_noise_flat: a draw for {batch} examples inside a data-parallel step that "
                            f"computes {s.stop - s.start} examples of a global batch of {s.batch}")
-    full = torch.randn(head + s.batch * sum(widths), device=device, dtype=dtype)
-    parts = [full[:head]]
-    offset = head
-    for w in widths:
-        parts.append(full[offset:offset + s.batch * w].view(s.batch, w)[s.start:s.stop].reshape(-1))
-        offset += s.batch * w
-    return torch.cat(parts)
+    head_draws = torch.randn(head, device=device, dtype=dtype)
+    parts = _blocked_rows(s, [(w,) for w in widths], head_draws.device, head_draws.dtype)
+    return torch.cat([head_draws, *(p.reshape(-1) for p in parts)])
 
 
 __all__ = ["DataParallel", "ExampleSlice", "all_reduce_flat", "all_reduce_gradients_", "all_reduce_sum",
            "backend_for", "broadcast_", "chain_groups", "chain_seed", "current", "data_parallel", "example_noise", "example_noise_flat",
-           "example_slice", "init_process_group"]
+           "example_slice", "init_process_group", "noise_blocks", "NOISE_BLOCKS"]

@@ -310,8 +310,8 @@ def _rank_loss(loss_fn, xb: torch.Tensor, yb: torch.Tensor, n: int, parallel: Da
     ``KL / V + (N / B) NLL(their examples)``, whose sum over the ranks is the 1-rank loss of the global
     batch, and so is the sum of the gradients. A rank without examples (a last batch smaller than
     ``W``) computes the loss of the batch's first example times 0, so that its gradients are zeros of
-    the same parameters. Per-example noise is that of the global batch
-    (:func:`~bnnzoo.guides.data_parallel.example_slice`).
+    the same parameters. Per-example noise is the rank's rows of the global batch's draw, made block
+    by block (:func:`~bnnzoo.guides.data_parallel.example_slice`).
     """
     batch = len(xb)
     holding = min(batch, parallel.world_size)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
 from hypothesis import settings
 
 import bnnzoo
+from bnnzoo import distributed
 from bnnzoo.data import load_dataset, load_mnist
 from bnnzoo.models import (
     BayesianNeuralNetwork,
@@ -150,3 +152,19 @@ def correlated_gaussian_regression():
     mean = cov @ design.T @ y.double() / noise**2
     assert cov[0, 1] / (cov[0, 0] * cov[1, 1]).sqrt() < -0.6
     return x, y, model, mean, cov
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A context manager: inside it this process is the only rank of a gloo process group joined
+    through the variables ``torchrun --nproc-per-node 1`` sets, and fits are data-parallel over it."""
+
+    @contextmanager
+    def group():
+        for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(distributed.free_port())}.items():
+            monkeypatch.setenv(var, value)
+        with distributed.process_group("cpu") as (parallel, _):
+            yield parallel
+
+    return group

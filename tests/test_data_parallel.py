@@ -18,6 +18,7 @@ from bnnzoo.cli import main
 from bnnzoo.data import load_dataset
 from bnnzoo.errors import ConfigError, RunError
 from bnnzoo.guides import LocalReparamELBO
+from bnnzoo.guides import data_parallel as data_parallel_module
 from bnnzoo.guides.data_parallel import (
     DataParallel,
     current,
@@ -25,6 +26,7 @@ from bnnzoo.guides.data_parallel import (
     example_noise,
     example_noise_flat,
     example_slice,
+    noise_blocks,
 )
 from bnnzoo.guides.tdamp_em import m_step
 from bnnzoo.guides.training import _rank_loss, fit_svi, minibatches
@@ -83,9 +85,13 @@ def _assert_close(a: dict, b: dict, atol: float) -> None:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def test_meanfield_vi_two_ranks_equal_single_process_fit(tmp_path):
+def test_meanfield_vi_two_ranks_equal_single_process_fit(tmp_path, one_rank_group):
+    """The 2-rank fit equals the fit of one process in a 1-rank world (``torchrun --nproc-per-node 1``),
+    whose per-example noise is drawn block by block as the ranks draw it."""
     ranks = _spawn_fit("meanfield-vi", SVI_OPTIONS, tmp_path)
-    single = _state(bnnzoo.fit("meanfield-vi", None, seed=3, device="cpu", progress=False, **SVI_OPTIONS))
+    with one_rank_group():
+        single = _state(bnnzoo.fit("meanfield-vi", None, seed=3, device="cpu", progress=False, **SVI_OPTIONS))
+    plain = _state(bnnzoo.fit("meanfield-vi", None, seed=3, device="cpu", progress=False, **SVI_OPTIONS))
     _assert_close(ranks[0]["tensors"], ranks[1]["tensors"], atol=0.0)  # the ranks hold one posterior
     _assert_close(ranks[0]["tensors"], single["tensors"], atol=1e-5)
     # one collective per step (3 global batches per epoch) for the gradients, one per epoch for the loss
@@ -96,6 +102,9 @@ def test_meanfield_vi_two_ranks_equal_single_process_fit(tmp_path):
     start = _state(bnnzoo.create("meanfield-vi", "regression", (13,), 1, seed=3, device="cpu"))["tensors"]
     moved = max(float((single["tensors"][k] - v).abs().max()) for k, v in start.items() if k.startswith("guide."))
     assert moved > 1e-3
+    # a fit outside any group draws the same distributions from another stream: close, not equal
+    assert plain["loss"] != pytest.approx(single["loss"], rel=1e-5)
+    assert plain["loss"][-1] == pytest.approx(single["loss"][-1], rel=0.1)
 
 
 @pytest.mark.filterwarnings("ignore:the pruning rule would remove")
@@ -180,30 +189,109 @@ def test_check_devices_errors(monkeypatch):
         distributed.check_devices(2, "cpu")
 
 
-def test_example_noise_slices_the_global_draw():
-    torch.manual_seed(0)
-    whole = torch.randn(7, 5)
-    after = torch.randn(3)
-    torch.manual_seed(0)
-    with example_slice(7, 2, 5):
-        part = example_noise((3, 5))
-    torch.testing.assert_close(part, whole[2:5], atol=0, rtol=0)
-    torch.testing.assert_close(torch.randn(3), after, atol=0, rtol=0)  # the random state advanced as alone
+def _rank_draws(batch: int, world: int, draw) -> list[torch.Tensor]:
+    """Each rank's ``draw(rows)`` inside its slice of a global batch of ``batch``, every rank from the
+    same random state (seed 0), as the ranks of a data-parallel step run it; checks that every rank
+    leaves the global random state where the others do."""
+    parts, after = [], []
+    for rank in range(world):
+        start, stop = DataParallel(rank, world).bounds(batch)
+        if start == stop:
+            continue
+        torch.manual_seed(0)
+        with example_slice(batch, start, stop):
+            parts.append(draw(stop - start))
+        after.append(torch.randn(3))
+    assert all(torch.equal(a, after[0]) for a in after)  # the shared random state advanced alike
+    return parts
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64, 227, 256])
+def test_example_noise_of_any_world_size_is_the_one_rank_draw(batch):
+    """The ranks' rows put together are the 1-rank world's draw of the global batch, whatever the
+    number of ranks (a rank may hold no example when the batch is smaller than the world)."""
+    one = _rank_draws(batch, 1, lambda rows: example_noise((rows, 3, 2)))[0]
+    assert one.shape == (batch, 3, 2)
+    for world in (2, 3, 5, 8, 16):
+        parts = _rank_draws(batch, world, lambda rows: example_noise((rows, 3, 2)))
+        torch.testing.assert_close(torch.cat(parts), one, atol=0, rtol=0)
     with example_slice(7, 2, 5), pytest.raises(RuntimeError, match="3 examples"):
         example_noise((4, 5))
 
 
-def test_example_noise_flat_cuts_every_layer_block():
+def test_example_noise_draws_only_the_blocks_of_the_rank(monkeypatch):
+    """A rank draws the blocks that hold its rows and no others: with 2 ranks and a batch of 256,
+    4 of the 8 blocks of 32 rows each, and so half the global batch's draws."""
+    drawn = []
+    real = data_parallel_module._block_generator
+
+    def spy(device, seed):
+        drawn.append(seed)
+        return real(device, seed)
+
+    monkeypatch.setattr(data_parallel_module, "_block_generator", spy)
+    assert noise_blocks(256) == (32, 8) and noise_blocks(227) == (29, 8) and noise_blocks(5) == (1, 5)
+    torch.manual_seed(0)
+    seeds = torch.empty(8, dtype=torch.int64).random_().tolist()
+    for rank, mine in ((0, seeds[:4]), (1, seeds[4:])):
+        drawn.clear()
+        torch.manual_seed(0)
+        with example_slice(256, *DataParallel(rank, 2).bounds(256)):
+            example_noise((128, 20, 24, 24))
+        assert drawn == mine
+    drawn.clear()
+    torch.manual_seed(0)
+    with example_slice(227, *DataParallel(1, 2).bounds(227)):  # rows [113, 227): blocks 3 to 7 of 29 rows
+        example_noise((114, 4))
+    assert drawn == seeds[3:8]
+
+
+def test_example_noise_blocks_are_independent_standard_normals():
+    """Inside a slice the draws are standard normal and the blocks independent (different seeds):
+    moments, and the correlation between the rows of neighbouring blocks."""
+    torch.manual_seed(0)
+    with example_slice(512, 0, 512):
+        z = example_noise((512, 4096))
+    assert abs(float(z.mean())) < 3 * (1 / z.numel()) ** 0.5
+    assert abs(float(z.var()) - 1) < 5 * (2 / z.numel()) ** 0.5
+    rows, _ = noise_blocks(512)
+    corr = torch.corrcoef(torch.stack([z[:rows].reshape(-1), z[rows:2 * rows].reshape(-1)]))[0, 1]
+    assert abs(float(corr)) < 4 / (rows * 4096) ** 0.5
+    torch.manual_seed(0)
+    alone = example_noise((512, 4096))
+    torch.manual_seed(0)
+    torch.testing.assert_close(alone, torch.randn(512, 4096), atol=0, rtol=0)  # alone: one plain draw
+
+
+def test_example_noise_flat_of_any_world_size_is_the_one_rank_draw():
+    """The flat draws (the step's head, then every layer's rows): the head is the same on every rank and
+    every layer's rows put together are the 1-rank world's; alone, one plain draw."""
+    batch, head, widths = 45, 4, [3, 2]
+
+    def layers(flat: torch.Tensor, rows: int) -> list[torch.Tensor]:
+        return [block.view(rows, w) for block, w in zip(flat[head:].split([rows * w for w in widths]), widths)]
+
+    one = _rank_draws(batch, 1, lambda rows: example_noise_flat(head, widths, rows))[0]
+    for world in (2, 3, 4):
+        parts = _rank_draws(batch, world, lambda rows: example_noise_flat(head, widths, rows))
+        sizes = [DataParallel(r, world).bounds(batch) for r in range(world)]
+        for part in parts:
+            torch.testing.assert_close(part[:head], one[:head], atol=0, rtol=0)
+        for layer, whole in enumerate(layers(one, batch)):
+            rows = torch.cat([layers(p, b - a)[layer] for p, (a, b) in zip(parts, sizes)])
+            torch.testing.assert_close(rows, whole, atol=0, rtol=0)
     torch.manual_seed(1)
-    whole = torch.randn(4 + 6 * (3 + 2))
+    whole = torch.randn(head + 6 * sum(widths))
     torch.manual_seed(1)
-    with example_slice(6, 1, 4):
-        part = example_noise_flat(4, [3, 2], 3)
-    first = whole[4:22].view(6, 3)[1:4].reshape(-1)
-    second = whole[22:].view(6, 2)[1:4].reshape(-1)
-    torch.testing.assert_close(part, torch.cat([whole[:4], first, second]), atol=0, rtol=0)
-    torch.manual_seed(1)
-    torch.testing.assert_close(example_noise_flat(4, [3, 2], 6), whole, atol=0, rtol=0)  # alone: one plain draw
+    torch.testing.assert_close(example_noise_flat(head, widths, 6), whole, atol=0, rtol=0)
+
+
+@pytest.mark.cuda
+def test_example_noise_on_cuda_is_the_one_rank_draw():
+    one = _rank_draws(256, 1, lambda rows: example_noise((rows, 5), device="cuda"))[0]
+    assert one.device.type == "cuda"
+    parts = _rank_draws(256, 2, lambda rows: example_noise((rows, 5), device="cuda"))
+    torch.testing.assert_close(torch.cat(parts), one, atol=0, rtol=0)
 
 
 def test_rank_bounds_tile_the_batch():
@@ -264,7 +352,8 @@ def test_rank_losses_sum_to_the_one_rank_loss(name, batch):
     """The ranks' shares of an SVI step (:func:`~bnnzoo.guides.training._rank_loss`), computed here one
     after the other from the same random state as the ranks would, sum to the 1-rank loss of the
     global batch, and so do their gradients: the likelihood scaled to the global batch, the KL counted
-    once, the per-example noise cut from the global batch's draw (a batch of 1 leaves a rank empty)."""
+    once, the per-example noise the rank's rows of the global batch's draw (a batch of 1 leaves a rank
+    empty)."""
     posterior = bnnzoo.create(name, "regression", (13,), 1, seed=0, device="cpu")
     data = load_dataset(None)
     x = (data.x_train - data.x_train.mean(0)) / data.x_train.std(0)
@@ -274,7 +363,7 @@ def test_rank_losses_sum_to_the_one_rank_loss(name, batch):
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:batch]
     torch.manual_seed(5)
     state = torch.get_rng_state()
-    loss = loss_fn(x[idx], y[idx], len(x))
+    loss = _rank_loss(loss_fn, x[idx], y[idx], len(x), DataParallel(0, 1))
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     for world in (2, 3):
         total, summed = 0.0, [torch.zeros_like(p) for p in params]
@@ -304,16 +393,13 @@ class _SpyCheckpoint:
         self.calls.append("interrupted")
 
 
-def test_only_rank_0_writes_checkpoints(monkeypatch):
+def test_only_rank_0_writes_checkpoints(one_rank_group):
     """A rank other than 0 restores the checkpoint it is given but never writes one; rank 0 does both.
     (A 1-process gloo group stands in for the world; the ranks' collectives then sum one part.)"""
-    for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(distributed.free_port())}.items():
-        monkeypatch.setenv(var, value)
     posterior = bnnzoo.create("meanfield-vi", "regression", (3,), 1, seed=0, device="cpu")
     x, y = torch.randn(40, 3), torch.randn(40)
     spies = {}
-    with distributed.process_group("cpu"):
+    with one_rank_group():
         for rank in (0, 1):
             spies[rank] = _SpyCheckpoint()
             with data_parallel(DataParallel(rank, 2)):
@@ -479,15 +565,12 @@ def test_tdamp_deep_amp_is_refused_in_data_parallel_passes():
         posterior.guide.update(x, y, 8)
 
 
-def test_only_rank_0_writes_tdamp_checkpoints(monkeypatch):
+def test_only_rank_0_writes_tdamp_checkpoints(one_rank_group):
     """The EM-TDAMP passes, as :func:`fit_svi`: a rank other than 0 restores the checkpoint and never
     writes one (a 1-process gloo group stands in for the world)."""
-    for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(distributed.free_port())}.items():
-        monkeypatch.setenv(var, value)
     x, y = torch.randn(40, 3), torch.randn(40)
     spies = {}
-    with distributed.process_group("cpu"):
+    with one_rank_group():
         for rank in (0, 1):
             posterior = bnnzoo.create("em-tdamp", "regression", (3,), 1, network={"arch": "mlp", "hidden": [4]},
                                       seed=0, device="cpu", epochs=2, batch_size=16, validation_fraction=None)

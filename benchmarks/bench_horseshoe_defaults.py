@@ -188,7 +188,8 @@ def reduce_select(device) -> dict:
                 warnings.simplefilter("ignore", EmptyLayerWarning)
                 post = bnnzoo.create("horseshoe-svi", "classification", data.input_shape, data.output_dim,
                                      dataset=data.name, device=device, seed=seed, network={"arch": arch},
-                                     reduce_at=fraction).fit(data.x_train, data.y_train, progress=False)
+                                     reduce_at=fraction, reduce_select=False).fit(data.x_train, data.y_train,
+                                                                                  progress=False)
             seconds = time.perf_counter() - start
             m = post.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)
             sp = post.sparsity()

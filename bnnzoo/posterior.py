@@ -137,6 +137,9 @@ class FitState:
     #: classification: the predictive's temperature fitted on a validation part of the training
     #: data, and how (see :meth:`Posterior.select_temperature`); ``None``: not tempered
     calibration: dict[str, Any] | None = None
+    #: training options chosen among candidate values on a validation part of the training data,
+    #: and how (see :meth:`Posterior.select_options`); ``None``: the configured values
+    option_selection: dict[str, Any] | None = None
 
     @property
     def predictive_temperature(self) -> float:
@@ -149,13 +152,16 @@ class FitState:
             out["epoch_selection"] = self.epoch_selection
         if self.calibration is not None:
             out["calibration"] = self.calibration
+        if self.option_selection is not None:
+            out["option_selection"] = self.option_selection
         return out
 
     @classmethod
     def from_dict(cls, values: dict) -> "FitState":
         return cls(temperature=float(values.get("temperature", 1.0)),
                    pruning=[PruningRecord(**r) for r in values.get("pruning", [])],
-                   epoch_selection=values.get("epoch_selection"), calibration=values.get("calibration"))
+                   epoch_selection=values.get("epoch_selection"), calibration=values.get("calibration"),
+                   option_selection=values.get("option_selection"))
 
 
 class _MonteCarloError:
@@ -322,6 +328,11 @@ class Posterior(ABC):
           fitted, and the ``T`` that maximises the held-out log density of its tempered predictive.
           Recorded in ``fit_state.calibration``; every prediction gives the class probabilities
           ``softmax(log p / T)`` of the posterior predictive ``p`` (:attr:`predictive_temperature`).
+        - the entry's :meth:`validation_candidates` (where it has any): training options whose value
+          is chosen among candidates (:meth:`select_options`), each candidate fitted on the other
+          rows and scored on the held-out ones (with its own temperature where ``calibrate`` is on:
+          the winner's is the fit's). Recorded in ``fit_state.option_selection``; the fit reads the
+          chosen values through :meth:`chosen_option`.
         """
         x, y = self.validate(x, y, "training data")
         self.train_rows = len(x)  # the rows a train.min_steps rule counts (fit_epochs)
@@ -335,12 +346,16 @@ class Posterior(ABC):
             raise ConfigError(f"{self.name}: calibrate fits a temperature of the class probabilities, which is for classification; "
                               f"a regression fit learns its noise scale instead (set calibrate: false)")
         selection = self.select_epochs(x, y, progress) if held_out and train.get("select_epochs", True) else None
-        calibration = self.select_temperature(x, y, selection, progress) if calibrate else None
+        option_selection = None
+        if held_out and self.validation_candidates():
+            option_selection, calibration = self.select_options(x, y, selection, calibrate, progress)
+        else:
+            calibration = self.select_temperature(x, y, selection, progress) if calibrate else None
         self.standardizer = Standardizer.from_data(x, y, self.task).to(self.device)
         x = self.standardizer.x(x.to(self.device))
         y = self.standardizer.y(y.to(self.device))
         self.fit_state = FitState(temperature=self.training_temperature, epoch_selection=selection,
-                                  calibration=calibration)
+                                  calibration=calibration, option_selection=option_selection)
         try:
             self.model.train()  # batch statistics (and running averages) in a user module's normalisation layers
             try:
@@ -531,15 +546,94 @@ class Posterior(ABC):
         chosen = {k: epoch_selection[k] for k in ("epochs", "batch_size")} if epoch_selection else {}
         twin = self._validation_twin(**chosen)
         self._fit_twin(twin, x[fit_rows], y[fit_rows], progress)
+        record = self._twin_temperature(twin, x[val_rows], y[val_rows])
+        del record["pointwise"]
+        return {**record, "validation_fraction": fraction, "validation_rows": len(val_rows)}
+
+    def _twin_temperature(self, twin: "Posterior", x_val, y_val) -> dict[str, Any]:
+        """The temperature of ``twin``'s predictive fitted on the held-out rows, and their mean log
+        density untempered and tempered (:meth:`select_temperature`'s rule); ``"pointwise"`` holds
+        the tempered log density of every held-out row (a tensor)."""
         draws = 1 if getattr(self, "point_estimate", False) else self.SELECTION_DRAWS
-        y_val = y[val_rows].to(self.device)
-        probs = twin.predict(x[val_rows], num_samples=draws, seed=0).probs
+        y_val = y_val.to(self.device)
+        probs = twin.predict(x_val, num_samples=draws, seed=0).probs
         log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
         t = temperature_scaling.fit_temperature(log_probs, y_val)
-        scores = [float(temperature_scaling.tempered_log_probs(log_probs, v).gather(-1, y_val.unsqueeze(-1)).mean())
-                  for v in (1.0, t)]
-        return {"temperature": t, "validation_fraction": fraction, "validation_rows": len(val_rows),
-                "num_samples": draws, "validation_log_likelihood": {"untempered": scores[0], "tempered": scores[1]}}
+        pointwise = [temperature_scaling.tempered_log_probs(log_probs, v).gather(-1, y_val.unsqueeze(-1)).squeeze(-1)
+                     for v in (1.0, t)]
+        return {"temperature": t, "num_samples": draws, "pointwise": pointwise[1],
+                "validation_log_likelihood": {"untempered": float(pointwise[0].mean()),
+                                              "tempered": float(pointwise[1].mean())}}
+
+    # ---- training options chosen on validation data ---------------------------------------------
+    def validation_candidates(self) -> list[dict[str, Any]]:
+        """The candidates this posterior chooses among on a validation part of the training data when
+        it has one (``train.validation_fraction``): each a dict of training options that override
+        the configured ones, the preferred candidate first (it wins ties). None by default; an entry
+        that chooses training options overrides this."""
+        return []
+
+    def chosen_option(self, name: str):
+        """Training option ``name`` as this fit uses it: the value chosen on validation data
+        (``fit_state.option_selection``) where one was, else the configured ``train`` value."""
+        chosen = (self.fit_state.option_selection or {}).get("options", {})
+        return chosen[name] if name in chosen else self.config["train"].get(name)
+
+    def select_options(self, x, y, epoch_selection: dict | None = None, calibrate: bool = False,
+                       progress: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Choose among the candidates of :meth:`validation_candidates` (overrides of training
+        options) on a validation part of the training data ``(x, y)`` (raw units), leaving this
+        posterior unfitted and the global random state as it was.
+
+        The rule (the same on any data): the rows :meth:`select_epochs` holds out are held out; for
+        each candidate, a copy of this posterior, as created, with the candidate's options, is
+        fitted on the other rows by this entry's whole procedure (with the epochs and
+        batch size of ``epoch_selection`` where those were chosen) and scored by the mean log
+        predictive density of the held-out rows (:data:`SELECTION_DRAWS` draws, one for a point
+        estimate, fixed seed); with ``calibrate`` (classification), by that density under the
+        temperature fitted on the same rows (:meth:`select_temperature`'s rule), so that each
+        candidate is scored as it would predict. The highest score wins (first of equals: the first
+        candidate), as :meth:`select_epochs` picks its best epoch. Each later candidate's record also
+        gives its advantage over the first and that advantage's standard error (the paired
+        differences of their held-out log densities), to show how far the choice stands above the
+        noise of the held-out rows.
+
+        Returns ``(selection, calibration)``: ``selection`` is ``{"options", "candidates",
+        "validation_fraction", "validation_rows"}`` (``options``: the winner's; ``candidates``: each
+        one's options, score and, after the first, ``"advantage"`` over the first with its
+        ``"advantage_se"``), ``calibration`` the winner's temperature record (``None`` without
+        ``calibrate``)."""
+        candidates = self.validation_candidates()
+        if not candidates:
+            raise ConfigError(f"{self.name}: no training option is chosen on validation data")
+        x, y = self.validate(x, y, "training data")
+        fraction, fit_rows, val_rows = self._validation_split(len(x))
+        chosen = {k: epoch_selection[k] for k in ("epochs", "batch_size")} if epoch_selection else {}
+        runs = []
+        for options in candidates:
+            twin = self._validation_twin(**chosen, **options)
+            self._fit_twin(twin, x[fit_rows], y[fit_rows], progress)
+            if calibrate:
+                temperature = self._twin_temperature(twin, x[val_rows], y[val_rows])
+                pointwise = temperature.pop("pointwise")
+            else:
+                temperature = None
+                draws = 1 if getattr(self, "point_estimate", False) else self.SELECTION_DRAWS
+                pointwise = twin.log_likelihood(x[val_rows], y[val_rows], num_samples=draws, seed=0)
+            runs.append({"options": options, "score": float(pointwise.mean()), "temperature": temperature,
+                         "pointwise": pointwise.detach().double()})
+        for run in runs[1:]:
+            gain = run["pointwise"] - runs[0]["pointwise"]
+            run["advantage"] = float(gain.mean())
+            run["advantage_se"] = float(gain.std() / math.sqrt(len(gain))) if len(gain) > 1 else math.inf
+        winner = max(runs, key=lambda r: r["score"])  # first of equals: the first candidate
+        calibration = None
+        if calibrate:
+            calibration = {**winner["temperature"], "validation_fraction": fraction, "validation_rows": len(val_rows)}
+        keys = ("options", "score", "advantage", "advantage_se")
+        selection = {"options": winner["options"], "validation_fraction": fraction, "validation_rows": len(val_rows),
+                     "candidates": [{k: r[k] for k in keys if k in r} for r in runs]}
+        return selection, calibration
 
     # ---- the noise after a structural change ----------------------------------------------------
     @torch.no_grad()

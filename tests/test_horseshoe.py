@@ -4,6 +4,7 @@ guide's fast loss against Pyro's TraceMeanField_ELBO, pruning and export, the ca
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ import bnnzoo
 from bnnzoo.guides import HorseshoeGuide, LocalReparamELBO
 from bnnzoo.guides.closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
 from bnnzoo.guides.sites import get_site
+from bnnzoo.methods.horseshoe import HorseshoePosterior
 from bnnzoo.models import (
     BayesianNeuralNetwork,
     GaussianPrior,
@@ -37,6 +39,7 @@ from bnnzoo.models.networks import (
     mlp,
 )
 from bnnzoo.models.sparsity import EmptyLayerWarning
+from bnnzoo.posterior import FitState
 
 
 def tiny_convnet() -> Network:
@@ -776,3 +779,62 @@ def test_scale_folded_into_the_weights_is_the_same_draw_and_gradient():
     torch.testing.assert_close(kl_b, kl_a)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(b, a)
+
+
+def _reduce_select_posterior(boston, validation: float | None = 0.2):
+    """A regression horseshoe fit of 8 epochs on Boston that chooses on its validation fifth whether
+    to reduce after 4 of them."""
+    return bnnzoo.create("horseshoe-svi", "regression", boston.input_shape, 1, dataset=boston.name, device="cpu",
+                         seed=0, epochs=8, reduce_at=0.5, reduce_select=True, validation_fraction=validation,
+                         select_epochs=False)
+
+
+@pytest.mark.parametrize("winner", [0, 1])
+def test_reduce_select_fits_the_candidate_that_the_held_out_rows_choose(boston, monkeypatch, winner):
+    """``reduce_select``: both candidates (no reduction; reducing at ``reduce_at``) are fitted on the
+    other rows and scored on the validation fifth; the fit then runs the winner: a reduction record
+    at its epoch for reduce_at, none otherwise. The scores are replaced here so that either wins."""
+    scores = iter([-1.0, -2.0] if winner == 0 else [-2.0, -1.0])
+    seen = []
+
+    def fake_log_likelihood(self, x, y, num_samples=None, seed=None, **kwargs):
+        seen.append((self.config["train"]["reduce_at"], self.config["train"]["validation_fraction"], len(x)))
+        return torch.full((len(x),), next(scores))
+
+    monkeypatch.setattr(HorseshoePosterior, "log_likelihood", fake_log_likelihood)
+    post = _reduce_select_posterior(boston).fit(boston.x_train, boston.y_train, progress=False)
+    n_val = round(0.2 * len(boston.x_train))
+    assert seen == [(None, None, n_val), (0.5, None, n_val)]  # each twin, without a validation part of its own
+    selection = post.fit_state.option_selection
+    assert [c["options"]["reduce_at"] for c in selection["candidates"]] == [None, 0.5]
+    assert selection["options"]["reduce_at"] == [None, 0.5][winner]
+    rules = [(r.rule, r.options.get("epoch")) for r in post.fit_state.pruning]
+    assert rules == ([("evidence", None)] if winner == 0 else [("evidence", None), ("bmr", 4), ("evidence", None)])
+    assert post.reduction_epoch() == (None if winner == 0 else 4)
+
+
+def test_reduce_select_scores_the_twins_by_held_out_log_density(boston):
+    """Unpatched, the recorded scores are the twins' mean held-out log densities (finite, the winner's
+    the highest); the choice survives saving and loading; without a validation part the fit does not
+    reduce."""
+    post = _reduce_select_posterior(boston)
+    post.fit(boston.x_train, boston.y_train, progress=False)
+    selection = post.fit_state.option_selection
+    scores = [c["score"] for c in selection["candidates"]]
+    assert all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
+    later = selection["candidates"][1]
+    assert later["advantage"] == pytest.approx(scores[1] - scores[0], abs=1e-6) and later["advantage_se"] > 0
+    assert selection["options"] == selection["candidates"][scores.index(max(scores))]["options"]
+    restored = FitState.from_dict(json.loads(json.dumps(post.fit_state.to_dict())))
+    assert restored.option_selection == selection
+    alone = _reduce_select_posterior(boston, validation=None)
+    alone.fit(boston.x_train, boston.y_train, progress=False)
+    assert alone.fit_state.option_selection is None and alone.reduction_epoch() is None
+    assert [r.rule for r in alone.fit_state.pruning] == ["evidence"]
+
+
+def test_classification_default_lets_the_validation_part_choose_the_reduction():
+    config = bnnzoo.create("horseshoe-svi", "classification", (4,), 3, device="cpu").config["train"]
+    assert config["reduce_at"] == 0.75 and config["reduce_select"] and config["validation_fraction"]
+    regression = bnnzoo.create("horseshoe-svi", "regression", (4,), 1, device="cpu").config["train"]
+    assert regression["reduce_at"] is None and not regression["reduce_select"]

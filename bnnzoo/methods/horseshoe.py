@@ -26,7 +26,8 @@ and, for regression, re-estimates the noise for the pruned network
 pruned copy by either rule. Each pruning is recorded in ``fit_state.pruning``.
 
 Reduction during the fit (``train.reduce_at``, a fraction of the epochs; null by default for
-regression): after that many epochs the groups go by the rule above, then every remaining hidden
+regression, 0.75 for classification, where ``train.reduce_select`` lets the validation part choose
+between reducing there and not reducing at all, :meth:`HorseshoePosterior.validation_candidates`): after that many epochs the groups go by the rule above, then every remaining hidden
 weight whose removal raises the evidence (BMR at weight level on the decentred ``q(beta)``, the same
 ``dF > 0``), and the fit trains the reduced network for its remaining epochs before its closing
 prune. Under the mean-field ``q`` each weight's ``dF`` ignores the others, so removing many at once
@@ -112,11 +113,23 @@ class HorseshoePosterior(VariationalPosterior):
     def reduction_epoch(self) -> int | None:
         """The epoch after which the fit reduces its network (``train.reduce_at`` of the epochs,
         at least 1, at most the last), or ``None`` where it does not."""
-        fraction = self.config["train"].get("reduce_at")
+        if self.chosen_option("reduce_select"):
+            return None  # reducing is a candidate that only the held-out rows can choose
+        fraction = self.chosen_option("reduce_at")
         if fraction is None:
             return None
         epochs = self.fit_epochs
         return min(max(1, round(fraction * epochs)), epochs)
+
+    def validation_candidates(self) -> list[dict]:
+        """With ``train.reduce_select`` and a ``reduce_at``: not reducing, or reducing at ``reduce_at``,
+        chosen on the validation part (:meth:`~bnnzoo.posterior.Posterior.select_options`; a tie keeps
+        the network unreduced). Without a validation part the fit does not reduce."""
+        train = self.config["train"]
+        if train.get("reduce_select") and train.get("reduce_at") is not None:
+            return [{"reduce_at": None, "reduce_select": False},
+                    {"reduce_at": train["reduce_at"], "reduce_select": False}]
+        return []
 
     def _fit(self, x, y, progress: bool, callback=None) -> None:
         at = self.reduction_epoch()
@@ -323,6 +336,9 @@ _OPTIONS = {
                         help="after this fraction of the epochs, prune the groups by prune_rule and every hidden "
                              "weight whose removal raises the evidence (BMR, dF > 0), then train the reduced "
                              "network for the remaining epochs; null: no reduction during the fit"),
+    "reduce_select": Option(bool, help="reduce at reduce_at only if the held-out rows (validation_fraction) "
+                                       "choose it over not reducing, by the higher held-out log density (ties and "
+                                       "fits without held-out rows: no reduction)"),
     **VALIDATION_OPTIONS,
 }
 
@@ -337,11 +353,13 @@ register(CatalogEntry(
         "regression": {"model": {**_MODEL, "noise_scale": 1.0}, "guide": dict(_GUIDE),
                        "train": {"epochs": 100, "min_steps": 6000, "batch_size": 32, "lr": 1e-2, "kl_weight": 0.2,
                                  "untempered": True, "prune": True, "prune_rule": "evidence",
-                                 "prune_threshold": 1.0, "reduce_at": None, **VALIDATION_OFF}},
+                                 "prune_threshold": 1.0, "reduce_at": None, "reduce_select": False,
+                                 **VALIDATION_OFF}},
         "classification": {"model": dict(_MODEL), "guide": dict(_GUIDE),
                            "train": {"epochs": 60, "min_steps": None, "batch_size": 128, "lr": 1e-2, "augment": None, "kl_weight": 0.2,
                                      "untempered": False, "prune": True, "prune_rule": "evidence",
-                                     "prune_threshold": 1.0, "reduce_at": None, **CALIBRATED}},
+                                     "prune_threshold": 1.0, "reduce_at": 0.75, "reduce_select": True,
+                                     **CALIBRATED}},
     },
     options=_OPTIONS,
 ))

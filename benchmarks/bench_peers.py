@@ -237,8 +237,9 @@ def bnnzoo_entry(task: PeerTask, name: str) -> dict:
     ``"<name> (probit)"``) the same fit scored with each of :data:`EXTRA_PREDICT_METHODS` the
     posterior supports. Every row records ``fit_seconds_total`` (wall time of the fit call, the plain
     Adam epochs interleaved with it subtracted; a calibration or epoch-selection fit included),
-    ``fit_in_adam_epochs`` (that over the plain run's median epoch) and ``calibration``
-    (``posterior.fit_state.calibration``)."""
+    ``fit_in_adam_epochs`` (that over the plain run's median epoch), ``calibration``
+    (``posterior.fit_state.calibration``) and ``option_selection`` (the training options chosen
+    on validation data, ``posterior.fit_state.option_selection``)."""
     start = time.perf_counter()
     posterior, plain = fit_with_baseline(name, task.dataset, device=task.device, seed=task.seed,
                                          network={"arch": task.arch}, **task.bnnzoo_options)
@@ -252,6 +253,7 @@ def bnnzoo_entry(task: PeerTask, name: str) -> dict:
               "plain_seconds_per_epoch": plain_epoch, "epoch_time_ratio": epoch_ratio(seconds, plain.epoch_seconds),
               "fit_seconds_total": fit_seconds, "fit_in_adam_epochs": fit_seconds / plain_epoch,
               "calibration": dict(calibration) if calibration is not None else None,
+              "option_selection": posterior.fit_state.option_selection,
               "weights_pruned_fraction": sp["weights_pruned_fraction"], "architecture": sp["architecture"],
               "config": {"options": dict(task.bnnzoo_options), "lr": train.get("lr"),
                          "batch_size": train.get("batch_size"), "epochs": train.get("epochs"),

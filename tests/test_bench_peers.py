@@ -179,7 +179,7 @@ class _StubPosterior:
     def __init__(self, n, num_classes):
         self.n, self.num_classes = n, num_classes
         self.history = type("History", (), {"epoch_seconds": [0.02, 0.01]})()
-        self.fit_state = type("FitState", (), {"calibration": {"temperature": 1.5}})()
+        self.fit_state = type("FitState", (), {"calibration": {"temperature": 1.5}, "option_selection": None})()
         self.config = {"train": {"lr": 1e-3, "batch_size": 16, "epochs": 2}, "guide": "g", "model": "m"}
 
     def sparsity(self):

@@ -831,6 +831,9 @@ def test_reduce_select_scores_the_twins_by_held_out_log_density(boston):
     alone.fit(boston.x_train, boston.y_train, progress=False)
     assert alone.fit_state.option_selection is None and alone.reduction_epoch() is None
     assert [r.rule for r in alone.fit_state.pruning] == ["evidence"]
+    unpruned = _reduce_select_posterior(boston)
+    unpruned.prune_at_end = False  # train.prune off: a fit asked to stay unpruned neither selects nor reduces
+    assert unpruned.validation_candidates() == [] and unpruned.reduction_epoch() is None
 
 
 def test_classification_default_lets_the_validation_part_choose_the_reduction():

@@ -124,9 +124,10 @@ class HorseshoePosterior(VariationalPosterior):
     def validation_candidates(self) -> list[dict]:
         """With ``train.reduce_select`` and a ``reduce_at``: not reducing, or reducing at ``reduce_at``,
         chosen on the validation part (:meth:`~bnnzoo.posterior.Posterior.select_options`; a tie keeps
-        the network unreduced). Without a validation part the fit does not reduce."""
+        the network unreduced). Without a validation part, or with ``train.prune`` off (a fit asked to
+        stay unpruned), the fit does not reduce."""
         train = self.config["train"]
-        if train.get("reduce_select") and train.get("reduce_at") is not None:
+        if self.prune_at_end and train.get("reduce_select") and train.get("reduce_at") is not None:
             return [{"reduce_at": None, "reduce_select": False},
                     {"reduce_at": train["reduce_at"], "reduce_select": False}]
         return []

@@ -27,8 +27,9 @@ pruned copy by either rule. Each pruning is recorded in ``fit_state.pruning``.
 
 Reduction during the fit (``train.reduce_at``, a fraction of the epochs; null by default for
 regression, 0.75 for classification, where ``train.reduce_select`` lets the validation part choose
-between reducing there and not reducing at all, :meth:`HorseshoePosterior.validation_candidates`): after that many epochs the groups go by the rule above, then every remaining hidden
-weight whose removal raises the evidence (BMR at weight level on the decentred ``q(beta)``, the same
+between reducing there and not reducing at all, :meth:`HorseshoePosterior.validation_candidates`):
+after that many epochs the groups go by the rule above, then every remaining hidden weight whose
+removal raises the evidence (BMR at weight level on the decentred ``q(beta)``, the same
 ``dF > 0``), and the fit trains the reduced network for its remaining epochs before its closing
 prune. Under the mean-field ``q`` each weight's ``dF`` ignores the others, so removing many at once
 moves the function; the epochs that follow let the kept weights take up the slack. A group's ``dF``

@@ -23,6 +23,13 @@ dense ReLU network (up to ``FUSED_NETWORK_MAX_WEIGHTS`` weights, unpruned) runs 
 likelihood included for regression, as one node (:mod:`~bnnzoo.guides.horseshoe_mlp`,
 :meth:`HorseshoeGuide.gaussian_loss`).
 
+A pruned guide's masks are closed over removed groups (:meth:`HorseshoeGuide.close_masks`: every
+weight fed by a removed group is removed too), and a pruned dense chain trains on the smaller
+network its masks keep: each layer's kept rows and columns are gathered from the parameters and
+the remaining single-weight masks applied inside that block
+(:class:`~bnnzoo.guides.scaled_dense.MaskedScaledLocalReparamDense`), the same draw, KL and
+gradients as the masked full-size layers at the cost of the smaller ones.
+
 Parameterisation: the decentred weights of a layer with fan-in ``n`` start as PyTorch's initial
 weights times ``sqrt(n)`` and the layer's scale at ``1/sqrt(n)`` (local scales at 1, the global
 scale carrying the layer's size), so the effective weights start where PyTorch starts them and
@@ -44,6 +51,7 @@ import torch
 from torch import nn
 
 from ..models.horseshoe import SCALE_VARIABLES, HorseshoePrior, regularised_log_scale
+from ..models.sparsity import input_groups
 from . import closed_form_kl  # noqa: F401  (registers the LogNormal-Gamma / -InverseGamma KLs with torch)
 from .bmr import GaussianSite, Reduction, write_reduction
 from .closed_form_kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma
@@ -51,7 +59,7 @@ from .data_parallel import example_noise, example_noise_flat
 from .horseshoe_mlp import HorseshoeMLP
 from .horseshoe_scales import HorseshoeScales
 from .local_reparam import local_reparam_dense
-from .scaled_dense import scaled_local_reparam_dense
+from .scaled_dense import masked_scaled_local_reparam_dense, scaled_local_reparam_dense
 from .sites import get_site, site_parameters
 from .tempered_elbo import untempered_variance
 from .weight_guide import PRUNED_SCALE, WeightGuide
@@ -412,8 +420,43 @@ class HorseshoeGuide(WeightGuide):
         return {**super().__getstate__(), "_fast": None}
 
     def set_masks(self, masks) -> None:
+        """Prune (:meth:`WeightGuide.set_masks`), then remove every weight fed by a removed group
+        (:meth:`close_masks`)."""
         super().set_masks(masks)
+        self.close_masks()
         self.clear_step_plan()  # the plan records whether the guide is pruned
+
+    @torch.no_grad()
+    def close_masks(self) -> None:
+        """In a chain network, remove every weight that a removed group feeds: a hidden group whose
+        incoming weights and bias are all removed outputs 0, so the weights that read it leave the
+        network's function unchanged, and removing them raises the ELBO by their KL (Bayesian model
+        reduction with ``dF`` equal to that KL; they then hold the reduced posterior, loc 0 and
+        :data:`~bnnzoo.guides.weight_guide.PRUNED_SCALE`, as a reduction writes it). The masks then hold exactly the weights of the
+        physically smaller network (:func:`~bnnzoo.models.sparsity.sparsity_report` counts the
+        same), which lets a training step run on that smaller network (:meth:`step_plan`).
+        Nothing happens for a network that is not a chain (a user's module)."""
+        if not self.masks or not getattr(self.net, "is_chain", True):
+            return
+        feeds, layers = input_groups(self.net), self.net.param_layers
+        kept_before = None  # the previous layer's kept groups (None: all of them)
+        for layer in layers:
+            w_site, b_site = f"{layer.name}.weight", f"{layer.name}.bias"
+            if kept_before is not None and feeds[layer.name] is not None and not bool(kept_before.all()):
+                shape = layer.weight_shape
+                cols = kept_before[feeds[layer.name].to(kept_before.device)]
+                cols = cols.view(1, -1, *([1] * (len(shape) - 2))).expand(shape)
+                w = self.masks.get(w_site)
+                closed = cols.clone() if w is None else w & cols
+                removed = ~closed if w is None else w & ~closed
+                self.masks[w_site] = closed
+                # the removed weights hold the reduced posterior, as a reduction writes it
+                get_site(self.locs, w_site).masked_fill_(removed, 0.0)
+                get_site(self.log_scales, w_site).masked_fill_(removed, math.log(PRUNED_SCALE))
+            w, b = self.masks.get(w_site), self.masks.get(b_site)
+            kept_before = None
+            if layer is not layers[-1] and w is not None and b is not None:
+                kept_before = w.reshape(layer.num_groups, -1).any(1) | b
 
     def _apply(self, fn, recurse=True):
         self.clear_step_plan()  # buffers are replaced by .to(): rebuild the plan
@@ -421,7 +464,9 @@ class HorseshoeGuide(WeightGuide):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self.clear_step_plan()  # ``assign=True`` replaces the parameters
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.close_masks()  # a guide saved before masks were closed
+        return out
 
     def clear_step_plan(self) -> None:
         """Drop the cached :meth:`step_plan`; the next training step gathers it again."""
@@ -447,8 +492,10 @@ class HorseshoeGuide(WeightGuide):
             layers = {name: (self.locs[name]["weight"], self.log_scales[name]["weight"], self.locs[name]["bias"],
                              self.log_scales[name]["bias"], self._prior_scale(name)) for name in names}
             params = (self.scale_params,)
+            pruned = len(self.masks) > 0
             self._fast = SimpleNamespace(scales=scales, layers=layers, params=params, output_units=self.output_units,
-                                         sizes=sizes, mlp=None, pruned=len(self.masks) > 0)
+                                         sizes=sizes, mlp=None, pruned=pruned,
+                                         kept=self._kept_blocks() if pruned and self._is_dense_chain() else None)
             if self._is_relu_mlp() and self.net.num_weights() <= FUSED_NETWORK_MAX_WEIGHTS:
                 # HorseshoeMLP's plan: per Gaussian tensor (mu, b_mu of each layer) 1/p^2, 1/(2 p^2), ln p - 1/2
                 # (0-d tensors: a foreach operation wraps every Python number of a list into a tensor)
@@ -464,6 +511,42 @@ class HorseshoeGuide(WeightGuide):
                     params=params + tuple(t for name in names for t in layers[name][:4]),
                     widths=[self.net.layer(name).num_groups for name in names])
         return self._fast
+
+    @torch.no_grad()
+    def _kept_blocks(self) -> dict[str, SimpleNamespace]:
+        """Per dense layer of a pruned dense chain, the block of the smaller network that its closed
+        masks keep (:meth:`close_masks`): ``rows`` (the kept units) and ``cols`` (the kept inputs:
+        the previous layer's kept units), each ``None`` where all are kept, ``shape`` and the
+        block's masks ``keep`` / ``b_keep`` (float 0/1; ``None`` where the block keeps every entry)."""
+        blocks, cols = {}, None
+        for layer in self.net.param_layers:
+            w, b = self.mask(f"{layer.name}.weight"), self.mask(f"{layer.name}.bias")
+            out_dim, in_dim = layer.weight_shape
+            alive = w.any(1) | b if (w is not None and b is not None and layer.name != self.output) else None
+            rows = None if alive is None or bool(alive.all()) else alive.nonzero().squeeze(1)
+            n_rows = out_dim if rows is None else len(rows)
+            n_cols = in_dim if cols is None else len(cols)
+            keep = w
+            for dim, index in ((0, rows), (1, cols)):
+                if index is not None and keep is not None:
+                    keep = keep.index_select(dim, index)
+            b_keep = None if b is None else (b if rows is None else b[rows])
+            like = self.scale_params
+            blocks[layer.name] = SimpleNamespace(
+                rows=rows, cols=cols, shape=(n_rows, n_cols),
+                keep=None if keep is None or bool(keep.all()) else keep.to(like.dtype),
+                b_keep=None if b_keep is None or bool(b_keep.all()) else b_keep.to(like.dtype))
+            cols = rows
+        return blocks
+
+    def _is_dense_chain(self) -> bool:
+        """Whether the network is dense layers with elementwise activations between them (after an
+        optional Flatten): a pruned one trains on the smaller network its masks keep."""
+        kinds = [layer.kind for layer in self.net.layers]
+        if kinds and kinds[0] == "flatten":
+            kinds = kinds[1:]
+        return (getattr(self.net, "is_chain", True) and bool(kinds) and kinds[-1] == "dense"
+                and all(k in ("dense", "activation") for k in kinds))
 
     def _is_relu_mlp(self) -> bool:
         """Whether the network is dense layers with ReLU between them (after an optional Flatten),
@@ -512,6 +595,8 @@ class HorseshoeGuide(WeightGuide):
             return self._mlp_step(x, None, None)
         scales, kl = self.sample_scales_and_kl()
         scales[self.output] = fast.output_units
+        if fast.kept is not None:
+            return self._kept_block_outputs(x, fast, scales, kl)
 
         def linear(layer, h):
             nonlocal kl
@@ -524,6 +609,32 @@ class HorseshoeGuide(WeightGuide):
             else:
                 out, layer_kl = self._gaussian_layer(layer, h, self._prior_scale(layer.name))
                 out = out * s.view(layer.out_mask_shape())  # (K,) against (..., K) or (B, K, H, W)
+            kl = kl + layer_kl
+            return out
+
+        return self.net.apply(x, linear), kl
+
+    def _kept_block_outputs(self, x: torch.Tensor, fast: SimpleNamespace, scales: dict[str, torch.Tensor],
+                            kl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample_outputs_and_kl` of a pruned dense chain on the smaller network its masks
+        keep: each layer's kept block of units and inputs is gathered from the parameters (their
+        gradient scattered back, 0 elsewhere), the hidden outputs carry only the kept units, and
+        the draw and KL are those of the masked network (removed units output 0 there, and every
+        weight they feed is removed: :meth:`close_masks`)."""
+
+        def linear(layer, h):
+            nonlocal kl
+            block = fast.kept[layer.name]
+            mu, rho, b_mu, b_rho, prior_scale = fast.layers[layer.name]
+            for dim, index in ((0, block.rows), (1, block.cols)):
+                if index is not None:
+                    mu, rho = mu.index_select(dim, index), rho.index_select(dim, index)
+            s = scales[layer.name]
+            if block.rows is not None:
+                b_mu, b_rho = b_mu.index_select(0, block.rows), b_rho.index_select(0, block.rows)
+                s = s.index_select(0, block.rows)
+            out, layer_kl = masked_scaled_local_reparam_dense(h.reshape(h.shape[0], -1), mu, rho, b_mu, b_rho, s,
+                                                              block.keep, block.b_keep, prior_scale)
             kl = kl + layer_kl
             return out
 

@@ -326,7 +326,9 @@ GUIDES = {"meanfield": meanfield_guide, "horseshoe": horseshoe_guide, "tdamp": t
 
 # The masks (per site, one string per row, "1" = kept) that BMR gave these guides in the previous
 # layout (the isinstance adapters of bnnzoo.methods.bmr), neuron 0 of fc1 pruned beforehand;
-# keyed by guide / rule / level / layers reduced.
+# keyed by guide / rule / level / layers reduced. The horseshoe guide's masks are closed over removed
+# groups since (closed_over_removed_groups); with fc2's column 0 removed, its ss rule at weight level
+# removes two more of fc2's entries.
 EXPECTED_MASKS = {
     "meanfield/ss/weight/hidden": {
         "fc1.bias": "00001001",
@@ -357,8 +359,8 @@ EXPECTED_MASKS = {
     "horseshoe/ss/weight/hidden": {
         "fc1.bias": "01111110",
         "fc1.weight": "000000 001111 111111 000111 111111 011011 111010 011101",
-        "fc2.bias": "11111",
-        "fc2.weight": "11111111 11111111 11111111 11111111 11111111",
+        "fc2.bias": "11101",  # since the horseshoe's masks are closed: 11111 and all ones before
+        "fc2.weight": "11111111 11111111 11111111 11011111 11111111",
     },
     "horseshoe/plain/weight/hidden": {
         "fc1.bias": "01010010",
@@ -375,8 +377,8 @@ EXPECTED_MASKS = {
     "horseshoe/ss/weight/last": {
         "fc1.bias": "01111110",
         "fc1.weight": "000000 001111 111111 000111 111111 011011 111010 011101",
-        "fc2.bias": "11111",
-        "fc2.weight": "11111111 11111111 11111111 11111111 11111111",
+        "fc2.bias": "11101",  # since the horseshoe's masks are closed: 11111 and all ones before
+        "fc2.weight": "11111111 11111111 11111111 11011111 11111111",
         "fc3.bias": "0",
         "fc3.weight": "00000",
     },
@@ -409,6 +411,23 @@ EXPECTED_MASKS = {
 }
 
 
+def closed_over_removed_groups(expected: dict[str, str], widths=(6, 8, 5, 1)) -> dict[str, str]:
+    """The masks of :data:`EXPECTED_MASKS` (as strings) with every weight fed by a removed group
+    removed too, as the horseshoe guide closes them (``HorseshoeGuide.close_masks``)."""
+    out = dict(expected)
+    for i in (2, 3):
+        w, b = expected.get(f"fc{i - 1}.weight"), expected.get(f"fc{i - 1}.bias")
+        if w is None or b is None:
+            continue
+        w = out[f"fc{i - 1}.weight"]
+        removed = [k for k, row in enumerate(w.split()) if "1" not in row and b[k] == "0"]
+        if not removed:
+            continue
+        rows = out.get(f"fc{i}.weight", " ".join(["1" * widths[i - 1]] * widths[i])).split()
+        out[f"fc{i}.weight"] = " ".join("".join("0" if j in removed else v for j, v in enumerate(row)) for row in rows)
+    return out
+
+
 def mask_rows(mask: torch.Tensor) -> str:
     rows = mask.reshape(mask.shape[0], -1) if mask.dim() > 1 else mask.reshape(1, -1)
     return " ".join("".join("1" if v else "0" for v in row.tolist()) for row in rows)
@@ -438,7 +457,8 @@ def test_reduce_gives_the_masks_of_the_previous_layout(case):
     guide.set_masks({"fc1.weight": rows.unsqueeze(1).expand(8, 6).clone(), "fc1.bias": rows})
     # the previous layout had no empty-layer guard (horseshoe/ss/weight/last empties fc3)
     bmr.reduce(guide, rule=rule, level=level, prune_last=layers == "last", allow_empty=True)
-    assert {site: mask_rows(m) for site, m in guide.masks.items()} == EXPECTED_MASKS[case]
+    expected = closed_over_removed_groups(EXPECTED_MASKS[case]) if kind == "horseshoe" else EXPECTED_MASKS[case]
+    assert {site: mask_rows(m) for site, m in guide.masks.items()} == expected
     assert not guide.mask("fc1.weight")[0].any()  # pruned before: stays pruned
     if kind != "tdamp":  # pruned entries hold the reduced posterior: loc 0, the one pruned scale
         for site, keep in guide.masks.items():
@@ -584,7 +604,9 @@ def test_horseshoe_guide_weights_are_reduced_as_standardised_gaussians(boston):
     keep = reduced.masks()["fc1.weight"]
     assert torch.equal(keep, ~expected & rows.unsqueeze(1)) and 0 < expected[5:].float().mean() < 1
     assert not reduced.masks()["fc1.bias"][:5].any()  # pruned before: stays pruned
-    assert "fc2.weight" not in reduced.masks()  # the output layer is left alone
+    # the output layer is left alone but for the inputs of removed groups (the masks are closed)
+    fed = keep.any(1) | reduced.masks()["fc1.bias"]
+    assert torch.equal(reduced.masks()["fc2.weight"], fed.unsqueeze(0)) and "fc2.bias" not in reduced.masks()
     for name, value in reduced.guide.state_dict().items():
         if name == "scale_params":  # the horseshoe scales are not reduced
             assert torch.equal(value, before[name])

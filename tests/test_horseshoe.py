@@ -346,6 +346,105 @@ def test_fused_network_step_is_used_only_where_it_applies():
     assert HorseshoeMLP is not None
 
 
+def _pruned_guide(hidden=(8, 5), inputs=6, outputs=3, seed=0):
+    """A float64 horseshoe guide on a dense chain, pruned by groups and by single weights: in every
+    hidden layer two groups removed, one more emptied weight by weight (bias too), one with all its
+    weights removed but its bias kept, and a fifth of the rest removed at random."""
+    g = torch.Generator().manual_seed(seed)
+    guide = spread_guide(HorseshoeGuide(horseshoe_model(mlp(inputs, list(hidden), outputs), "classification")),
+                         seed=seed).double()
+    masks, n_in = {}, inputs
+    for i, width in enumerate(hidden):
+        w = torch.rand(width, n_in, generator=g) > 0.2
+        b = torch.ones(width, dtype=torch.bool)
+        w[[0, 3]], b[[0, 3]] = False, False  # groups removed
+        w[1], b[1] = False, False  # emptied weight by weight
+        w[2] = False  # no weights, the bias kept: the unit still outputs its bias
+        masks[f"fc{i + 1}.weight"], masks[f"fc{i + 1}.bias"] = w, b
+        n_in = width
+    guide.set_masks(masks)
+    return guide
+
+
+def test_masks_are_closed_over_removed_groups():
+    """Every weight fed by a removed group is removed too (the physically smaller network's
+    weights), in the next layer and, where that empties a group, further on; the sparsity report
+    counts the same weights before and after."""
+    from bnnzoo.models.sparsity import sparsity_report
+
+    guide = _pruned_guide()
+    # fc1's groups 0, 1, 3 are removed: fc2's columns 0, 1, 3 go; fc2's groups 0, 1, 3: fc3's columns
+    assert not guide.mask("fc2.weight")[:, [0, 1, 3]].any()
+    assert not guide.mask("fc3.weight")[:, [0, 1, 3]].any() and guide.mask("fc3.weight")[:, [2, 4]].all()
+    assert guide.mask("fc1.weight")[4:].sum() > 0  # the kept groups keep their masks' weights
+    report = sparsity_report(guide.net, dict(guide.masks.items()))
+    kept = sum(int(guide.mask(f"{name}.{p}").sum()) for name in ("fc1", "fc2", "fc3") for p in ("weight", "bias")
+               if guide.mask(f"{name}.{p}") is not None)
+    kept += 0 if guide.mask("fc3.bias") is not None else guide.net.layer("fc3").num_groups
+    assert report["weights_kept"] == kept
+
+
+def test_pruned_dense_chain_trains_on_its_kept_blocks(monkeypatch):
+    """A pruned dense chain's step runs on the smaller network its masks keep: the outputs, the KL
+    and every parameter's gradient equal those of the masked full-size layers with the same noise
+    (the removed units' noise dropped), the KL equals the guide's closed form, and the removed
+    weights' gradients are 0."""
+    import bnnzoo.guides.horseshoe as horseshoe_guides
+    import bnnzoo.guides.scaled_dense as scaled_dense
+
+    guide = _pruned_guide()
+    fast = guide.step_plan()
+    assert fast.kept is not None and fast.kept["fc1"].shape == (5, 6) and fast.kept["fc1"].cols is None and fast.kept["fc2"].shape == (2, 5)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    full = [torch.randn(7, k, dtype=torch.float64) for k in (8, 5, 3)]
+    rows = [fast.kept[name].rows for name in ("fc1", "fc2", "fc3")]
+
+    def run(kept):
+        calls = iter(range(3))
+
+        def noise(shape, device=None, dtype=None):
+            i = next(calls)
+            return full[i] if shape[-1] == full[i].shape[-1] else full[i][:, rows[i]]
+
+        monkeypatch.setattr(horseshoe_guides, "example_noise", noise)
+        monkeypatch.setattr(scaled_dense, "example_noise", noise)
+        guide.step_plan().kept = kept
+        torch.manual_seed(5)  # the scales' draw
+        f, kl = guide.sample_outputs_and_kl(None, x)
+        w = torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)
+        params = list(guide.parameters())
+        return f, kl, torch.autograd.grad((f * w).sum() + 0.7 * kl, params)
+
+    kept = guide.step_plan().kept
+    f, kl, grads = run(kept)
+    ref_f, ref_kl, ref_grads = run(None)  # the generic masked layers
+    assert torch.allclose(f, ref_f) and torch.allclose(kl, ref_kl)
+    assert torch.allclose(kl, guide.kl_divergence())
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b)
+    grad = dict(zip([n for n, _ in guide.named_parameters()], grads))
+    for site in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        layer, param = site.split(".")
+        removed = ~guide.mask(site)
+        assert removed.any() and not grad[f"locs.{layer}.{param}"][removed].any()
+        assert not grad[f"log_scales.{layer}.{param}"][removed].any()
+
+
+@pytest.mark.cuda
+def test_pruned_dense_chain_step_on_cuda():
+    """The kept-block step of a pruned dense chain runs on CUDA tensors: its plan lives there, and
+    its KL (closed form) equals the CPU's."""
+    guide = _pruned_guide()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    _, kl = guide.sample_outputs_and_kl(None, x)
+    cuda_guide = copy.deepcopy(guide).cuda()
+    assert cuda_guide.step_plan().kept["fc1"].rows.is_cuda
+    f, cuda_kl = cuda_guide.sample_outputs_and_kl(None, x.cuda())
+    grads = torch.autograd.grad(f.sum() + cuda_kl, list(cuda_guide.parameters()))
+    assert f.is_cuda and torch.isfinite(f).all() and all(torch.isfinite(g).all() for g in grads)
+    assert torch.allclose(cuda_kl.cpu(), kl)
+
+
 def test_scale_block_with_sparse_step_matrices(monkeypatch):
     """Beyond a size the step's scale matrices are sparse (CSR): same draws and KL; copies and
     pickles of the guide drop the cached sparse tensors."""

@@ -787,7 +787,8 @@ class Posterior(ABC):
         """The independent Gaussian weights of this posterior for the moment-propagated predictive
         (:func:`bnnzoo.guides.predictive_moments.gaussian_weight_moments`), after checking that it
         applies: a guide posterior that predicts from its guide's own draws, a guide with independent
-        Gaussian weights, a dense ReLU network and a Gaussian or softmax likelihood. Anything else
+        Gaussian weights, a ReLU network of dense and conv layers and pooling, and a Gaussian or
+        softmax likelihood. Anything else
         raises ``TypeError`` naming what is not supported (there is no fallback to sampling)."""
         guide = getattr(self, "guide", None)
         if guide is None or type(self).draw_weights is not GuidePosterior.draw_weights:
@@ -843,8 +844,8 @@ class Posterior(ABC):
         ``num_samples`` and ``mc_error`` (that loss at the last draw). An integer gives that many
         draws.
 
-        ``method="moments"`` (a mean-field Gaussian or point-mass guide on a dense ReLU network;
-        anything else raises ``TypeError``): no weight draws; the mean and variance of every unit are
+        ``method="moments"`` (a mean-field Gaussian or point-mass guide on a ReLU network of dense
+        and conv layers and pooling; anything else raises ``TypeError``): no weight draws; the mean and variance of every unit are
         propagated layer by layer (:mod:`bnnzoo.guides.predictive_moments`). Regression: the
         predictive mean and variance (plus the noise). Classification: the average softmax over
         :data:`MOMENT_LOGIT_POINTS` quasi-random points of the logits' Gaussian (and their

@@ -2,20 +2,28 @@
 
 For weights ``w ~ N(M, V)`` independent of one another (a :class:`~bnnzoo.guides.MeanFieldNormal`
 guide; pruned weights are point masses at zero, ``M = V = 0``; a :class:`~bnnzoo.guides.PointMass`
-is the case ``V = 0``), the mean and variance of every unit are carried through a dense ReLU
-network layer by layer (the forward pass of :mod:`bnnzoo.guides.moment_propagation`, which TDAMP
-uses, reused here as it is):
+is the case ``V = 0``), the mean and variance of every unit are carried through a ReLU network
+layer by layer (the forward pass of :mod:`bnnzoo.guides.moment_propagation`, which TDAMP uses,
+reused here as it is, extended to convolutions and pooling):
 
     dense  (input mean m, var v):  p   = M m + M_b
                                    tau = V m^2 + (V + M^2) v + V_b      (local reparameterisation
                                                                          moments; exact given m, v)
+    conv   the same at every output position: conv(m, M) + M_b, conv(m^2, V) + conv(v, V + M^2) + V_b
     ReLU   (pre-activation N(p, tau)):  the exact mean and variance of max(0, z), z ~ N(p, tau)
+    max pool  the window's maximum by Clark's (1961) moments of the maximum of two Gaussians, folded
+              over the window; a ReLU before it is taken after it (max and ReLU commute), so the
+              maxima are of Gaussian pre-activations
+    average pool  exact: the mean of the means, the summed variance over the window size squared
 
-Each step matches the first two moments exactly given independent Gaussian inputs. The one
-approximation is that a layer's outputs are treated as independent Gaussians: with one hidden layer
-the output mean and variance are exact (the hidden units of one example depend on disjoint weight
-rows, so they are independent); deeper, the units of a hidden layer are correlated through the
-shared units below them and non-Gaussian, and the propagated variance is an approximation.
+Each dense, conv and ReLU step matches the first two moments exactly given independent Gaussian
+inputs. The approximation is that a layer's outputs are treated as independent Gaussians: with one
+hidden dense layer the output mean and variance are exact (the hidden units of one example depend
+on disjoint weight rows, so they are independent); deeper, the units of a hidden layer are
+correlated through the shared units below them and non-Gaussian, and the propagated variance is an
+approximation. A convolution's outputs at different positions share its weights, so they are
+correlated even in the first layer: the max pool's moments treat them as independent (exact for
+two independent Gaussians, an approximation beyond), and so does the next layer.
 
 What the output moments give:
 
@@ -34,11 +42,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from ..models.networks import Activation, Dense, Flatten, Network
+from ..models.networks import Activation, Conv2d, Dense, Flatten, Network, Pool2d
 from .delta import PointMass
 from .meanfield import MeanFieldNormal
-from .moment_propagation import linear_moments, relu_moments
+from .moment_propagation import linear_moments, normal_cdf, relu_moments
 
 #: the guide classes whose weights are independent Gaussians (a point mass: variance zero)
 SUPPORTED_GUIDES = (MeanFieldNormal, PointMass)
@@ -48,15 +57,73 @@ PROBIT_LAMBDA = math.pi / 8
 
 def check_network(net: Network) -> None:
     """Raise ``TypeError`` naming the first layer that moment propagation does not support: it
-    supports dense layers, ReLU (and identity) activations and flattening only."""
+    supports dense and conv layers, ReLU (and identity) activations, max and average pooling and
+    flattening (a network description: a user's module is refused)."""
+    if not isinstance(net, Network):
+        raise TypeError(f"the moment-propagated predictive supports the catalog's layer descriptions (arch mlp, "
+                        f"lenet-300-100, lenet5); {net!r} is a module")
     for layer in net.layers:
-        if isinstance(layer, (Dense, Flatten)):
+        if isinstance(layer, (Dense, Conv2d, Pool2d, Flatten)):
             continue
         if isinstance(layer, Activation) and layer.fn in ("relu", "identity"):
             continue
         what = f"the activation {layer.fn!r}" if isinstance(layer, Activation) else f"a {layer.kind} layer"
-        raise TypeError(f"the moment-propagated predictive supports dense networks with ReLU activations "
-                        f"(arch mlp, lenet-300-100); {net!r} has {what}")
+        raise TypeError(f"the moment-propagated predictive supports dense and conv networks with ReLU "
+                        f"activations (arch mlp, lenet-300-100, lenet5); {net!r} has {what}")
+
+
+def conv_moments(layer: Conv2d, mean: torch.Tensor, var: torch.Tensor | None, w_mean: torch.Tensor,
+                 w_var: torch.Tensor, b_mean: torch.Tensor, b_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of a convolution's outputs for independent inputs ``N(mean, var)``
+    (``var=None``: known inputs) and independent weights: the dense layer's formulas
+    (:func:`~bnnzoo.guides.moment_propagation.linear_moments`) at every output position, each a
+    sum over distinct weights and inputs: ``conv(m, M) + M_b`` and
+    ``conv(m^2, V) + conv(v, V + M^2) + V_b``."""
+    out_mean = layer.op(mean, w_mean, b_mean)
+    out_var = layer.op(mean * mean, w_var, b_var)
+    if var is not None:
+        out_var = out_var + layer.op(var, w_var + w_mean * w_mean, None)
+    return out_mean, out_var
+
+
+def gaussian_max_moments(mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor,
+                         var_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``max(a, b)`` for independent ``a ~ N(mean_a, var_a)``,
+    ``b ~ N(mean_b, var_b)`` (Clark 1961), exact: with ``theta = sqrt(var_a + var_b)`` and
+    ``alpha = (mean_a - mean_b) / theta``,
+
+        E[max]   = mean_a Phi(alpha) + mean_b Phi(-alpha) + theta phi(alpha)
+        E[max^2] = (mean_a^2 + var_a) Phi(alpha) + (mean_b^2 + var_b) Phi(-alpha)
+                   + (mean_a + mean_b) theta phi(alpha)
+
+    Two point masses (``theta = 0``) give the larger of the two means."""
+    theta = (var_a + var_b).sqrt()
+    alpha = (mean_a - mean_b) / theta.clamp_min(torch.finfo(theta.dtype).tiny)
+    cdf, cdf_minus = normal_cdf(alpha), normal_cdf(-alpha)
+    density = theta * torch.exp(-0.5 * alpha * alpha) / math.sqrt(2 * math.pi)
+    first = mean_a * cdf + mean_b * cdf_minus + density
+    second = (mean_a * mean_a + var_a) * cdf + (mean_b * mean_b + var_b) * cdf_minus + (mean_a + mean_b) * density
+    return first, (second - first * first).clamp_min(0)
+
+
+def pool_moments(layer: Pool2d, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of a pooling layer's outputs (window = stride = ``layer.size``) for
+    independent Gaussian inputs: average pooling exactly (the mean of the means, the window's
+    summed variance over its size squared); max pooling by folding the window's entries with
+    :func:`gaussian_max_moments`, each partial maximum taken as Gaussian (Clark 1961)."""
+    k = layer.size
+    if layer.mode != "max":
+        return F.avg_pool2d(mean, k), F.avg_pool2d(var, k) / (k * k)
+    h, w = mean.shape[-2] // k * k, mean.shape[-1] // k * k
+    out_mean = out_var = None
+    for i in range(k):
+        for j in range(k):
+            m, v = mean[..., i:h:k, j:w:k], var[..., i:h:k, j:w:k]
+            if out_mean is None:
+                out_mean, out_var = m, v
+            else:
+                out_mean, out_var = gaussian_max_moments(out_mean, out_var, m, v)
+    return out_mean, out_var
 
 
 def gaussian_weight_moments(guide) -> dict[str, tuple[tuple[torch.Tensor, torch.Tensor],
@@ -101,8 +168,13 @@ def output_moments(net: Network, x: torch.Tensor, moments, full_covariance: bool
     mean, var = x, None
     dense = [layer for layer in net.layers if isinstance(layer, Dense)]
     cov = None
-    for layer in net.layers:
-        if isinstance(layer, Dense):
+    for layer in _pool_before_relu(net.layers):
+        if isinstance(layer, Conv2d):
+            (w_mean, w_var), (b_mean, b_var) = moments[layer.name]
+            mean, var = conv_moments(layer, mean, var, w_mean, w_var, b_mean, b_var)
+        elif isinstance(layer, Pool2d):
+            mean, var = pool_moments(layer, mean, torch.zeros_like(mean) if var is None else var)
+        elif isinstance(layer, Dense):
             (w_mean, w_var), (b_mean, b_var) = moments[layer.name]
             if full_covariance and layer is dense[-1] and var is not None:
                 # the rows of the last layer share the input's spread: Cov = M diag(v) M^T + diag(...)
@@ -121,6 +193,24 @@ def output_moments(net: Network, x: torch.Tensor, moments, full_covariance: bool
             cov = torch.diag_embed(var)
         return mean, var, cov
     return mean, var
+
+
+def _pool_before_relu(layers) -> list:
+    """The layers in the order moment propagation takes them: a ReLU followed by a max pool is taken
+    after it (``max(relu(a), relu(b)) = relu(max(a, b))``), so that the maxima are of the Gaussian
+    pre-activations, for which :func:`gaussian_max_moments` is exact."""
+    out, i = [], 0
+    while i < len(layers):
+        layer = layers[i]
+        following = layers[i + 1] if i + 1 < len(layers) else None
+        if (isinstance(layer, Activation) and layer.fn == "relu" and isinstance(following, Pool2d)
+                and following.mode == "max"):
+            out += [following, layer]
+            i += 2
+        else:
+            out.append(layer)
+            i += 1
+    return out
 
 
 def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

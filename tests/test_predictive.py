@@ -152,10 +152,9 @@ def test_moments_respect_pruning_and_point_masses():
 
 
 def test_unsupported_cases_raise():
-    x = torch.zeros(2, 1, 28, 28)
-    conv = make_posterior("classification", arch="lenet5", input_shape=(1, 28, 28), outputs=10)
-    with pytest.raises(TypeError, match="conv2d layer"):
-        conv.predict(x, method="moments")
+    module = make_posterior("classification", arch="resnet-8", input_shape=(3, 16, 16), outputs=10)
+    with pytest.raises(TypeError, match="is a module"):
+        module.predict(torch.zeros(2, 3, 16, 16), method="moments")
     tanh = bnnzoo.create("meanfield-vi", "regression", (NUM_INPUTS,), 1, network={"arch": "mlp", "hidden": [8],
                                                                              "activation": "tanh"}, device="cpu")
     tanh.standardizer = Standardizer(torch.zeros(NUM_INPUTS), torch.ones(NUM_INPUTS), torch.tensor(0.0),
@@ -178,6 +177,119 @@ def test_unsupported_cases_raise():
         post.predict(inputs(4), method="moments", return_samples=True)
     with pytest.raises(ConfigError, match="'auto'"):
         post.predict(inputs(4), num_samples="many")
+
+
+def test_gaussian_max_moments_match_quadrature():
+    """Clark's moments of the maximum of two independent Gaussians against quadrature of
+    ``E[max(a, b)^k] = int (x^k) d/dx [Phi_a(x) Phi_b(x)] dx``, and the point-mass limit."""
+    from scipy import integrate, stats
+
+    cases = [(0.3, 1.0, -0.2, 0.5), (2.0, 0.1, 2.0, 0.1), (-1.0, 4.0, 3.0, 0.01), (0.0, 0.01, 0.5, 2.0)]
+    for mean_a, var_a, mean_b, var_b in cases:
+        a, b = stats.norm(mean_a, math.sqrt(var_a)), stats.norm(mean_b, math.sqrt(var_b))
+        density = lambda x: a.pdf(x) * b.cdf(x) + b.pdf(x) * a.cdf(x)  # noqa: E731
+        lo, hi = min(mean_a, mean_b) - 12, max(mean_a, mean_b) + 12
+        first = integrate.quad(lambda x: x * density(x), lo, hi, limit=200, points=[mean_a, mean_b])[0]
+        second = integrate.quad(lambda x: x * x * density(x), lo, hi, limit=200, points=[mean_a, mean_b])[0]
+        t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+        mean, var = predictive_moments.gaussian_max_moments(t(mean_a), t(var_a), t(mean_b), t(var_b))
+        assert float(mean) == pytest.approx(first, abs=1e-7)
+        assert float(var) == pytest.approx(second - first**2, abs=1e-7)
+    zero = torch.zeros(3)
+    mean, var = predictive_moments.gaussian_max_moments(torch.tensor([1.0, -2.0, 0.5]), zero,
+                                                        torch.tensor([0.0, 3.0, 0.5]), zero)
+    assert torch.equal(mean, torch.tensor([1.0, 3.0, 0.5])) and torch.equal(var, zero)
+
+
+def test_conv_and_pool_moments_match_monte_carlo():
+    """One convolution on Gaussian inputs with independent Gaussian weights: the propagated mean and
+    variance are exact (Monte Carlo over inputs and weights); average pooling of independent
+    Gaussians is exact; max pooling of a 2x2 window of independent Gaussians is the folded Clark
+    approximation, close to the Monte Carlo moments."""
+    from bnnzoo.models.networks import Conv2d, Pool2d
+
+    g = torch.Generator().manual_seed(0)
+    layer = Conv2d("conv", 2, 3, 3)
+    m, v = torch.randn(1, 2, 6, 6, generator=g), 0.3 * torch.rand(1, 2, 6, 6, generator=g)
+    w_m, w_v = 0.5 * torch.randn(3, 2, 3, 3, generator=g), 0.05 * torch.rand(3, 2, 3, 3, generator=g)
+    b_m, b_v = torch.randn(3, generator=g), 0.1 * torch.rand(3, generator=g)
+    mean, var = predictive_moments.conv_moments(layer, m, v, w_m, w_v, b_m, b_v)
+    n = 20_000
+    h = m + v.sqrt() * torch.randn(n, 2, 6, 6, generator=g)
+    w = w_m + w_v.sqrt() * torch.randn(n, 3, 2, 3, 3, generator=g)
+    b = b_m + b_v.sqrt() * torch.randn(n, 3, generator=g)
+    # a different weight draw per sample: grouped convolution over the samples
+    out = torch.nn.functional.conv2d(h.reshape(1, n * 2, 6, 6), w.reshape(n * 3, 2, 3, 3), b.reshape(-1), groups=n)
+    out = out.reshape(n, 3, 4, 4)
+    se = (out.var(0) / n).sqrt()
+    assert ((mean[0] - out.mean(0)).abs() < 5 * se).all()
+    assert torch.allclose(var[0], out.var(0), rtol=0.06)
+    pooled = torch.nn.functional.avg_pool2d(out, 2)
+    avg_mean, avg_var = predictive_moments.pool_moments(Pool2d(2, "avg"), mean, var)
+    assert torch.allclose(avg_mean[0], pooled.mean(0), atol=5 * float(pooled.std(0).max()) / math.sqrt(n))
+    independent = mean + var.sqrt() * torch.randn(n, 3, 4, 4, generator=g)
+    for mode, reference in (("avg", torch.nn.functional.avg_pool2d(independent, 2)),
+                            ("max", torch.nn.functional.max_pool2d(independent, 2))):
+        p_mean, p_var = predictive_moments.pool_moments(Pool2d(2, mode), mean, var)
+        assert torch.allclose(p_mean[0], reference.mean(0), atol=0.03 * float(reference.std(0).mean()) + 0.01)
+        assert torch.allclose(p_var[0], reference.var(0), rtol=0.1 if mode == "max" else 0.05)
+
+
+@torch.no_grad()
+def conv_reference(post, x: torch.Tensor, num_draws: int, block: int = 500) -> torch.Tensor:
+    """Monte Carlo over weight draws of a conv network's guide (each draw a full forward pass of
+    the network with its own weights, ``block`` draws at a time as grouped convolutions): the mean
+    softmax."""
+    gen = torch.Generator().manual_seed(321)
+    weights = predictive_moments.gaussian_weight_moments(post.guide)
+    probs = 0.0
+    n = len(x)
+    for _ in range(num_draws // block):
+        h = x.unsqueeze(0).expand(block, *x.shape)  # (draws, n, ...)
+        for layer in post.net.layers:
+            if layer.kind in ("conv2d", "dense"):
+                (w_mean, w_var), (b_mean, b_var) = weights[layer.name]
+                w = w_mean + w_var.sqrt() * torch.randn(block, *w_mean.shape, generator=gen)
+                b = b_mean + b_var.sqrt() * torch.randn(block, *b_mean.shape, generator=gen)
+                if layer.kind == "dense":
+                    h = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
+                else:
+                    c, side = h.shape[2], h.shape[3]
+                    flat = h.transpose(0, 1).reshape(n, block * c, side, side)
+                    out = torch.nn.functional.conv2d(flat, w.reshape(-1, *w.shape[2:]), b.reshape(-1), groups=block)
+                    h = out.reshape(n, block, -1, *out.shape[-2:]).transpose(0, 1)
+            elif layer.kind == "flatten":
+                h = h.flatten(start_dim=2)
+            elif layer.kind == "pool2d":
+                h = layer(h.flatten(0, 1)).unflatten(0, (block, n))
+            else:
+                h = layer(h)
+        probs = probs + torch.softmax(h, -1).sum(0)
+    return probs / (num_draws // block * block)
+
+
+def test_conv_network_moments_match_monte_carlo():
+    """LeNet-5 (conv, max pool, conv, max pool, dense, dense) on 16x16 images, its conv weights well
+    determined (sd e^-6 to e^-5, as a conv filter's weights are, seen at every position) and its
+    dense weights spread out (sd e^-3 to e^-2): the moment-propagated class probabilities are as
+    close to Monte Carlo over 8,000 weight draws as 1,000 independent draws are (largest error below
+    0.02, mean below 0.002), where the plug-in softmax of the mean weights is off by 0.49."""
+    post = make_posterior("classification", arch="lenet5", input_shape=(1, 16, 16), outputs=10,
+                          loc_scale=0.3, log_scales=(-3.0, -2.0))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name in ("conv1", "conv2"):
+            for param in ("weight", "bias"):
+                log_scale = post.guide.log_scales[name][param]
+                log_scale.copy_(-6.0 + torch.rand(log_scale.shape, generator=g))
+    x = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    ref = conv_reference(post, x, num_draws=8000)
+    with torch.no_grad():
+        moments = post.predict(x, method="moments").probs
+        plug_in = torch.softmax(post.net(x, post.guide.posterior_mean()), -1)
+    err = (moments - ref).abs()
+    assert float(err.max()) < 0.02 and float(err.mean()) < 0.002, (float(err.max()), float(err.mean()))
+    assert float((plug_in - ref).abs().max()) > 0.3
 
 
 def test_default_prediction_is_unchanged():
@@ -282,3 +394,17 @@ def test_auto_on_stored_samples_uses_each_draw_once(boston):
     every = post.predict(x, num_samples=stored, seed=0)
     assert auto.num_samples == stored
     assert torch.allclose(auto.mean, every.mean, atol=1e-4) and torch.allclose(auto.std, every.std, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_conv_moments_on_cuda_match_the_cpu():
+    """The moment propagation of a conv network runs on CUDA tensors and gives the CPU's moments."""
+    post = make_posterior("classification", arch="lenet5", input_shape=(1, 16, 16), outputs=10,
+                          loc_scale=0.3, log_scales=(-4.0, -2.0))
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    weights = predictive_moments.gaussian_weight_moments(post.guide)
+    cuda_weights = {name: tuple((m.cuda(), v.cuda()) for m, v in pair) for name, pair in weights.items()}
+    mean, var = predictive_moments.output_moments(post.net, x, weights)
+    cuda_mean, cuda_var = predictive_moments.output_moments(post.net, x.cuda(), cuda_weights)
+    assert cuda_mean.is_cuda and torch.allclose(cuda_mean.cpu(), mean, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(cuda_var.cpu(), var, atol=1e-4, rtol=1e-3)

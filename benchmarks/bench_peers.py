@@ -17,7 +17,8 @@ training images' mean and standard deviation, as bnnzoo standardises). Each trai
 are interleaved with the epochs of a plain Adam run of the same network (:class:`PairedPlain`, the
 harness's :class:`~benchmarks.harness.PlainTorch` fed the same index batches as the method), and its
 epoch time is reported as the ratio of median epoch times (:func:`~benchmarks.harness.epoch_ratio`,
-first epoch skipped). bnnzoo entries run through :func:`benchmarks.harness.fit_with_baseline` with
+first epoch skipped; a bnnzoo row also records the ratio of mean epoch times, ``epoch_time_ratio_mean``,
+:func:`~benchmarks.harness.mean_epoch_ratio`, which counts every phase of a fit whose epochs differ in cost). bnnzoo entries run through :func:`benchmarks.harness.fit_with_baseline` with
 their catalog defaults (the task's architecture; ``peers-quick`` also sets ``epochs=1``), which
 interleaves the harness's own plain Adam epochs of the same batch size; each bnnzoo fit predicts
 with the library's default predictive and, where the posterior supports them, also with the
@@ -49,7 +50,7 @@ from bnnzoo.models.networks import build_network
 from bnnzoo.models.standardizer import Standardizer
 
 from . import peers_libs
-from .harness import PlainTorch, epoch_ratio, fit_with_baseline
+from .harness import PlainTorch, epoch_ratio, fit_with_baseline, mean_epoch_ratio
 
 ARCH = "lenet-300-100"
 #: the convolutional task's architecture (:func:`bnnzoo.models.networks.lenet5`)
@@ -251,6 +252,7 @@ def bnnzoo_entry(task: PeerTask, name: str) -> dict:
     calibration = posterior.fit_state.calibration
     common = {"epochs": len(seconds), "seconds_per_epoch": statistics.median(seconds),
               "plain_seconds_per_epoch": plain_epoch, "epoch_time_ratio": epoch_ratio(seconds, plain.epoch_seconds),
+              "epoch_time_ratio_mean": mean_epoch_ratio(seconds, plain.epoch_seconds),
               "fit_seconds_total": fit_seconds, "fit_in_adam_epochs": fit_seconds / plain_epoch,
               "calibration": dict(calibration) if calibration is not None else None,
               "option_selection": posterior.fit_state.option_selection,

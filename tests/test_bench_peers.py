@@ -168,6 +168,7 @@ def test_bnnzoo_fit_gives_the_default_row_and_the_moment_rows(no_peers):
         assert row["fit_seconds_total"] > 0
         assert row["fit_in_adam_epochs"] == pytest.approx(row["fit_seconds_total"] / row["plain_seconds_per_epoch"])
         assert row["epoch_time_ratio"] == default["epoch_time_ratio"]  # the same fit's timings
+        assert row["epoch_time_ratio_mean"] == default["epoch_time_ratio_mean"] > 0
     text = bench_peers.table(result)
     assert "| bnnzoo meanfield-vi (probit) |" in text and "(closed form)" in text and "Adam epochs" in text
     assert "bnnzoo meanfield-vi (moments): " in result["headline"]
@@ -215,6 +216,16 @@ def test_bnnzoo_rows_leave_out_unsupported_predictives(monkeypatch):
 
 
 # ---- Boston ---------------------------------------------------------------------------------------------
+def test_mean_and_median_epoch_ratios():
+    """The median ratio sees the typical epoch; the mean ratio the whole fit's time per epoch (a fit
+    whose last epochs run on a reduced network); both skip the first epoch of each run."""
+    from benchmarks.harness import epoch_ratio, mean_epoch_ratio
+
+    method, plain = [9.0, 2.0, 2.0, 2.0, 0.5, 0.5], [5.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert epoch_ratio(method, plain) == pytest.approx(2.0)
+    assert mean_epoch_ratio(method, plain) == pytest.approx(7.0 / 5.0)
+
+
 def test_regression_score_against_the_closed_form():
     from benchmarks.bench_peers_boston import regression_score
 

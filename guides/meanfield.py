@@ -13,6 +13,7 @@ from .bmr import GaussianSite, Reduction, prior_variance, write_reduction
 from .closed_form_kl import kl_lognormal_gamma
 from .data_parallel import example_noise
 from .local_reparam import local_reparam_dense
+from .scaled_dense import masked_scaled_local_reparam_dense
 from .sites import get_site, site_parameters, split_site
 from .weight_guide import PRUNED_SCALE, WeightGuide
 
@@ -143,6 +144,15 @@ class MeanFieldNormal(WeightGuide):
                     self.locs[layer.name]["bias"], self.log_scales[layer.name]["bias"], fused_scale)
                 kl = kl + layer_kl
                 return out
+            if fused_scale is not None and layer.kind == "dense" and h.dim() == 2:
+                # a pruned dense layer: the same draw and KL in one node (the masks as 0/1 floats)
+                keep, b_keep, ones = self._dense_masks(layer)
+                out, layer_kl = masked_scaled_local_reparam_dense(
+                    h, self.locs[layer.name]["weight"], self.log_scales[layer.name]["weight"],
+                    self.locs[layer.name]["bias"], self.log_scales[layer.name]["bias"], ones, keep, b_keep,
+                    fused_scale)
+                kl = kl + layer_kl
+                return out
             moments = []
             for param in ("weight", "bias"):
                 site, loc, var, log_scale, keep = self.masked_moments(layer.name, param)
@@ -152,6 +162,34 @@ class MeanFieldNormal(WeightGuide):
 
         f = self.net.apply(x, linear)
         return f, kl
+
+    def _dense_masks(self, layer) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """A pruned dense layer's masks as 0/1 floats (``None``: nothing pruned) and a unit scale per
+        output, cached until the masks, the device or the parameters change."""
+        cache = self.__dict__.setdefault("_dense_mask_cache", {})
+        if layer.name not in cache:
+            like = self.locs[layer.name]["weight"]
+            keep, b_keep = self.mask(f"{layer.name}.weight"), self.mask(f"{layer.name}.bias")
+            cache[layer.name] = (None if keep is None else keep.to(like.dtype),
+                                 None if b_keep is None else b_keep.to(like.dtype),
+                                 torch.ones(like.shape[0], dtype=like.dtype, device=like.device))
+        return cache[layer.name]
+
+    def set_masks(self, masks) -> None:
+        super().set_masks(masks)
+        self.__dict__.pop("_dense_mask_cache", None)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_dense_mask_cache", None)  # .to() replaces the masks
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.__dict__.pop("_dense_mask_cache", None)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getstate__(self):
+        # copies and pickles rebuild the cache on first use
+        return {k: v for k, v in super().__getstate__().items() if k != "_dense_mask_cache"}
 
     def kl_divergence(self, model) -> torch.Tensor:
         """``KL(q || p)`` summed over every weight site."""

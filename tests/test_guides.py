@@ -298,6 +298,51 @@ def test_unmasked_and_masked_code_paths_agree():
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-4)
 
 
+def test_pruned_dense_layers_match_the_generic_masked_formulas():
+    """A pruned mean-field guide's dense layers take one fused node each: the outputs, the KL and
+    every gradient equal those of the generic masked formulas (``masked_moments``,
+    ``local_reparam_draw``, ``kl_divergence``) with the same noise, and removed weights get
+    gradient 0; new masks are picked up."""
+    from bnnzoo.guides.meanfield import local_reparam_draw
+
+    torch.manual_seed(0)
+    model = make_model(mlp(5, [7, 6], 2), prior_scale=0.7)
+    guide = randomise_guide(MeanFieldNormal(model)).double()
+    g = torch.Generator().manual_seed(1)
+    masks = {"fc1.weight": torch.rand(7, 5, generator=g) > 0.3, "fc1.bias": torch.tensor([1, 1, 0, 1, 1, 1, 0]).bool(),
+             "fc2.weight": torch.rand(6, 7, generator=g) > 0.5}
+    x = torch.randn(9, 5, dtype=torch.float64)
+
+    def reference():
+        def linear(layer, h):
+            moments = []
+            for param in ("weight", "bias"):
+                _, loc, var, _, _ = guide.masked_moments(layer.name, param)
+                moments.append((loc, var))
+            return local_reparam_draw(layer, h, moments)
+        return guide.net.apply(x, linear), guide.kl_divergence(model)
+
+    params = list(guide.parameters())
+    for stage in (masks, {"fc3.weight": torch.tensor([[1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 1, 1]]).bool()}):
+        guide.set_masks(stage)
+        torch.manual_seed(3)
+        f, kl = guide.sample_outputs_and_kl(model, x)
+        assert type(f.grad_fn).__name__.endswith("ScaledLocalReparamDenseBackward")  # one fused node
+        torch.manual_seed(3)
+        ref_f, ref_kl = reference()
+        torch.testing.assert_close(f, ref_f)
+        torch.testing.assert_close(kl, ref_kl)
+        w = torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)
+        grads = torch.autograd.grad((f * w).sum() + 0.3 * kl, params)
+        ref_grads = torch.autograd.grad((ref_f * w).sum() + 0.3 * ref_kl, params)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b)
+        by_name = dict(zip([n for n, _ in guide.named_parameters()], grads))
+        for site, keep in guide.masks.items():
+            layer, param = site.split(".")
+            assert not by_name[f"locs.{layer}.{param}"][~keep].any()
+
+
 def test_meanfield_draws_have_the_guide_moments(small_mlp_guide):
     _, guide = small_mlp_guide
     guide.set_masks({"fc2.weight": torch.tensor([[True, False, True, True], [False, True, True, True]])})

@@ -784,22 +784,29 @@ class Posterior(ABC):
             self._moment_weights()
 
     def _moment_weights(self):
-        """The independent Gaussian weights of this posterior for the moment-propagated predictive
-        (:func:`bnnzoo.guides.predictive_moments.gaussian_weight_moments`), after checking that it
-        applies: a guide posterior that predicts from its guide's own draws, a guide with independent
-        Gaussian weights, a ReLU network of dense and conv layers and pooling, and a Gaussian or
-        softmax likelihood. Anything else
+        """The weight moments of this posterior for the moment-propagated predictive
+        (:meth:`predictive_weight_moments`), after checking that it applies: a ReLU network of
+        dense and conv layers and pooling, and a Gaussian or softmax likelihood. Anything else
         raises ``TypeError`` naming what is not supported (there is no fallback to sampling)."""
-        guide = getattr(self, "guide", None)
-        if guide is None or type(self).draw_weights is not GuidePosterior.draw_weights:
-            raise TypeError(f"the moment-propagated predictive needs a posterior that predicts from a guide's "
-                            f"Gaussian weights; {self.name} ({type(self).__name__}) predicts from "
-                            f"{'stored samples' if guide is None else 'draws of its own'}")
         likelihood = self.model.likelihood
         if type(likelihood) not in (GaussianLikelihood, CategoricalLikelihood):
             raise TypeError(f"the moment-propagated predictive supports the Gaussian and the softmax "
                             f"likelihoods; {self.name} has {type(likelihood).__name__}")
         moments.check_network(self.net)
+        return self.predictive_weight_moments()
+
+    def predictive_weight_moments(self) -> dict:
+        """Per layer ``((w_mean, w_var), (b_mean, b_var))`` of the independent Gaussian weights that
+        this posterior's draws come from (:func:`bnnzoo.guides.predictive_moments.gaussian_weight_moments`),
+        optionally with a third entry, ``(E[s], E[s^2])`` of an independent scale per output unit
+        (:func:`~bnnzoo.guides.predictive_moments.output_moments`). Here: a guide posterior that
+        predicts from its guide's own draws (a subclass whose draws differ overrides this, or has
+        no moments); anything else raises ``TypeError``."""
+        guide = getattr(self, "guide", None)
+        if guide is None or type(self).draw_weights is not GuidePosterior.draw_weights:
+            raise TypeError(f"the moment-propagated predictive needs a posterior that predicts from a guide's "
+                            f"Gaussian weights; {self.name} ({type(self).__name__}) predicts from "
+                            f"{'stored samples' if guide is None else 'draws of its own'}")
         return moments.gaussian_weight_moments(guide)
 
     def _output_moments(self, x: torch.Tensor, chunk_size: int, full_covariance: bool):

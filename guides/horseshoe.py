@@ -263,10 +263,11 @@ class HorseshoeGuide(WeightGuide):
             out[layer] = regularised_log_scale(z[..., i:i + 1] + z[..., groups], log_c2[..., i:i + 1])
         return out
 
-    def expect_scale(self, layer: str, fn) -> torch.Tensor:
+    def expect_scale(self, layer: str, fn, kl_weight: float = 1.0) -> torch.Tensor:
         """``E_q[fn(ln s_k)]`` for every group ``k`` of ``layer`` by Gauss-Hermite quadrature over
-        ``ln(tau^2 lambda_k^2)`` and ``ln c^2`` (independent Gaussians under q)."""
-        (m, sd), (m_c, sd_c) = self.log_moments()
+        ``ln(tau^2 lambda_k^2)`` and ``ln c^2`` (independent Gaussians under q; widened to the
+        untempered posterior's as :meth:`log_moments` widens them for ``kl_weight < 1``)."""
+        (m, sd), (m_c, sd_c) = self.log_moments(kl_weight)
         i, n = self.hidden.index(layer), len(self.hidden)
         groups = slice(n + self.group_offsets[i], n + self.group_offsets[i + 1])
         nodes, weights = np.polynomial.hermite_e.hermegauss(_QUADRATURE_POINTS)
@@ -384,6 +385,36 @@ class HorseshoeGuide(WeightGuide):
         out = {site: self._to_weights(site.rpartition(".")[0], get_site(self.locs, site),
                                       scales.get(site.rpartition(".")[0])) for site in self.net.sites()}
         return self.apply_masks(out)
+
+    @torch.no_grad()
+    def moment_weights(self, kl_weight: float = 1.0) -> dict[str, tuple]:
+        """The moments of :meth:`draw`'s weights for the moment-propagated predictive
+        (:func:`~bnnzoo.guides.predictive_moments.output_moments`): per layer ``((mean, var), (b_mean,
+        b_var), scale)`` of the decentred weights ``beta`` (widened as :meth:`draw` widens them for
+        ``kl_weight < 1``; pruned entries 0 in both) and, for a hidden layer, ``scale = (E[s_k],
+        E[s_k^2])`` of its groups' scales by quadrature (``None`` for the output layer, whose weights
+        are ``beta / sqrt(fan_in)``, folded into its moments here). The pre-activation of group
+        ``k`` is ``s_k z_k`` with ``s_k`` independent of ``z_k = beta_k h + beta_bias_k``."""
+        out = {}
+        for layer in self.net.param_layers:
+            pair = []
+            for param in ("weight", "bias"):
+                site = f"{layer.name}.{param}"
+                loc, var = get_site(self.locs, site), torch.exp(2 * get_site(self.log_scales, site))
+                if kl_weight != 1.0:
+                    var = untempered_variance(var, kl_weight, self._prior_scale(layer.name) ** 2)
+                if layer.name == self.output:
+                    loc, var = loc * self.output_unit, var * self.output_unit**2
+                keep = self.mask(site)
+                if keep is not None:
+                    loc, var = loc * keep, var * keep
+                pair.append((loc, var))
+            scale = None
+            if layer.name != self.output:
+                scale = (self.expect_scale(layer.name, torch.exp, kl_weight),
+                         self.expect_scale(layer.name, lambda v: torch.exp(2 * v), kl_weight))
+            out[layer.name] = (*pair, scale)
+        return out
 
     def _to_weights(self, layer: str, value: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         if layer == self.output:

@@ -157,7 +157,11 @@ def gaussian_weight_moments(guide) -> dict[str, tuple[tuple[torch.Tensor, torch.
 def output_moments(net: Network, x: torch.Tensor, moments, full_covariance: bool = False):
     """The mean and variance of the network's outputs for known inputs ``x`` (each ``(N, out)``)
     under independent Gaussian weights ``moments`` (:func:`gaussian_weight_moments`), by the layer
-    by layer propagation of the module docstring.
+    by layer propagation of the module docstring. A hidden layer's entry may carry a third element,
+    ``(E[s], E[s^2])`` of an independent positive scale per output unit (per channel of a conv)
+    that multiplies the unit's pre-activation (the horseshoe's group scales), or ``None``; it is
+    applied after the unit's ReLU and pooling, with which it commutes (:func:`scaled_moments`), so
+    that for known inputs every unit's moments stay exact.
 
     With ``full_covariance`` the third result is the outputs' covariance ``(N, out, out)`` given the
     last hidden layer's (independent) moments ``m, v``: ``M diag(v) M^T + diag(V m^2 + V v + V_b)``;
@@ -168,18 +172,31 @@ def output_moments(net: Network, x: torch.Tensor, moments, full_covariance: bool
     mean, var = x, None
     dense = [layer for layer in net.layers if isinstance(layer, Dense)]
     cov = None
+    # a unit's positive scale s commutes with ReLU and with pooling over its own channel
+    # (relu(s z) = s relu(z), max(s a, s b) = s max(a, b)): it is applied where the next layer
+    # mixes units, so that the ReLU's moments are those of the Gaussian z, not of the scale mixture
+    pending = None
     for layer in _pool_before_relu(net.layers):
+        if isinstance(layer, (Conv2d, Dense, Flatten)) and pending is not None:
+            mean, var = scaled_moments(mean, var, *pending)
+            pending = None
         if isinstance(layer, Conv2d):
-            (w_mean, w_var), (b_mean, b_var) = moments[layer.name]
+            (w_mean, w_var), (b_mean, b_var), *scale = moments[layer.name]
             mean, var = conv_moments(layer, mean, var, w_mean, w_var, b_mean, b_var)
+            if scale and scale[0] is not None:
+                pending = tuple(t.view(-1, 1, 1) for t in scale[0])
         elif isinstance(layer, Pool2d):
             mean, var = pool_moments(layer, mean, torch.zeros_like(mean) if var is None else var)
         elif isinstance(layer, Dense):
-            (w_mean, w_var), (b_mean, b_var) = moments[layer.name]
+            (w_mean, w_var), (b_mean, b_var), *scale = moments[layer.name]
+            if scale and scale[0] is not None and layer is dense[-1]:
+                raise ValueError("the output layer's weights carry no random scale here")
             if full_covariance and layer is dense[-1] and var is not None:
                 # the rows of the last layer share the input's spread: Cov = M diag(v) M^T + diag(...)
                 cov = torch.einsum("ki,ni,li->nkl", w_mean, var, w_mean)
             mean, var = linear_moments(mean, var, w_mean, w_var, b_mean, b_var)
+            if scale and scale[0] is not None:
+                pending = scale[0]
             if cov is not None:
                 # the diagonal from linear_moments holds V (m^2 + v) + V_b + M^2 v; put it in place
                 cov.diagonal(dim1=-2, dim2=-1).copy_(var)
@@ -193,6 +210,15 @@ def output_moments(net: Network, x: torch.Tensor, moments, full_covariance: bool
             cov = torch.diag_embed(var)
         return mean, var, cov
     return mean, var
+
+
+def scaled_moments(mean: torch.Tensor, var: torch.Tensor, scale_mean: torch.Tensor,
+                   scale_second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``s z`` for ``z`` with moments ``(mean, var)`` and an independent
+    scale ``s`` per unit with ``E[s] = scale_mean``, ``E[s^2] = scale_second``: ``E[s] mean`` and
+    ``E[s^2] (mean^2 + var) - E[s]^2 mean^2`` (exact given the moments of ``z``)."""
+    out_mean = scale_mean * mean
+    return out_mean, (scale_second * (mean * mean + var) - out_mean * out_mean).clamp_min(0)
 
 
 def _pool_before_relu(layers) -> list:

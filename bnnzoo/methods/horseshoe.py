@@ -171,6 +171,13 @@ class HorseshoePosterior(VariationalPosterior):
         for _ in range(num_samples):
             yield self.guide.draw(kl_weight)
 
+    def predictive_weight_moments(self) -> dict:
+        """The moments of :meth:`draw_weights`' weights (widened as they are, ``untempered``): the
+        decentred Gaussian weights and each hidden group's scale moments
+        (:meth:`~bnnzoo.guides.HorseshoeGuide.moment_weights`), for ``method="moments"`` and
+        ``"probit"``."""
+        return self.guide.moment_weights(self._draw_kl_weight())
+
     def fitted_weights(self, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
         """Draws from q itself (the fitted, possibly tempered posterior; no widening)."""
         for _ in range(num_samples):

@@ -186,6 +186,27 @@ def test_cli_evaluate_reproduces_the_metrics(cli_run):
     assert float(again["rmse"]) == pytest.approx(saved["rmse"], abs=1e-4)
 
 
+def test_cli_evaluate_by_moments(cli_run, tmp_path):
+    """``--method moments`` scores the run without draws (the posterior's moment predictive); a
+    posterior without one is a command-line error naming why."""
+    out, _ = cli_run
+    posterior = bnnzoo.load(out)
+    data = bnnzoo.data.load_uci("boston", split=0)
+    expected = posterior.evaluate(data.x_test, data.y_test, method="moments")
+    result = CliRunner().invoke(main, ["evaluate", str(out), "--method", "moments"])
+    assert result.exit_code == 0, result.output
+    assert float(_printed_metrics(result.output)["log_likelihood"]) == pytest.approx(expected["log_likelihood"],
+                                                                                       abs=1e-4)
+    result = CliRunner().invoke(main, ["evaluate", str(out), "--method", "closed"])
+    assert result.exit_code == 2 and "closed" in result.output
+    tdamp = tmp_path / "tdamp"
+    fit = CliRunner().invoke(main, ["fit", "em-tdamp", "--epochs", "2", "--batch-size", "32", "--set", "validation_fraction=null",
+                                    "--out", str(tdamp)])
+    assert fit.exit_code == 0, fit.output
+    result = CliRunner().invoke(main, ["evaluate", str(tdamp), "--method", "probit"])
+    assert result.exit_code == 1 and "--method probit: the moment-propagated predictive" in result.output
+
+
 def test_cli_errors(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["fit", "meanfeild-vi", "--epochs", "1", "--out", str(tmp_path / "a")])

@@ -43,6 +43,13 @@ num_samples_option = click.option(
          "predictive needs)")
 
 
+#: the ``--method`` option of the commands that report test metrics (``Posterior.predict``'s ``method``)
+predict_method_option = click.option(
+    "--method", "method", type=click.Choice(["sample", "moments", "probit"]), default="sample", show_default=True,
+    help="the predictive: posterior draws (sample), or without draws by moment propagation (moments; probit: "
+         "the probit approximation of the softmax) where the posterior supports it")
+
+
 def parse_options(pairs: tuple[str, ...]) -> dict:
     """``("key=value", ...)`` as a dict. A value is read as a JSON literal where it parses (``3``,
     ``2.5``, ``1e-3``, ``true``, ``null``, ``[50, 20]``, ``"text"``; also Python's ``True``,
@@ -119,10 +126,17 @@ def print_metrics(metrics: dict) -> None:
         click.echo(f"  {key:>28s}: {value:.4f}" if isinstance(value, float) else f"  {key:>28s}: {value}")
 
 
-def run_metrics(posterior, dataset, num_samples: int | str) -> dict:
-    """``posterior.evaluate`` on ``dataset``'s test split with ``num_samples`` draws, plus the
-    posterior's pruned fractions and kept architecture (:data:`SPARSITY_KEYS`)."""
-    metrics = posterior.evaluate(dataset.x_test, dataset.y_test, num_samples=num_samples)
+def run_metrics(posterior, dataset, num_samples: int | str, method: str = "sample") -> dict:
+    """``posterior.evaluate`` on ``dataset``'s test split with ``num_samples`` draws (or by
+    ``method``, :meth:`~bnnzoo.posterior.Posterior.predict`), plus the posterior's pruned fractions
+    and kept architecture (:data:`SPARSITY_KEYS`). A posterior without the asked-for predictive is a
+    command-line error naming why."""
+    try:
+        metrics = posterior.evaluate(dataset.x_test, dataset.y_test, num_samples=num_samples, method=method)
+    except TypeError as err:  # the moment-propagated predictive does not apply to this posterior
+        if method == "sample":
+            raise
+        raise click.ClickException(f"--method {method}: {err}") from None
     sp = posterior.sparsity()
     metrics.update({key: sp[key] for key in SPARSITY_KEYS})
     return metrics

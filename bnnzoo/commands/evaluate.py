@@ -8,7 +8,12 @@ from bnnzoo.api import load
 from bnnzoo.errors import BnnzooError
 from bnnzoo.runs import run_dataset
 
-from .common import num_samples_option, print_metrics, run_metrics
+from .common import (
+    num_samples_option,
+    predict_method_option,
+    print_metrics,
+    run_metrics,
+)
 
 
 def load_run(run_dir, device):
@@ -37,13 +42,14 @@ def dataset_for_run(posterior, data, split):
               help="UCI split index (default: the recorded split)")
 @click.option("--device", default="cpu", show_default=True)
 @num_samples_option
-def command(run_dir, data, split, device, num_samples) -> None:
+@predict_method_option
+def command(run_dir, data, split, device, num_samples, method) -> None:
     """Reload the saved run RUN_DIR (checked against its manifest) and print its test metrics on the
     test split of the data given with --data, or of the data it was fitted on."""
     posterior = load_run(run_dir, device)
     dataset = dataset_for_run(posterior, data, split)
     try:
-        metrics = run_metrics(posterior, dataset, num_samples)
+        metrics = run_metrics(posterior, dataset, num_samples, method)
     except BnnzooError as err:  # DataError: data of another shape or task than the run's
         raise click.ClickException(f"{dataset.name} does not fit this run: {err}") from None
     click.echo(f"{posterior!r} on {dataset.name} split {dataset.split}:")

@@ -213,9 +213,10 @@ def plain_adam(task: PeerTask) -> tuple[dict, torch.nn.Module]:
     return row, plain.module
 
 
-#: the cheap predictives a bnnzoo row is also scored with, where the posterior supports them
-#: (``posterior.predict(x, method=...)``; a posterior that does not raises ``TypeError``)
-EXTRA_PREDICT_METHODS = ("moments", "probit")
+#: the predictives a bnnzoo row is also scored with, besides the default one the fit chose, where the
+#: posterior supports them (``posterior.predict(x, method=...)``; a posterior that does not raises
+#: ``TypeError``)
+EXTRA_PREDICT_METHODS = ("sample", "moments", "probit")
 
 
 def _describe_prediction(prediction) -> str:
@@ -234,9 +235,10 @@ def bnnzoo_entry(task: PeerTask, name: str) -> dict:
 
     The row predicts with the library's default predictive, ``posterior.predict(x, chunk_size=...)``
     with no ``num_samples`` or ``method``: ``predict_samples`` is the returned ``num_samples`` (0:
-    closed form). Under ``extra_rows`` (which :func:`run_suite` turns into rows ``"<name> (moments)"``,
-    ``"<name> (probit)"``) the same fit scored with each of :data:`EXTRA_PREDICT_METHODS` the
-    posterior supports. Every row records ``fit_seconds_total`` (wall time of the fit call, the plain
+    closed form; ``predict_method``: the predictive, which a calibrated fit chooses on its validation
+    rows). Under ``extra_rows`` (which :func:`run_suite` turns into rows ``"<name> (sample)"``,
+    ``"<name> (moments)"``, ``"<name> (probit)"``) the same fit scored with each other predictive of
+    :data:`EXTRA_PREDICT_METHODS` the posterior supports. Every row records ``fit_seconds_total`` (wall time of the fit call, the plain
     Adam epochs interleaved with it subtracted; a calibration or epoch-selection fit included),
     ``fit_in_adam_epochs`` (that over the plain run's median epoch), ``calibration``
     (``posterior.fit_state.calibration``) and ``option_selection`` (the training options chosen
@@ -271,6 +273,8 @@ def bnnzoo_entry(task: PeerTask, name: str) -> dict:
     row = scored()
     extra = {}
     for method in EXTRA_PREDICT_METHODS:
+        if method == row["predict_method"]:
+            continue
         try:
             extra[method] = scored(method=method)
         except TypeError as err:  # the posterior does not support this predictive: no row
@@ -364,7 +368,7 @@ def _cost(row: dict) -> str:
 def _samples(row: dict) -> str:
     n = row["predict_samples"]
     if n == 0:  # bnnzoo's "moments" averages the softmax over points of the logits' Gaussian: no weight draws
-        return "no weight draws" if row.get("predict_method") == "moments" else "closed form"
+        return "moments, no weight draws" if row.get("predict_method") == "moments" else "probit, closed form"
     return f"{n} sample" if n == 1 else f"{n} samples"
 
 

@@ -72,6 +72,9 @@ MOMENT_LOGIT_POINTS = 128
 #: the prediction methods: Monte Carlo over weight draws, moment propagation (classification: with
 #: draws of the logits' Gaussian), moment propagation with the probit approximation of the softmax
 PREDICT_METHODS = ("sample", "moments", "probit")
+#: the order in which a calibrated fit compares the predictives it supports on its validation rows
+#: (:meth:`Posterior.select_temperature`): cheapest first, which wins a tie
+PREDICTIVE_CANDIDATES = ("probit", "moments", "sample")
 
 
 @dataclass
@@ -145,6 +148,13 @@ class FitState:
     def predictive_temperature(self) -> float:
         """The temperature of the classification predictive (1 when not calibrated)."""
         return float(self.calibration["temperature"]) if self.calibration else 1.0
+
+    @property
+    def predictive_method(self) -> str:
+        """The predictive that ``method="auto"`` uses: the one a calibrated fit chose on its
+        validation rows (``calibration["predictive"]``), else ``"sample"`` (a run saved before the
+        choice was made included)."""
+        return str((self.calibration or {}).get("predictive", "sample"))
 
     def to_dict(self) -> dict:
         out = {"temperature": self.temperature, "pruning": [asdict(r) for r in self.pruning]}
@@ -323,11 +333,13 @@ class Posterior(ABC):
           of the held-out rows is followed; the fit runs the number of epochs that scored best
           (a regression point estimate then predicts with the noise scale of the held-out
           residuals). Recorded in ``fit_state.epoch_selection``.
-        - ``train.calibrate`` (classification, default off): the temperature ``T`` of the
-          predictive (:meth:`select_temperature`): a copy fitted on the other rows, as this one is
-          fitted, and the ``T`` that maximises the held-out log density of its tempered predictive.
+        - ``train.calibrate`` (classification, default off): the predictive and its temperature
+          ``T`` (:meth:`select_temperature`): a copy fitted on the other rows, as this one is
+          fitted; each predictive it supports (probit, moments, draws) with the ``T`` that
+          maximises its held-out log density, and the one whose tempered density is highest.
           Recorded in ``fit_state.calibration``; every prediction gives the class probabilities
-          ``softmax(log p / T)`` of the posterior predictive ``p`` (:attr:`predictive_temperature`).
+          ``softmax(log p / T)`` of the posterior predictive ``p`` (:attr:`predictive_temperature`),
+          made by the chosen predictive unless another ``method`` is asked for.
         - the entry's :meth:`validation_candidates` (where it has any): training options whose value
           is chosen among candidates (:meth:`select_options`), each candidate fitted on the other
           rows and scored on the held-out ones (with its own temperature where ``calibrate`` is on:
@@ -526,19 +538,26 @@ class Posterior(ABC):
 
     def select_temperature(self, x, y, epoch_selection: dict | None = None,
                            progress: bool = False) -> dict[str, Any]:
-        """Classification: fit the predictive's temperature on a validation part of the training
-        data ``(x, y)`` (raw units), leaving this posterior unfitted and the global random state as
-        it was (temperature scaling, :mod:`bnnzoo.guides.temperature_scaling`).
+        """Classification: choose the predictive and fit its temperature on a validation part of the
+        training data ``(x, y)`` (raw units), leaving this posterior unfitted and the global random
+        state as it was (temperature scaling, :mod:`bnnzoo.guides.temperature_scaling`).
 
         The rule (the same on any data): the rows :meth:`select_epochs` holds out (the first
         ``train.validation_fraction`` of a fixed permutation) are held out; a copy of this
         posterior, as created, is fitted on the other rows by this entry's whole procedure
         (pruning or reduction included; with the epochs and batch size of ``epoch_selection`` where
-        those were chosen); the temperature ``T`` maximises the mean held-out log density of its
-        predictive ``(1/S) sum_s softmax(f_s / T)`` over :data:`SELECTION_DRAWS` draws (one for a
-        point estimate; fixed seed). Returns ``{"temperature", "validation_fraction",
-        "validation_rows", "num_samples", "validation_log_likelihood"}`` (the held-out mean log
-        density untempered, then tempered)."""
+        those were chosen). Each predictive the copy supports, in the order of
+        :data:`PREDICTIVE_CANDIDATES` (``"probit"`` and ``"moments"`` where the moment propagation
+        applies, :meth:`predict_methods`; always ``"sample"``, with the draws ``num_samples="auto"``
+        takes; fixed seed), predicts the held-out rows; its temperature ``T`` maximises their mean
+        log density of ``softmax(log p / T)``, and the predictive with the highest tempered density
+        is chosen (first of equals: the cheaper). Every later prediction with ``method="auto"`` (the
+        default) is made by that predictive at that temperature, so the temperature is fitted to
+        the predictive it tempers. Returns ``{"predictive", "temperature", "validation_fraction",
+        "validation_rows", "num_samples", "validation_log_likelihood", "candidates"}``
+        (``num_samples``: the chosen predictive's draws, 0 for the moment methods;
+        ``validation_log_likelihood``: its held-out mean log density untempered, then tempered;
+        ``candidates``: each predictive's ``method``, ``temperature`` and tempered density)."""
         if self.task != "classification":
             raise ConfigError(f"{self.name}: a predictive temperature is for classification, not {self.task}")
         x, y = self.validate(x, y, "training data")
@@ -551,19 +570,36 @@ class Posterior(ABC):
         return {**record, "validation_fraction": fraction, "validation_rows": len(val_rows)}
 
     def _twin_temperature(self, twin: "Posterior", x_val, y_val) -> dict[str, Any]:
-        """The temperature of ``twin``'s predictive fitted on the held-out rows, and their mean log
-        density untempered and tempered (:meth:`select_temperature`'s rule); ``"pointwise"`` holds
-        the tempered log density of every held-out row (a tensor)."""
-        draws = 1 if getattr(self, "point_estimate", False) else self.SELECTION_DRAWS
+        """The predictive of ``twin`` chosen on the held-out rows and its temperature, by
+        :meth:`select_temperature`'s rule; ``"pointwise"`` holds the chosen predictive's tempered
+        log density of every held-out row (a tensor)."""
         y_val = y_val.to(self.device)
-        probs = twin.predict(x_val, num_samples=draws, seed=0).probs
-        log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-        t = temperature_scaling.fit_temperature(log_probs, y_val)
-        pointwise = [temperature_scaling.tempered_log_probs(log_probs, v).gather(-1, y_val.unsqueeze(-1)).squeeze(-1)
-                     for v in (1.0, t)]
-        return {"temperature": t, "num_samples": draws, "pointwise": pointwise[1],
-                "validation_log_likelihood": {"untempered": float(pointwise[0].mean()),
-                                              "tempered": float(pointwise[1].mean())}}
+        runs = []
+        for method in twin.predict_methods():
+            prediction = twin.predict(x_val, seed=0, method=method)
+            probs = prediction.probs  # the twin makes no choice on validation data: untempered
+            log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+            t = temperature_scaling.fit_temperature(log_probs, y_val)
+            pointwise = [temperature_scaling.tempered_log_probs(log_probs, v).gather(-1, y_val.unsqueeze(-1)).squeeze(-1)
+                         for v in (1.0, t)]
+            runs.append({"predictive": method, "temperature": t, "num_samples": int(prediction.num_samples),
+                         "pointwise": pointwise[1],
+                         "validation_log_likelihood": {"untempered": float(pointwise[0].mean()),
+                                                       "tempered": float(pointwise[1].mean())}})
+        winner = max(runs, key=lambda r: r["validation_log_likelihood"]["tempered"])  # first of equals
+        candidates = [{"method": r["predictive"], "temperature": r["temperature"],
+                       "validation_log_likelihood": r["validation_log_likelihood"]["tempered"]} for r in runs]
+        return {**winner, "candidates": candidates}
+
+    def predict_methods(self) -> list[str]:
+        """The predictives this posterior supports, in the order of :data:`PREDICTIVE_CANDIDATES`:
+        ``"sample"`` always, ``"probit"`` and ``"moments"`` where the moment propagation applies to
+        its weights, network and likelihood (:meth:`predict`)."""
+        try:
+            self._moment_weights()
+        except TypeError:
+            return ["sample"]
+        return list(PREDICTIVE_CANDIDATES)
 
     # ---- training options chosen on validation data ---------------------------------------------
     def validation_candidates(self) -> list[dict[str, Any]]:
@@ -775,13 +811,19 @@ class Posterior(ABC):
         for i in torch.randperm(len(stored), generator=generator).tolist():
             yield self._forward(x, stored[i], chunk_size)
 
-    def _check_predict_method(self, method: str) -> None:
-        """Raise unless ``method`` is one of :data:`PREDICT_METHODS` and, for the moment methods,
-        this posterior supports them (:meth:`_moment_weights` says why not)."""
+    def _predict_method(self, method: str, num_samples) -> str:
+        """The prediction method ``method`` names, checked: ``"auto"`` is the predictive the fit
+        chose (:attr:`FitState.predictive_method`), or ``"sample"`` when a number of draws is asked
+        for; raise unless it is one of :data:`PREDICT_METHODS` and, for the moment methods, this
+        posterior supports them (:meth:`_moment_weights` says why not)."""
+        if method == "auto":
+            method = self.fit_state.predictive_method if isinstance(num_samples, str) else "sample"
         if method not in PREDICT_METHODS:
-            raise ConfigError(f"method must be one of {', '.join(map(repr, PREDICT_METHODS))}, got {method!r}")
+            raise ConfigError(f"method must be 'auto' or one of {', '.join(map(repr, PREDICT_METHODS))}, "
+                              f"got {method!r}")
         if method != "sample":
             self._moment_weights()
+        return method
 
     def _moment_weights(self):
         """The weight moments of this posterior for the moment-propagated predictive
@@ -833,10 +875,14 @@ class Posterior(ABC):
 
     @torch.no_grad()
     def predict(self, x, num_samples: int | str = "auto", chunk_size: int = 4096, return_samples: bool = False,
-                seed: int | None = 0, method: str = "sample") -> Prediction:
+                seed: int | None = 0, method: str = "auto") -> Prediction:
         """The posterior predictive for raw inputs ``x``.
 
-        ``method="sample"`` (default) averages ``num_samples`` weight draws. Memory stays bounded:
+        ``method="auto"`` (the default): the predictive a calibrated classification fit chose on
+        its validation rows (``fit_state.calibration["predictive"]``, :meth:`select_temperature`),
+        else ``"sample"``; an integer ``num_samples`` asks for ``"sample"``.
+
+        ``method="sample"`` averages ``num_samples`` weight draws. Memory stays bounded:
         weights are drawn one set at a time and ``x`` is pushed through in chunks of ``chunk_size``
         examples; only running sums are kept unless ``return_samples``.
 
@@ -862,7 +908,7 @@ class Posterior(ABC):
         not used and ``return_samples`` is refused by both.
         """
         self._require_fitted()
-        self._check_predict_method(method)
+        method = self._predict_method(method, num_samples)
         x, _ = self.validate(x, None, "inputs")
         x = self.standardizer.x(x.to(self.device))
         if method != "sample":
@@ -911,7 +957,7 @@ class Posterior(ABC):
 
     @torch.no_grad()
     def log_likelihood(self, x, y, num_samples: int | str = "auto", chunk_size: int = 4096, seed: int | None = 0,
-                       method: str = "sample") -> torch.Tensor:
+                       method: str = "auto") -> torch.Tensor:
         """Pointwise log predictive density ``log (1/S) sum_s p(y_n | x_n, w_s)`` in the original units.
 
         ``num_samples="auto"`` and ``method`` as in :meth:`predict` (``"auto"`` applies the same rule
@@ -920,7 +966,7 @@ class Posterior(ABC):
         propagated mean and variance plus the noise; classification, the log of the predicted
         probability of the observed class."""
         self._require_fitted()
-        self._check_predict_method(method)
+        method = self._predict_method(method, num_samples)
         x, y = self.validate(x, y, "test data")
         x = self.standardizer.x(x.to(self.device))
         y = self.standardizer.y(y.to(self.device))
@@ -951,12 +997,12 @@ class Posterior(ABC):
         return acc - math.log(num_samples) - math.log(self.standardizer.y_scale)
 
     def evaluate(self, x, y, num_samples: int | str = "auto", chunk_size: int = 4096, seed: int | None = 0,
-                 method: str = "sample") -> dict[str, float]:
+                 method: str = "auto") -> dict[str, float]:
         """Test metrics. Regression: ``rmse`` and ``log_likelihood`` (mean per point, original units).
         Classification: ``accuracy``, ``nll``, ``ece`` (15 bins), ``brier``. ``num_samples="auto"``
         and ``method`` as in :meth:`predict`."""
         self._require_fitted()
-        self._check_predict_method(method)
+        method = self._predict_method(method, num_samples)
         _, y = self.validate(x, y, "test data")  # bad labels fail before any prediction is made
         # the new options are passed only when used: an entry's own predict keeps its signature
         extra = {} if method == "sample" else {"method": method}

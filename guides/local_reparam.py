@@ -4,9 +4,10 @@ zero-mean Gaussian prior in one autograd function.
 For weights ``w_ij ~ N(mu_ij, exp(2 rho_ij))`` and input ``h``, the pre-activation of example ``n``
 and unit ``i`` is ``N(m_ni, v_ni)`` with ``m = h mu^T + b_mu`` and ``v = h^2 exp(2 rho)^T + exp(2 b_rho)``;
 one draw ``m + sqrt(v) * eps`` per example replaces a weight draw. The function also returns
-``KL(q || N(0, s^2))`` summed over the layer. Its backward pass folds the KL's gradient into the
-matrix products (``addmm``) so that a training step costs two matrix products forward and two
-backward per layer, with few extra passes over the weights; of the draw it keeps ``eps / sd`` alone
+``KL(q || N(0, s^2))`` summed over the layer. Its backward pass adds the KL's gradient in place to
+the outputs of the matrix products (no other weight-sized temporary), so that a training step costs
+two matrix products forward and two backward per layer (four with the input's gradient), with few
+extra passes over the weights; of the draw it keeps ``eps / sd`` alone
 (``2 d loss / d v = g * eps / sd`` for the output gradient ``g``), whose factor 2 also cancels the
 one of ``d v / d h = 2 h var``.
 """
@@ -24,7 +25,7 @@ class LocalReparamDense(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, mu, rho, b_mu, b_rho, eps, prior_scale: float):
         inv_pv = 1.0 / (prior_scale * prior_scale)
-        var, b_var = torch.exp(2 * rho), torch.exp(2 * b_rho)
+        var, b_var = rho.mul(2).exp_(), b_rho.mul(2).exp_()
         h2 = h * h
         m = torch.addmm(b_mu, h, mu.t())
         sd = torch.addmm(b_var, h2, var.t()).sqrt_()
@@ -42,11 +43,12 @@ class LocalReparamDense(torch.autograd.Function):
         h, h2, mu, var, b_mu, b_var, eps_over_sd = ctx.saved_tensors
         c = ctx.inv_pv * g_kl  # the KL's weight in the loss times 1/s^2
         g_w = g_out * eps_over_sd  # 2 d loss / d v
-        d_mu = torch.addmm(mu * c, g_out.t(), h)
+        # in place on the products' outputs: a weight-sized temporary costs a pass over fresh memory
+        d_mu = torch.mm(g_out.t(), h).addcmul_(mu, c)
         d_b_mu = g_out.sum(0) + c * b_mu
         # d/d rho of [v-path + KL] = var (g_w^T h^2 + c) - g_kl
-        d_rho = torch.addmm(torch.zeros_like(var).add_(c), g_w.t(), h2).mul_(var).sub_(g_kl)
-        d_b_rho = (g_w.sum(0) + c).mul_(b_var).sub_(g_kl)
+        d_rho = torch.mm(g_w.t(), h2).add_(c).mul_(var).sub_(g_kl)
+        d_b_rho = g_w.sum(0).add_(c).mul_(b_var).sub_(g_kl)
         d_h = None
         if ctx.needs_input_grad[0]:
             d_h = torch.addcmul(g_out @ mu, h, g_w @ var)

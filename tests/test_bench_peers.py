@@ -147,22 +147,24 @@ def test_lenet5_task_builds_the_same_network_for_bnnzoo_and_the_peers():
 
 
 # ---- bnnzoo rows: one fit, a row per predictive ---------------------------------------------------------
-def test_bnnzoo_fit_gives_the_default_row_and_the_moment_rows(no_peers):
+def test_bnnzoo_fit_gives_the_default_row_and_a_row_per_other_predictive(no_peers):
     from benchmarks import bench_peers
 
     task = toy_task(bench_peers, epochs=1)
     task.bnnzoo_options = {"epochs": 1}
     methods = {"bnnzoo meanfield-vi": bench_peers.METHODS["bnnzoo meanfield-vi"]}
     result = bench_peers.run_suite(task, methods=methods, progress=False)
-    names = list(result["methods"])
-    assert names == ["plain Adam", "bnnzoo meanfield-vi", "bnnzoo meanfield-vi (moments)",
-                     "bnnzoo meanfield-vi (probit)"]
-    default, moments, probit = (result["methods"][n] for n in names[1:])
-    assert default["predict_method"] == "sample" and isinstance(default["predict_samples"], int)
-    assert default["predict_samples"] > 0
-    assert moments["predict_samples"] == probit["predict_samples"] == 0
-    assert probit["predict_method"] == "probit" and "closed form" in probit["predictive"]
-    for row in (default, moments, probit):
+    rows = result["methods"]
+    default = rows["bnnzoo meanfield-vi"]
+    chosen = default["calibration"]["predictive"]  # chosen on the fit's validation rows
+    assert default["predict_method"] == chosen
+    others = [m for m in ("sample", "moments", "probit") if m != chosen]
+    assert list(rows) == ["plain Adam", "bnnzoo meanfield-vi"] + [f"bnnzoo meanfield-vi ({m})" for m in others]
+    by_method = {chosen: default, **{m: rows[f"bnnzoo meanfield-vi ({m})"] for m in others}}
+    assert by_method["sample"]["predict_method"] == "sample" and by_method["sample"]["predict_samples"] > 0
+    assert by_method["moments"]["predict_samples"] == by_method["probit"]["predict_samples"] == 0
+    assert by_method["probit"]["predict_method"] == "probit" and "closed form" in by_method["probit"]["predictive"]
+    for row in by_method.values():
         assert "extra_rows" not in row and "calibration" in row
         assert 0 <= row["accuracy"] <= 1 and row["nll"] > 0
         assert row["fit_seconds_total"] > 0
@@ -170,8 +172,10 @@ def test_bnnzoo_fit_gives_the_default_row_and_the_moment_rows(no_peers):
         assert row["epoch_time_ratio"] == default["epoch_time_ratio"]  # the same fit's timings
         assert row["epoch_time_ratio_mean"] == default["epoch_time_ratio_mean"] > 0
     text = bench_peers.table(result)
-    assert "| bnnzoo meanfield-vi (probit) |" in text and "(closed form)" in text and "Adam epochs" in text
-    assert "bnnzoo meanfield-vi (moments): " in result["headline"]
+    probit_name = "bnnzoo meanfield-vi" if chosen == "probit" else "bnnzoo meanfield-vi (probit)"
+    assert f"| {probit_name} |" in text and "(probit, closed form)" in text and "Adam epochs" in text
+    assert "(moments, no weight draws)" in text
+    assert f"{others[0]}): " in result["headline"]
 
 
 class _StubPosterior:

@@ -19,7 +19,7 @@ from bnnzoo.guides.temperature_scaling import (
     fit_temperature,
     tempered_log_probs,
 )
-from bnnzoo.posterior import MOMENT_LOGIT_POINTS
+from bnnzoo.posterior import MOMENT_LOGIT_POINTS, PREDICTIVE_CANDIDATES, FitState
 
 
 def _labels_from(log_probs: torch.Tensor, temperature: float, seed: int) -> torch.Tensor:
@@ -132,6 +132,40 @@ def test_every_predictive_uses_the_temperature(mnist_small, overconfident):
     torch.testing.assert_close(calibrated.predict(x, method="probit").probs, tempered_log_probs(raw.log(), t).exp())
 
 
+def test_the_predictive_is_chosen_on_the_validation_rows_with_its_own_temperature(mnist_small, overconfident):
+    """select_temperature's rule on a fitted posterior standing for the validation copy: each
+    predictive it supports gets the temperature that maximises its held-out log density, and the
+    best tempered one wins; the calibrated fit records that choice and predicts with it by default
+    (an integer num_samples asks for draws)."""
+    calibrated, plain = overconfident
+    x_val, y_val = mnist_small.x_test[:300], mnist_small.y_test[:300]
+    record = calibrated._twin_temperature(plain, x_val, y_val)
+    assert [c["method"] for c in record["candidates"]] == list(PREDICTIVE_CANDIDATES) == plain.predict_methods()
+    for candidate in record["candidates"]:
+        log_probs = plain.predict(x_val, seed=0, method=candidate["method"]).probs.log()
+        t = fit_temperature(log_probs, y_val)
+        assert candidate["temperature"] == pytest.approx(t)
+        tempered = tempered_log_probs(log_probs, t).gather(-1, y_val.unsqueeze(-1)).mean()
+        assert candidate["validation_log_likelihood"] == pytest.approx(float(tempered), rel=1e-6)
+    best = max(record["candidates"], key=lambda c: c["validation_log_likelihood"])
+    assert (record["predictive"], record["temperature"]) == (best["method"], best["temperature"])
+    assert record["num_samples"] == (0 if best["method"] != "sample" else plain.predict(x_val, seed=0).num_samples)
+
+    chosen = calibrated.fit_state.calibration
+    assert chosen["predictive"] in PREDICTIVE_CANDIDATES and len(chosen["candidates"]) == 3
+    x = mnist_small.x_test[:40]
+    auto = calibrated.predict(x)
+    assert auto.method == chosen["predictive"] == calibrated.fit_state.predictive_method
+    torch.testing.assert_close(auto.probs, calibrated.predict(x, method=chosen["predictive"]).probs)
+    assert calibrated.predict(x, num_samples=5).method == "sample"
+    # uncalibrated fits, and runs saved before the choice was recorded, predict by draws
+    assert plain.predict(x).method == "sample"
+    old = {k: v for k, v in chosen.items() if k not in ("predictive", "candidates")}
+    assert FitState.from_dict({"temperature": 1.0, "pruning": [], "calibration": old}).predictive_method == "sample"
+    with pytest.raises(ConfigError, match="'auto'"):
+        calibrated.predict(x, method="mean")
+
+
 def _draws(posterior, n):
     """The weight draws of the posterior's predictive with seed 0 (as _output_draws takes them)."""
     with torch.random.fork_rng():
@@ -205,6 +239,9 @@ def test_em_tdamp_classification_can_be_calibrated_too(mnist_small):
     post = bnnzoo.fit("em-tdamp", mnist_small, network={"arch": "mlp", "hidden": [20]}, epochs=2, device="cpu",
                       progress=False, seed=0, validation_fraction=0.2, calibrate=True, select_epochs=False)
     assert post.predictive_temperature != 1.0
+    record = post.fit_state.calibration  # no moment predictive for its probit product: draws
+    assert post.predict_methods() == ["sample"] and record["predictive"] == "sample"
+    assert [c["method"] for c in record["candidates"]] == ["sample"]
     x, y = mnist_small.x_test[:40], mnist_small.y_test[:40]
     probs = post.predict(x, num_samples=5).probs
     torch.testing.assert_close(probs.sum(-1), torch.ones(40))

@@ -45,9 +45,11 @@ num_samples_option = click.option(
 
 #: the ``--method`` option of the commands that report test metrics (``Posterior.predict``'s ``method``)
 predict_method_option = click.option(
-    "--method", "method", type=click.Choice(["sample", "moments", "probit"]), default="sample", show_default=True,
-    help="the predictive: posterior draws (sample), or without draws by moment propagation (moments; probit: "
-         "the probit approximation of the softmax) where the posterior supports it")
+    "--method", "method", type=click.Choice(["auto", "sample", "moments", "probit"]), default="auto", show_default=True,
+    help="the predictive: the one the fit chose on its validation rows (auto; posterior draws unless a "
+         "calibrated classification fit chose another, or with a number of --num-samples), posterior draws "
+         "(sample), or without draws by moment propagation (moments; probit: the probit approximation of the "
+         "softmax) where the posterior supports it")
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict:
@@ -126,7 +128,7 @@ def print_metrics(metrics: dict) -> None:
         click.echo(f"  {key:>28s}: {value:.4f}" if isinstance(value, float) else f"  {key:>28s}: {value}")
 
 
-def run_metrics(posterior, dataset, num_samples: int | str, method: str = "sample") -> dict:
+def run_metrics(posterior, dataset, num_samples: int | str, method: str = "auto") -> dict:
     """``posterior.evaluate`` on ``dataset``'s test split with ``num_samples`` draws (or by
     ``method``, :meth:`~bnnzoo.posterior.Posterior.predict`), plus the posterior's pruned fractions
     and kept architecture (:data:`SPARSITY_KEYS`). A posterior without the asked-for predictive is a
@@ -134,7 +136,7 @@ def run_metrics(posterior, dataset, num_samples: int | str, method: str = "sampl
     try:
         metrics = posterior.evaluate(dataset.x_test, dataset.y_test, num_samples=num_samples, method=method)
     except TypeError as err:  # the moment-propagated predictive does not apply to this posterior
-        if method == "sample":
+        if method in ("auto", "sample"):  # "auto" only picks a predictive the posterior supports
             raise
         raise click.ClickException(f"--method {method}: {err}") from None
     sp = posterior.sparsity()

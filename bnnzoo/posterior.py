@@ -550,14 +550,19 @@ class Posterior(ABC):
         :data:`PREDICTIVE_CANDIDATES` (``"probit"`` and ``"moments"`` where the moment propagation
         applies, :meth:`predict_methods`; always ``"sample"``, with the draws ``num_samples="auto"``
         takes; fixed seed), predicts the held-out rows; its temperature ``T`` maximises their mean
-        log density of ``softmax(log p / T)``, and the predictive with the highest tempered density
-        is chosen (first of equals: the cheaper). Every later prediction with ``method="auto"`` (the
+        log density of ``softmax(log p / T)``, and the cheapest predictive whose tempered density is
+        within one standard error of the highest one's is chosen (the one-standard-error rule: the
+        best one's lead over it, averaged over the rows, at most its standard error over the rows;
+        the probit and moment predictives often agree with the draws to a few 1e-5 nats, where only
+        the noise of the held-out rows could prefer one). Every later prediction with ``method="auto"`` (the
         default) is made by that predictive at that temperature, so the temperature is fitted to
         the predictive it tempers. Returns ``{"predictive", "temperature", "validation_fraction",
         "validation_rows", "num_samples", "validation_log_likelihood", "candidates"}``
         (``num_samples``: the chosen predictive's draws, 0 for the moment methods;
         ``validation_log_likelihood``: its held-out mean log density untempered, then tempered;
-        ``candidates``: each predictive's ``method``, ``temperature`` and tempered density)."""
+        ``candidates``: each predictive's ``method``, ``temperature``, tempered density
+        ``validation_log_likelihood``, and the best one's lead over it, ``best_lead``, with that
+        lead's standard error ``best_lead_se``)."""
         if self.task != "classification":
             raise ConfigError(f"{self.name}: a predictive temperature is for classification, not {self.task}")
         x, y = self.validate(x, y, "training data")
@@ -586,10 +591,17 @@ class Posterior(ABC):
                          "pointwise": pointwise[1],
                          "validation_log_likelihood": {"untempered": float(pointwise[0].mean()),
                                                        "tempered": float(pointwise[1].mean())}})
-        winner = max(runs, key=lambda r: r["validation_log_likelihood"]["tempered"])  # first of equals
+        best = max(runs, key=lambda r: r["validation_log_likelihood"]["tempered"])
+        for run in runs:  # the best's lead over each, and its standard error (paired over the rows)
+            lead = (best["pointwise"] - run["pointwise"]).double()
+            run["lead"] = float(lead.mean())
+            run["lead_se"] = float(lead.std() / math.sqrt(len(lead))) if len(lead) > 1 else 0.0
+        winner = next(r for r in runs if r["lead"] <= r["lead_se"])  # the cheapest within one SE
         candidates = [{"method": r["predictive"], "temperature": r["temperature"],
-                       "validation_log_likelihood": r["validation_log_likelihood"]["tempered"]} for r in runs]
-        return {**winner, "candidates": candidates}
+                       "validation_log_likelihood": r["validation_log_likelihood"]["tempered"],
+                       "best_lead": r["lead"], "best_lead_se": r["lead_se"]} for r in runs]
+        record = {k: v for k, v in winner.items() if k not in ("lead", "lead_se")}
+        return {**record, "candidates": candidates}
 
     def predict_methods(self) -> list[str]:
         """The predictives this posterior supports, in the order of :data:`PREDICTIVE_CANDIDATES`:

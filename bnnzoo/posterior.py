@@ -823,7 +823,7 @@ class Posterior(ABC):
         for i in torch.randperm(len(stored), generator=generator).tolist():
             yield self._forward(x, stored[i], chunk_size)
 
-    def _predict_method(self, method: str, num_samples) -> str:
+    def resolve_predictive(self, method: str = "auto", num_samples: int | str = "auto") -> str:
         """The prediction method ``method`` names, checked: ``"auto"`` is the predictive the fit
         chose (:attr:`FitState.predictive_method`), or ``"sample"`` when a number of draws is asked
         for; raise unless it is one of :data:`PREDICT_METHODS` and, for the moment methods, this
@@ -920,7 +920,7 @@ class Posterior(ABC):
         not used and ``return_samples`` is refused by both.
         """
         self._require_fitted()
-        method = self._predict_method(method, num_samples)
+        method = self.resolve_predictive(method, num_samples)
         x, _ = self.validate(x, None, "inputs")
         x = self.standardizer.x(x.to(self.device))
         if method != "sample":
@@ -978,7 +978,7 @@ class Posterior(ABC):
         propagated mean and variance plus the noise; classification, the log of the predicted
         probability of the observed class."""
         self._require_fitted()
-        method = self._predict_method(method, num_samples)
+        method = self.resolve_predictive(method, num_samples)
         x, y = self.validate(x, y, "test data")
         x = self.standardizer.x(x.to(self.device))
         y = self.standardizer.y(y.to(self.device))
@@ -1014,7 +1014,7 @@ class Posterior(ABC):
         Classification: ``accuracy``, ``nll``, ``ece`` (15 bins), ``brier``. ``num_samples="auto"``
         and ``method`` as in :meth:`predict`."""
         self._require_fitted()
-        method = self._predict_method(method, num_samples)
+        method = self.resolve_predictive(method, num_samples)
         _, y = self.validate(x, y, "test data")  # bad labels fail before any prediction is made
         # the new options are passed only when used: an entry's own predict keeps its signature
         extra = {} if method == "sample" else {"method": method}

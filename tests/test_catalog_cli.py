@@ -195,8 +195,11 @@ def test_cli_evaluate_by_moments(cli_run, tmp_path):
     expected = posterior.evaluate(data.x_test, data.y_test, method="moments")
     result = CliRunner().invoke(main, ["evaluate", str(out), "--method", "moments"])
     assert result.exit_code == 0, result.output
-    assert float(_printed_metrics(result.output)["log_likelihood"]) == pytest.approx(expected["log_likelihood"],
-                                                                                       abs=1e-4)
+    printed = _printed_metrics(result.output)
+    assert float(printed["log_likelihood"]) == pytest.approx(expected["log_likelihood"], abs=1e-4)
+    assert printed["predictive"] == "moments"
+    result = CliRunner().invoke(main, ["evaluate", str(out)])  # an uncalibrated regression fit: draws
+    assert result.exit_code == 0 and _printed_metrics(result.output)["predictive"] == "sample"
     result = CliRunner().invoke(main, ["evaluate", str(out), "--method", "closed"])
     assert result.exit_code == 2 and "closed" in result.output
     tdamp = tmp_path / "tdamp"

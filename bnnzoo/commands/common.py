@@ -131,7 +131,7 @@ def print_metrics(metrics: dict) -> None:
 def run_metrics(posterior, dataset, num_samples: int | str, method: str = "auto") -> dict:
     """``posterior.evaluate`` on ``dataset``'s test split with ``num_samples`` draws (or by
     ``method``, :meth:`~bnnzoo.posterior.Posterior.predict`), plus the posterior's pruned fractions
-    and kept architecture (:data:`SPARSITY_KEYS`). A posterior without the asked-for predictive is a
+    and kept architecture (:data:`SPARSITY_KEYS`) and the predictive used (``"predictive"``). A posterior without the asked-for predictive is a
     command-line error naming why."""
     try:
         metrics = posterior.evaluate(dataset.x_test, dataset.y_test, num_samples=num_samples, method=method)
@@ -141,4 +141,5 @@ def run_metrics(posterior, dataset, num_samples: int | str, method: str = "auto"
         raise click.ClickException(f"--method {method}: {err}") from None
     sp = posterior.sparsity()
     metrics.update({key: sp[key] for key in SPARSITY_KEYS})
+    metrics["predictive"] = posterior.resolve_predictive(method, num_samples)
     return metrics

@@ -443,16 +443,14 @@ class Posterior(ABC):
         A regression point estimate (``map``) is scored with the noise at its held-out maximum
         likelihood: a point estimate's learned noise follows the training residuals down, so its
         held-out log density falls while its held-out fit still improves. Each epoch's score is
-        ``-log(2 pi e m) / 2``, ``m`` the held-out mean squared error (original units), pooled over
-        ``K`` folds that cover every training row, one copy fitted per fold
-        (:meth:`_pooled_fold_curve`); the chosen epoch's ``sqrt(m)`` is recorded as
-        ``"noise_scale"``: the fit on all rows predicts with that noise scale (estimated on rows the
-        copies did not see) in place of its own.
+        ``-log(2 pi e m) / 2``, ``m`` the held-out mean squared error (original units), and the
+        chosen epoch's ``sqrt(m)`` is recorded as ``"noise_scale"``: the fit on all rows predicts
+        with that noise scale (estimated on rows the copy did not see) in place of its own.
 
         Returns ``{"epochs", "batch_size", "max_epochs", "validation_fraction", "patience",
         "validation_rows", "validation_log_likelihood"}`` (the winner's score after each epoch run),
-        ``"noise_scale"``, ``"folds"`` and ``"fold_epochs"`` (regression point estimates) and, when
-        sizes were compared, ``"candidates"`` (per size: its best epoch and score)."""
+        ``"noise_scale"`` (regression point estimates) and, when sizes were compared,
+        ``"candidates"`` (per size: its best epoch and score)."""
         train = self.config["train"]
         patience = int(train.get("patience", 20))
         max_epochs = int(train["epochs"])
@@ -471,14 +469,18 @@ class Posterior(ABC):
                      if b == largest or (n - n_val) / b <= self.MAX_SELECTED_BATCHES_PER_PASS]
         runs = []
         for size in sizes:
-            if held_out_noise:
-                runs.append(self._pooled_fold_curve(x, y, size, patience, progress))
-                continue
             twin = self._validation_twin(batch_size=size)
             scores: list[float] = []
+            noises: list[float] = []
 
-            def monitor(epoch: int, loss: float, twin=twin, scores=scores) -> None:
-                scores.append(float(twin.log_likelihood(x_val, y_val, num_samples=draws, seed=0).mean()))
+            def monitor(epoch: int, loss: float, twin=twin, scores=scores, noises=noises) -> None:
+                if held_out_noise:
+                    mean = twin.predict(x_val, num_samples=1, seed=0).mean
+                    mse = max(float((y_val.to(mean.device) - mean).pow(2).mean()), torch.finfo(mean.dtype).tiny)
+                    noises.append(math.sqrt(mse))
+                    scores.append(-0.5 * math.log(2 * math.pi * math.e * mse))
+                else:
+                    scores.append(float(twin.log_likelihood(x_val, y_val, num_samples=draws, seed=0).mean()))
                 best = max(range(len(scores)), key=scores.__getitem__)
                 if len(scores) - 1 - best >= patience:
                     raise _SelectionDone
@@ -491,70 +493,16 @@ class Posterior(ABC):
                 raise RuntimeError(f"{self.name}: the epoch selection fit ran no epoch")
             best = max(range(len(scores)), key=scores.__getitem__)
             runs.append({"batch_size": size, "epochs": best + 1, "score": scores[best], "scores": scores,
-                         "noise_scale": None})
+                         "noise_scale": noises[best] if noises else None})
         winner = max(runs, key=lambda r: r["score"])  # first of equals: the larger size
         out = {"epochs": winner["epochs"], "batch_size": winner["batch_size"], "max_epochs": max_epochs,
                "validation_fraction": fraction, "patience": patience, "validation_rows": n_val,
                "validation_log_likelihood": winner["scores"]}
         if winner["noise_scale"] is not None:
-            out.update({k: winner[k] for k in ("noise_scale", "folds", "fold_epochs")})
+            out["noise_scale"] = winner["noise_scale"]
         if len(runs) > 1:
             out["candidates"] = [{k: r[k] for k in ("batch_size", "epochs", "score")} for r in runs]
         return out
-
-    def _pooled_fold_curve(self, x, y, batch_size: int, patience: int, progress: bool) -> dict[str, Any]:
-        """:meth:`select_epochs` for a regression point estimate at minibatch size ``batch_size``:
-        the epochs and the noise scale from the held-out errors of every training row.
-
-        The rule (the same on any data): the fixed permutation (seed 0) of the ``n`` rows ``(x, y)``
-        (raw units) is cut into ``K = max(2, round(1 / validation_fraction))`` consecutive folds of
-        the validation part's size (the first is the validation part, the last takes the rest).
-        For each fold a copy of this posterior, as created, is fitted on the other rows; after every
-        epoch the squared errors of its predictions on the fold are summed, and the copy stops once
-        ``patience`` epochs have passed without a lower sum. Over the epochs every copy ran, the
-        pooled mean squared error ``m_e`` (all ``n`` rows, each predicted by the copy that did not
-        see it) gives the score ``-log(2 pi e m_e) / 2``; the chosen number of epochs is the best,
-        and its ``sqrt(m_e)`` the noise scale.
-
-        Returns ``{"batch_size", "epochs", "score", "scores", "noise_scale", "folds", "fold_epochs"}``
-        (``scores``: the pooled score after each epoch; ``fold_epochs``: the epochs each copy ran)."""
-        n = len(x)
-        fraction, _, val_rows = self._validation_split(n)
-        n_val = len(val_rows)
-        folds = max(2, round(1 / fraction))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-        bounds = [k * n_val for k in range(folds)] + [n]
-        curves: list[list[float]] = []
-        for k in range(folds):
-            rows = order[bounds[k]:bounds[k + 1]]
-            if len(rows) == 0:
-                continue
-            rest = torch.cat([order[:bounds[k]], order[bounds[k + 1]:]])
-            twin = self._validation_twin(batch_size=batch_size)
-            x_fold, y_fold = x[rows], y[rows]
-            sums: list[float] = []
-
-            def monitor(epoch: int, loss: float, twin=twin, x_fold=x_fold, y_fold=y_fold, sums=sums) -> None:
-                mean = twin.predict(x_fold, num_samples=1, seed=0).mean
-                sums.append(float((y_fold.to(mean.device) - mean).pow(2).sum()))
-                best = min(range(len(sums)), key=sums.__getitem__)
-                if len(sums) - 1 - best >= patience:
-                    raise _SelectionDone
-
-            try:
-                self._fit_twin(twin, x[rest], y[rest], progress, monitor)
-            except _SelectionDone:
-                pass
-            if not sums:
-                raise RuntimeError(f"{self.name}: the epoch selection fit ran no epoch")
-            curves.append(sums)
-        common = min(len(c) for c in curves)
-        tiny = torch.finfo(torch.float32).tiny
-        mse = [max(sum(c[e] for c in curves) / n, tiny) for e in range(common)]
-        scores = [-0.5 * math.log(2 * math.pi * math.e * m) for m in mse]
-        best = max(range(common), key=scores.__getitem__)
-        return {"batch_size": batch_size, "epochs": best + 1, "score": scores[best], "scores": scores,
-                "noise_scale": math.sqrt(mse[best]), "folds": len(curves), "fold_epochs": [len(c) for c in curves]}
 
     def _validation_split(self, n: int) -> tuple[float, torch.Tensor, torch.Tensor]:
         """``(fraction, fit_rows, validation_rows)`` of ``n`` training rows: the first

@@ -73,7 +73,8 @@ MOMENT_LOGIT_POINTS = 128
 #: draws of the logits' Gaussian), moment propagation with the probit approximation of the softmax
 PREDICT_METHODS = ("sample", "moments", "probit")
 #: the order in which a calibrated fit compares the predictives it supports on its validation rows
-#: (:meth:`Posterior.select_temperature`): cheapest first, which wins a tie
+#: (:meth:`Posterior.select_temperature`), cheapest first: the first within one standard error of
+#: the best is chosen
 PREDICTIVE_CANDIDATES = ("probit", "moments", "sample")
 
 
@@ -336,7 +337,8 @@ class Posterior(ABC):
         - ``train.calibrate`` (classification, default off): the predictive and its temperature
           ``T`` (:meth:`select_temperature`): a copy fitted on the other rows, as this one is
           fitted; each predictive it supports (probit, moments, draws) with the ``T`` that
-          maximises its held-out log density, and the one whose tempered density is highest.
+          maximises its held-out log density, and the cheapest whose tempered density is within
+          one standard error of the highest.
           Recorded in ``fit_state.calibration``; every prediction gives the class probabilities
           ``softmax(log p / T)`` of the posterior predictive ``p`` (:attr:`predictive_temperature`),
           made by the chosen predictive unless another ``method`` is asked for.
@@ -552,11 +554,9 @@ class Posterior(ABC):
         takes; fixed seed), predicts the held-out rows; its temperature ``T`` maximises their mean
         log density of ``softmax(log p / T)``, and the cheapest predictive whose tempered density is
         within one standard error of the highest one's is chosen (the one-standard-error rule: the
-        best one's lead over it, averaged over the rows, at most its standard error over the rows;
-        the probit and moment predictives often agree with the draws to a few 1e-5 nats, where only
-        the noise of the held-out rows could prefer one). Every later prediction with ``method="auto"`` (the
-        default) is made by that predictive at that temperature, so the temperature is fitted to
-        the predictive it tempers. Returns ``{"predictive", "temperature", "validation_fraction",
+        best one's lead over it, averaged over the rows, at most its standard error over the rows).
+        Every later prediction with ``method="auto"`` (the default) is made by that predictive at
+        that temperature, so the temperature is fitted to the predictive it tempers. Returns ``{"predictive", "temperature", "validation_fraction",
         "validation_rows", "num_samples", "validation_log_likelihood", "candidates"}``
         (``num_samples``: the chosen predictive's draws, 0 for the moment methods;
         ``validation_log_likelihood``: its held-out mean log density untempered, then tempered;

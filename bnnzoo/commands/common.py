@@ -131,8 +131,8 @@ def print_metrics(metrics: dict) -> None:
 def run_metrics(posterior, dataset, num_samples: int | str, method: str = "auto") -> dict:
     """``posterior.evaluate`` on ``dataset``'s test split with ``num_samples`` draws (or by
     ``method``, :meth:`~bnnzoo.posterior.Posterior.predict`), plus the posterior's pruned fractions
-    and kept architecture (:data:`SPARSITY_KEYS`) and the predictive used (``"predictive"``). A posterior without the asked-for predictive is a
-    command-line error naming why."""
+    and kept architecture (:data:`SPARSITY_KEYS`) and the predictive used (``"predictive"``). A
+    posterior without the asked-for predictive is a command-line error naming why."""
     try:
         metrics = posterior.evaluate(dataset.x_test, dataset.y_test, num_samples=num_samples, method=method)
     except TypeError as err:  # the moment-propagated predictive does not apply to this posterior

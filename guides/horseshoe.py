@@ -41,7 +41,6 @@ The output layer's Gaussian parameters are stored in the same units (``w = mu / 
 from __future__ import annotations
 
 import math
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -65,51 +64,17 @@ from .tempered_elbo import untempered_variance
 from .weight_guide import PRUNED_SCALE, WeightGuide
 
 _QUADRATURE_POINTS = 40  # Gauss-Hermite points per Gaussian dimension for E_q[f(s_k)]
-#: The scale block's constant matrices are dense up to this many entries, sparse (CSR) beyond.
-DENSE_STEP_MATRIX = 2**16
 #: Dense ReLU networks up to this many weights (unpruned) take the one-node training step of
 #: :class:`~bnnzoo.guides.horseshoe_mlp.HorseshoeMLP`; larger ones the per-layer nodes.
 FUSED_NETWORK_MAX_WEIGHTS = 2**14
 
 
-def _step_matrix(rows: torch.Tensor, cols: torch.Tensor, value: float, shape: tuple[int, int],
-                 like: torch.Tensor) -> torch.Tensor:
-    """The scale block's matrix with ``value`` at ``(rows, cols)`` and zeros elsewhere (two non-zeros
-    per row at most), for the matrix-vector products of a training step, in ``like``'s dtype and on
-    its device: dense up to ``DENSE_STEP_MATRIX`` entries, sparse CSR beyond, built from its
-    entries without a dense copy (a vision transformer's few thousand groups would make each dense
-    matrix hundreds of megabytes)."""
-    values = torch.full((len(rows),), value, dtype=like.dtype, device=like.device)
-    index = torch.stack([rows, cols]).to(like.device)
-    coo = torch.sparse_coo_tensor(index, values, shape, check_invariants=True).coalesce()
-    if shape[0] * shape[1] <= DENSE_STEP_MATRIX:
-        return coo.to_dense()
-    with warnings.catch_warnings():  # torch flags its sparse CSR layout as beta
-        warnings.simplefilter("ignore", UserWarning)
-        return coo.to_sparse_csr()
-
-
-def scale_block_entries(sizes: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, tuple[int, int]]]:
-    """The non-zero entries of the scale block's constant matrices for hidden layers of ``sizes``
-    groups (``L`` layers, ``G`` groups, ``W = L + G``), as ``(rows, cols, value, shape)``:
-
-    * ``Q`` (``(W + L, 2 W + L)``, ones): the ``W + L`` Gaussians ``ln tau^2``, ``ln lambda^2``,
-      ``ln c^2`` from the LogNormal factors' parameters ``[tau_a, lambda_a | tau_b, lambda_b | c^2]``;
-    * ``S`` (``(2 G, W + L)``, halves): ``(ln tau^2 + ln lambda_k^2) / 2`` and ``ln c^2 / 2`` of
-      every group from the draws of those;
-
-    and their transposes ``Qt`` and ``St``."""
-    n_layers, n_groups = len(sizes), sum(sizes)
-    width = n_layers + n_groups
-    idx, layers, groups = torch.arange(width), torch.arange(n_layers), torch.arange(n_groups)
-    q_rows = torch.cat([idx, idx, width + layers])
-    q_cols = torch.cat([idx, width + idx, 2 * width + layers])
-    layer_of = torch.repeat_interleave(layers, torch.tensor(sizes, dtype=torch.long))
-    s_rows = torch.cat([groups, groups, n_groups + groups])
-    s_cols = torch.cat([layer_of, n_layers + groups, width + layer_of])
-    q_shape, s_shape = (width + n_layers, 2 * width + n_layers), (2 * n_groups, width + n_layers)
-    return {"Q": (q_rows, q_cols, 1.0, q_shape), "Qt": (q_cols, q_rows, 1.0, q_shape[::-1]),
-            "S": (s_rows, s_cols, 0.5, s_shape), "St": (s_cols, s_rows, 0.5, s_shape[::-1])}
+def layer_spread(sizes: list[int], like: torch.Tensor) -> torch.Tensor:
+    """The ``(G, L)`` 0/1 matrix whose row ``k`` marks the hidden layer of group ``k``, for hidden
+    layers of ``sizes`` groups, in ``like``'s dtype and on its device: the scale block spreads each
+    layer's draw over its groups with it (:mod:`~bnnzoo.guides.horseshoe_scales`)."""
+    layer_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+    return torch.nn.functional.one_hot(layer_of, len(sizes)).to(dtype=like.dtype, device=like.device)
 
 
 def gaussian_kl(loc: torch.Tensor, log_scale: torch.Tensor, prior_scale: float,
@@ -199,7 +164,7 @@ class HorseshoeGuide(WeightGuide):
         rate[2 * width:] = slab_b
         sign = torch.cat([-torch.ones(width), torch.ones(width + n_layers)])
         const = (torch.lgamma(shape) - shape * rate.log()).sum() - size * 0.5 * math.log(2 * math.pi * math.e)
-        # the constant matrices Q and S of the scale block: scale_block_entries, built by step_plan
+        # the group-to-layer matrix of the scale block: layer_spread, built by step_plan
         for name, value in (("scale_sign", sign), ("scale_shape_sign", shape * sign), ("scale_rate", rate),
                             ("kl_const", torch.tensor(float(const))),
                             ("gain", torch.tensor(self.scale_gain)), ("one_half", torch.tensor(0.5)),
@@ -447,7 +412,7 @@ class HorseshoeGuide(WeightGuide):
         return torch.addcmul(mean, sd, example_noise(mean.shape, device=mean.device, dtype=mean.dtype)), kl
 
     def __getstate__(self):
-        # copies and pickles rebuild the cached references on first use (sparse tensors do not copy)
+        # copies and pickles rebuild the cached references on first use
         return {**super().__getstate__(), "_fast": None}
 
     def set_masks(self, masks) -> None:
@@ -506,19 +471,18 @@ class HorseshoeGuide(WeightGuide):
     def step_plan(self) -> SimpleNamespace:
         """The references every training step uses, gathered once and cached (module attribute
         lookups are slow next to the small tensor operations of a small network's step):
-        ``scales`` (the scale block's constant matrices, dense up to :data:`DENSE_STEP_MATRIX`
-        entries, sparse CSR beyond), ``layers`` (per layer its Gaussian parameters and prior
+        ``scales`` (the scale block's constants: :class:`~bnnzoo.guides.horseshoe_scales.HorseshoeScales`), ``layers`` (per layer its Gaussian parameters and prior
         scale), ``params``, ``output_units``, ``sizes`` (groups per hidden layer), ``pruned`` and
         ``mlp`` (the plan of :class:`~bnnzoo.guides.horseshoe_mlp.HorseshoeMLP`, or ``None`` where
         the one-node step does not apply)."""
         if getattr(self, "_fast", None) is None:
             sizes = [b - a for a, b in zip(self.group_offsets[:-1], self.group_offsets[1:])]
-            matrices = {key: _step_matrix(*entries, like=self.scale_sign)
-                        for key, entries in scale_block_entries(sizes).items()}
+            spread = layer_spread(sizes, like=self.scale_sign)
             scales = SimpleNamespace(gain=self.gain, half=self.one_half, minus_one=self.minus_one,
                                      kl_const=self.kl_const, sign=self.scale_sign, shape_sign=self.scale_shape_sign,
                                      log_rate=self.scale_rate.log(),  # in the buffers' dtype (ln 6 is not a float32)
-                                     **matrices)
+                                     spread=spread, spread_t=spread.t().contiguous(),
+                                     width=self.scale_width, n_layers=len(sizes))
             names = [layer.name for layer in self.net.param_layers]
             layers = {name: (self.locs[name]["weight"], self.log_scales[name]["weight"], self.locs[name]["bias"],
                              self.log_scales[name]["bias"], self._prior_scale(name)) for name in names}

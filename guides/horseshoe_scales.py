@@ -14,10 +14,13 @@ handful of vector operations.
 
 A draw: ``ln tau^2 = ln tau_a + ln tau_b ~ N(m_a + m_b, r_a^2 + r_b^2)`` per layer, likewise
 ``ln lambda_k^2`` per group, and ``ln c^2`` per layer: the means and variances of these ``L + G + L``
-Gaussians are ``Q m`` and ``Q r^2`` for a fixed 0/1 matrix ``Q``. Then, with
-``x = S z = ((ln tau^2 + ln lambda_k^2) / 2, ln c^2 / 2)`` per group (``S`` spreads each layer's
-draw over its groups), ``ln s_k = x_u - softplus_2(x_u - x_c)`` with ``softplus_2(d) = ln(1 + e^(2d)) / 2``:
-the regularised horseshoe ``s^2 = c^2 u / (c^2 + u)``, ``u = tau^2 lambda_k^2``.
+Gaussians are the sums of the two halves' first ``L + G`` entries, then the slabs' own. Then, with
+``x_u = (ln tau^2_l(k) + ln lambda_k^2) / 2`` and ``x_c = ln c^2_l(k) / 2`` per group (``l(k)`` the
+layer of group ``k``: a product with the ``(G, L)`` 0/1 matrix ``P`` that spreads each layer's draw
+over its groups), ``ln s_k = x_u - softplus_2(x_u - x_c)`` with ``softplus_2(d) = ln(1 + e^(2d)) / 2``:
+the regularised horseshoe ``s^2 = c^2 u / (c^2 + u)``, ``u = tau^2 lambda_k^2``. The backward pass
+reverses these: the halves' gradients are the sums' gradient repeated, and a layer's is ``P^T``
+times its groups'.
 
 Written as autograd of the elementwise formulas, this block records some thirty autograd nodes per
 training step, and their overhead dominates the step of a small network; here the backward pass is
@@ -41,9 +44,13 @@ def scales_forward(params, eps, const):
     rate_moment = torch.exp(torch.addcmul(const.log_rate, const.sign, m, value=-1.0).addcmul_(var, const.half))
     kl = torch.addcmul(rate_moment, const.shape_sign, m).sub_(log_sd).sum() + const.kl_const
     # one draw of ln tau^2 (per layer), ln lambda^2 (per group) and ln c^2 (per layer), spread over the groups
-    sd = torch.mv(const.Q, var).sqrt_()
-    z = torch.addcmul(torch.mv(const.Q, m), sd, eps)
-    x_u, x_c = torch.mv(const.S, z).view(2, -1).unbind(0)
+    width, n_layers = const.width, const.n_layers
+    sd = torch.cat([var[:width] + var[width:2 * width], var[2 * width:]]).sqrt_()
+    z = torch.cat([m[:width] + m[width:2 * width], m[2 * width:]]).addcmul_(sd, eps)
+    # (G, L) @ (L, 2): every group's ln tau^2 and ln c^2
+    layer_draws = torch.mm(const.spread, torch.stack([z[:n_layers], z[width:]], 1))
+    x_u = torch.add(layer_draws[:, 0], z[n_layers:width]).mul_(0.5)
+    x_c = layer_draws[:, 1].mul(0.5)
     d = x_u - x_c
     s = torch.exp(x_u - F.softplus(d, beta=2.0))
     return s, kl, (var, rate_moment, sd, eps, d, s)
@@ -55,10 +62,16 @@ def scales_backward(saved, const, g_s, g_kl):
     var, rate_moment, sd, eps, d, s = saved
     g_log_s = g_s * s
     g_c = g_log_s * torch.sigmoid(d + d)  # d ln s / d x_c = sigmoid(2 d), d ln s / d x_u = 1 - sigmoid(2 d)
-    g_z = torch.mv(const.St, torch.cat([g_log_s - g_c, g_c]))
-    # z = Q m + sqrt(Q var) eps; the KL's terms folded in
-    g_m = torch.addcmul(const.shape_sign, const.sign, rate_moment, value=-1.0).mul_(g_kl).add_(torch.mv(const.Qt, g_z))
-    g_var_draw = torch.mv(const.Qt, torch.mul(g_z, eps).div_(sd))  # twice d loss / d var (draw)
+    g_u = (g_log_s - g_c).mul_(0.5)  # d loss / d ln lambda_k^2
+    g_layers = torch.mm(const.spread_t, torch.stack([g_u, g_c.mul_(0.5)], 1))  # (L, 2): ln tau^2, ln c^2
+    g_z = torch.cat([g_layers[:, 0], g_u, g_layers[:, 1]])
+    width = const.width
+    g_sum = g_z[:width]
+    # z = (m_a + m_b, m_c) + sqrt(var_a + var_b, var_c) eps: each half gets the sum's gradient; the KL's terms folded in
+    g_draw = torch.cat([g_sum, g_sum, g_z[width:]])
+    g_m = torch.addcmul(const.shape_sign, const.sign, rate_moment, value=-1.0).mul_(g_kl).add_(g_draw)
+    g_var = torch.mul(g_z, eps).div_(sd)
+    g_var_draw = torch.cat([g_var[:width], g_var[:width], g_var[width:]])  # twice d loss / d var (draw)
     g_log_sd = torch.addcmul(const.minus_one, rate_moment, var).mul_(g_kl).addcmul_(var, g_var_draw)
     return torch.stack([g_m.mul_(const.gain), g_log_sd])
 
@@ -71,8 +84,9 @@ class HorseshoeScales(torch.autograd.Function):
     normal of shape ``(L + G + L,)`` (the ``ln tau^2``, ``ln lambda^2`` and ``ln c^2`` draws).
     ``const`` carries the prior's constants as tensors on the parameters' device
     (:class:`~bnnzoo.guides.HorseshoeGuide` builds it): ``gain``, ``half``, ``minus_one`` and
-    ``kl_const`` (0-d), ``sign``, ``shape_sign`` and ``log_rate`` (``(V,)``), ``Q`` (``(L + G + L, V)``),
-    ``S`` (``(2 G, L + G + L)``) and their transposes ``Qt``, ``St``. Returns ``s`` of shape
+    ``kl_const`` (0-d), ``sign``, ``shape_sign`` and ``log_rate`` (``(V,)``), ``spread`` (the
+    ``(G, L)`` 0/1 matrix of each group's layer) and its transpose ``spread_t``, and the integers
+    ``width`` (``L + G``) and ``n_layers`` (``L``). Returns ``s`` of shape
     ``(G,)`` and the summed KL of every scale variable.
     """
 

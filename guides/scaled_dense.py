@@ -26,10 +26,10 @@ class ScaledLocalReparamDense(torch.autograd.Function):
     def forward(ctx, h, mu, rho, b_mu, b_rho, s, eps, prior_scale: float):
         # scalars enter as ``alpha`` arguments or 0-d tensors: an operation with a wrapped Python number
         # costs about twice as much on small tensors, and a small network's step is mostly such overhead
-        var, b_var = torch.exp(rho + rho), torch.exp(b_rho + b_rho)
+        var, b_var = rho.mul(2).exp_(), b_rho.mul(2).exp_()
         h2 = h * h
         sd = torch.addmm(b_var, h2, var.t()).sqrt_()
-        z = torch.addcmul(torch.addmm(b_mu, h, mu.t()), sd, eps)
+        z = torch.addmm(b_mu, h, mu.t()).addcmul_(sd, eps)
         # KL = sum (var + mu^2) / (2 p^2) - rho - (1/2 - ln p) over weights and biases
         pv = prior_scale * prior_scale
         second = var.sum() + b_var.sum() + torch.dot(mu.view(-1), mu.view(-1)) + torch.dot(b_mu, b_mu)
@@ -48,9 +48,9 @@ class ScaledLocalReparamDense(torch.autograd.Function):
         d_mu = torch.mm(g_z.t(), h).addcmul_(mu, c)
         d_b_mu = torch.addcmul(g_z.sum(0), b_mu, c)
         # d/d rho of [v-path + KL] = var (g_w^T h^2 + c) - g_kl
-        neg_g_kl = -g_kl
-        d_rho = torch.addcmul(neg_g_kl, torch.mm(g_w.t(), h2).add_(c), var)
-        d_b_rho = torch.addcmul(neg_g_kl, g_w.sum(0).add_(c), b_var)
+        # in place on the products' outputs: a weight-sized temporary costs a pass over fresh memory
+        d_rho = torch.mm(g_w.t(), h2).add_(c).mul_(var).sub_(g_kl)
+        d_b_rho = g_w.sum(0).add_(c).mul_(b_var).sub_(g_kl)
         d_h = torch.addcmul(g_z @ mu, h, g_w @ var) if ctx.needs_input_grad[0] else None
         d_s = (g_out * z).sum(0) if ctx.needs_input_grad[5] else None
         return d_h, d_mu, d_rho, d_b_mu, d_b_rho, d_s, None, None

@@ -227,7 +227,7 @@ def test_fused_scaled_dense_gradients():
     assert torch.allclose(kl, ref)
 
 
-@pytest.mark.parametrize("hidden", [[7, 4], [200, 120]])  # dense step matrices; sparse CSR ones
+@pytest.mark.parametrize("hidden", [[7, 4], [3, 5, 2], [200, 120]])
 def test_fused_scale_block_matches_the_elementwise_formulas(hidden):
     """HorseshoeScales (one autograd node) against scale_kl + sample_log_scales (autograd of the
     formulas) with the same noise: values and gradients, and gradcheck in double precision."""
@@ -239,10 +239,12 @@ def test_fused_scale_block_matches_the_elementwise_formulas(hidden):
     guide.sample_outputs_and_kl(guide.prior, torch.randn(3, 5))  # builds the cached references in float32
     guide = guide.double()  # .to() must rebuild them
     params = guide.scale_params
-    eps = torch.randn(guide.scale_width + 2, dtype=torch.float64)
+    eps = torch.randn(guide.scale_width + len(hidden), dtype=torch.float64)
     const = guide.step_plan().scales
-    assert const.sign.dtype == const.Q.dtype == torch.float64
-    assert (const.Q.layout == torch.sparse_csr) == (sum(hidden) > 100)
+    assert const.sign.dtype == const.spread.dtype == torch.float64
+    # every group in exactly one layer, each layer with its own number of groups
+    assert torch.equal(const.spread.sum(1), torch.ones(sum(hidden), dtype=torch.float64))
+    assert const.spread.sum(0).tolist() == hidden
     s, kl = HorseshoeScales.apply(params, eps, const)
     # the same draw through the autograd path: sample_log_scales reads its noise from torch.randn
     original = torch.randn
@@ -251,7 +253,7 @@ def test_fused_scale_block_matches_the_elementwise_formulas(hidden):
         log_s = guide.sample_log_scales(())
     finally:
         torch.randn = original
-    ref_s, ref_kl = torch.cat([log_s["fc1"], log_s["fc2"]]).exp(), guide.scale_kl()
+    ref_s, ref_kl = torch.cat([log_s[name] for name in guide.hidden]).exp(), guide.scale_kl()
     assert torch.allclose(s, ref_s) and torch.allclose(kl, ref_kl)
     # the KL against torch's registry (closed_form_kl registers LogNormal-Gamma / -InverseGamma)
     registry = sum(kl_divergence(guide.site_distribution(site), guide.prior.site_distribution(site))
@@ -445,28 +447,20 @@ def test_pruned_dense_chain_step_on_cuda():
     assert torch.allclose(cuda_kl.cpu(), kl)
 
 
-def test_scale_block_with_sparse_step_matrices(monkeypatch):
-    """Beyond a size the step's scale matrices are sparse (CSR): same draws and KL; copies and
-    pickles of the guide drop the cached sparse tensors."""
+def test_copies_of_the_guide_rebuild_the_step_plan():
+    """Copies and pickles of the guide drop the cached step plan and rebuild it: same draws and KL."""
     import copy
 
-    import bnnzoo.guides.horseshoe as horseshoe_guide
     from bnnzoo.guides.horseshoe_scales import HorseshoeScales
 
     guide = spread_guide(HorseshoeGuide(horseshoe_model(mlp(5, [7, 4], 1))), seed=4)
     eps = torch.randn(guide.scale_width + 2)
-    dense = HorseshoeScales.apply(guide.scale_params, eps, guide.step_plan().scales)
-    monkeypatch.setattr(horseshoe_guide, "DENSE_STEP_MATRIX", 0)
-    guide.clear_step_plan()
     const = guide.step_plan().scales
-    assert const.Q.layout == torch.sparse_csr
-    sparse = HorseshoeScales.apply(guide.scale_params, eps, const)
-    assert torch.allclose(dense[0], sparse[0]) and torch.allclose(dense[1], sparse[1])
-    g_dense = torch.autograd.grad(dense[0].sum() + dense[1], guide.scale_params)[0]
-    g_sparse = torch.autograd.grad(sparse[0].sum() + sparse[1], guide.scale_params)[0]
-    assert torch.allclose(g_dense, g_sparse)
     clone = copy.deepcopy(guide)
-    assert clone.step_plan().scales.Q is not const.Q and torch.equal(clone.scale_params, guide.scale_params)
+    assert clone.step_plan().scales.spread is not const.spread and torch.equal(clone.scale_params, guide.scale_params)
+    s, kl = HorseshoeScales.apply(guide.scale_params, eps, const)
+    s_clone, kl_clone = HorseshoeScales.apply(clone.scale_params, eps, clone.step_plan().scales)
+    assert torch.equal(s, s_clone) and torch.equal(kl, kl_clone)
 
 
 def test_gaussian_likelihood_term_of_the_tempered_elbo():

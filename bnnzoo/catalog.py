@@ -197,18 +197,23 @@ VALIDATION_OPTIONS: dict[str, Option] = {
     "select_epochs": Option(bool, help="choose the number of epochs (at most `epochs`) on the held-out rows"),
     "patience": Option(int, ge=1, help="epochs without a better validation log-likelihood before the "
                                        "selection fit stops"),
+    "select_folds": Option(int, ge=2, nullable=True,
+                           help="choose the epochs on this many folds of the training rows fitted in step, each "
+                                "row held out once, by their pooled score (null: on the one held-out part)"),
     "calibrate": Option(bool, help="classification: fit the predictive's temperature on the held-out "
                                    "rows (temperature scaling)"),
 }
 
 #: the validation options' values of an entry that makes no choice on validation data
-VALIDATION_OFF = {"validation_fraction": None, "select_epochs": True, "patience": 20, "calibrate": False}
+VALIDATION_OFF = {"validation_fraction": None, "select_epochs": True, "patience": 20, "calibrate": False,
+                  "select_folds": None}
 #: classification: the predictive's temperature fitted on a validation fifth of the training
 #: rows, the epochs run as configured: a mean-field fit of a few epochs is overconfident (its
 #: posterior spread barely leaves the initial scale), and one temperature fitted on held-out rows
 #: corrects that without touching the fit (docs/methods/map-meanfield.md). The classification
 #: default of meanfield-vi, horseshoe-svi, bmr and bmr-iterative.
-CALIBRATED = {"validation_fraction": 0.2, "select_epochs": False, "patience": 20, "calibrate": True}
+CALIBRATED = {"validation_fraction": 0.2, "select_epochs": False, "patience": 20, "calibrate": True,
+              "select_folds": None}
 
 
 def default_network(dataset_name: str, task: str, input_shape: tuple[int, ...]) -> dict:

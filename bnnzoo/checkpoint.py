@@ -234,26 +234,7 @@ class Checkpointer:
         if self._saved is None:
             return
         saved, self._saved = self._saved, None
-        posterior = self.posterior
-        posterior.model.load_state_dict(saved["model"])
-        posterior.guide.load_state_dict(saved["guide"])
-        for name, obj in loop.state.items():
-            if name not in saved["state"]:
-                raise RunError(f"{self.path}: the checkpoint holds no {name} state")
-            obj.load_state_dict(saved["state"][name])
-        restored = TrainingHistory.from_dict(saved["history"])
-        history = posterior.history  # changed in place: the fit may hold references to it and its extra
-        history.loss[:], history.epoch_seconds[:] = restored.loss, restored.epoch_seconds
-        history.extra.clear()
-        history.extra.update(restored.extra)
-        if loop.history is not history:
-            loop.history.loss.clear()
-            loop.history.epoch_seconds.clear()
-            loop.history.extra.clear()
-        posterior.fit_state = type(posterior.fit_state).from_dict(saved["fit_state"])
-        loop.epoch = int(saved["epoch"])
-        loop.best = float(saved["best"])
-        _set_rng_state(saved["rng"])
+        put_back(self.posterior, loop, saved, where=str(self.path))
         self.resumed_epoch = loop.epoch
         self._written_epoch = loop.epoch
 
@@ -288,19 +269,79 @@ class Checkpointer:
         return self._written_epoch
 
     def _capture(self, loop: EpochLoop) -> dict:
-        posterior = self.posterior
-        history = TrainingHistory.from_dict(posterior.history.to_dict())
-        if loop.history is not posterior.history:
-            history.extend(TrainingHistory.from_dict(loop.history.to_dict()))
-        return {
-            "format": FORMAT_VERSION,
-            "identity": self.identity,
-            "epoch": loop.epoch,
-            "best": loop.best if math.isfinite(loop.best) else float("inf"),
-            "model": _clone(posterior.model.state_dict()),
-            "guide": _clone(posterior.guide.state_dict()),
-            "state": {name: _clone(obj.state_dict()) for name, obj in loop.state.items()},
-            "history": _clone(history.to_dict()),
-            "fit_state": posterior.fit_state.to_dict(),
-            "rng": _rng_state(),
-        }
+        return capture(self.posterior, loop, self.identity)
+
+
+def capture(posterior, loop: EpochLoop, identity: dict | None = None) -> dict:
+    """The state of ``posterior``'s fit at the end of ``loop``'s last completed epoch (copies of
+    every tensor): what a checkpoint holds (module docstring)."""
+    history = TrainingHistory.from_dict(posterior.history.to_dict())
+    if loop.history is not posterior.history:
+        history.extend(TrainingHistory.from_dict(loop.history.to_dict()))
+    return {
+        "format": FORMAT_VERSION,
+        "identity": identity,
+        "epoch": loop.epoch,
+        "best": loop.best if math.isfinite(loop.best) else float("inf"),
+        "model": _clone(posterior.model.state_dict()),
+        "guide": _clone(posterior.guide.state_dict()),
+        "state": {name: _clone(obj.state_dict()) for name, obj in loop.state.items()},
+        "history": _clone(history.to_dict()),
+        "fit_state": posterior.fit_state.to_dict(),
+        "rng": _rng_state(),
+    }
+
+
+def put_back(posterior, loop: EpochLoop, saved: dict, where: str = "the checkpoint") -> None:
+    """Put the state ``saved`` (:func:`capture`) back into ``posterior`` and ``loop``: parameters,
+    the loop's objects (the optimiser), history, fit state, epoch count and random states; the loop
+    then continues from the epoch after it."""
+    posterior.model.load_state_dict(saved["model"])
+    posterior.guide.load_state_dict(saved["guide"])
+    for name, obj in loop.state.items():
+        if name not in saved["state"]:
+            raise RunError(f"{where}: the checkpoint holds no {name} state")
+        obj.load_state_dict(saved["state"][name])
+    restored = TrainingHistory.from_dict(saved["history"])
+    history = posterior.history  # changed in place: the fit may hold references to it and its extra
+    history.loss[:], history.epoch_seconds[:] = restored.loss, restored.epoch_seconds
+    history.extra.clear()
+    history.extra.update(restored.extra)
+    if loop.history is not history:
+        loop.history.loss.clear()
+        loop.history.epoch_seconds.clear()
+        loop.history.extra.clear()
+    posterior.fit_state = type(posterior.fit_state).from_dict(saved["fit_state"])
+    loop.epoch = int(saved["epoch"])
+    loop.best = float(saved["best"])
+    _set_rng_state(saved["rng"])
+
+
+class Continuation:
+    """The :class:`~bnnzoo.guides.training.Checkpoint` protocol in memory, for fits that run in
+    stages: it keeps the state of the last completed epoch (:func:`capture`) and, after
+    :meth:`arm`, puts it back when the posterior's next fit starts its loop, so that a fit asked for
+    more epochs continues where the last one stopped, exactly as one uninterrupted fit of that many
+    epochs (bit-identically on CPU, as a resumed checkpoint). It writes nothing."""
+
+    def __init__(self, posterior):
+        self.posterior = posterior
+        self._snapshot: dict | None = None
+        self._armed = False
+
+    def arm(self) -> None:
+        """Make the next fit of the posterior continue from the last completed epoch."""
+        if self._snapshot is None:
+            raise RunError(f"{self.posterior.name}: no completed epoch to continue from")
+        self._armed = True
+
+    def restore(self, loop: EpochLoop) -> None:
+        if self._armed:
+            self._armed = False
+            put_back(self.posterior, loop, self._snapshot, where="the continued fit")
+
+    def epoch_end(self, loop: EpochLoop) -> None:
+        self._snapshot = capture(self.posterior, loop)
+
+    def interrupted(self, loop: EpochLoop) -> None:
+        pass

@@ -37,6 +37,7 @@ import torch
 
 from . import metrics, runs
 from .catalog import get_entry
+from .checkpoint import Continuation
 from .data import validate_arrays
 from .devices import resolve_device
 from .diagnostics import to_arviz
@@ -442,6 +443,11 @@ class Posterior(ABC):
         :data:`MAX_SELECTED_BATCHES_PER_PASS` minibatches) and the size with the best score wins
         (ties: the larger, cheaper one).
 
+        With ``train.select_folds`` ``K`` the held-out part is replaced by ``K`` folds run in step,
+        each row held out once, and the epoch is chosen on their pooled score
+        (:meth:`_pooled_fold_run`); ``"validation_rows"`` is then every row, and ``"folds"`` and
+        ``"fold_epochs_run"`` are recorded.
+
         A regression point estimate (``map``) is scored with the noise at its held-out maximum
         likelihood: a point estimate's learned noise follows the training residuals down, so its
         held-out log density falls while its held-out fit still improves. Each epoch's score is
@@ -469,8 +475,13 @@ class Posterior(ABC):
             largest = max(self.BATCH_SIZE_CANDIDATES)
             sizes = [b for b in sorted(self.BATCH_SIZE_CANDIDATES, reverse=True)
                      if b == largest or (n - n_val) / b <= self.MAX_SELECTED_BATCHES_PER_PASS]
+        folds = train.get("select_folds")
         runs = []
         for size in sizes:
+            if folds:
+                runs.append(self._pooled_fold_run(x, y, int(folds), size, patience, max_epochs, draws, held_out_noise,
+                                                  progress))
+                continue
             twin = self._validation_twin(batch_size=size)
             scores: list[float] = []
             noises: list[float] = []
@@ -502,6 +513,8 @@ class Posterior(ABC):
                "validation_log_likelihood": winner["scores"]}
         if winner["noise_scale"] is not None:
             out["noise_scale"] = winner["noise_scale"]
+        if folds:
+            out.update(folds=int(folds), validation_rows=n, fold_epochs_run=winner["epochs_run"])
         if len(runs) > 1:
             out["candidates"] = [{k: r[k] for k in ("batch_size", "epochs", "score")} for r in runs]
         return out
@@ -516,6 +529,63 @@ class Posterior(ABC):
                             f"validation part or no training part; give more data or validation_fraction: null")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
         return fraction, order[n_val:], order[:n_val]
+
+    def _pooled_fold_run(self, x, y, folds: int, batch_size: int, patience: int, max_epochs: int, draws: int,
+                         held_out_noise: bool, progress: bool) -> dict[str, Any]:
+        """:meth:`select_epochs` on ``folds`` folds run in step (``train.select_folds``): the rows, in the
+        fixed permutation of :meth:`_validation_split`, are cut into ``folds`` parts; one copy of this
+        posterior per part is fitted on the other parts, all copies advancing ``patience`` epochs at a
+        time (each continues its own fit: :class:`~bnnzoo.checkpoint.Continuation`), and after every
+        epoch the pooled score of all held-out rows (each row held out once) is computed: the mean log
+        predictive density, or for a regression point estimate ``-log(2 pi e m) / 2`` with ``m`` the
+        pooled mean squared error. The copies stop once the pooled score's best epoch lies ``patience``
+        epochs back (or at ``max_epochs``); the best epoch wins, with ``sqrt(m)`` as the noise scale."""
+        if not getattr(self, "supports_checkpoints", False):
+            raise ConfigError(f"{self.name}: select_folds runs the folds' fits in stages, continuing each from its "
+                              f"last epoch, which this entry's fit cannot do; set select_folds: null")
+        n = len(x)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        parts = list(order.tensor_split(folds))
+        if min(len(p) for p in parts) < 1 or n - max(len(p) for p in parts) < 2:
+            raise DataError(f"{self.name}: select_folds {folds} of {n} training rows leaves a fold without "
+                            f"held-out or training rows; give more data or fewer folds")
+        copies = []
+        for k, held in enumerate(parts):
+            twin = self._validation_twin(batch_size=batch_size)
+            twin.checkpoint = Continuation(twin)
+            rest = torch.cat([p for j, p in enumerate(parts) if j != k])
+            copies.append((twin, x[rest], y[rest], x[held], y[held], []))
+        horizon, scores, pooled_mse = 0, [], []
+        while True:
+            horizon = min(max_epochs, horizon + patience)
+            for twin, x_fit, y_fit, x_held, y_held, totals in copies:
+
+                def monitor(epoch: int, loss: float, twin=twin, x_held=x_held, y_held=y_held, totals=totals) -> None:
+                    if held_out_noise:
+                        mean = twin.predict(x_held, num_samples=1, seed=0).mean
+                        totals.append(float((y_held.to(mean.device) - mean).pow(2).sum()))
+                    else:
+                        totals.append(float(twin.log_likelihood(x_held, y_held, num_samples=draws, seed=0).sum()))
+
+                twin.config["train"]["epochs"] = horizon
+                if totals:
+                    twin.checkpoint.arm()
+                self._fit_twin(twin, x_fit, y_fit, progress, monitor)
+                if len(totals) != horizon:
+                    raise RuntimeError(f"{self.name}: a fold's selection fit ran {len(totals)} of {horizon} epochs")
+            for epoch in range(len(scores), horizon):
+                total = sum(c[5][epoch] for c in copies) / n
+                if held_out_noise:
+                    total = max(total, torch.finfo(torch.float32).tiny)
+                    pooled_mse.append(total)
+                    scores.append(-0.5 * math.log(2 * math.pi * math.e * total))
+                else:
+                    scores.append(total)
+            best = max(range(len(scores)), key=scores.__getitem__)
+            if horizon - 1 - best >= patience or horizon >= max_epochs:
+                break
+        return {"batch_size": batch_size, "epochs": best + 1, "score": scores[best], "scores": scores,
+                "noise_scale": math.sqrt(pooled_mse[best]) if held_out_noise else None, "epochs_run": horizon}
 
     def _validation_twin(self, **train) -> "Posterior":
         """A copy of this unfitted posterior that makes no choice on validation data itself, writes

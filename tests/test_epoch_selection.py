@@ -22,7 +22,8 @@ def _params(posterior) -> dict[str, torch.Tensor]:
 def test_final_fit_equals_a_fit_of_the_chosen_epochs(boston):
     """Selection leaves the posterior unfitted and the random state untouched: the fit that follows
     is the fit a user would get by asking for the chosen number of epochs directly."""
-    selected = bnnzoo.fit("map", boston, epochs=30, validation_fraction=0.25, patience=5, progress=False, seed=3)
+    selected = bnnzoo.fit("map", boston, epochs=30, validation_fraction=0.25, select_folds=None, patience=5,
+                          progress=False, seed=3)
     chosen = selected.fit_state.epoch_selection
     assert chosen is not None and 1 <= chosen["epochs"] <= 30
     assert len(selected.history.loss) == chosen["epochs"] == selected.fit_epochs
@@ -40,7 +41,8 @@ def test_final_fit_equals_a_fit_of_the_chosen_epochs(boston):
 def test_patience_stops_the_selection_fit(boston):
     """A learning rate that overfits fast: the validation score peaks early and the selection fit
     stops ``patience`` epochs after its best one instead of running all epochs."""
-    post = bnnzoo.fit("map", boston, epochs=200, lr=3e-2, validation_fraction=0.25, patience=4, progress=False, seed=0)
+    post = bnnzoo.fit("map", boston, epochs=200, lr=3e-2, validation_fraction=0.25, select_folds=None, patience=4,
+                      progress=False, seed=0)
     chosen = post.fit_state.epoch_selection
     run = len(chosen["validation_log_likelihood"])
     assert run < 200
@@ -55,7 +57,7 @@ def test_selection_scores_the_held_out_rows(boston, name):
     density takes the noise at its held-out maximum likelihood (the held-out mean squared error);
     a posterior's is its own predictive (20 draws, seed 0)."""
     post = bnnzoo.create(name, "regression", boston.input_shape, boston.output_dim, dataset=boston.name, seed=1,
-                         epochs=12, validation_fraction=0.2, patience=50)
+                         epochs=12, validation_fraction=0.2, select_folds=None, patience=50)
     rng = pyro.util.get_rng_state()
     chosen = post.select_epochs(boston.x_train, boston.y_train)
     assert not post.is_fitted
@@ -82,7 +84,8 @@ def test_selection_scores_the_held_out_rows(boston, name):
 def test_a_point_estimate_predicts_with_the_noise_of_its_held_out_residuals(boston):
     """MAP's own noise follows its training residuals down; after the selection the fit on all rows
     predicts with the held-out residuals' scale at the chosen epoch, recorded with the choice."""
-    post = bnnzoo.fit("map", boston, epochs=40, validation_fraction=0.2, patience=10, progress=False, seed=0)
+    post = bnnzoo.fit("map", boston, epochs=40, validation_fraction=0.2, select_folds=None, patience=10,
+                      progress=False, seed=0)
     chosen = post.fit_state.epoch_selection
     assert post.noise_scale(original_units=True) == pytest.approx(chosen["noise_scale"], rel=1e-5)
     best = chosen["epochs"] - 1
@@ -92,6 +95,86 @@ def test_a_point_estimate_predicts_with_the_noise_of_its_held_out_residuals(bost
     assert own.noise_scale(original_units=True) < chosen["noise_scale"]  # the training residuals' is smaller
     pred, own_pred = post.predict(boston.x_test), own.predict(boston.x_test)
     torch.testing.assert_close(pred.mean, own_pred.mean)  # the same weights, another noise
+
+
+def test_a_fit_continued_by_a_continuation_equals_the_uninterrupted_fit(boston):
+    """Continuation keeps the last epoch's state in memory: a fit of 4 epochs continued to 10 is the
+    fit of 10 epochs bit for bit, whatever the random state between the two calls."""
+    from bnnzoo.checkpoint import Continuation
+
+    def make():
+        return bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, dataset=boston.name, seed=1,
+                             epochs=10, validation_fraction=None)
+
+    rng = pyro.util.get_rng_state()
+    whole = make()
+    whole.fit(boston.x_train, boston.y_train, progress=False)
+    pyro.util.set_rng_state(rng)
+    staged = make()
+    staged.checkpoint = Continuation(staged)
+    with pytest.raises(bnnzoo.errors.RunError, match="no completed epoch"):
+        staged.checkpoint.arm()
+    staged.config["train"]["epochs"] = 4
+    staged.fit(boston.x_train, boston.y_train, progress=False)
+    torch.randn(7)  # moves the global random state: the continuation puts the fit's own back
+    staged.config["train"]["epochs"] = 10
+    staged.checkpoint.arm()
+    staged.fit(boston.x_train, boston.y_train, progress=False)
+    assert staged.history.loss == whole.history.loss
+    a, b = _params(whole), _params(staged)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["map", "meanfield-vi"])
+def test_folds_in_step_choose_the_epoch_of_the_pooled_score(boston, name):
+    """select_folds: each recorded score is the pooled held-out score of the folds' copies after that
+    epoch, each row held out once: re-derived here from copies fitted directly on each fold's other
+    rows for 5 epochs. The folds advance ``patience`` epochs at a time and stop once the best epoch
+    lies ``patience`` epochs back; a point estimate's noise is the pooled residuals' scale."""
+    post = bnnzoo.create(name, "regression", boston.input_shape, boston.output_dim, dataset=boston.name, seed=1,
+                         epochs=60, lr=3e-2, validation_fraction=0.2, select_folds=3, patience=4)
+    rng = pyro.util.get_rng_state()
+    chosen = post.select_epochs(boston.x_train, boston.y_train)
+    assert not post.is_fitted and chosen["folds"] == 3 and chosen["validation_rows"] == boston.n_train
+    default = bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim)
+    assert default.config["train"]["select_folds"] == 5
+    scores = chosen["validation_log_likelihood"]
+    run = chosen["fold_epochs_run"]
+    assert len(scores) == run and (run % 4 == 0 or run == 60)
+    best = max(range(run), key=scores.__getitem__)
+    assert chosen["epochs"] == best + 1
+    assert run == 60 or (run - 1 - best >= 4 and run - 4 - 1 - best < 4)  # stopped at the first check it could
+    order = torch.randperm(boston.n_train, generator=torch.Generator().manual_seed(0))
+    total = 0.0
+    for k, held in enumerate(order.tensor_split(3)):
+        rest = torch.cat([p for j, p in enumerate(order.tensor_split(3)) if j != k])
+        pyro.util.set_rng_state(rng)
+        fold = bnnzoo.create(name, "regression", boston.input_shape, boston.output_dim, dataset=boston.name, seed=1,
+                             epochs=5, lr=3e-2, validation_fraction=None)
+        pyro.util.set_rng_state(rng)
+        fold.fit(boston.x_train[rest], boston.y_train[rest], progress=False)
+        x_held, y_held = boston.x_train[held], boston.y_train[held]
+        if name == "map":
+            total += float((fold.predict(x_held, num_samples=1).mean - y_held).pow(2).sum())
+        else:
+            total += float(fold.log_likelihood(x_held, y_held, num_samples=20, seed=0).sum())
+    pooled = total / boston.n_train
+    if name == "map":
+        assert scores[4] == pytest.approx(-0.5 * math.log(2 * math.pi * math.e * pooled), abs=1e-5)
+        mse_best = math.exp(-2 * scores[best] - math.log(2 * math.pi * math.e))
+        assert chosen["noise_scale"] == pytest.approx(math.sqrt(mse_best), rel=1e-5)
+    else:
+        assert scores[4] == pytest.approx(pooled, abs=1e-5)
+        assert "noise_scale" not in chosen
+
+
+def test_folds_need_a_fit_that_can_continue(boston):
+    post = bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, dataset=boston.name,
+                         validation_fraction=0.2, select_folds=3)
+    post.supports_checkpoints = False  # an entry whose fit cannot continue from its last epoch
+    with pytest.raises(ConfigError, match="select_folds"):
+        post.select_epochs(boston.x_train, boston.y_train)
 
 
 def test_em_tdamp_passes_are_chosen_too(boston):
@@ -114,6 +197,8 @@ def test_bad_selection_options_are_named(boston):
         bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, validation_fraction=1.5)
     with pytest.raises(ConfigError, match="patience"):
         bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, patience=0)
+    with pytest.raises(ConfigError, match="select_folds"):
+        bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, select_folds=1)
     tiny = boston.subset(3, None, seed=0)
     with pytest.raises(DataError, match="validation_fraction"):
         bnnzoo.fit("map", tiny, epochs=2, validation_fraction=0.1, progress=False)

@@ -116,7 +116,7 @@ def test_a_fit_that_chose_its_epochs_resumes_after_the_selection(data, tmp_path,
     options = {"epochs": 8, "validation_fraction": 0.25, "patience": 3}
     reference = _fit("map", data, options)
     chosen = reference.fit_state.epoch_selection
-    selection_passes = len(chosen["validation_log_likelihood"])
+    selection_passes = len(chosen["validation_log_likelihood"]) * chosen["folds"]  # map: folds in step
     assert chosen["epochs"] >= 3, "the interrupt below must fall inside the final fit"
     run = tmp_path / "run"
     with monkeypatch.context() as m:

@@ -427,6 +427,11 @@ class Posterior(ABC):
     #: data they only multiply the cost of a pass
     MAX_SELECTED_BATCHES_PER_PASS = 1000
 
+    #: ``train.select_folds`` applies while the held-out part would have fewer rows than this: beyond,
+    #: one part's score is already precise (its standard error shrinks as one over the square root
+    #: of its rows) and the folds would multiply the selection's cost for little
+    FOLDS_BELOW_VALIDATION_ROWS = 1000
+
     def select_epochs(self, x, y, progress: bool = False) -> dict[str, Any]:
         """Choose the number of epochs (and, where ``train.batch_size`` is ``None``, the minibatch
         size) on a validation part of the training data ``(x, y)`` (raw units), leaving this
@@ -443,7 +448,8 @@ class Posterior(ABC):
         :data:`MAX_SELECTED_BATCHES_PER_PASS` minibatches) and the size with the best score wins
         (ties: the larger, cheaper one).
 
-        With ``train.select_folds`` ``K`` the held-out part is replaced by ``K`` folds run in step,
+        With ``train.select_folds`` ``K``, while the held-out part would have fewer than
+        :data:`FOLDS_BELOW_VALIDATION_ROWS` rows, it is replaced by ``K`` folds run in step,
         each row held out once, and the epoch is chosen on their pooled score
         (:meth:`_pooled_fold_run`); ``"validation_rows"`` is then every row, and ``"folds"`` and
         ``"fold_epochs_run"`` are recorded.
@@ -475,7 +481,7 @@ class Posterior(ABC):
             largest = max(self.BATCH_SIZE_CANDIDATES)
             sizes = [b for b in sorted(self.BATCH_SIZE_CANDIDATES, reverse=True)
                      if b == largest or (n - n_val) / b <= self.MAX_SELECTED_BATCHES_PER_PASS]
-        folds = train.get("select_folds")
+        folds = train.get("select_folds") if n_val < self.FOLDS_BELOW_VALIDATION_ROWS else None
         runs = []
         for size in sizes:
             if folds:

@@ -169,6 +169,20 @@ def test_folds_in_step_choose_the_epoch_of_the_pooled_score(boston, name):
         assert "noise_scale" not in chosen
 
 
+def test_folds_give_way_to_one_part_on_large_data(boston, monkeypatch):
+    """Where the held-out part would have FOLDS_BELOW_VALIDATION_ROWS rows or more, one part
+    chooses (the folds' record is absent) even with select_folds set."""
+    from bnnzoo.posterior import Posterior
+
+    monkeypatch.setattr(Posterior, "FOLDS_BELOW_VALIDATION_ROWS", round(0.2 * boston.n_train))
+    post = bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, dataset=boston.name,
+                         epochs=6, validation_fraction=0.2, select_folds=3)
+    chosen = post.select_epochs(boston.x_train, boston.y_train)
+    assert "folds" not in chosen and chosen["validation_rows"] == round(0.2 * boston.n_train)
+    monkeypatch.setattr(Posterior, "FOLDS_BELOW_VALIDATION_ROWS", round(0.2 * boston.n_train) + 1)
+    assert post.select_epochs(boston.x_train, boston.y_train)["folds"] == 3
+
+
 def test_folds_need_a_fit_that_can_continue(boston):
     post = bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, dataset=boston.name,
                          validation_fraction=0.2, select_folds=3)

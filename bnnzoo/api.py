@@ -85,6 +85,7 @@ def _use_autoguide(posterior: Posterior, autoguide) -> None:
                           f"{', '.join(AUTOGUIDE_ENTRIES)} can (the others' fits rely on their guide's structure)")
     posterior.guide = PyroAutoGuide(posterior.model.cpu(), autoguide).to(posterior.device)
     posterior.model.to(posterior.device)
+    posterior.supports_checkpoints = False  # an autoguide's parameters are not saved (PyroAutoGuide.state_dict)
 
 
 class BuiltModel(NamedTuple):

@@ -200,7 +200,8 @@ VALIDATION_OPTIONS: dict[str, Option] = {
     "select_folds": Option(int, ge=2, nullable=True,
                            help="choose the epochs on this many folds of the training rows fitted in step, each "
                                 "row held out once, by their pooled score, while the held-out part would have "
-                                "fewer than 1,000 rows (null: on the one held-out part)"),
+                                "fewer than 1,000 rows and the fit can continue in stages (not an autoguide's); "
+                                "null: on the one held-out part"),
     "calibrate": Option(bool, help="classification: fit the predictive's temperature on the held-out "
                                    "rows (temperature scaling)"),
 }

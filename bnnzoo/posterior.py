@@ -449,7 +449,8 @@ class Posterior(ABC):
         (ties: the larger, cheaper one).
 
         With ``train.select_folds`` ``K``, while the held-out part would have fewer than
-        :data:`FOLDS_BELOW_VALIDATION_ROWS` rows, it is replaced by ``K`` folds run in step,
+        :data:`FOLDS_BELOW_VALIDATION_ROWS` rows and where the fit can continue in stages (it
+        supports checkpoints: not a Pyro autoguide's fit), it is replaced by ``K`` folds run in step,
         each row held out once, and the epoch is chosen on their pooled score
         (:meth:`_pooled_fold_run`); ``"validation_rows"`` is then every row, and ``"folds"`` and
         ``"fold_epochs_run"`` are recorded.
@@ -481,7 +482,9 @@ class Posterior(ABC):
             largest = max(self.BATCH_SIZE_CANDIDATES)
             sizes = [b for b in sorted(self.BATCH_SIZE_CANDIDATES, reverse=True)
                      if b == largest or (n - n_val) / b <= self.MAX_SELECTED_BATCHES_PER_PASS]
-        folds = train.get("select_folds") if n_val < self.FOLDS_BELOW_VALIDATION_ROWS else None
+        folds = train.get("select_folds")
+        if n_val >= self.FOLDS_BELOW_VALIDATION_ROWS or not getattr(self, "supports_checkpoints", False):
+            folds = None  # a large held-out part, or a fit that cannot continue in stages: one part
         runs = []
         for size in sizes:
             if folds:
@@ -546,9 +549,6 @@ class Posterior(ABC):
         predictive density, or for a regression point estimate ``-log(2 pi e m) / 2`` with ``m`` the
         pooled mean squared error. The copies stop once the pooled score's best epoch lies ``patience``
         epochs back (or at ``max_epochs``); the best epoch wins, with ``sqrt(m)`` as the noise scale."""
-        if not getattr(self, "supports_checkpoints", False):
-            raise ConfigError(f"{self.name}: select_folds runs the folds' fits in stages, continuing each from its "
-                              f"last epoch, which this entry's fit cannot do; set select_folds: null")
         n = len(x)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
         parts = list(order.tensor_split(folds))

@@ -183,12 +183,16 @@ def test_folds_give_way_to_one_part_on_large_data(boston, monkeypatch):
     assert post.select_epochs(boston.x_train, boston.y_train)["folds"] == 3
 
 
-def test_folds_need_a_fit_that_can_continue(boston):
+def test_a_fit_that_cannot_continue_chooses_on_one_part(boston):
+    """Folds continue each copy's fit in stages, which needs its state: a Pyro autoguide's fit (no
+    state_dict, no checkpoints) chooses its epochs on the one held-out part instead."""
+    from pyro.infer.autoguide import AutoDelta
+
     post = bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, dataset=boston.name,
-                         validation_fraction=0.2, select_folds=3)
-    post.supports_checkpoints = False  # an entry whose fit cannot continue from its last epoch
-    with pytest.raises(ConfigError, match="select_folds"):
-        post.select_epochs(boston.x_train, boston.y_train)
+                         epochs=6, validation_fraction=0.2, select_folds=3, guide=AutoDelta)
+    assert not post.supports_checkpoints
+    chosen = post.select_epochs(boston.x_train, boston.y_train)
+    assert "folds" not in chosen and chosen["validation_rows"] == round(0.2 * boston.n_train)
 
 
 def test_em_tdamp_passes_are_chosen_too(boston):

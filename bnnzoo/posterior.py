@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import pyro.util
 import torch
+from tqdm import tqdm
 
 from . import metrics, runs
 from .catalog import get_entry
@@ -562,6 +563,8 @@ class Posterior(ABC):
             rest = torch.cat([p for j, p in enumerate(parts) if j != k])
             copies.append((twin, x[rest], y[rest], x[held], y[held], []))
         horizon, scores, pooled_mse = 0, [], []
+        # one bar for the whole selection (epochs of the pooled curve), not one per fold and stage
+        bar = tqdm(total=max_epochs, desc=f"{self.name}: epochs on {folds} folds", disable=not progress, leave=False)
         while True:
             horizon = min(max_epochs, horizon + patience)
             for twin, x_fit, y_fit, x_held, y_held, totals in copies:
@@ -576,7 +579,7 @@ class Posterior(ABC):
                 twin.config["train"]["epochs"] = horizon
                 if totals:
                     twin.checkpoint.arm()
-                self._fit_twin(twin, x_fit, y_fit, progress, monitor)
+                self._fit_twin(twin, x_fit, y_fit, False, monitor)
                 if len(totals) != horizon:
                     raise RuntimeError(f"{self.name}: a fold's selection fit ran {len(totals)} of {horizon} epochs")
             for epoch in range(len(scores), horizon):
@@ -588,8 +591,11 @@ class Posterior(ABC):
                 else:
                     scores.append(total)
             best = max(range(len(scores)), key=scores.__getitem__)
+            bar.update(horizon - bar.n)
+            bar.set_postfix(best_epoch=best + 1)
             if horizon - 1 - best >= patience or horizon >= max_epochs:
                 break
+        bar.close()
         return {"batch_size": batch_size, "epochs": best + 1, "score": scores[best], "scores": scores,
                 "noise_scale": math.sqrt(pooled_mse[best]) if held_out_noise else None, "epochs_run": horizon}
 

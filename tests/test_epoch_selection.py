@@ -169,6 +169,17 @@ def test_folds_in_step_choose_the_epoch_of_the_pooled_score(boston, name):
         assert "noise_scale" not in chosen
 
 
+def test_folds_show_one_progress_bar(boston, capsys):
+    """With progress on, the folds' selection reports on one bar of the pooled curve's epochs, not one
+    bar per fold and stage."""
+    post = bnnzoo.create("map", "regression", boston.input_shape, boston.output_dim, dataset=boston.name,
+                         epochs=8, validation_fraction=0.2, select_folds=3, patience=4)
+    post.select_epochs(boston.x_train, boston.y_train, progress=True)
+    err = capsys.readouterr().err
+    assert "map: epochs on 3 folds" in err and "best_epoch=" in err
+    assert err.replace("map: epochs on 3 folds", "").count("map:") == 0
+
+
 def test_folds_give_way_to_one_part_on_large_data(boston, monkeypatch):
     """Where the held-out part would have FOLDS_BELOW_VALIDATION_ROWS rows or more, one part
     chooses (the folds' record is absent) even with select_folds set."""

@@ -30,7 +30,7 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import pyro.util
 import torch
@@ -222,6 +222,18 @@ class _MonteCarloError:
             loss = squared_error / (spread + self.noise_var).clamp_min(tiny) / 2
         self.last_error = float(loss.mean())
         return self.last_error
+
+
+class _Fold(NamedTuple):
+    """One fold of :meth:`Posterior._pooled_fold_run`: the copy fitted on the other folds' rows, its
+    held-out rows, and the held-out total (squared error or log density) after each epoch."""
+
+    twin: "Posterior"
+    x_fit: torch.Tensor
+    y_fit: torch.Tensor
+    x_held: torch.Tensor
+    y_held: torch.Tensor
+    totals: list[float]
 
 
 class _SelectionDone(Exception):
@@ -556,46 +568,48 @@ class Posterior(ABC):
         if min(len(p) for p in parts) < 1 or n - max(len(p) for p in parts) < 2:
             raise DataError(f"{self.name}: select_folds {folds} of {n} training rows leaves a fold without "
                             f"held-out or training rows; give more data or fewer folds")
-        copies = []
+        folds_fitted = []
         for k, held in enumerate(parts):
             twin = self._validation_twin(batch_size=batch_size)
             twin.checkpoint = Continuation(twin)
             rest = torch.cat([p for j, p in enumerate(parts) if j != k])
-            copies.append((twin, x[rest], y[rest], x[held], y[held], []))
+            folds_fitted.append(_Fold(twin, x[rest], y[rest], x[held], y[held], []))
         horizon, scores, pooled_mse = 0, [], []
         # one bar for the whole selection (epochs of the pooled curve), not one per fold and stage
-        bar = tqdm(total=max_epochs, desc=f"{self.name}: epochs on {folds} folds", disable=not progress, leave=False)
-        while True:
-            horizon = min(max_epochs, horizon + patience)
-            for twin, x_fit, y_fit, x_held, y_held, totals in copies:
+        with tqdm(total=max_epochs, desc=f"{self.name}: epochs on {folds} folds", disable=not progress,
+                  leave=False) as bar:
+            while True:
+                horizon = min(max_epochs, horizon + patience)
+                for fold in folds_fitted:
 
-                def monitor(epoch: int, loss: float, twin=twin, x_held=x_held, y_held=y_held, totals=totals) -> None:
+                    def monitor(epoch: int, loss: float, fold=fold) -> None:
+                        if held_out_noise:
+                            mean = fold.twin.predict(fold.x_held, num_samples=1, seed=0).mean
+                            fold.totals.append(float((fold.y_held.to(mean.device) - mean).pow(2).sum()))
+                        else:
+                            fold.totals.append(float(fold.twin.log_likelihood(fold.x_held, fold.y_held,
+                                                                              num_samples=draws, seed=0).sum()))
+
+                    fold.twin.config["train"]["epochs"] = horizon
+                    if fold.totals:
+                        fold.twin.checkpoint.arm()
+                    self._fit_twin(fold.twin, fold.x_fit, fold.y_fit, False, monitor)
+                    if len(fold.totals) != horizon:
+                        raise RuntimeError(f"{self.name}: a fold's selection fit ran {len(fold.totals)} of "
+                                           f"{horizon} epochs")
+                for epoch in range(len(scores), horizon):
+                    total = sum(fold.totals[epoch] for fold in folds_fitted) / n
                     if held_out_noise:
-                        mean = twin.predict(x_held, num_samples=1, seed=0).mean
-                        totals.append(float((y_held.to(mean.device) - mean).pow(2).sum()))
+                        total = max(total, torch.finfo(torch.float32).tiny)
+                        pooled_mse.append(total)
+                        scores.append(-0.5 * math.log(2 * math.pi * math.e * total))
                     else:
-                        totals.append(float(twin.log_likelihood(x_held, y_held, num_samples=draws, seed=0).sum()))
-
-                twin.config["train"]["epochs"] = horizon
-                if totals:
-                    twin.checkpoint.arm()
-                self._fit_twin(twin, x_fit, y_fit, False, monitor)
-                if len(totals) != horizon:
-                    raise RuntimeError(f"{self.name}: a fold's selection fit ran {len(totals)} of {horizon} epochs")
-            for epoch in range(len(scores), horizon):
-                total = sum(c[5][epoch] for c in copies) / n
-                if held_out_noise:
-                    total = max(total, torch.finfo(torch.float32).tiny)
-                    pooled_mse.append(total)
-                    scores.append(-0.5 * math.log(2 * math.pi * math.e * total))
-                else:
-                    scores.append(total)
-            best = max(range(len(scores)), key=scores.__getitem__)
-            bar.update(horizon - bar.n)
-            bar.set_postfix(best_epoch=best + 1)
-            if horizon - 1 - best >= patience or horizon >= max_epochs:
-                break
-        bar.close()
+                        scores.append(total)
+                best = max(range(len(scores)), key=scores.__getitem__)
+                bar.update(horizon - bar.n)
+                bar.set_postfix(best_epoch=best + 1)
+                if horizon - 1 - best >= patience or horizon >= max_epochs:
+                    break
         return {"batch_size": batch_size, "epochs": best + 1, "score": scores[best], "scores": scores,
                 "noise_scale": math.sqrt(pooled_mse[best]) if held_out_noise else None, "epochs_run": horizon}
 

@@ -239,8 +239,8 @@ def bnnzoo_entry(task: PeerTask, name: str) -> dict:
     rows). Under ``extra_rows`` (which :func:`run_suite` turns into rows ``"<name> (sample)"``,
     ``"<name> (moments)"``, ``"<name> (probit)"``) the same fit scored with each other predictive of
     :data:`EXTRA_PREDICT_METHODS` the posterior supports. Every row records ``fit_seconds_total``
-    (wall time of the fit call, the plain Adam epochs interleaved with it subtracted; a calibration or epoch-selection fit included),
-    ``fit_in_adam_epochs`` (that over the plain run's median epoch), ``calibration``
+    (wall time of the fit call, the plain Adam epochs interleaved with it subtracted; a calibration
+    or epoch-selection fit included), ``fit_in_adam_epochs`` (that over the plain run's median epoch), ``calibration``
     (``posterior.fit_state.calibration``) and ``option_selection`` (the training options chosen
     on validation data, ``posterior.fit_state.option_selection``)."""
     start = time.perf_counter()

@@ -652,8 +652,9 @@ class Posterior(ABC):
         within one standard error of the highest one's is chosen (the one-standard-error rule: the
         best one's lead over it, averaged over the rows, at most its standard error over the rows).
         Every later prediction with ``method="auto"`` (the default) is made by that predictive at
-        that temperature, so the temperature is fitted to the predictive it tempers. Returns ``{"predictive", "temperature", "validation_fraction",
-        "validation_rows", "num_samples", "validation_log_likelihood", "candidates"}``
+        that temperature, so the temperature is fitted to the predictive it tempers. Returns
+        ``{"predictive", "temperature", "validation_fraction", "validation_rows", "num_samples",
+        "validation_log_likelihood", "candidates"}``
         (``num_samples``: the chosen predictive's draws, 0 for the moment methods;
         ``validation_log_likelihood``: its held-out mean log density untempered, then tempered;
         ``candidates``: each predictive's ``method``, ``temperature``, tempered density
@@ -681,7 +682,8 @@ class Posterior(ABC):
             probs = prediction.probs  # the twin makes no choice on validation data: untempered
             log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
             t = temperature_scaling.fit_temperature(log_probs, y_val)
-            pointwise = [temperature_scaling.tempered_log_probs(log_probs, v).gather(-1, y_val.unsqueeze(-1)).squeeze(-1)
+            target = y_val.unsqueeze(-1)
+            pointwise = [temperature_scaling.tempered_log_probs(log_probs, v).gather(-1, target).squeeze(-1)
                          for v in (1.0, t)]
             runs.append({"predictive": method, "temperature": t, "num_samples": int(prediction.num_samples),
                          "pointwise": pointwise[1],

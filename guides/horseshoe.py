@@ -471,8 +471,9 @@ class HorseshoeGuide(WeightGuide):
     def step_plan(self) -> SimpleNamespace:
         """The references every training step uses, gathered once and cached (module attribute
         lookups are slow next to the small tensor operations of a small network's step):
-        ``scales`` (the scale block's constants: :class:`~bnnzoo.guides.horseshoe_scales.HorseshoeScales`), ``layers`` (per layer its Gaussian parameters and prior
-        scale), ``params``, ``output_units``, ``sizes`` (groups per hidden layer), ``pruned`` and
+        ``scales`` (the scale block's constants:
+        :class:`~bnnzoo.guides.horseshoe_scales.HorseshoeScales`), ``layers`` (per layer its Gaussian
+        parameters and prior scale), ``params``, ``output_units``, ``sizes`` (groups per hidden layer), ``pruned`` and
         ``mlp`` (the plan of :class:`~bnnzoo.guides.horseshoe_mlp.HorseshoeMLP`, or ``None`` where
         the one-node step does not apply)."""
         if getattr(self, "_fast", None) is None:

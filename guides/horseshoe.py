@@ -600,7 +600,10 @@ class HorseshoeGuide(WeightGuide):
             if fused and layer.kind in ("dense", "linear"):  # a module's nn.Linear: on its last axis
                 mu, rho, b_mu, b_rho, prior_scale = fast.layers[layer.name]
                 rows = h.numel() // h.shape[-1]
-                fold = weight_scaled_local_reparam_dense if rows > h.shape[-1] else scaled_local_reparam_dense
+                # token layers fold the scale into the weights; the output layer's fixed unit scale
+                # stays on its outputs, where it costs one multiply
+                tokens = rows > h.shape[-1] and layer.name != self.output
+                fold = weight_scaled_local_reparam_dense if tokens else scaled_local_reparam_dense
                 out, layer_kl = fold(h, mu, rho, b_mu, b_rho, s, prior_scale)
             else:
                 out, layer_kl = self._gaussian_layer(layer, h, self._prior_scale(layer.name))

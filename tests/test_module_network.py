@@ -414,7 +414,7 @@ class Tokens(nn.Module):
 
 def test_horseshoe_token_wise_linear_takes_the_fused_step_with_the_same_draw(monkeypatch):
     """A module's nn.Linear on tokens goes through a fused local-reparameterised layer (the scale
-    folded into the weights where the layer has more rows than inputs); with the same random state
+    folded into the weights where a hidden layer has more rows than inputs); with the same random state
     its output and KL equal the generic per-layer path's (one draw per example, token and unit)."""
     from bnnzoo.guides import horseshoe
 
@@ -438,8 +438,9 @@ def test_horseshoe_token_wise_linear_takes_the_fused_step_with_the_same_draw(mon
     plan.pruned = True  # the generic path (the one a pruned guide takes), same parameters
     torch.manual_seed(1)
     generic, generic_kl = guide.sample_outputs_and_kl(model, x)
-    # 28 token rows of 6 inputs: the scale on the weights; 7 rows of 5 inputs: the same
-    assert fused.shape == (7, 3) and calls == [("weights", (7, 4, 6)), ("weights", (7, 5))]
+    # 28 token rows of 6 inputs: the scale on the weights; the output layer (7 rows of 5 inputs)
+    # keeps its fixed unit scale on its outputs, where it costs one multiply
+    assert fused.shape == (7, 3) and calls == [("weights", (7, 4, 6)), ("outputs", (7, 5))]
     assert torch.allclose(fused, generic, atol=1e-5) and torch.allclose(fused_kl, generic_kl, rtol=1e-5)
     plan.pruned = False
     torch.manual_seed(2)

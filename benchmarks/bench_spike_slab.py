@@ -29,6 +29,11 @@ Suites (``python -m benchmarks.run SUITE``):
   (averaged over the two networks) is within one standard error of the lowest (the standard error of
   that mean over the validation images), the one that prunes the most weights; a fit that the
   validation images cannot tell from the best is preferred when it is sparser. No test image is read.
+- ``spike-slab-select-steps``: regression's ``min_steps`` (at least that many minibatch steps, in
+  added cycles of 100 epochs) among :data:`STEPS_CANDIDATES`, by the project's validation protocol
+  (:func:`~benchmarks.select_defaults.select_defaults`: 80% of splits 0-2 of the five small UCI
+  sets, a dense teacher and a near-linear target, scored on the other 20%; the highest mean
+  validation log-likelihood over the sets wins).
 
 The state figure is the size of the tensors the kernel keeps between steps (``SGHMC.state_bytes``:
 weights, momentum, one preconditioner tensor, the per-group EM vectors); the optimiser state is all
@@ -67,6 +72,7 @@ from .harness import (
     mean_se,
     uci_protocol,
 )
+from .select_defaults import select_defaults
 
 NAME = "spike-slab-sghmc"
 
@@ -547,7 +553,22 @@ def temperature_mnist(device) -> dict:
                     + f"; lowest T={best:g}; chosen (one-standard-error rule) T={chosen:g}"}}
 
 
-SUITES = {"spike-slab-speed": speed, "spike-slab-teacher": teacher, "spike-slab-boston": boston,
+#: the candidates of ``spike-slab-select-steps``: 6 cycles of 100 epochs whatever the rows, or at least
+#: 18,000, 36,000 or 72,000 minibatch steps (Boston's 455 rows at batch 32 run 1,500 a cycle: 12, 24
+#: and 48 cycles; protein's 45,730 rows 143,000: 6 cycles for every candidate)
+STEPS_CANDIDATES = {
+    "6 cycles": {"min_steps": None},
+    "min_steps 18000": {"min_steps": 18000},
+    "min_steps 36000": {"min_steps": 36000},
+    "min_steps 72000": {"min_steps": 72000},
+}
+
+
+def select_steps(device) -> dict:
+    return select_defaults(NAME, STEPS_CANDIDATES, "spike-slab-select-steps", device)
+
+
+SUITES = {"spike-slab-select-steps": select_steps, "spike-slab-speed": speed, "spike-slab-teacher": teacher, "spike-slab-boston": boston,
           "spike-slab-mnist": mnist, "spike-slab-chains": chains,
           "spike-slab-preconditioners": preconditioners, "spike-slab-preconditioners-mnist": preconditioners_mnist,
           "spike-slab-temperature-mnist": temperature_mnist}

@@ -184,8 +184,9 @@ TRAINING_OPTIONS: dict[str, Option] = {
 
 #: a number a user may give (key) and the default rule that otherwise sets it (value, a ``train``
 #: option): giving the number without the rule sets the rule to null, so that it runs as asked
-#: (``epochs`` and horseshoe-svi's ``min_steps``; ``warmup_epochs`` and bmr-iterative's ``warmup_fraction``)
-RULE_OPTIONS = {"epochs": "min_steps", "warmup_epochs": "warmup_fraction"}
+#: (``epochs`` and horseshoe-svi's ``min_steps``; ``epochs`` or ``cycles`` and spike-slab-sghmc's
+#: ``min_steps``; ``warmup_epochs`` and bmr-iterative's ``warmup_fraction``)
+RULE_OPTIONS = {"epochs": "min_steps", "cycles": "min_steps", "warmup_epochs": "warmup_fraction"}
 
 #: the options of the entries that make choices on a validation part of the training data
 #: (:meth:`bnnzoo.posterior.Posterior.fit`): the number of epochs (``epochs`` is then the most they

@@ -38,3 +38,32 @@ def test_asked_for_epochs_switch_the_default_rule_off():
     assert asked.config["train"]["min_steps"] is None
     both = bnnzoo.create("horseshoe-svi", "regression", (3,), 1, epochs=5, min_steps=100)
     assert both.config["train"]["min_steps"] == 100
+
+
+def _spike_slab(**options):
+    # batch 10; cycles of 4 // 2 = 2 epochs, the last state of each cycle kept, one warm-up cycle
+    return bnnzoo.create("spike-slab-sghmc", "regression", (3,), 1, seed=0, epochs=4, cycles=2, batch_size=10,
+                         samples_per_cycle=1, thinning=1, em_start=1, prune_start=1,
+                         network={"arch": "mlp", "hidden": [4]}, **options)
+
+
+@pytest.mark.parametrize(("rows", "cycles"), [(20, 3), (30, 2), (200, 2)])
+def test_spike_slab_min_steps_adds_cycles_on_few_rows(rows, cycles):
+    # 2, 3 and 20 steps per epoch, 4, 6 and 40 a cycle: at least 12 steps takes 3, 2 and 2 cycles
+    x, y = _data(rows)
+    post = _spike_slab(min_steps=12)
+    assert post.schedule(rows)["cycles"] == cycles
+    post.fit(x, y, progress=False)
+    assert len(post.history.loss) == 2 * cycles  # epochs run: whole cycles of two epochs
+    assert all(v.shape[1] == cycles - 1 for v in post.samples.values())  # one state per cycle after warm-up
+
+
+def test_spike_slab_asked_for_epochs_or_cycles_switch_the_rule_off():
+    assert _spike_slab().config["train"]["min_steps"] is None  # epochs and cycles were asked for
+    default = bnnzoo.create("spike-slab-sghmc", "regression", (3,), 1)
+    assert default.config["train"]["min_steps"] == 18000
+    # batch 32: 455 rows (Boston) make 15 steps an epoch, 1,500 a cycle of 100 epochs: 12 cycles;
+    # 45,730 rows (protein) make 1,430 an epoch: the 6 cycles run 858,000 steps
+    assert default.schedule(455)["cycles"] == 12 and default.schedule(45730)["cycles"] == 6
+    for asked in ({"cycles": 3}, {"epochs": 300}):
+        assert bnnzoo.create("spike-slab-sghmc", "regression", (3,), 1, **asked).config["train"]["min_steps"] is None

@@ -72,7 +72,9 @@ class SpikeSlabPosterior(SamplePosterior):
     """EM-SGHMC samples under the group spike-and-slab prior (see the module docstring)."""
 
     def schedule(self, num_data: int) -> dict:
-        """The run in minibatch steps and kernel samples for ``num_data`` training examples."""
+        """The run in minibatch steps and kernel samples for ``num_data`` training examples: cycles of
+        ``epochs // cycles`` epochs, ``cycles`` of them, or with ``min_steps`` as many more as it
+        takes to run at least that many minibatch steps (``"cycles"`` in the result)."""
         t = self.config["train"]
         spe = math.ceil(num_data / t["batch_size"])
         cycles, warm = int(t["cycles"]), int(t["warmup_cycles"])
@@ -81,10 +83,12 @@ class SpikeSlabPosterior(SamplePosterior):
         cycle_epochs = int(t["epochs"]) // cycles
         if cycle_epochs < 1:
             raise ConfigError(f"{t['epochs']} epochs cannot hold {cycles} cycles")
+        if t.get("min_steps"):  # a rule of n: more cycles (posterior modes) on fewer rows
+            cycles = max(cycles, math.ceil(int(t["min_steps"]) / (cycle_epochs * spe)))
         s, thin = int(t["samples_per_cycle"]), int(t["thinning"])
         if (s - 1) * thin >= cycle_epochs:
             raise ConfigError(f"{s} samples {thin} epochs apart do not fit in cycles of {cycle_epochs} epochs")
-        return {"steps_per_epoch": spe, "cycle_length": cycle_epochs * spe, "samples_per_cycle": s,
+        return {"steps_per_epoch": spe, "cycles": cycles, "cycle_length": cycle_epochs * spe, "samples_per_cycle": s,
                 "thinning": thin * spe, "warmup_steps": warm * s, "num_samples": (cycles - warm) * s,
                 "em_start": int(round(t["em_start"] * spe)), "em_every": max(1, int(round(t["em_every"] * spe))),
                 "prune_start": int(round(t["prune_start"] * spe))}
@@ -242,7 +246,12 @@ _OPTIONS = {
     "precond_decay": Option(float, ge=0, lt=1, help="rmsprop: decay of the running mean of squared gradients"),
     "precond_eps": Option(float, gt=0, help="rmsprop: the preconditioner's floor"),
     "tau_lr": Option(float, gt=0, help="ke-fan: step size of rho (their eta; 0.1 in their code)"),
-    "cycles": Option(int, ge=1, help="cosine step-size cycles (epochs // cycles epochs each)"),
+    "cycles": Option(int, ge=1, help="cosine step-size cycles (epochs // cycles epochs each; with min_steps: the "
+                                     "fewest)"),
+    "min_steps": Option(int, ge=1, nullable=True,
+                        help="at least this many minibatch steps: cycles of epochs // cycles epochs are added until "
+                             "the chain runs that many (more cycles, so more posterior modes, on fewer rows); null: "
+                             "cycles as given (giving epochs or cycles without min_steps sets it to null)"),
     "warmup_cycles": Option(int, ge=0, help="cycles of warm-up, nothing kept (below cycles)"),
     "samples_per_cycle": Option(int, ge=1, help="states kept at the end of each later cycle"),
     "thinning": Option(int, ge=1, help="epochs between kept states"),
@@ -292,13 +301,14 @@ register(CatalogEntry(
     defaults={
         "regression": {
             "model": {**_MODEL, "noise_scale": 0.5}, "guide": dict(_GUIDE),
-            "train": {"epochs": 600, "batch_size": 32, "lr": 3e-3, "cycles": 6, "warmup_cycles": 1,
+            "train": {"epochs": 600, "min_steps": 18000, "batch_size": 32, "lr": 3e-3, "cycles": 6, "warmup_cycles": 1,
                       "samples_per_cycle": 5, "thinning": 10, "em_start": 2, "em_every": 1, "prune_start": 30,
                       "prune_threshold": 0.5, "learn_noise": True, **_CHAINS}},
         "classification": {
             "model": {**_MODEL, "slab_scale": 3.0, "spike_scale": 0.15, "scaling": "fan_in"},
             "guide": {**_GUIDE, "temperature": 0.005},  # chosen on validation data: docs/methods/spike-slab-sghmc.md
-            "train": {"epochs": 20, "batch_size": 128, "lr": 5e-4, "augment": None, "cycles": 4, "warmup_cycles": 1,
+            "train": {"epochs": 20, "min_steps": None, "batch_size": 128, "lr": 5e-4, "augment": None, "cycles": 4,
+                      "warmup_cycles": 1,
                       "samples_per_cycle": 2, "thinning": 1, "em_start": 2, "em_every": 1, "prune_start": 4,
                       "prune_threshold": 0.5, **_CHAINS}},
     },

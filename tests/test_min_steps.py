@@ -61,9 +61,9 @@ def test_spike_slab_min_steps_adds_cycles_on_few_rows(rows, cycles):
 def test_spike_slab_asked_for_epochs_or_cycles_switch_the_rule_off():
     assert _spike_slab().config["train"]["min_steps"] is None  # epochs and cycles were asked for
     default = bnnzoo.create("spike-slab-sghmc", "regression", (3,), 1)
-    assert default.config["train"]["min_steps"] == 18000
-    # batch 32: 455 rows (Boston) make 15 steps an epoch, 1,500 a cycle of 100 epochs: 12 cycles;
+    assert default.config["train"]["min_steps"] == 36000
+    # batch 32: 455 rows (Boston) make 15 steps an epoch, 1,500 a cycle of 100 epochs: 24 cycles;
     # 45,730 rows (protein) make 1,430 an epoch: the 6 cycles run 858,000 steps
-    assert default.schedule(455)["cycles"] == 12 and default.schedule(45730)["cycles"] == 6
+    assert default.schedule(455)["cycles"] == 24 and default.schedule(45730)["cycles"] == 6
     for asked in ({"cycles": 3}, {"epochs": 300}):
         assert bnnzoo.create("spike-slab-sghmc", "regression", (3,), 1, **asked).config["train"]["min_steps"] is None

@@ -301,7 +301,7 @@ register(CatalogEntry(
     defaults={
         "regression": {
             "model": {**_MODEL, "noise_scale": 0.5}, "guide": dict(_GUIDE),
-            "train": {"epochs": 600, "min_steps": 18000, "batch_size": 32, "lr": 3e-3, "cycles": 6, "warmup_cycles": 1,
+            "train": {"epochs": 600, "min_steps": 36000, "batch_size": 32, "lr": 3e-3, "cycles": 6, "warmup_cycles": 1,
                       "samples_per_cycle": 5, "thinning": 10, "em_start": 2, "em_every": 1, "prune_start": 30,
                       "prune_threshold": 0.5, "learn_noise": True, **_CHAINS}},
         "classification": {

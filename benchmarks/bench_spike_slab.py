@@ -568,7 +568,8 @@ def select_steps(device) -> dict:
     return select_defaults(NAME, STEPS_CANDIDATES, "spike-slab-select-steps", device)
 
 
-SUITES = {"spike-slab-select-steps": select_steps, "spike-slab-speed": speed, "spike-slab-teacher": teacher, "spike-slab-boston": boston,
+SUITES = {"spike-slab-select-steps": select_steps, "spike-slab-speed": speed, "spike-slab-teacher": teacher,
+          "spike-slab-boston": boston,
           "spike-slab-mnist": mnist, "spike-slab-chains": chains,
           "spike-slab-preconditioners": preconditioners, "spike-slab-preconditioners-mnist": preconditioners_mnist,
           "spike-slab-temperature-mnist": temperature_mnist}

@@ -13,8 +13,11 @@ groups whose inclusion probability falls below ``prune_threshold`` (from epoch `
 
 Schedule (``train`` options): ``epochs`` are cut into ``cycles`` cosine cycles of ``epochs //
 cycles`` epochs; the first ``warmup_cycles`` are warm-up (nothing is kept); every later cycle
-contributes its last ``samples_per_cycle`` states, ``thinning`` epochs apart. The stored posterior
-thus holds ``num_chains * (cycles - warmup_cycles) * samples_per_cycle`` weight samples.
+contributes its last ``samples_per_cycle`` states, ``thinning`` epochs apart. With ``min_steps``
+(regression's default 36,000), cycles are added until the chain runs at least that many minibatch
+steps: a rule of the number of rows, more cycles (posterior modes) on fewer rows, chosen on
+validation parts (docs/methods/spike-slab-sghmc.md). The stored posterior thus holds ``num_chains *
+(cycles - warmup_cycles) * samples_per_cycle`` weight samples, ``cycles`` as :meth:`schedule` sets it.
 
 Defaults. EM starts almost at once (``em_start``: 2 epochs), while the weights are still near
 PyTorch's initialisation and inside the spike: the groups that the likelihood grows leave it for the

@@ -208,15 +208,17 @@ VALIDATION_OPTIONS: dict[str, Option] = {
 }
 
 #: the validation options' values of an entry that makes no choice on validation data
-VALIDATION_OFF = {"validation_fraction": None, "select_epochs": True, "patience": 20, "calibrate": False,
-                  "select_folds": None}
+VALIDATION_OFF = {"validation_fraction": None, "select_epochs": True, "patience": 20, "calibrate": False}
 #: classification: the predictive's temperature fitted on a validation fifth of the training
 #: rows, the epochs run as configured: a mean-field fit of a few epochs is overconfident (its
 #: posterior spread barely leaves the initial scale), and one temperature fitted on held-out rows
 #: corrects that without touching the fit (docs/methods/map-meanfield.md). The classification
 #: default of meanfield-vi, horseshoe-svi, bmr and bmr-iterative.
-CALIBRATED = {"validation_fraction": 0.2, "select_epochs": False, "patience": 20, "calibrate": True,
-              "select_folds": None}
+CALIBRATED = {"validation_fraction": 0.2, "select_epochs": False, "patience": 20, "calibrate": True}
+#: ``select_folds`` continues each fold's fit in stages, so only an entry whose fit up to an epoch
+#: does not depend on its total epochs offers it (map and meanfield-vi; not the entries that place a
+#: reduction, warm-up or pruning by the epochs): those entries add this to their training defaults
+NO_FOLDS = {"select_folds": None}
 
 
 def default_network(dataset_name: str, task: str, input_shape: tuple[int, ...]) -> dict:

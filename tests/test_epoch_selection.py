@@ -277,3 +277,13 @@ def test_map_regression_defaults_are_the_committed_validation_choice():
     chosen = result["candidates"][result["chosen"]]
     assert {k: train[k] for k in chosen} == chosen
     assert train["validation_fraction"] and train["select_epochs"]
+
+
+@pytest.mark.parametrize("name", ["horseshoe-svi", "bmr", "bmr-iterative", "em-tdamp"])
+def test_select_folds_is_not_offered_where_the_fit_changes_with_its_total_epochs(name):
+    """These fits place a reduction, warm-up or pruning by their total epochs, so fits continued in
+    stages would not equal one fit of that many epochs: they have no select_folds option."""
+    for task in ("regression", "classification"):
+        assert "select_folds" not in get_entry(name).schema(task)
+    with pytest.raises(ConfigError, match=f"{name} has no option 'select_folds'"):
+        bnnzoo.create(name, "regression", (3,), 1, validation_fraction=0.2, select_folds=3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..catalog import (
     CALIBRATED,
+    NO_FOLDS,
     TRAINING_OPTIONS,
     VALIDATION_OFF,
     VALIDATION_OPTIONS,
@@ -81,8 +82,9 @@ GAUSSIAN_SVI_OPTIONS = {
     **VALIDATION_OPTIONS,
 }
 
-_REGRESSION_TRAIN = {"epochs": 100, "batch_size": 32, "lr": 3e-3, **VALIDATION_OFF}
-_CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3, "augment": None, **VALIDATION_OFF}
+_REGRESSION_TRAIN = {"epochs": 100, "batch_size": 32, "lr": 3e-3, **VALIDATION_OFF, **NO_FOLDS}
+_CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3, "augment": None, **VALIDATION_OFF,
+                         **NO_FOLDS}
 #: MAP has no posterior spread to absorb a misfit: run to the end, it drives the learned noise below
 #: the held-out residuals (Boston: validation LL best near epoch 30 of 100), so its epochs are chosen
 #: on held-out rows, at most 300 at lr 1e-3 (suite ``map-select``), by the pooled score of five

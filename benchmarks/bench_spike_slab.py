@@ -34,6 +34,8 @@ Suites (``python -m benchmarks.run SUITE``):
   (:func:`~benchmarks.select_defaults.select_defaults`: 80% of splits 0-2 of the five small UCI
   sets, a dense teacher and a near-linear target, scored on the other 20%; the highest mean
   validation log-likelihood over the sets wins).
+- ``spike-slab-select-scales``: regression's spike and slab scales and their ``scaling`` among
+  :data:`SCALES_CANDIDATES`, by the same protocol.
 
 The state figure is the size of the tensors the kernel keeps between steps (``SGHMC.state_bytes``:
 weights, momentum, one preconditioner tensor, the per-group EM vectors); the optimiser state is all
@@ -568,7 +570,24 @@ def select_steps(device) -> dict:
     return select_defaults(NAME, STEPS_CANDIDATES, "spike-slab-select-steps", device)
 
 
-SUITES = {"spike-slab-select-steps": select_steps, "spike-slab-speed": speed, "spike-slab-teacher": teacher,
+#: the candidates of ``spike-slab-select-scales``: regression's spike and slab scales, the same for
+#: every weight (the catalog default) or divided by the square root of the layer's fan-in. At the
+#: median probability rule a group of ``m`` weights leaves the slab when its norm falls below about
+#: ``1.83 s0 sqrt(m)`` (slab five times the spike): absolute scales put that threshold on a neuron's
+#: norm at ``0.37 sqrt(m)``, which grows with the fan-in; fan-in scales put it at ``1.83 s0`` for any
+#: fan-in (0.73 and 1.10 here, a neuron's pre-activation sd for unit-variance inputs)
+SCALES_CANDIDATES = {
+    "absolute 0.2 / 1": {},
+    "fan_in 0.4 / 2": {"scaling": "fan_in", "spike_scale": 0.4, "slab_scale": 2.0},
+    "fan_in 0.6 / 3": {"scaling": "fan_in", "spike_scale": 0.6, "slab_scale": 3.0},
+}
+
+
+def select_scales(device) -> dict:
+    return select_defaults(NAME, SCALES_CANDIDATES, "spike-slab-select-scales", device)
+
+
+SUITES = {"spike-slab-select-steps": select_steps, "spike-slab-select-scales": select_scales, "spike-slab-speed": speed, "spike-slab-teacher": teacher,
           "spike-slab-boston": boston,
           "spike-slab-mnist": mnist, "spike-slab-chains": chains,
           "spike-slab-preconditioners": preconditioners, "spike-slab-preconditioners-mnist": preconditioners_mnist,

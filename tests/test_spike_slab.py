@@ -101,6 +101,30 @@ def test_e_step_equals_bayes_rule():
         assert direct.min() < 0.01 and direct.max() > 0.99  # the test spans both components
 
 
+def _keep_norm(prior: SpikeSlabPrior, layer: str) -> float:
+    """The norm of a neuron's group (weights and bias) at which the E-step gives p = 1/2 with pi = 1/2."""
+    s0, s1 = prior.scales(layer)
+    size = prior.layout(layer).size
+    sq_norm = torch.linspace(1e-4, 100.0, 200001, dtype=torch.float64)
+    p = inclusion_probability(sq_norm, size, torch.tensor(0.5, dtype=torch.float64), s0, s1)
+    return math.sqrt(float(sq_norm[(p >= 0.5).nonzero()[0, 0]]))
+
+
+def test_regression_default_keeps_a_neuron_by_a_norm_that_does_not_grow_with_its_inputs():
+    """With the regression defaults a hidden neuron leaves the slab below a norm of its weights
+    that is the same (up to its bias's share) for 4 or 64 inputs; absolute scales put it 3.6x higher
+    at 64 inputs, where a dense teacher's neurons (norm about 1 whatever the inputs) were pruned."""
+    def norms(**scales):
+        return [_keep_norm(bnnzoo.create("spike-slab-sghmc", "regression", (d,), 1, **scales).model.prior, "fc1")
+                for d in (4, 16, 64)]
+
+    default = norms()
+    assert max(default) / min(default) < 1.15
+    assert 0.5 < min(default) < 1.0  # below the teacher's neuron norm of about 1
+    absolute = norms(scaling="absolute", spike_scale=0.2, slab_scale=1.0)
+    assert absolute[2] / absolute[0] > 3.0
+
+
 def test_m_step_maximises_the_expected_log_prior():
     """d_g is the curvature of E_gamma[-ln p(theta_g | gamma)]; pi maximises the expected complete
     log prior plus the Beta prior (checked on a grid)."""

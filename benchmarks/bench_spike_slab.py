@@ -79,10 +79,9 @@ from .select_defaults import select_defaults
 NAME = "spike-slab-sghmc"
 
 # the scales are absolute (the same for every layer), as when the suite's figures were first measured
-TEACHER_OPTIONS = {"first_layer": "inputs", "scaling": "absolute", "spike_scale": 0.02, "slab_scale": 1.0, "epochs": 120,
-                   "batch_size": 128,
-                   "cycles": 4, "samples_per_cycle": 4, "thinning": 2, "em_start": 0.05, "prune_start": 10,
-                   "lr": 1e-3}
+TEACHER_OPTIONS = {"first_layer": "inputs", "scaling": "absolute", "spike_scale": 0.02, "slab_scale": 1.0,
+                   "epochs": 120, "batch_size": 128, "cycles": 4, "samples_per_cycle": 4, "thinning": 2,
+                   "em_start": 0.05, "prune_start": 10, "lr": 1e-3}
 MNIST_OPTIONS: dict = {}  # the catalog's classification defaults
 MNIST_NUM_SAMPLES = 4  # LeNet-5 on 10,000 test images is slow on this CPU: few draws
 
@@ -573,7 +572,7 @@ def select_steps(device) -> dict:
 
 
 #: the candidates of ``spike-slab-select-scales``: regression's spike and slab scales, the same for
-#: every weight (the catalog default) or divided by the square root of the layer's fan-in. At the
+#: every weight (the former default) or divided by the square root of the layer's fan-in. At the
 #: median probability rule a group of ``m`` weights leaves the slab when its norm falls below about
 #: ``1.83 s0 sqrt(m)`` (slab five times the spike): absolute scales put that threshold on a neuron's
 #: norm at ``0.37 sqrt(m)``, which grows with the fan-in; fan-in scales put it at ``1.83 s0`` for any
@@ -589,7 +588,8 @@ def select_scales(device) -> dict:
     return select_defaults(NAME, SCALES_CANDIDATES, "spike-slab-select-scales", device)
 
 
-SUITES = {"spike-slab-select-steps": select_steps, "spike-slab-select-scales": select_scales, "spike-slab-speed": speed, "spike-slab-teacher": teacher,
+SUITES = {"spike-slab-select-steps": select_steps, "spike-slab-select-scales": select_scales,
+          "spike-slab-speed": speed, "spike-slab-teacher": teacher,
           "spike-slab-boston": boston,
           "spike-slab-mnist": mnist, "spike-slab-chains": chains,
           "spike-slab-preconditioners": preconditioners, "spike-slab-preconditioners-mnist": preconditioners_mnist,

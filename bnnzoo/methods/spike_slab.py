@@ -32,10 +32,11 @@ Both tasks divide the scales by the square root of each layer's fan-in, so that 
 which a group leaves the slab is the same for a layer of any width. Regression: ``s1 = 2``,
 ``s0 = 0.4`` (chosen on validation parts over absolute scales ``s1 = 1``, ``s0 = 0.2``, whose
 threshold grows with the fan-in), temperature 1, the noise scale learned by its M-step.
-Classification: ``s1 = 3``, ``s0 = 0.15`` and a cold posterior, temperature 0.005, under which unsupported groups shrink into
-the spike and are pruned while supported ones stay; the temperature was chosen on three validation
-fifths of MNIST train5k by the one-standard-error rule (the sparsest of the temperatures whose
-validation NLL is within one standard error of the lowest; docs/methods/spike-slab-sghmc.md).
+Classification: ``s1 = 3``, ``s0 = 0.15`` and a cold posterior, temperature 0.005, under which
+unsupported groups shrink into the spike and are pruned while supported ones stay; the temperature
+was chosen on three validation fifths of MNIST train5k by the one-standard-error rule (the sparsest
+of the temperatures whose validation NLL is within one standard error of the lowest;
+docs/methods/spike-slab-sghmc.md).
 
 One-shot pruning after the fit (:meth:`SpikeSlabPosterior.prune`): the posterior inclusion
 probability of a group is estimated by the E-step averaged over the stored draws of its chain

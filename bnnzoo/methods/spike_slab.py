@@ -218,8 +218,9 @@ def _create(config: dict, device="cpu") -> SpikeSlabPosterior:
     return SpikeSlabPosterior(model, name=NAME, config=config, device=device)
 
 
-_MODEL = {"slab_scale": 1.0, "spike_scale": 0.2, "a": 1.0, "b": 1.0, "output_scale": None, "first_layer": "neurons",
-          "scaling": "absolute", "groups": "output"}
+# regression's scales per fan-in, chosen on validation parts (docs/methods/spike-slab-sghmc.md)
+_MODEL = {"slab_scale": 2.0, "spike_scale": 0.4, "a": 1.0, "b": 1.0, "output_scale": None, "first_layer": "neurons",
+          "scaling": "fan_in", "groups": "output"}
 _GUIDE = {"friction": 0.1, "temperature": 1.0, "preconditioner": "rmsprop", "precondition": "always",
           "precond_decay": 0.99, "precond_eps": 1e-5, "tau_lr": 0.1}
 _CHAINS = {"num_chains": 1, "mp_context": None}
@@ -306,14 +307,12 @@ register(CatalogEntry(
     create=_create,
     defaults={
         "regression": {
-            # scales per fan-in chosen on validation parts: docs/methods/spike-slab-sghmc.md
-            "model": {**_MODEL, "slab_scale": 2.0, "spike_scale": 0.4, "scaling": "fan_in", "noise_scale": 0.5},
-            "guide": dict(_GUIDE),
+            "model": {**_MODEL, "noise_scale": 0.5}, "guide": dict(_GUIDE),
             "train": {"epochs": 600, "min_steps": 36000, "batch_size": 32, "lr": 3e-3, "cycles": 6, "warmup_cycles": 1,
                       "samples_per_cycle": 5, "thinning": 10, "em_start": 2, "em_every": 1, "prune_start": 30,
                       "prune_threshold": 0.5, "learn_noise": True, **_CHAINS}},
         "classification": {
-            "model": {**_MODEL, "slab_scale": 3.0, "spike_scale": 0.15, "scaling": "fan_in"},
+            "model": {**_MODEL, "slab_scale": 3.0, "spike_scale": 0.15},
             "guide": {**_GUIDE, "temperature": 0.005},  # chosen on validation data: docs/methods/spike-slab-sghmc.md
             "train": {"epochs": 20, "min_steps": None, "batch_size": 128, "lr": 5e-4, "augment": None, "cycles": 4,
                       "warmup_cycles": 1,

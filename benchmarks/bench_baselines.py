@@ -5,7 +5,9 @@ Suite ``map-select``: how map's regression defaults were chosen, on validation d
 small UCI sets, a dense teacher and a near-linear set, score on the other 20%; the candidate with the
 highest validation log-likelihood averaged over the sets is chosen). The candidates of
 :data:`MAP_CANDIDATES` change one setting of the defaults each: the prior scale (weight decay), the
-learning rate, and how many epochs the validation-chosen number may reach.
+learning rate, and how many epochs the validation-chosen number may reach. Suite
+``map-select-prior``, the same protocol: whether the prior's scale is the same in every layer or
+divided by the square root of the layer's fan-in (:data:`MAP_PRIOR_CANDIDATES`).
 """
 
 from __future__ import annotations
@@ -41,4 +43,18 @@ def map_select(device) -> dict:
     return select_defaults("map", MAP_CANDIDATES, "map-select", device)
 
 
-SUITES = {"baselines-mnist": mnist, "baselines-boston": boston, "map-select": map_select}
+#: the candidates of ``map-select-prior``: the prior scale the same in every layer (the former
+#: default), or divided by the square root of the layer's fan-in, at two scales
+MAP_PRIOR_CANDIDATES = {
+    "absolute, s = 1 (former)": {"prior_scaling": "absolute", "prior_scale": 1.0},
+    "fan_in, s = 1": {"prior_scaling": "fan_in", "prior_scale": 1.0},
+    "fan_in, s = 2": {"prior_scaling": "fan_in", "prior_scale": 2.0},
+}
+
+
+def map_select_prior(device) -> dict:
+    return select_defaults("map", MAP_PRIOR_CANDIDATES, "map-select-prior", device)
+
+
+SUITES = {"baselines-mnist": mnist, "baselines-boston": boston, "map-select": map_select,
+          "map-select-prior": map_select_prior}

@@ -63,9 +63,9 @@ def check_refittable(posterior) -> None:
                         f"{name!r}: use bnnzoo.loo.loo(..., reloo=True) (one full refit per point of high Pareto k) "
                         f"or K-fold cross-validation")
     if not isinstance(getattr(posterior, "guide", None), MeanFieldNormal) or posterior.elbo is not None \
-            or not isinstance(posterior.model.prior, GaussianPrior):
-        raise TypeError(f"exact LOO refits the catalog's {SUPPORTED_ENTRY} fit (MeanFieldNormal guide, GaussianPrior, "
-                        f"LocalReparamELBO); this posterior was built differently")
+            or not isinstance(posterior.model.prior, GaussianPrior) or not posterior.model.prior.uniform:
+        raise TypeError(f"exact LOO refits the catalog's {SUPPORTED_ENTRY} fit (MeanFieldNormal guide, GaussianPrior "
+                        f"with one scale for every weight, LocalReparamELBO); this posterior was built differently")
     other = [layer for layer in posterior.net.layers if not isinstance(layer, (Dense, Activation, Flatten))]
     if other:
         raise TypeError(f"exact LOO by vectorised refits needs a dense network; {posterior.net.name} has "

@@ -478,10 +478,11 @@ def evidence_changes(guide: GaussianWeights, *, level: str = "weight", prune_las
 
 
 def prior_variance(prior, site: str):
-    """The prior variance of a site: ``scale^2`` of a :class:`~bnnzoo.models.GaussianPrior` (a
-    number), or the variance of any zero-mean Normal site prior (a tensor)."""
-    scale = getattr(prior, "scale_value", None)
-    if scale is not None:
+    """The prior variance of a site: ``site_scale(site)^2`` of a :class:`~bnnzoo.models.GaussianPrior`
+    (a number), or the variance of any zero-mean Normal site prior (a tensor)."""
+    site_scale = getattr(prior, "site_scale", None)
+    if site_scale is not None:
+        scale = site_scale(site)
         return scale * scale
     d = prior.site_distribution(site)
     base = getattr(d, "base_dist", d)

@@ -134,10 +134,11 @@ class MeanFieldNormal(WeightGuide):
         """One local-reparameterised draw of the network outputs for ``x`` and ``KL(q || prior)``."""
         kl = torch.zeros((), device=x.device)
         prior = model.prior
-        fused_scale = getattr(prior, "scale_value", None)
+        site_scale = getattr(prior, "site_scale", None)  # a GaussianPrior: one scale per layer
 
         def linear(layer, h):
             nonlocal kl
+            fused_scale = None if site_scale is None else site_scale(f"{layer.name}.weight")
             if fused_scale is not None and layer.kind in ("dense", "linear") and len(self.masks) == 0:
                 out, layer_kl = local_reparam_dense(
                     h, self.locs[layer.name]["weight"], self.log_scales[layer.name]["weight"],
@@ -201,7 +202,8 @@ class MeanFieldNormal(WeightGuide):
 
     @staticmethod
     def _kl(prior, site, loc, var, log_scale, keep) -> torch.Tensor:
-        scale = getattr(prior, "scale", None)
+        # one scale for every site (a GaussianPrior whose scale is not per layer): the fused formula
+        scale = getattr(prior, "scale", None) if getattr(prior, "uniform", True) else None
         if keep is not None:
             # a pruned weight is a point mass of the reduced model: it carries no KL term
             n_pruned = (~keep).sum()

@@ -371,8 +371,8 @@ class SGHMC(MCMCKernel):
             self._decays = [self.em.decays()[s] for s in self.sites]
             keep = self.em.keep_views()
         else:
-            d = torch.tensor(self.model.prior.scale_value ** -2, device=device)
-            self._decays = [d] * len(self.sites)
+            prior = self.model.prior
+            self._decays = [torch.tensor(prior.site_scale(s) ** -2, device=device) for s in self.sites]
             keep = {}
         one = torch.ones((), device=device)
         self._keep = [keep.get(s, one) for s in self.sites]

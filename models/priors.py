@@ -1,4 +1,5 @@
-"""The flat Gaussian prior: independent ``N(0, scale^2)`` on every weight and bias."""
+"""Gaussian weight priors: independent ``N(0, scale^2)`` on every weight and bias (per layer with
+``scaling="fan_in"``), and the layer-scale prior of Markovic, Friston & Kiebel's code."""
 
 from __future__ import annotations
 
@@ -7,37 +8,61 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .likelihoods import check_scale
 from .networks import Network
 
+#: how a prior's scales depend on the layer: the same in every layer, or divided by sqrt(fan_in)
+SCALINGS = ("absolute", "fan_in")
+
 
 class GaussianPrior(nn.Module):
-    """``w ~ N(0, scale^2)`` independently for every weight of ``net``.
+    """``w ~ N(0, scale^2 f_l^2)`` independently for every weight and bias of layer ``l`` of ``net``.
+
+    ``scaling`` sets the layer factor ``f_l``: ``"absolute"`` (the default), ``f_l = 1``, one scale
+    for every site; ``"fan_in"``, ``f_l = 1/sqrt(fan_in_l)``, so that ``scale`` is the prior scale of
+    a neuron's pre-activation for inputs of unit variance, the same whatever the layer's width (the
+    scaling of :class:`~bnnzoo.models.spike_slab.SpikeSlabPrior`; weight decay ``fan_in / (2 scale^2)``).
 
     The scale is a fixed hyperparameter (``scale_value``, a Python number, so reading it never
-    synchronises a device); ``scale`` is the same as a tensor on the prior's device, kept in a
-    non-persistent buffer so that ``prior.to("cuda")`` moves it (Pyro's ``PyroSample`` priors would
-    not move with the module).
+    synchronises a device; :meth:`site_scale` gives a site's scale after the layer factor); ``scale``
+    is the same as a tensor on the prior's device, kept in a non-persistent buffer so that
+    ``prior.to("cuda")`` moves it (Pyro's ``PyroSample`` priors would not move with the module).
     """
 
-    def __init__(self, net: Network, scale: float = 1.0):
+    def __init__(self, net: Network, scale: float = 1.0, scaling: str = "absolute"):
         super().__init__()
         scale = check_scale("prior_scale", scale)  # a ConfigError outside float32's usable range
+        if scaling not in SCALINGS:
+            raise ConfigError(f"prior scaling {scaling!r} is not one of {SCALINGS}")
         self.net = net
         self.scale_value = float(scale)
+        self.scaling = scaling
+        self._factors = {f"{layer.name}.{kind}": (1.0 if scaling == "absolute" else layer.fan_in ** -0.5)
+                         for layer in net.param_layers for kind in ("weight", "bias")}
         self.register_buffer("scale", torch.tensor(float(scale)), persistent=False)
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every site has the same scale (``scale_value``)."""
+        return self.scaling == "absolute"
+
+    def site_scale(self, site: str) -> float:
+        """The prior standard deviation of every weight of ``site``: ``scale f_l``."""
+        return self.scale_value * self._factors[site]
 
     def site_distribution(self, site: str) -> dist.Distribution:
         """The prior of one weight site (a batched ``Normal`` with the site's shape as event)."""
         shape = self.net.sites()[site]
-        return dist.Normal(torch.zeros((), device=self.scale.device), self.scale).expand(shape).to_event(len(shape))
+        scale = self.scale if self.uniform else self.scale * self._factors[site]
+        return dist.Normal(torch.zeros((), device=self.scale.device), scale).expand(shape).to_event(len(shape))
 
     def forward(self) -> dict[str, torch.Tensor]:
         """Sample every weight site under Pyro; returns site name -> value."""
         return {site: pyro.sample(site, self.site_distribution(site)) for site in self.net.sites()}
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale_value:g}"
+        return f"scale={self.scale_value:g}" + ("" if self.uniform else f", scaling={self.scaling}")
 
 
 class LayerScaleGaussianPrior(nn.Module):

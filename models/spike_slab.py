@@ -43,11 +43,11 @@ import torch
 from torch import nn
 
 from .networks import Network
+from .priors import SCALINGS
 
 FIRST_LAYER_GROUPS = ("neurons", "inputs")
 #: ``"output"``: neurons / filters of the hidden layers; ``"input"``: Ke & Fan's input columns / kernels
 GROUPINGS = ("output", "input")
-SCALINGS = ("absolute", "fan_in")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,14 @@ from bnnzoo.guides import (
     kl_normal_zero_mean,
 )
 from bnnzoo.guides.weight_guide import PRUNED_SCALE
-from bnnzoo.models import BayesianNeuralNetwork, HorseshoePrior, make_likelihood
-from bnnzoo.models.networks import Conv2d, Network, mlp
+from bnnzoo.models import (
+    BayesianNeuralNetwork,
+    GaussianPrior,
+    HorseshoePrior,
+    make_likelihood,
+)
+from bnnzoo.models.errors import ConfigError
+from bnnzoo.models.networks import Conv2d, Dense, Flatten, Network, mlp
 
 
 def mc_kl(guide, prior, num_draws: int = 20000, masks: dict | None = None):
@@ -142,6 +148,54 @@ def test_kl_with_per_site_prior_against_monte_carlo():
     assert abs(float(kl.detach()) - float(estimate)) < 4 * float(se)
     _, kl2 = guide.sample_outputs_and_kl(model, torch.randn(4, 2))
     torch.testing.assert_close(kl2, kl)
+
+
+def fan_in_model(net, scale: float = 2.0):
+    return BayesianNeuralNetwork(net, GaussianPrior(net, scale, scaling="fan_in"), make_likelihood("regression"))
+
+
+def test_fan_in_prior_density_is_the_closed_form_per_layer():
+    """``scaling="fan_in"``: every weight and bias of a layer reading ``m`` inputs is ``N(0, s^2 / m)``."""
+    torch.manual_seed(0)
+    net = Network([Conv2d("conv1", 1, 2, 3), Flatten(), Dense("fc1", 8, 3)], (1, 4, 4))
+    prior = GaussianPrior(net, 2.0, scaling="fan_in")
+    fan_in = {"conv1": 9, "fc1": 8}
+    for site, shape in net.sites().items():
+        w = torch.randn(shape)
+        var = 4.0 / fan_in[site.split(".")[0]]
+        expected = float((-0.5 * w.pow(2) / var - 0.5 * math.log(2 * math.pi * var)).sum())
+        assert float(prior.site_distribution(site).log_prob(w)) == pytest.approx(expected, rel=1e-5)
+        assert prior.site_scale(site) == pytest.approx(math.sqrt(var))
+    assert GaussianPrior(net, 2.0).site_scale("conv1.weight") == 2.0
+    with pytest.raises(ConfigError, match="scaling"):
+        GaussianPrior(net, 2.0, scaling="per-layer")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_kl_under_a_fan_in_prior_against_monte_carlo(masked):
+    """The fused dense path (one prior scale per layer), the masked one and the generic one all use
+    the layer's scale ``s / sqrt(fan_in)``."""
+    torch.manual_seed(0)
+    model = fan_in_model(mlp(3, [4], 2))
+    guide = randomise_guide(MeanFieldNormal(model))
+    masks = {"fc1.weight": torch.rand(4, 3) > 0.3} if masked else None
+    if masks:
+        guide.set_masks(masks)
+    estimate, se = mc_kl(guide, model.prior, masks=masks)
+    kl = guide.kl_divergence(model)
+    assert abs(float(kl.detach()) - float(estimate)) < 4 * float(se)
+    _, fused = guide.sample_outputs_and_kl(model, torch.randn(5, 3))
+    torch.testing.assert_close(fused, kl)
+
+
+def test_point_mass_objective_under_a_fan_in_prior():
+    model = fan_in_model(mlp(3, [4], 1), scale=0.5)
+    guide = PointMass(model)
+    _, neg_log_prior = guide.sample_outputs_and_kl(model, torch.randn(2, 3))
+    params = guide.posterior_mean()
+    expected = -sum(float(dist.Normal(0.0, 0.5 / math.sqrt(3 if s.startswith("fc1") else 4)).log_prob(v.detach()).sum())
+                    for s, v in params.items())
+    assert float(neg_log_prior.detach()) == pytest.approx(expected, rel=1e-5)
 
 
 # ------------------------------------------------------------------ local reparameterisation

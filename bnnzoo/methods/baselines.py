@@ -20,6 +20,7 @@ from ..models import BayesianNeuralNetwork, GaussianPrior, make_likelihood
 from ..models.likelihoods import FLOAT32_SCALE_RANGE
 from ..models.module_network import ModuleNetwork
 from ..models.networks import Network, build_network
+from ..models.priors import SCALINGS
 from ..networks import check_saved_sites, is_module_config, module_network
 from ..variational import VariationalPosterior
 
@@ -57,7 +58,9 @@ def _create_meanfield(config: dict, device="cpu") -> VariationalPosterior:
 
 
 def _create_map(config: dict, device="cpu") -> VariationalPosterior:
-    model = build_model(config, lambda net: GaussianPrior(net, config["model"]["prior_scale"]))
+    # a configuration saved before the option has the absolute scale it was fitted with
+    scaling = config["model"].get("prior_scaling", "absolute")
+    model = build_model(config, lambda net: GaussianPrior(net, config["model"]["prior_scale"], scaling))
     posterior = VariationalPosterior(model, PointMass(model), name="map", config=config, device=device)
     posterior.point_estimate = True  # a point mass: one draw for ArviZ, no ESS or LOO
     return posterior
@@ -80,6 +83,14 @@ GAUSSIAN_SVI_OPTIONS = {
                                             "targets); it is learned (null is refused)"),
     "init_scale": scale_option(help="the guide's initial standard deviation of every weight"),
     **VALIDATION_OPTIONS,
+}
+
+#: map's options: the Gaussian SVI entries' and how the prior's scale depends on the layer
+MAP_OPTIONS = {
+    **GAUSSIAN_SVI_OPTIONS,
+    "prior_scaling": Option(str, choices=SCALINGS,
+                            help="absolute: N(0, s^2) on every weight and bias; fan_in: N(0, s^2 / fan_in) in a "
+                                 "layer whose neurons read fan_in inputs"),
 }
 
 _REGRESSION_TRAIN = {"epochs": 100, "batch_size": 32, "lr": 3e-3, **VALIDATION_OFF, **NO_FOLDS}
@@ -115,9 +126,10 @@ register(CatalogEntry(
     tasks=("regression", "classification"),
     create=_create_map,
     defaults={
-        "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5}, "guide": {},
-                       "train": dict(_MAP_REGRESSION_TRAIN)},
-        "classification": {"model": {"prior_scale": 1.0}, "guide": {}, "train": dict(_CLASSIFICATION_TRAIN)},
+        "regression": {"model": {"prior_scale": 1.0, "prior_scaling": "absolute", "noise_scale": 0.5},
+                       "guide": {}, "train": dict(_MAP_REGRESSION_TRAIN)},
+        "classification": {"model": {"prior_scale": 1.0, "prior_scaling": "absolute"}, "guide": {},
+                           "train": dict(_CLASSIFICATION_TRAIN)},
     },
-    options=GAUSSIAN_SVI_OPTIONS,
+    options=MAP_OPTIONS,
 ))

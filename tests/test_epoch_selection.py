@@ -279,6 +279,21 @@ def test_map_regression_defaults_are_the_committed_validation_choice():
     assert train["validation_fraction"] and train["select_epochs"]
 
 
+def test_map_regression_prior_is_the_committed_validation_choice():
+    """map's regression prior (scale and per-layer scaling) is the candidate that the committed
+    ``map-select-prior`` run chose on validation data; under it a neuron's pre-activation has the same
+    prior scale whatever its fan-in."""
+    result = json.loads((Path(__file__).parents[1] / "benchmarks/results/map-select-prior.json").read_text())
+    scores = result["mean_validation_log_likelihood"]
+    assert result["chosen"] == max(scores, key=scores.get)
+    model = get_entry("map").defaults["regression"]["model"]
+    chosen = result["candidates"][result["chosen"]]
+    assert {k: model[k] for k in chosen} == chosen
+    spreads = [bnnzoo.create("map", "regression", (d,), 1).model.prior.site_scale("fc1.weight") * d**0.5
+               for d in (4, 16, 64)]
+    assert spreads == pytest.approx([chosen["prior_scale"]] * 3)
+
+
 @pytest.mark.parametrize("name", ["horseshoe-svi", "bmr", "bmr-iterative", "em-tdamp"])
 def test_select_folds_is_not_offered_where_the_fit_changes_with_its_total_epochs(name):
     """These fits place a reduction, warm-up or pruning by their total epochs, so fits continued in

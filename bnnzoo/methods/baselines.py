@@ -101,6 +101,10 @@ _CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3, "augment":
 #: on held-out rows, at most 300 at lr 1e-3 (suite ``map-select``), by the pooled score of five
 #: folds run in step, each row held out once, which also sets the predictive noise
 #: (docs/methods/map-meanfield.md)
+#: map's regression prior: N(0, 2^2 / fan_in) per layer, chosen among the same scale in every
+#: layer (the former N(0, 1)) and per fan-in scales on validation parts (suite ``map-select-prior``;
+#: docs/methods/map-meanfield.md)
+_MAP_REGRESSION_PRIOR = {"prior_scale": 2.0, "prior_scaling": "fan_in"}
 _MAP_REGRESSION_TRAIN = {**_REGRESSION_TRAIN, "epochs": 300, "lr": 1e-3, "validation_fraction": 0.2, "select_folds": 5}
 
 register(CatalogEntry(
@@ -126,7 +130,7 @@ register(CatalogEntry(
     tasks=("regression", "classification"),
     create=_create_map,
     defaults={
-        "regression": {"model": {"prior_scale": 1.0, "prior_scaling": "absolute", "noise_scale": 0.5},
+        "regression": {"model": {**_MAP_REGRESSION_PRIOR, "noise_scale": 0.5},
                        "guide": {}, "train": dict(_MAP_REGRESSION_TRAIN)},
         "classification": {"model": {"prior_scale": 1.0, "prior_scaling": "absolute"}, "guide": {},
                            "train": dict(_CLASSIFICATION_TRAIN)},

@@ -18,7 +18,9 @@ the test MSE relative to the dense ``meanfield-vi`` fit on the same data and see
 prunes a whole layer; every entry's test MSE within 20% of ``meanfield-vi``'s (:data:`MSE_TOLERANCE`),
 judged on the mean over seeds of the MSE ratio.
 
-One result file per input count, ``dense-teacher-d<D>``, written as soon as it is done.
+One result file per input count, ``dense-teacher-d<D>``, written as soon as it is done; a run of some
+entries only (``BNNZOO_TEACHER_ENTRIES``) writes ``dense-teacher-d<D>-<entries>``, whose rows the
+report shows in place of the full run's.
 """
 
 from __future__ import annotations
@@ -130,12 +132,20 @@ class Results:
     """The suite's results, one input count at a time as :meth:`items` is iterated (each file is
     written as soon as it is done)."""
 
-    def __init__(self, inputs, entries, seeds, device):
+    def __init__(self, inputs, entries, seeds, device, *, every_entry: bool = True):
         self.inputs, self.entries, self.seeds, self.device = inputs, entries, seeds, device
+        self.every_entry = every_entry
+
+    def key(self, num_inputs: int) -> str:
+        """``dense-teacher-d<D>``, or with the entries run (besides the reference) when narrowed:
+        a re-run of some entries is a file of its own, which the report sets over the full run's rows."""
+        if self.every_entry:
+            return f"dense-teacher-d{num_inputs}"
+        return f"dense-teacher-d{num_inputs}-" + "-".join(e for e in self.entries if e != REFERENCE)
 
     def items(self) -> Iterator[tuple[str, dict]]:
         for d in self.inputs:
-            yield f"dense-teacher-d{d}", run_inputs(d, self.entries, self.seeds, device=self.device)
+            yield self.key(d), run_inputs(d, self.entries, self.seeds, device=self.device)
 
 
 def suite(device) -> Results:
@@ -145,7 +155,8 @@ def suite(device) -> Results:
     if unknown:
         raise ConfigError(f"BNNZOO_TEACHER_ENTRIES: unknown {unknown}; known: {', '.join(entries)}")
     return Results(_env_list("BNNZOO_TEACHER_INPUTS", INPUTS, int), chosen,
-                   _env_list("BNNZOO_TEACHER_SEEDS", SEEDS, int), device)
+                   _env_list("BNNZOO_TEACHER_SEEDS", SEEDS, int), device,
+                   every_entry=set(entries) <= set(chosen) | {REFERENCE})
 
 
 SUITES = {"dense-teacher": suite}

@@ -346,26 +346,35 @@ def dense_teacher_table(results: dict[str, dict]) -> str:
     """Entries as rows, input counts as columns: the kept architecture, the test MSE over the
     reference's (``meanfield-vi``) and a flag where a whole hidden layer was pruned; ``""`` without
     dense-teacher results."""
-    files = sorted((r["inputs"], r) for r in results.values() if r.get("protocol") == "dense-teacher")
-    if not files:
+    runs = [r for r in results.values() if r.get("protocol") == "dense-teacher"]
+    if not runs:
         return ""
-    entries = sorted({e for _, r in files for e in r["models"]})
-    lines = _header("entry", [f"D = {d}" for d, _ in files], "targets met")
+    # per input count, the file of every entry first; a file of fewer entries (a later re-run of
+    # those) then replaces their rows
+    by_inputs: dict[int, list[dict]] = {}
+    for r in sorted(runs, key=lambda r: -len(r["models"])):
+        by_inputs.setdefault(r["inputs"], []).append(r)
+    files = sorted(by_inputs.items())
+    entries = sorted({e for r in runs for e in r["models"]})
+    lines = _header("entry", [f"D = {d}" for d, _ in files] + ["targets met"], "commit")
     for entry in entries:
-        row, met = [], []
-        for _, r in files:
-            m = r["models"].get(entry)
-            if m is None:
+        row, met, used = [], [], []
+        for _, rs in files:
+            r = next((r for r in reversed(rs) if entry in r["models"]), None)
+            if r is None:
                 row.append("–")
                 continue
+            m = r["models"][entry]
+            used.append(r)
             ratio_ = m["summary"].get("mse_ratio", {}).get("mean")
             text = f"{' / '.join(m['architectures'])}, MSE ×{ratio_:.2f}" if ratio_ is not None else "no reference"
             if m["whole_layer_pruned"]:
                 text += ", **whole layer pruned**"
             row.append(text + mark(r))
             met.append(all(m["targets"].values()))
-        lines.append(f"| {entry} | " + " | ".join(row) + f" | {'yes' if met and all(met) else '**no**'} |")
-    first = files[0][1]
+        lines.append(f"| {entry} | " + " | ".join(row) + f" | {'yes' if met and all(met) else '**no**'} | "
+                     f"{_commits(used)} |")
+    first = files[0][1][0]
     intro = (f"Synthetic regression, every input relevant (`python -m benchmarks.run dense-teacher`; "
              f"`benchmarks/bench_dense_teacher.py`): a dense ReLU teacher D-{first['hidden']}-1 with N(0, 1/fan_in) "
              f"weights, noise of {first['noise_sd']} times the signal's standard deviation, {first['n_train']} "

@@ -429,3 +429,28 @@ def test_the_uci_section_states_the_draws():
     assert "averages 100 posterior draws (spike-slab-sghmc: cycling through the 25 it stores)" in text
     other = {**one, "c": {**_uci("bmr", "boston", 3.0, -2.5), "test_draws": 10}}
     assert "different numbers of posterior draws (10, 100)" in report.uci_tables(other)
+
+
+def test_a_narrowed_dense_teacher_rerun_replaces_its_entries_rows():
+    """A run of some entries only is keyed apart from the full run, and the table shows its rows (and
+    its commit) in place of the full run's, keeping every other entry's."""
+    full = bench_dense_teacher.Results([16], ["meanfield-vi", "map", "bmr"], [0], "cpu")
+    narrow = bench_dense_teacher.Results([16], ["map"], [0], "cpu", every_entry=False)
+    assert full.key(16) == "dense-teacher-d16" and narrow.key(16) == "dense-teacher-d16-map"
+
+    def model(ratio):
+        return {"summary": {"mse_ratio": {"mean": ratio}}, "architectures": ["16-50-1"],
+                "whole_layer_pruned": False, "targets": {"mse": ratio <= 1.2}}
+
+    common = {"protocol": "dense-teacher", "inputs": 16, "hidden": 50, "noise_sd": 0.1, "n_train": 2000,
+              "n_test": 2000, "seeds": [0], "reference": "meanfield-vi", "mse_tolerance": 0.2, "dirty": False}
+    results = {
+        "dense-teacher-d16": {**common, "commit": "a" * 40,
+                              "models": {"meanfield-vi": model(1.0), "map": model(1.27), "bmr": model(1.01)}},
+        "dense-teacher-d16-map": {**common, "commit": "b" * 40,
+                                  "models": {"meanfield-vi": model(1.0), "map": model(1.1)}},
+    }
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.dense_teacher_table(results).splitlines()
+            if line.startswith("| ") and "MSE" in line}
+    assert "×1.10" in rows["map"] and "bbbbbbb" in rows["map"] and "| yes |" in rows["map"]
+    assert "×1.01" in rows["bmr"] and "aaaaaaa" in rows["bmr"]

@@ -266,15 +266,21 @@ def test_small_batches_are_not_tried_where_a_pass_has_many_updates(boston, monke
     assert [c["batch_size"] for c in post.fit_state.epoch_selection["candidates"]] == [32, 8]
 
 
+def committed_choice(result_file: str) -> dict:
+    """The options of the candidate that a committed selection run chose, after checking that it is
+    the one with the highest mean validation log-likelihood."""
+    result = json.loads((Path(__file__).parents[1] / "benchmarks/results" / result_file).read_text())
+    scores = result["mean_validation_log_likelihood"]
+    assert result["chosen"] == max(scores, key=scores.get)
+    return result["candidates"][result["chosen"]]
+
+
 def test_map_regression_defaults_are_the_committed_validation_choice():
     """map's regression step size and epoch cap are the candidate that the committed ``map-select``
     run chose on validation data (benchmarks/results/map-select.json): changing one without
     re-running the other fails here."""
-    result = json.loads((Path(__file__).parents[1] / "benchmarks/results/map-select.json").read_text())
-    scores = result["mean_validation_log_likelihood"]
-    assert result["chosen"] == max(scores, key=scores.get)
+    chosen = committed_choice("map-select.json")
     train = get_entry("map").defaults["regression"]["train"]
-    chosen = result["candidates"][result["chosen"]]
     assert {k: train[k] for k in chosen} == chosen
     assert train["validation_fraction"] and train["select_epochs"]
 
@@ -283,11 +289,8 @@ def test_map_regression_prior_is_the_committed_validation_choice():
     """map's regression prior (scale and per-layer scaling) is the candidate that the committed
     ``map-select-prior`` run chose on validation data; under it a neuron's pre-activation has the same
     prior scale whatever its fan-in."""
-    result = json.loads((Path(__file__).parents[1] / "benchmarks/results/map-select-prior.json").read_text())
-    scores = result["mean_validation_log_likelihood"]
-    assert result["chosen"] == max(scores, key=scores.get)
+    chosen = committed_choice("map-select-prior.json")
     model = get_entry("map").defaults["regression"]["model"]
-    chosen = result["candidates"][result["chosen"]]
     assert {k: model[k] for k in chosen} == chosen
     spreads = [bnnzoo.create("map", "regression", (d,), 1).model.prior.site_scale("fc1.weight") * d**0.5
                for d in (4, 16, 64)]

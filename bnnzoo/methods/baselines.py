@@ -96,15 +96,15 @@ MAP_OPTIONS = {
 _REGRESSION_TRAIN = {"epochs": 100, "batch_size": 32, "lr": 3e-3, **VALIDATION_OFF, **NO_FOLDS}
 _CLASSIFICATION_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 1e-3, "augment": None, **VALIDATION_OFF,
                          **NO_FOLDS}
+#: map's regression prior: N(0, 2^2 / fan_in) per layer, chosen among the same scale in every
+#: layer (the former N(0, 1)) and per fan-in scales on validation parts (suite ``map-select-prior``;
+#: docs/methods/map-meanfield.md)
+_MAP_REGRESSION_PRIOR = {"prior_scale": 2.0, "prior_scaling": "fan_in"}
 #: MAP has no posterior spread to absorb a misfit: run to the end, it drives the learned noise below
 #: the held-out residuals (Boston: validation LL best near epoch 30 of 100), so its epochs are chosen
 #: on held-out rows, at most 300 at lr 1e-3 (suite ``map-select``), by the pooled score of five
 #: folds run in step, each row held out once, which also sets the predictive noise
 #: (docs/methods/map-meanfield.md)
-#: map's regression prior: N(0, 2^2 / fan_in) per layer, chosen among the same scale in every
-#: layer (the former N(0, 1)) and per fan-in scales on validation parts (suite ``map-select-prior``;
-#: docs/methods/map-meanfield.md)
-_MAP_REGRESSION_PRIOR = {"prior_scale": 2.0, "prior_scaling": "fan_in"}
 _MAP_REGRESSION_TRAIN = {**_REGRESSION_TRAIN, "epochs": 300, "lr": 1e-3, "validation_fraction": 0.2, "select_folds": 5}
 
 register(CatalogEntry(

@@ -5,7 +5,9 @@
 (:meth:`bnnzoo.data.Dataset.validation_split`); the candidate with the highest validation
 log-likelihood averaged over the sets is chosen. The sets: splits 0-2 of the five small bundled UCI
 sets, a dense ReLU teacher with 16 inputs (every input relevant) and a near-linear target with 4
-inputs and 9,500 rows, so that no choice rests on one data set's shape.
+inputs and 9,500 rows, so that no choice rests on one data set's shape; a selection asked with
+``low_noise=True`` adds a smooth 16-input target with 9,000 rows and noise 1% of its spread
+(:func:`low_noise_teacher`: targets nearly free of noise, as a simulator's outputs are).
 """
 
 from __future__ import annotations
@@ -49,22 +51,36 @@ def near_linear(seed: int, n: int = 9500, inputs: int = 4) -> Dataset:
     return Dataset(f"near-linear-{inputs}", "regression", x[:n], y[:n], x[n:], y[n:], split=seed)
 
 
-def selection_sets():
-    """``(name, split, data)`` for the sets of the module docstring; ``data.x_test`` holds the
-    validation part."""
+def low_noise_teacher(seed: int, n: int = 9000, inputs: int = 16, hidden: int = 10, noise: float = 0.01) -> Dataset:
+    """A smooth target of ``inputs`` inputs, every one relevant (a random tanh teacher of ``hidden``
+    units), noise sd ``noise`` of the signal's; the "test" part is a validation part of the same size."""
+    g = torch.Generator().manual_seed(seed)
+    w1, w2 = torch.randn(inputs, hidden, generator=g) / math.sqrt(inputs), torch.randn(hidden, generator=g)
+    x = torch.randn(2 * n, inputs, generator=g)
+    f = torch.tanh(x @ w1) @ w2
+    y = f + noise * f.std() * torch.randn(2 * n, generator=g)
+    return Dataset(f"low-noise-{inputs}", "regression", x[:n], y[:n], x[n:], y[n:], split=seed)
+
+
+def selection_sets(low_noise: bool = False):
+    """``(name, split, data)`` for the sets of the module docstring (with ``low_noise``, the
+    low-noise target last); ``data.x_test`` holds the validation part."""
     for name in UCI_SETS:
         for split in range(3):
             yield name, split, load_uci(name, split=split).validation_split(0.2, seed=split)
     yield "teacher-16", 0, dense_teacher(16, 0).validation_split(0.2, seed=0)
     yield "near-linear-4", 0, near_linear(0).validation_split(0.2, seed=0)
+    if low_noise:
+        yield "low-noise-16", 0, low_noise_teacher(0).validation_split(0.2, seed=0)
 
 
-def select_defaults(model: str, candidates: dict, key: str, device) -> dict:
+def select_defaults(model: str, candidates: dict, key: str, device, low_noise: bool = False) -> dict:
     """Fit ``model`` with each of ``candidates`` (label -> options) on every set of
-    :func:`selection_sets`, seeded with the split; returns ``{key: result}`` with the validation
-    log-likelihood per set and candidate, its mean over the sets, and the chosen candidate."""
+    :func:`selection_sets` (``low_noise``: with the low-noise target), seeded with the split; returns
+    ``{key: result}`` with the validation log-likelihood per set and candidate, its mean over the sets
+    (the rule), and the chosen candidate; with ``low_noise`` also the mean over the other sets."""
     rows = []
-    for name, split, data in selection_sets():
+    for name, split, data in selection_sets(low_noise):
         row = {"set": name, "split": split}
         for label, options in candidates.items():
             start = time.perf_counter()
@@ -83,7 +99,12 @@ def select_defaults(model: str, candidates: dict, key: str, device) -> dict:
     per_set = {s: {c: mean_se([r[c]["log_likelihood"] for r in rows if r["set"] == s]) for c in candidates}
                for s in sets}
     score = {c: statistics.mean(per_set[s][c]["mean"] for s in sets) for c in candidates}
-    return {key: {
+    result = {
         "model": model, "protocol": "fit on 80% of each training split, score on the other 20%",
         "num_samples": NUM_SAMPLES, "candidates": candidates, "per_set_validation_log_likelihood": per_set,
-        "mean_validation_log_likelihood": score, "chosen": max(score, key=score.get), "rows": rows}}
+        "mean_validation_log_likelihood": score, "chosen": max(score, key=score.get), "rows": rows}
+    if low_noise:
+        others = [s for s in sets if s != "low-noise-16"]
+        result["mean_validation_log_likelihood_without_low_noise"] = {
+            c: statistics.mean(per_set[s][c]["mean"] for s in others) for c in candidates}
+    return {key: result}

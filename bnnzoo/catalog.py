@@ -177,6 +177,9 @@ TRAINING_OPTIONS: dict[str, Option] = {
     "epochs": Option(int, ge=1, help="passes over the training data"),
     "batch_size": Option(int, ge=1, help="examples per minibatch"),
     "lr": Option(float, gt=0, help="learning rate (step size)"),
+    "lr_schedule": Option(str, choices=("constant", "cosine"),
+                          help="SVI: constant, the learning rate throughout; cosine, annealed epoch by epoch along "
+                               "half a cosine from lr to nearly 0 in the last epoch"),
     "augment": Option(str, choices=("crop-flip",), nullable=True,
                       help="image classification: augment every minibatch on the device (crop-flip: pad 4, "
                            "random crop, random horizontal flip); null: none"),

@@ -42,5 +42,6 @@ class VariationalPosterior(GuidePosterior):
             self.model, self.guide, x, y, elbo=elbo, epochs=self.fit_epochs, batch_size=self.fit_batch_size,
             lr=train["lr"], progress=progress, description=self.name, on_epoch_end=callback,
             checkpoint=self.checkpoint, transform=augmentation(train.get("augment")),
+            lr_schedule=train.get("lr_schedule", "constant"),
         )
         self.history.extend(run)

@@ -40,6 +40,20 @@ def minibatches(n: int, batch_size: int, device, generator: torch.Generator | No
         yield perm[start:start + batch_size]
 
 
+#: the learning-rate schedules of :func:`fit_svi`
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int):
+    """The scheduler of ``schedule`` (:data:`LR_SCHEDULES`) over ``epochs`` epochs, stepped once an
+    epoch: ``None`` for ``"constant"``, half a cosine from the optimiser's rate to 0 for ``"cosine"``."""
+    if schedule == "constant":
+        return None
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(epochs), 1))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
+
+
 def make_adam(params, lr: float) -> torch.optim.Optimizer:
     """Adam, fused into one kernel where the installed torch supports it for these tensors."""
     params = list(params)
@@ -242,8 +256,15 @@ def fit_svi(
     description: str = "SVI",
     checkpoint: Checkpoint | None = None,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    lr_schedule: str = "constant",
 ) -> TrainingHistory:
     """Stochastic variational inference: Adam on ``elbo(model, guide)`` over shuffled minibatches.
+
+    ``lr_schedule`` (:data:`LR_SCHEDULES`): ``"constant"`` keeps ``lr``; ``"cosine"`` anneals it
+    epoch by epoch along half a cosine, ``lr (1 + cos(pi e / epochs)) / 2`` in epoch ``e`` (0-based),
+    from ``lr`` to nearly 0 in the last epoch (:class:`torch.optim.lr_scheduler.CosineAnnealingLR`),
+    so that Adam's steps, which move every parameter by about the learning rate, shrink as the fit
+    ends; the schedule counts the fit's ``epochs`` (a resumed fit restores it from the checkpoint).
 
     Returns the :class:`TrainingHistory`: the mean loss (negative ELBO per training example) and
     the wall time of every epoch. The loss is accumulated on the device and read back once per
@@ -271,6 +292,10 @@ def fit_svi(
     loss_fn = elbo(model, guide)
     params = list(loss_fn.parameters())
     optimizer = make_adam(params, lr)
+    state = {"optimizer": optimizer}
+    scheduler = lr_scheduler(optimizer, lr_schedule, epochs)
+    if scheduler is not None:
+        state["lr_scheduler"] = scheduler
     parallel = current()
     if parallel is not None:
         broadcast_(params, parallel)  # one starting point (every rank also seeds alike)
@@ -278,7 +303,7 @@ def fit_svi(
             progress = False
             checkpoint = _RestoreOnly(checkpoint) if checkpoint is not None else None
     loop = EpochLoop(epochs, method=description, progress=progress, on_epoch_end=on_epoch_end,
-                     checkpoint=checkpoint, state={"optimizer": optimizer})
+                     checkpoint=checkpoint, state=state)
     with loop:
         for _ in loop:
             total = torch.zeros((), device=x.device)
@@ -297,6 +322,8 @@ def fit_svi(
                 total += loss.detach() * len(idx)
             if parallel is not None:
                 total = all_reduce_sum(total, parallel)
+            if scheduler is not None:
+                scheduler.step()  # before end_epoch, so that a checkpoint it writes holds the next epoch's rate
             loop.end_epoch(total / n / n)
     return loop.history
 

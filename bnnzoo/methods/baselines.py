@@ -116,9 +116,9 @@ register(CatalogEntry(
     create=_create_meanfield,
     defaults={
         "regression": {"model": {"prior_scale": 1.0, "noise_scale": 0.5}, "guide": {"init_scale": 1e-3},
-                       "train": dict(_REGRESSION_TRAIN)},
+                       "train": {**_REGRESSION_TRAIN, "lr_schedule": "constant"}},
         "classification": {"model": {"prior_scale": 1.0}, "guide": {"init_scale": 1e-3},
-                           "train": {**_CLASSIFICATION_TRAIN, **CALIBRATED}},
+                           "train": {**_CLASSIFICATION_TRAIN, "lr_schedule": "constant", **CALIBRATED}},
     },
     options=GAUSSIAN_SVI_OPTIONS,
 ))

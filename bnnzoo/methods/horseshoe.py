@@ -360,7 +360,8 @@ register(CatalogEntry(
     create=_create,
     defaults={
         "regression": {"model": {**_MODEL, "noise_scale": 1.0}, "guide": dict(_GUIDE),
-                       "train": {"epochs": 100, "min_steps": 6000, "batch_size": 32, "lr": 1e-2, "kl_weight": 0.2,
+                       "train": {"epochs": 100, "min_steps": 6000, "batch_size": 32, "lr": 1e-2, "lr_schedule": "constant",
+                                 "kl_weight": 0.2,
                                  "untempered": True, "prune": True, "prune_rule": "evidence",
                                  "prune_threshold": 1.0, "reduce_at": None, "reduce_select": False,
                                  **VALIDATION_OFF}},

@@ -224,6 +224,19 @@ CALIBRATED = {"validation_fraction": 0.2, "select_epochs": False, "patience": 20
 NO_FOLDS = {"select_folds": None}
 
 
+def check_lr_schedule(config: dict) -> None:
+    """A cosine ``lr_schedule`` spans the fit's epochs, so a fit whose epochs are chosen on held-out
+    rows (``select_epochs`` with a ``validation_fraction``, on one part or on ``select_folds``), which
+    would end the chosen fit at another place of the cosine than the selection scored, is refused."""
+    train = config["train"]
+    if train.get("lr_schedule", "constant") == "constant":
+        return
+    if train.get("validation_fraction") and train.get("select_epochs", True):
+        raise ConfigError(f"lr_schedule={train['lr_schedule']!r} anneals over the fit's epochs, so it cannot run "
+                          f"with the epochs chosen on validation data: give select_epochs=false or "
+                          f"validation_fraction=null, or lr_schedule='constant'")
+
+
 def default_network(dataset_name: str, task: str, input_shape: tuple[int, ...]) -> dict:
     if dataset_name in DEFAULT_NETWORKS:
         return dict(DEFAULT_NETWORKS[dataset_name])

@@ -297,6 +297,17 @@ def test_map_regression_prior_is_the_committed_validation_choice():
     assert spreads == pytest.approx([chosen["prior_scale"]] * 3)
 
 
+def test_horseshoe_regression_step_size_is_the_committed_validation_choice():
+    """horseshoe-svi's regression learning rate and its schedule are the candidate that the committed
+    ``horseshoe-select-lr`` run chose on validation data, the low-noise target among the sets."""
+    result = json.loads((Path(__file__).parents[1] / "benchmarks/results/horseshoe-select-lr.json").read_text())
+    assert "low-noise-16" in result["per_set_validation_log_likelihood"]
+    chosen = committed_choice("horseshoe-select-lr.json")
+    train = get_entry("horseshoe-svi").defaults["regression"]["train"]
+    defaults = {"lr": 1e-2, "lr_schedule": "constant"}  # the candidates' base: the former defaults
+    assert {k: train[k] for k in defaults} == {**defaults, **chosen}
+
+
 @pytest.mark.parametrize("name", ["horseshoe-svi", "bmr", "bmr-iterative", "em-tdamp"])
 def test_select_folds_is_not_offered_where_the_fit_changes_with_its_total_epochs(name):
     """These fits place a reduction, warm-up or pruning by their total epochs, so fits continued in

@@ -37,6 +37,7 @@ ENTRIES = [
     ("bmr", {}),
     ("bmr-iterative", {"warmup_epochs": 1}),
     ("horseshoe-svi", {}),
+    ("horseshoe-svi", {"lr_schedule": "cosine"}),  # the scheduler's place in the cosine resumes with it
     ("em-tdamp", {"keep": 0.5, "validation_fraction": None}),
 ]
 
@@ -84,7 +85,8 @@ def _without_timing(history: dict) -> dict:
     return {k: v for k, v in history.items() if "seconds" not in k}
 
 
-@pytest.mark.parametrize("name, options", ENTRIES, ids=[e[0] for e in ENTRIES])
+@pytest.mark.parametrize("name, options", ENTRIES,
+                         ids=[e[0] + "".join(f"-{v}" for k, v in e[1].items() if k == "lr_schedule") for e in ENTRIES])
 def test_a_fit_interrupted_mid_epoch_resumes_bit_identically(name, options, data, tmp_path, monkeypatch):
     reference = _fit(name, data, options)
     run = tmp_path / "run"

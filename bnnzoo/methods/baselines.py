@@ -13,6 +13,7 @@ from ..catalog import (
     VALIDATION_OPTIONS,
     CatalogEntry,
     Option,
+    check_lr_schedule,
     register,
 )
 from ..guides import MeanFieldNormal, PointMass
@@ -121,6 +122,7 @@ register(CatalogEntry(
                            "train": {**_CLASSIFICATION_TRAIN, "lr_schedule": "constant", **CALIBRATED}},
     },
     options=GAUSSIAN_SVI_OPTIONS,
+    checks=(check_lr_schedule,),
 ))
 
 register(CatalogEntry(

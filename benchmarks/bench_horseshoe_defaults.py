@@ -23,8 +23,12 @@ inside every fit on a validation fifth of its own training rows (``validation_fr
 the data rather than a number of passes. Suite ``horseshoe-select-steps``: the same with the candidates
 of :data:`STEPS_CANDIDATES`, the number of epochs as a rule of the number of rows (``min_steps``).
 Suite ``horseshoe-select-lr`` (the learning rate and its schedule, :data:`LR_CANDIDATES`): the same
-protocol and sets plus the low-noise target (``select_defaults(..., low_noise=True)``), the rule
-the highest validation log-likelihood averaged over all of them.
+protocol and sets plus the low-noise target (``select_defaults(..., low_noise=True)``), scored by
+the validation log-likelihood averaged over all of them. Suite ``horseshoe-select-lr-teachers``
+(:func:`select_lr_teachers`): the same candidates and ``meanfield-vi`` on the validation parts of
+targets where every input is relevant; the rule (:func:`lr_choice`): the candidate with the highest
+mean of ``horseshoe-select-lr`` among those whose validation MSE stays within 20% of
+``meanfield-vi``'s on every one of these targets (the dense-teacher check, on validation parts).
 
 Suite ``horseshoe-reduce-select`` (classification: the reduction during the fit, ``reduce_at``):
 :func:`reduce_select`.
@@ -42,7 +46,12 @@ from bnnzoo.methods.horseshoe import PRUNE_RULES
 from bnnzoo.models.sparsity import EmptyLayerWarning
 
 from .harness import TEST_DRAWS, mean_se
-from .select_defaults import dense_teacher, near_linear, select_defaults
+from .select_defaults import (
+    dense_teacher,
+    low_noise_teacher,
+    near_linear,
+    select_defaults,
+)
 
 UCI_SETS = ("boston", "concrete", "energy", "yacht", "wine")
 SPLITS = range(5)
@@ -176,6 +185,56 @@ def select_lr(device) -> dict:
     return select_defaults("horseshoe-svi", LR_CANDIDATES, "horseshoe-select-lr", device, low_noise=True)
 
 
+#: the all-relevant targets of ``horseshoe-select-lr-teachers``: (inputs, seed) of dense ReLU teachers,
+#: and the low-noise target
+TEACHERS = ((8, 0), (8, 1), (16, 0), (16, 1), (16, 2))
+#: a candidate's validation MSE over meanfield-vi's that the rule allows on each of them
+TEACHER_MSE_TOLERANCE = 1.2
+
+
+def _teacher_sets():
+    for inputs, seed in TEACHERS:
+        yield f"teacher-{inputs}", seed, dense_teacher(inputs, seed).validation_split(0.2, seed=seed)
+    yield "low-noise-16", 0, low_noise_teacher(0).validation_split(0.2, seed=0)
+
+
+def select_lr_teachers(device) -> dict:
+    """Every candidate of :data:`LR_CANDIDATES` and ``meanfield-vi`` (its defaults) on the validation
+    parts of :func:`_teacher_sets`: each candidate's validation MSE over ``meanfield-vi``'s, per set."""
+    fits = {"meanfield-vi": ("meanfield-vi", {}), **{c: ("horseshoe-svi", o) for c, o in LR_CANDIDATES.items()}}
+    rows = []
+    for name, seed, data in _teacher_sets():
+        row = {"set": name, "split": seed}
+        for label, (entry, options) in fits.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", EmptyLayerWarning)
+                post = bnnzoo.create(entry, "regression", data.input_shape, 1, dataset=data.name, device=device,
+                                     seed=seed, **options).fit(data.x_train, data.y_train, progress=False)
+            m = post.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)
+            row[label] = {"mse": m["rmse"] ** 2, "log_likelihood": m["log_likelihood"],
+                          "architecture": post.sparsity()["architecture"]}
+        for label in LR_CANDIDATES:
+            row[label]["mse_ratio"] = row[label]["mse"] / row["meanfield-vi"]["mse"]
+        rows.append(row)
+        print(f"  {name} {seed}: " + " | ".join(f"{c} x{row[c]['mse_ratio']:.3f}" for c in LR_CANDIDATES), flush=True)
+    worst = {c: max(r[c]["mse_ratio"] for r in rows) for c in LR_CANDIDATES}
+    return {"horseshoe-select-lr-teachers": {
+        "model": "horseshoe-svi", "reference": "meanfield-vi",
+        "protocol": "fit on 80% of each target's training rows, score on the other 20%", "num_samples": NUM_SAMPLES,
+        "candidates": LR_CANDIDATES, "mse_tolerance": TEACHER_MSE_TOLERANCE, "worst_mse_ratio": worst,
+        "within_tolerance": {c: worst[c] <= TEACHER_MSE_TOLERANCE for c in LR_CANDIDATES}, "rows": rows}}
+
+
+def lr_choice(scores: dict, teachers: dict) -> str:
+    """The rule of ``horseshoe-select-lr-teachers``: of the candidates ``teachers`` (its result) keeps
+    within tolerance, the one with the highest mean validation log-likelihood in ``scores``
+    (``horseshoe-select-lr``'s ``mean_validation_log_likelihood``)."""
+    kept = [c for c, ok in teachers["within_tolerance"].items() if ok]
+    if not kept:
+        raise ValueError("no candidate keeps the validation MSE within tolerance on every all-relevant target")
+    return max(kept, key=scores.get)
+
+
 def select_prior(device) -> dict:
     return select_defaults("horseshoe-svi", PRIOR_CANDIDATES, "horseshoe-select-prior", device)
 
@@ -230,4 +289,5 @@ def reduce_select(device) -> dict:
 SUITES = {"horseshoe-reduce-select": reduce_select, "horseshoe-prune-rules": prune_rules,
           "horseshoe-prune-rules-mnist": prune_rules_mnist,
           "horseshoe-select": select, "horseshoe-select-prior": select_prior,
-          "horseshoe-select-steps": select_steps, "horseshoe-select-lr": select_lr}
+          "horseshoe-select-steps": select_steps, "horseshoe-select-lr": select_lr,
+          "horseshoe-select-lr-teachers": select_lr_teachers}

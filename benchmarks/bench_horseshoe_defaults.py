@@ -144,9 +144,9 @@ STEPS_CANDIDATES = {
 #: little noise the fit at lr 1e-2 held a learned noise near 5 times the true one (Adam moves every
 #: parameter by about the learning rate a step); the low-noise set joins the selection sets
 LR_CANDIDATES = {
-    "defaults (lr 1e-2, constant)": {},
-    "lr 1e-2, cosine": {"lr_schedule": "cosine"},
-    "lr 3e-3, constant": {"lr": 3e-3},
+    "defaults (lr 1e-2, constant)": {"lr": 1e-2, "lr_schedule": "constant"},  # the defaults the suite first ran on
+    "lr 1e-2, cosine": {"lr": 1e-2, "lr_schedule": "cosine"},
+    "lr 3e-3, constant": {"lr": 3e-3, "lr_schedule": "constant"},
     "lr 3e-3, cosine": {"lr": 3e-3, "lr_schedule": "cosine"},
 }
 

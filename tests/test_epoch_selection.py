@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bnnzoo
+from benchmarks.bench_horseshoe_defaults import LR_CANDIDATES, lr_choice
 from bnnzoo.catalog import get_entry
 from bnnzoo.errors import ConfigError, DataError
 
@@ -298,14 +299,20 @@ def test_map_regression_prior_is_the_committed_validation_choice():
 
 
 def test_horseshoe_regression_step_size_is_the_committed_validation_choice():
-    """horseshoe-svi's regression learning rate and its schedule are the candidate that the committed
-    ``horseshoe-select-lr`` run chose on validation data, the low-noise target among the sets."""
-    result = json.loads((Path(__file__).parents[1] / "benchmarks/results/horseshoe-select-lr.json").read_text())
-    assert "low-noise-16" in result["per_set_validation_log_likelihood"]
-    chosen = committed_choice("horseshoe-select-lr.json")
+    """horseshoe-svi's regression learning rate and its schedule are the candidate that the rule of
+    ``horseshoe-select-lr-teachers`` takes from the committed runs: the highest mean validation
+    log-likelihood of ``horseshoe-select-lr`` (the low-noise target among its sets) among the
+    candidates within 20% of meanfield-vi's validation MSE on every all-relevant target."""
+    results = Path(__file__).parents[1] / "benchmarks/results"
+    scores = json.loads((results / "horseshoe-select-lr.json").read_text())
+    teachers = json.loads((results / "horseshoe-select-lr-teachers.json").read_text())
+    assert "low-noise-16" in scores["per_set_validation_log_likelihood"]
+    assert {r["set"] for r in teachers["rows"]} >= {"teacher-8", "teacher-16", "low-noise-16"}
+    for c, ratio in teachers["worst_mse_ratio"].items():
+        assert teachers["within_tolerance"][c] == (ratio <= teachers["mse_tolerance"])
+    choice = lr_choice(scores["mean_validation_log_likelihood"], teachers)
     train = get_entry("horseshoe-svi").defaults["regression"]["train"]
-    defaults = {"lr": 1e-2, "lr_schedule": "constant"}  # the candidates' base: the former defaults
-    assert {k: train[k] for k in defaults} == {**defaults, **chosen}
+    assert {k: train[k] for k in ("lr", "lr_schedule")} == LR_CANDIDATES[choice]
 
 
 @pytest.mark.parametrize("name", ["horseshoe-svi", "bmr", "bmr-iterative", "em-tdamp"])

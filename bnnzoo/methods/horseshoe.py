@@ -360,9 +360,10 @@ register(CatalogEntry(
     tasks=("regression", "classification"),
     create=_create,
     defaults={
-        # lr 3e-3 annealed along a cosine: chosen on validation parts (suite horseshoe-select-lr)
+        # lr 1e-2 annealed along a cosine: chosen on validation parts (suites horseshoe-select-lr and
+        # horseshoe-select-lr-teachers; docs/methods/horseshoe.md)
         "regression": {"model": {**_MODEL, "noise_scale": 1.0}, "guide": dict(_GUIDE),
-                       "train": {"epochs": 100, "min_steps": 6000, "batch_size": 32, "lr": 3e-3,
+                       "train": {"epochs": 100, "min_steps": 6000, "batch_size": 32, "lr": 1e-2,
                                  "lr_schedule": "cosine", "kl_weight": 0.2,
                                  "untempered": True, "prune": True, "prune_rule": "evidence",
                                  "prune_threshold": 1.0, "reduce_at": None, "reduce_select": False,

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
+from bnnzoo.guides.training import LR_SCHEDULES
 from bnnzoo.models.errors import ConfigError
 
 #: the entry-point group through which other packages add catalog entries
@@ -177,7 +178,7 @@ TRAINING_OPTIONS: dict[str, Option] = {
     "epochs": Option(int, ge=1, help="passes over the training data"),
     "batch_size": Option(int, ge=1, help="examples per minibatch"),
     "lr": Option(float, gt=0, help="learning rate (step size)"),
-    "lr_schedule": Option(str, choices=("constant", "cosine"),
+    "lr_schedule": Option(str, choices=LR_SCHEDULES,
                           help="SVI: constant, the learning rate throughout; cosine, annealed epoch by epoch along "
                                "half a cosine from lr to nearly 0 in the last epoch"),
     "augment": Option(str, choices=("crop-flip",), nullable=True,

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-from bnnzoo.guides.training import LR_SCHEDULES
 from bnnzoo.models.errors import ConfigError
 
 #: the entry-point group through which other packages add catalog entries
@@ -178,9 +177,6 @@ TRAINING_OPTIONS: dict[str, Option] = {
     "epochs": Option(int, ge=1, help="passes over the training data"),
     "batch_size": Option(int, ge=1, help="examples per minibatch"),
     "lr": Option(float, gt=0, help="learning rate (step size)"),
-    "lr_schedule": Option(str, choices=LR_SCHEDULES,
-                          help="SVI: constant, the learning rate throughout; cosine, annealed epoch by epoch along "
-                               "half a cosine from lr to nearly 0 in the last epoch"),
     "augment": Option(str, choices=("crop-flip",), nullable=True,
                       help="image classification: augment every minibatch on the device (crop-flip: pad 4, "
                            "random crop, random horizontal flip); null: none"),
@@ -223,19 +219,6 @@ CALIBRATED = {"validation_fraction": 0.2, "select_epochs": False, "patience": 20
 #: does not depend on its total epochs offers it (map and meanfield-vi; not the entries that place a
 #: reduction, warm-up or pruning by the epochs): those entries add this to their training defaults
 NO_FOLDS = {"select_folds": None}
-
-
-def check_lr_schedule(config: dict) -> None:
-    """A cosine ``lr_schedule`` spans the fit's epochs, so a fit whose epochs are chosen on held-out
-    rows (``select_epochs`` with a ``validation_fraction``, on one part or on ``select_folds``), which
-    would end the chosen fit at another place of the cosine than the selection scored, is refused."""
-    train = config["train"]
-    if train.get("lr_schedule", "constant") == "constant":
-        return
-    if train.get("validation_fraction") and train.get("select_epochs", True):
-        raise ConfigError(f"lr_schedule={train['lr_schedule']!r} anneals over the fit's epochs, so it cannot run "
-                          f"with the epochs chosen on validation data: give select_epochs=false or "
-                          f"validation_fraction=null, or lr_schedule='constant'")
 
 
 def default_network(dataset_name: str, task: str, input_shape: tuple[int, ...]) -> dict:

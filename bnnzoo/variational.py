@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+from .catalog import Option
 from .data.augment import augmentation
+from .errors import ConfigError
 from .guides import LocalReparamELBO
-from .guides.training import fit_svi
+from .guides.training import LR_SCHEDULES, fit_svi
 from .posterior import GuidePosterior
+
+#: the ``lr_schedule`` option of the SVI entries (:func:`~bnnzoo.guides.training.fit_svi`)
+LR_SCHEDULE_OPTION = Option(str, choices=LR_SCHEDULES,
+                            help="constant, the learning rate throughout; cosine, annealed epoch by epoch along half "
+                                 "a cosine from lr to nearly 0 in the last epoch")
+
+
+def check_lr_schedule(config: dict) -> None:
+    """A cosine ``lr_schedule`` spans the fit's epochs, so a fit whose epochs are chosen on held-out
+    rows (``select_epochs`` with a ``validation_fraction``, on one part or on ``select_folds``), which
+    would end the chosen fit at another place of the cosine than the selection scored, is refused."""
+    train = config["train"]
+    if train.get("lr_schedule", "constant") == "constant":
+        return
+    if train.get("validation_fraction") and train.get("select_epochs", True):
+        raise ConfigError(f"lr_schedule={train['lr_schedule']!r} anneals over the fit's epochs, so it cannot run "
+                          f"with the epochs chosen on validation data: give select_epochs=false or "
+                          f"validation_fraction=null, or lr_schedule='constant'")
 
 
 class VariationalPosterior(GuidePosterior):

@@ -13,7 +13,6 @@ from ..catalog import (
     VALIDATION_OPTIONS,
     CatalogEntry,
     Option,
-    check_lr_schedule,
     register,
 )
 from ..guides import MeanFieldNormal, PointMass
@@ -23,7 +22,7 @@ from ..models.module_network import ModuleNetwork
 from ..models.networks import Network, build_network
 from ..models.priors import SCALINGS
 from ..networks import check_saved_sites, is_module_config, module_network
-from ..variational import VariationalPosterior
+from ..variational import LR_SCHEDULE_OPTION, VariationalPosterior, check_lr_schedule
 
 
 def build_network_of(config: dict) -> Network | ModuleNetwork:
@@ -79,6 +78,7 @@ def scale_option(help: str, **kwargs) -> Option:
 
 GAUSSIAN_SVI_OPTIONS = {
     **TRAINING_OPTIONS,
+    "lr_schedule": LR_SCHEDULE_OPTION,
     "prior_scale": scale_option(help="standard deviation of the N(0, s^2) prior on every weight and bias"),
     "noise_scale": scale_option(help="regression: the Gaussian noise scale the fit starts from (standardised "
                                             "targets); it is learned (null is refused)"),

@@ -76,7 +76,6 @@ from ..catalog import (
     VALIDATION_OPTIONS,
     CatalogEntry,
     Option,
-    check_lr_schedule,
     register,
 )
 from ..guides import HorseshoeGuide, TemperedLocalReparamELBO, bmr
@@ -85,7 +84,7 @@ from ..models.errors import ConfigError
 from ..models.horseshoe import regularised_log_scale
 from ..models.sparsity import protect_layers
 from ..posterior import PruningRecord
-from ..variational import VariationalPosterior
+from ..variational import LR_SCHEDULE_OPTION, VariationalPosterior, check_lr_schedule
 from .baselines import build_model, scale_option
 
 NAME = "horseshoe-svi"
@@ -319,6 +318,7 @@ _MODEL = {"tau0": 1.0, "slab_shape": 2.0, "slab_scale": 6.0, "output_scale": 1.0
 _GUIDE = {"init_scale": 1e-2, "init_log_scale_sd": 0.1, "scale_gain": 10.0}
 _OPTIONS = {
     **TRAINING_OPTIONS,
+    "lr_schedule": LR_SCHEDULE_OPTION,
     "tau0": scale_option(help="scale of each hidden layer's half-Cauchy global shrinkage tau"),
     "slab_shape": Option(float, gt=0, help="shape of the inverse-Gamma slab c^2"),
     "slab_scale": scale_option(help="scale of the inverse-Gamma slab c^2"),

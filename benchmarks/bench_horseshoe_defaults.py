@@ -51,6 +51,7 @@ from .select_defaults import (
     low_noise_teacher,
     near_linear,
     select_defaults,
+    validation_score,
 )
 
 UCI_SETS = ("boston", "concrete", "energy", "yacht", "wine")
@@ -206,13 +207,8 @@ def select_lr_teachers(device) -> dict:
     for name, seed, data in _teacher_sets():
         row = {"set": name, "split": seed}
         for label, (entry, options) in fits.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", EmptyLayerWarning)
-                post = bnnzoo.create(entry, "regression", data.input_shape, 1, dataset=data.name, device=device,
-                                     seed=seed, **options).fit(data.x_train, data.y_train, progress=False)
-            m = post.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)
-            row[label] = {"mse": m["rmse"] ** 2, "log_likelihood": m["log_likelihood"],
-                          "architecture": post.sparsity()["architecture"]}
+            score = validation_score(entry, data, seed, device, **options)
+            row[label] = {**score, "mse": score["rmse"] ** 2}
         for label in LR_CANDIDATES:
             row[label]["mse_ratio"] = row[label]["mse"] / row["meanfield-vi"]["mse"]
         rows.append(row)

@@ -74,6 +74,21 @@ def selection_sets(low_noise: bool = False):
         yield "low-noise-16", 0, low_noise_teacher(0).validation_split(0.2, seed=0)
 
 
+def validation_score(model: str, data: Dataset, seed: int, device, **options) -> dict:
+    """``model`` with ``options`` fitted on ``data``'s training part (seeded with ``seed``, the
+    empty-layer guard's warnings silenced) and scored on its validation part (``data.x_test``):
+    ``rmse``, ``log_likelihood`` (:data:`NUM_SAMPLES` draws), ``architecture``, ``epochs``, ``fit_seconds``."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmptyLayerWarning)
+        post = bnnzoo.create(model, "regression", data.input_shape, 1, dataset=data.name,
+                             device=device, seed=seed, **options).fit(data.x_train, data.y_train, progress=False)
+    seconds = time.perf_counter() - start
+    m = post.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)
+    return {"rmse": m["rmse"], "log_likelihood": m["log_likelihood"], "architecture": post.sparsity()["architecture"],
+            "epochs": post.fit_epochs, "fit_seconds": seconds}
+
+
 def select_defaults(model: str, candidates: dict, key: str, device, low_noise: bool = False) -> dict:
     """Fit ``model`` with each of ``candidates`` (label -> options) on every set of
     :func:`selection_sets` (``low_noise``: with the low-noise target), seeded with the split; returns
@@ -83,16 +98,7 @@ def select_defaults(model: str, candidates: dict, key: str, device, low_noise: b
     for name, split, data in selection_sets(low_noise):
         row = {"set": name, "split": split}
         for label, options in candidates.items():
-            start = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", EmptyLayerWarning)
-                post = bnnzoo.create(model, "regression", data.input_shape, 1, dataset=data.name,
-                                     device=device, seed=split, **options).fit(data.x_train, data.y_train, progress=False)
-            seconds = time.perf_counter() - start
-            m = post.evaluate(data.x_test, data.y_test, num_samples=NUM_SAMPLES)
-            row[label] = {"rmse": m["rmse"], "log_likelihood": m["log_likelihood"],
-                          "architecture": post.sparsity()["architecture"], "epochs": post.fit_epochs,
-                          "fit_seconds": seconds}
+            row[label] = validation_score(model, data, split, device, **options)
         rows.append(row)
         print(f"  {name} {split}: " + " | ".join(f"{k} {row[k]['log_likelihood']:.3f}" for k in candidates), flush=True)
     sets = list(dict.fromkeys(r["set"] for r in rows))

@@ -16,8 +16,8 @@ def _data(n: int = 40, seed: int = 0):
     return x, x.sum(1) + 0.1 * torch.randn(n, generator=g)
 
 
-def _rates_per_epoch(monkeypatch, name: str, epochs: int, **options) -> list[float]:
-    """The learning rate of each epoch of a fit of ``name``: the optimiser's rate when the epoch starts."""
+def _capture_optimizer(monkeypatch) -> dict:
+    """``{"optimizer": ...}``, filled with the Adam optimiser of the next SVI fit."""
     seen, real = {}, training.make_adam
 
     def make_adam(params, lr):
@@ -25,6 +25,12 @@ def _rates_per_epoch(monkeypatch, name: str, epochs: int, **options) -> list[flo
         return seen["optimizer"]
 
     monkeypatch.setattr(training, "make_adam", make_adam)
+    return seen
+
+
+def _rates_per_epoch(monkeypatch, name: str, epochs: int, **options) -> list[float]:
+    """The learning rate of each epoch of a fit of ``name``: the optimiser's rate when the epoch starts."""
+    seen = _capture_optimizer(monkeypatch)
     rates = []
     real_minibatches = training.minibatches
 
@@ -72,13 +78,7 @@ def test_a_configuration_saved_without_the_option_trains_at_a_constant_rate(monk
     post = bnnzoo.create("meanfield-vi", "regression", (3,), 1, seed=0, epochs=3, batch_size=10,
                          network={"arch": "mlp", "hidden": [4]})
     del post.config["train"]["lr_schedule"]
-    seen, real = {}, training.make_adam
-
-    def make_adam(params, lr):
-        seen["optimizer"] = real(params, lr)
-        return seen["optimizer"]
-
-    monkeypatch.setattr(training, "make_adam", make_adam)
+    seen = _capture_optimizer(monkeypatch)
     post.fit(x, y, progress=False)
     assert seen["optimizer"].param_groups[0]["lr"] == post.config["train"]["lr"]
 

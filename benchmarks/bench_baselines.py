@@ -7,13 +7,19 @@ highest validation log-likelihood averaged over the sets is chosen). The candida
 :data:`MAP_CANDIDATES` change one setting of the defaults each: the prior scale (weight decay), the
 learning rate, and how many epochs the validation-chosen number may reach. Suite
 ``map-select-prior``, the same protocol: whether the prior's scale is the same in every layer or
-divided by the square root of the layer's fan-in (:data:`MAP_PRIOR_CANDIDATES`).
+divided by the square root of the layer's fan-in (:data:`MAP_PRIOR_CANDIDATES`). Suite
+``map-select-prior-teachers``: the same candidates and ``meanfield-vi`` on the validation parts of
+targets where every input is relevant (:func:`benchmarks.select_defaults.teacher_check`); the prior
+is the candidate with the highest mean validation log-likelihood of ``map-select-prior`` among those
+whose validation MSE stays within 20% of ``meanfield-vi``'s on every one of them
+(:func:`benchmarks.select_defaults.choice_within_tolerance`), the rule that chose horseshoe-svi's
+step size.
 """
 
 from __future__ import annotations
 
 from .harness import mnist_protocol, uci_protocol
-from .select_defaults import select_defaults
+from .select_defaults import select_defaults, teacher_check
 
 
 def mnist(device) -> dict:
@@ -44,9 +50,10 @@ def map_select(device) -> dict:
 
 
 #: the candidates of ``map-select-prior``: the prior scale the same in every layer (the former
-#: default), or divided by the square root of the layer's fan-in, at two scales
+#: default), or divided by the square root of the layer's fan-in, at three scales
 MAP_PRIOR_CANDIDATES = {
     "absolute, s = 1 (former)": {"prior_scaling": "absolute", "prior_scale": 1.0},
+    "fan_in, s = 0.5": {"prior_scaling": "fan_in", "prior_scale": 0.5},
     "fan_in, s = 1": {"prior_scaling": "fan_in", "prior_scale": 1.0},
     "fan_in, s = 2": {"prior_scaling": "fan_in", "prior_scale": 2.0},
 }
@@ -56,5 +63,9 @@ def map_select_prior(device) -> dict:
     return select_defaults("map", MAP_PRIOR_CANDIDATES, "map-select-prior", device)
 
 
+def map_select_prior_teachers(device) -> dict:
+    return teacher_check("map", MAP_PRIOR_CANDIDATES, "map-select-prior-teachers", device)
+
+
 SUITES = {"baselines-mnist": mnist, "baselines-boston": boston, "map-select": map_select,
-          "map-select-prior": map_select_prior}
+          "map-select-prior": map_select_prior, "map-select-prior-teachers": map_select_prior_teachers}

@@ -26,7 +26,8 @@ Suite ``horseshoe-select-lr`` (the learning rate and its schedule, :data:`LR_CAN
 protocol and sets plus the low-noise target (``select_defaults(..., low_noise=True)``), scored by
 the validation log-likelihood averaged over all of them. Suite ``horseshoe-select-lr-teachers``
 (:func:`select_lr_teachers`): the same candidates and ``meanfield-vi`` on the validation parts of
-targets where every input is relevant; the rule (:func:`lr_choice`): the candidate with the highest
+targets where every input is relevant; the rule
+(:func:`~benchmarks.select_defaults.choice_within_tolerance`): the candidate with the highest
 mean of ``horseshoe-select-lr`` among those whose validation MSE stays within 20% of
 ``meanfield-vi``'s on every one of these targets (the dense-teacher check, on validation parts).
 
@@ -48,10 +49,9 @@ from bnnzoo.models.sparsity import EmptyLayerWarning
 from .harness import TEST_DRAWS, mean_se
 from .select_defaults import (
     dense_teacher,
-    low_noise_teacher,
     near_linear,
     select_defaults,
-    validation_score,
+    teacher_check,
 )
 
 UCI_SETS = ("boston", "concrete", "energy", "yacht", "wine")
@@ -186,49 +186,10 @@ def select_lr(device) -> dict:
     return select_defaults("horseshoe-svi", LR_CANDIDATES, "horseshoe-select-lr", device, low_noise=True)
 
 
-#: the all-relevant targets of ``horseshoe-select-lr-teachers``: (inputs, seed) of dense ReLU teachers,
-#: and the low-noise target
-TEACHERS = ((8, 0), (8, 1), (16, 0), (16, 1), (16, 2))
-#: a candidate's validation MSE over meanfield-vi's that the rule allows on each of them
-TEACHER_MSE_TOLERANCE = 1.2
-
-
-def _teacher_sets():
-    for inputs, seed in TEACHERS:
-        yield f"teacher-{inputs}", seed, dense_teacher(inputs, seed).validation_split(0.2, seed=seed)
-    yield "low-noise-16", 0, low_noise_teacher(0).validation_split(0.2, seed=0)
-
-
 def select_lr_teachers(device) -> dict:
-    """Every candidate of :data:`LR_CANDIDATES` and ``meanfield-vi`` (its defaults) on the validation
-    parts of :func:`_teacher_sets`: each candidate's validation MSE over ``meanfield-vi``'s, per set."""
-    fits = {"meanfield-vi": ("meanfield-vi", {}), **{c: ("horseshoe-svi", o) for c, o in LR_CANDIDATES.items()}}
-    rows = []
-    for name, seed, data in _teacher_sets():
-        row = {"set": name, "split": seed}
-        for label, (entry, options) in fits.items():
-            score = validation_score(entry, data, seed, device, **options)
-            row[label] = {**score, "mse": score["rmse"] ** 2}
-        for label in LR_CANDIDATES:
-            row[label]["mse_ratio"] = row[label]["mse"] / row["meanfield-vi"]["mse"]
-        rows.append(row)
-        print(f"  {name} {seed}: " + " | ".join(f"{c} x{row[c]['mse_ratio']:.3f}" for c in LR_CANDIDATES), flush=True)
-    worst = {c: max(r[c]["mse_ratio"] for r in rows) for c in LR_CANDIDATES}
-    return {"horseshoe-select-lr-teachers": {
-        "model": "horseshoe-svi", "reference": "meanfield-vi",
-        "protocol": "fit on 80% of each target's training rows, score on the other 20%", "num_samples": NUM_SAMPLES,
-        "candidates": LR_CANDIDATES, "mse_tolerance": TEACHER_MSE_TOLERANCE, "worst_mse_ratio": worst,
-        "within_tolerance": {c: worst[c] <= TEACHER_MSE_TOLERANCE for c in LR_CANDIDATES}, "rows": rows}}
-
-
-def lr_choice(scores: dict, teachers: dict) -> str:
-    """The rule of ``horseshoe-select-lr-teachers``: of the candidates ``teachers`` (its result) keeps
-    within tolerance, the one with the highest mean validation log-likelihood in ``scores``
-    (``horseshoe-select-lr``'s ``mean_validation_log_likelihood``)."""
-    kept = [c for c, ok in teachers["within_tolerance"].items() if ok]
-    if not kept:
-        raise ValueError("no candidate keeps the validation MSE within tolerance on every all-relevant target")
-    return max(kept, key=scores.get)
+    """Every candidate of :data:`LR_CANDIDATES` and ``meanfield-vi`` on the validation parts of the
+    all-relevant targets (:func:`~benchmarks.select_defaults.teacher_check`)."""
+    return teacher_check("horseshoe-svi", LR_CANDIDATES, "horseshoe-select-lr-teachers", device)
 
 
 def select_prior(device) -> dict:

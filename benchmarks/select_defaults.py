@@ -8,6 +8,12 @@ sets, a dense ReLU teacher with 16 inputs (every input relevant) and a near-line
 inputs and 9,500 rows, so that no choice rests on one data set's shape; a selection asked with
 ``low_noise=True`` adds a smooth 16-input target with 9,000 rows and noise 1% of its spread
 (:func:`low_noise_teacher`: targets nearly free of noise, as a simulator's outputs are).
+
+:func:`teacher_check` is the project's dense-teacher check on validation parts: every candidate and
+``meanfield-vi`` fitted on 80% of targets where every input is relevant (:func:`teacher_sets`), each
+candidate's validation MSE divided by ``meanfield-vi``'s. :func:`choice_within_tolerance` is the
+rule that joins the two: of the candidates within :data:`TEACHER_MSE_TOLERANCE` on every one of
+those targets, the one with the highest mean validation log-likelihood of :func:`select_defaults`.
 """
 
 from __future__ import annotations
@@ -114,3 +120,53 @@ def select_defaults(model: str, candidates: dict, key: str, device, low_noise: b
         result["mean_validation_log_likelihood_without_low_noise"] = {
             c: statistics.mean(per_set[s][c]["mean"] for s in others) for c in candidates}
     return {key: result}
+
+
+#: the all-relevant targets of :func:`teacher_check`: (inputs, seed) of dense ReLU teachers (the
+#: low-noise target follows them)
+TEACHERS = ((8, 0), (8, 1), (16, 0), (16, 1), (16, 2))
+#: a candidate's validation MSE over meanfield-vi's that :func:`choice_within_tolerance` allows on each
+TEACHER_MSE_TOLERANCE = 1.2
+#: the dense fit every candidate's validation MSE is divided by
+TEACHER_REFERENCE = "meanfield-vi"
+
+
+def teacher_sets():
+    """``(name, seed, data)`` of the all-relevant targets: the dense teachers of :data:`TEACHERS`,
+    then the low-noise target; ``data.x_test`` holds the validation part."""
+    for inputs, seed in TEACHERS:
+        yield f"teacher-{inputs}", seed, dense_teacher(inputs, seed).validation_split(0.2, seed=seed)
+    yield "low-noise-16", 0, low_noise_teacher(0).validation_split(0.2, seed=0)
+
+
+def teacher_check(model: str, candidates: dict, key: str, device) -> dict:
+    """Every candidate of ``model`` and :data:`TEACHER_REFERENCE` (its defaults) on the validation
+    parts of :func:`teacher_sets`: ``{key: result}`` with each candidate's validation MSE over the
+    reference's per set, its worst ratio and whether that stays within :data:`TEACHER_MSE_TOLERANCE`."""
+    fits = {TEACHER_REFERENCE: (TEACHER_REFERENCE, {}), **{c: (model, o) for c, o in candidates.items()}}
+    rows = []
+    for name, seed, data in teacher_sets():
+        row = {"set": name, "split": seed}
+        for label, (entry, options) in fits.items():
+            score = validation_score(entry, data, seed, device, **options)
+            row[label] = {**score, "mse": score["rmse"] ** 2}
+        for label in candidates:
+            row[label]["mse_ratio"] = row[label]["mse"] / row[TEACHER_REFERENCE]["mse"]
+        rows.append(row)
+        print(f"  {name} {seed}: " + " | ".join(f"{c} x{row[c]['mse_ratio']:.3f}" for c in candidates), flush=True)
+    worst = {c: max(r[c]["mse_ratio"] for r in rows) for c in candidates}
+    return {key: {
+        "model": model, "reference": TEACHER_REFERENCE,
+        "protocol": "fit on 80% of each target's training rows, score on the other 20%", "num_samples": NUM_SAMPLES,
+        "candidates": candidates, "mse_tolerance": TEACHER_MSE_TOLERANCE, "worst_mse_ratio": worst,
+        "within_tolerance": {c: worst[c] <= TEACHER_MSE_TOLERANCE for c in candidates}, "rows": rows}}
+
+
+def choice_within_tolerance(scores: dict, teachers: dict) -> str:
+    """Of the candidates that ``teachers`` (a :func:`teacher_check` result) keeps within tolerance, the
+    one with the highest mean validation log-likelihood in ``scores`` (a :func:`select_defaults`
+    result's ``mean_validation_log_likelihood``)."""
+    kept = [c for c, ok in teachers["within_tolerance"].items() if ok]
+    if not kept:
+        raise ValueError("no candidate keeps the validation MSE within tolerance on every all-relevant target")
+    return max(kept, key=scores.get)

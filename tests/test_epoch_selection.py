@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import bnnzoo
-from benchmarks.bench_horseshoe_defaults import LR_CANDIDATES, lr_choice
+from benchmarks.bench_horseshoe_defaults import LR_CANDIDATES
+from benchmarks.select_defaults import choice_within_tolerance
 from bnnzoo.catalog import get_entry
 from bnnzoo.errors import ConfigError, DataError
 
@@ -310,7 +311,7 @@ def test_horseshoe_regression_step_size_is_the_committed_validation_choice():
     assert {r["set"] for r in teachers["rows"]} >= {"teacher-8", "teacher-16", "low-noise-16"}
     for c, ratio in teachers["worst_mse_ratio"].items():
         assert teachers["within_tolerance"][c] == (ratio <= teachers["mse_tolerance"])
-    choice = lr_choice(scores["mean_validation_log_likelihood"], teachers)
+    choice = choice_within_tolerance(scores["mean_validation_log_likelihood"], teachers)
     train = get_entry("horseshoe-svi").defaults["regression"]["train"]
     assert {k: train[k] for k in ("lr", "lr_schedule")} == LR_CANDIDATES[choice]
 

@@ -289,9 +289,18 @@ def test_map_regression_defaults_are_the_committed_validation_choice():
 
 def test_map_regression_prior_is_the_committed_validation_choice():
     """map's regression prior (scale and per-layer scaling) is the candidate that the committed
-    ``map-select-prior`` run chose on validation data; under it a neuron's pre-activation has the same
-    prior scale whatever its fan-in."""
+    ``map-select-prior`` run chose on validation data, and the one the dense-teacher rule takes from
+    it and ``map-select-prior-teachers`` (the highest mean validation log-likelihood among the
+    candidates within 20% of meanfield-vi's validation MSE on every all-relevant target); under it a
+    neuron's pre-activation has the same prior scale whatever its fan-in."""
     chosen = committed_choice("map-select-prior.json")
+    results = Path(__file__).parents[1] / "benchmarks/results"
+    scores = json.loads((results / "map-select-prior.json").read_text())
+    teachers = json.loads((results / "map-select-prior-teachers.json").read_text())
+    assert teachers["candidates"] == scores["candidates"]
+    assert {r["set"] for r in teachers["rows"]} >= {"teacher-8", "teacher-16", "low-noise-16"}
+    rule = choice_within_tolerance(scores["mean_validation_log_likelihood"], teachers)
+    assert scores["candidates"][rule] == chosen
     model = get_entry("map").defaults["regression"]["model"]
     assert {k: model[k] for k in chosen} == chosen
     spreads = [bnnzoo.create("map", "regression", (d,), 1).model.prior.site_scale("fc1.weight") * d**0.5

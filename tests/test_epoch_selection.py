@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bnnzoo
+from benchmarks.bench_baselines import MAP_PRIOR_CANDIDATES
 from benchmarks.bench_horseshoe_defaults import LR_CANDIDATES
 from benchmarks.select_defaults import choice_within_tolerance
 from bnnzoo.catalog import get_entry
@@ -277,6 +278,21 @@ def committed_choice(result_file: str) -> dict:
     return result["candidates"][result["chosen"]]
 
 
+def committed_teacher_rule(scores_file: str, teachers_file: str) -> str:
+    """The candidate that the dense-teacher rule (:func:`choice_within_tolerance`) takes from a
+    committed selection run and its committed teacher check, after checking that both compared the
+    same candidates, that the check covers the all-relevant targets and that its verdicts follow
+    from its ratios."""
+    results = Path(__file__).parents[1] / "benchmarks/results"
+    scores = json.loads((results / scores_file).read_text())
+    teachers = json.loads((results / teachers_file).read_text())
+    assert set(teachers["candidates"]) == set(scores["candidates"])
+    assert {r["set"] for r in teachers["rows"]} >= {"teacher-8", "teacher-16", "low-noise-16"}
+    for c, ratio in teachers["worst_mse_ratio"].items():
+        assert teachers["within_tolerance"][c] == (ratio <= teachers["mse_tolerance"])
+    return choice_within_tolerance(scores["mean_validation_log_likelihood"], teachers)
+
+
 def test_map_regression_defaults_are_the_committed_validation_choice():
     """map's regression step size and epoch cap are the candidate that the committed ``map-select``
     run chose on validation data (benchmarks/results/map-select.json): changing one without
@@ -294,13 +310,8 @@ def test_map_regression_prior_is_the_committed_validation_choice():
     candidates within 20% of meanfield-vi's validation MSE on every all-relevant target); under it a
     neuron's pre-activation has the same prior scale whatever its fan-in."""
     chosen = committed_choice("map-select-prior.json")
-    results = Path(__file__).parents[1] / "benchmarks/results"
-    scores = json.loads((results / "map-select-prior.json").read_text())
-    teachers = json.loads((results / "map-select-prior-teachers.json").read_text())
-    assert teachers["candidates"] == scores["candidates"]
-    assert {r["set"] for r in teachers["rows"]} >= {"teacher-8", "teacher-16", "low-noise-16"}
-    rule = choice_within_tolerance(scores["mean_validation_log_likelihood"], teachers)
-    assert scores["candidates"][rule] == chosen
+    rule = committed_teacher_rule("map-select-prior.json", "map-select-prior-teachers.json")
+    assert MAP_PRIOR_CANDIDATES[rule] == chosen
     model = get_entry("map").defaults["regression"]["model"]
     assert {k: model[k] for k in chosen} == chosen
     spreads = [bnnzoo.create("map", "regression", (d,), 1).model.prior.site_scale("fc1.weight") * d**0.5
@@ -315,12 +326,8 @@ def test_horseshoe_regression_step_size_is_the_committed_validation_choice():
     candidates within 20% of meanfield-vi's validation MSE on every all-relevant target."""
     results = Path(__file__).parents[1] / "benchmarks/results"
     scores = json.loads((results / "horseshoe-select-lr.json").read_text())
-    teachers = json.loads((results / "horseshoe-select-lr-teachers.json").read_text())
     assert "low-noise-16" in scores["per_set_validation_log_likelihood"]
-    assert {r["set"] for r in teachers["rows"]} >= {"teacher-8", "teacher-16", "low-noise-16"}
-    for c, ratio in teachers["worst_mse_ratio"].items():
-        assert teachers["within_tolerance"][c] == (ratio <= teachers["mse_tolerance"])
-    choice = choice_within_tolerance(scores["mean_validation_log_likelihood"], teachers)
+    choice = committed_teacher_rule("horseshoe-select-lr.json", "horseshoe-select-lr-teachers.json")
     train = get_entry("horseshoe-svi").defaults["regression"]["train"]
     assert {k: train[k] for k in ("lr", "lr_schedule")} == LR_CANDIDATES[choice]
 
